@@ -1,0 +1,106 @@
+// Host-side argument checks and group analysis shared by the CPU and CUDA op
+// implementations. The Python API checks everything first with friendlier messages; these
+// checks make a direct torch.ops.metaembed.* call equally safe. TORCH_CHECK_VALUE and
+// TORCH_CHECK_TYPE surface in Python as ValueError and TypeError.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace metaembed {
+
+inline void check_operand(const at::Tensor& t, const char* name, int64_t ndim, const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == ndim, name, " must have shape ", layout, ", got ", t.sizes());
+  const auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, name,
+                   " must be float32, float16 or bfloat16, got ", s);
+}
+
+// q (Nq, Rq, D) and a candidate operand whose last dim is D, same dtype and device.
+inline void check_pair(const at::Tensor& q, const at::Tensor& c, const char* cname, int64_t cdim,
+                       const char* clayout) {
+  check_operand(q, "q", 3, "(Nq, Rq, D)");
+  check_operand(c, cname, cdim, clayout);
+  TORCH_CHECK_VALUE(q.size(2) >= 1, "q must have D >= 1, got ", q.sizes());
+  TORCH_CHECK_VALUE(c.size(-1) == q.size(2), cname, " must have the embedding dim D=", q.size(2), " of q, got ",
+                    c.sizes());
+  TORCH_CHECK_TYPE(c.scalar_type() == q.scalar_type(), cname, " must have the dtype of q (", q.scalar_type(),
+                   "), got ", c.scalar_type());
+  TORCH_CHECK_VALUE(c.device() == q.device(), cname, " must be on the device of q (", q.device(), "), got ",
+                    c.device());
+}
+
+inline void check_mask(const c10::optional<at::Tensor>& mask, const char* name, at::IntArrayRef shape,
+                       const at::Tensor& like) {
+  if (!mask.has_value()) return;
+  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, name, " must be a bool tensor, got ", mask->scalar_type());
+  TORCH_CHECK_VALUE(mask->sizes() == shape, name, " must have shape ", shape, ", got ", mask->sizes());
+  TORCH_CHECK_VALUE(mask->device() == like.device(), name, " must be on device ", like.device(), ", got ",
+                    mask->device());
+}
+
+// Groups as the kernels consume them: distinct r_c boundaries in increasing order, each
+// group pointing at its boundary. s_g needs the running max at bounds[bound_index[g]].
+struct GroupPlan {
+  std::vector<int64_t> rq, bound_index, bounds;
+  int64_t rq_eff = 0, rc_eff = 0;
+  int64_t size() const { return int64_t(rq.size()); }
+};
+
+inline GroupPlan make_group_plan(at::IntArrayRef group_rq, at::IntArrayRef group_rc, int64_t Rq, int64_t Rc) {
+  TORCH_CHECK_VALUE(group_rq.size() == group_rc.size(), "group_rq and group_rc must have the same length, got ",
+                    group_rq.size(), " and ", group_rc.size());
+  TORCH_CHECK_VALUE(!group_rq.empty(), "groups must contain at least one (r_q, r_c) pair");
+  GroupPlan plan;
+  for (size_t g = 0; g < group_rq.size(); ++g) {
+    TORCH_CHECK_VALUE(group_rq[g] >= 1 && group_rq[g] <= Rq && group_rc[g] >= 1 && group_rc[g] <= Rc, "groups[", g,
+                      "] = (", group_rq[g], ", ", group_rc[g], ") is out of range: need 1 <= r_q <= Rq=", Rq,
+                      " and 1 <= r_c <= Rc=", Rc);
+    plan.rq.push_back(group_rq[g]);
+    plan.bounds.push_back(group_rc[g]);
+    plan.rq_eff = std::max(plan.rq_eff, group_rq[g]);
+    plan.rc_eff = std::max(plan.rc_eff, group_rc[g]);
+  }
+  std::sort(plan.bounds.begin(), plan.bounds.end());
+  plan.bounds.erase(std::unique(plan.bounds.begin(), plan.bounds.end()), plan.bounds.end());
+  for (int64_t rc : group_rc)
+    plan.bound_index.push_back(std::lower_bound(plan.bounds.begin(), plan.bounds.end(), rc) - plan.bounds.begin());
+  return plan;
+}
+
+inline void check_labels(const at::Tensor& labels, int64_t nq, int64_t nc) {
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == nq, "labels must have shape (Nq,) = (", nq, "), got ",
+                    labels.sizes());
+  if (nq == 0) return;
+  const auto lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0 && hi < nc, "labels must index the candidates: need 0 <= labels < Nc=", nc,
+                    ", got values in [", lo, ", ", hi, "]");
+}
+
+// All argument checks of the matryoshka_infonce ops (forward and backward).
+inline GroupPlan check_infonce_args(const at::Tensor& q, const at::Tensor& c, const at::Tensor& hn,
+                                    const at::Tensor& labels, at::IntArrayRef group_rq, at::IntArrayRef group_rc,
+                                    double scale, const c10::optional<at::Tensor>& q_mask,
+                                    const c10::optional<at::Tensor>& c_mask,
+                                    const c10::optional<at::Tensor>& hn_mask) {
+  check_pair(q, c, "c", 3, "(Nc, Rc, D)");
+  check_pair(q, hn, "hard_negatives", 4, "(Nq, K, Rc, D)");
+  TORCH_CHECK_VALUE(hn.size(0) == q.size(0) && hn.size(2) == c.size(1),
+                    "hard_negatives must have shape (Nq, K, Rc, D) = (", q.size(0), ", K, ", c.size(1), ", ",
+                    q.size(2), "), got ", hn.sizes());
+  TORCH_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale (1 / temperature) must be positive, got ", scale);
+  check_mask(q_mask, "q_mask", {q.size(0), q.size(1)}, q);
+  check_mask(c_mask, "c_mask", {c.size(0), c.size(1)}, q);
+  check_mask(hn_mask, "hard_negatives_mask", {hn.size(0), hn.size(1), hn.size(2)}, q);
+  TORCH_CHECK_VALUE(labels.device() == q.device(), "labels must be on device ", q.device());
+  check_labels(labels, q.size(0), c.size(0));
+  return make_group_plan(group_rq, group_rc, q.size(1), c.size(1));
+}
+
+inline at::ScalarType score_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace metaembed

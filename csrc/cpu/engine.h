@@ -1,0 +1,516 @@
+// The CPU engine for grouped MaxSim and fused Matryoshka InfoNCE, templated over a SIMD
+// policy (isa_*.cpp) and the input element type.
+//
+// Included by ISA translation units compiled under different target pragmas, so every
+// symbol lives in an anonymous namespace: code generated for AVX-512 can never be picked
+// by the linker for a call made from generic code (the classic multi-ISA ODR trap).
+//
+// Algorithm. For one query block (whole queries, tokens in NR-lane panels) and one
+// candidate b, the tile S[j][t] = <c[b, j], q[t]> is produced MR candidate tokens at a
+// time by the policy's register micro-kernel (broadcast c[b, j, d], FMA with the packed
+// query lanes), D streamed in chunks of kc. Each finished row j folds into a running max
+// per query token (and argmax, for the backward); when j + 1 reaches a distinct r_c
+// boundary, the running max is snapshotted. All groups thus come out of one pass:
+//
+//   s_g(a, b) = sum_{i < r_q(g), q valid} bmax[bound(g)][token(a, i)]
+//
+// The Nq x Nc x Rq x Rc similarity tensor never exists: per thread, only one query
+// block's MR x NR tiles and the per-boundary maxima are live.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "kernels.h"
+
+namespace metaembed {
+namespace cpu {
+namespace {
+
+struct bf16_t {
+  uint16_t bits;
+};
+struct f16_t {
+  uint16_t bits;
+};
+
+inline float scalar_to_float(float x) { return x; }
+inline double scalar_to_float(double x) { return x; }
+inline float scalar_to_float(bf16_t h) {
+  uint32_t u = uint32_t(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float scalar_to_float(f16_t h) {
+  const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
+  uint32_t exp = (h.bits >> 10) & 0x1fu;
+  uint32_t mant = h.bits & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      uint32_t e = 113;
+      while (!(mant & 0x400u)) {
+        mant <<= 1;
+        --e;
+      }
+      bits = sign | (e << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <class T>
+inline const T* typed(const void* p) {
+  return static_cast<const T*>(p);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+inline size_t align64(size_t n) { return (n + 63) & ~size_t(63); }
+
+template <class Policy, class T>
+struct Engine {
+  using Acc = typename Policy::Acc;
+  static constexpr int NR = Policy::NR;
+  static constexpr int MR = Policy::MR;
+
+  // Per-thread scratch, carved from one host-allocated buffer.
+  struct Work {
+    Acc* tile;        // [panels][MR][NR]   register-tile spill between D chunks
+    Acc* runmax;      // [panels * NR]
+    int32_t* runidx;  // [panels * NR]
+    Acc* bmax;        // [num_bounds][panels * NR]
+    int32_t* bidx;    // [num_bounds][panels * NR]
+    Acc* crows;       // [MR][kc]           candidate rows converted to Acc
+    Acc* scores;      // [queries_per_block][G]
+    Acc* dscores;     // [queries_per_block][G]
+    Acc* bound_w;     // [num_bounds]
+    Acc* qpack1;      // one query packed alone (hard negatives)
+  };
+
+  struct QView {  // packed panels of queries [a0, a0 + n)
+    const Acc* pack;
+    int64_t a0, n, panels;
+  };
+
+  static int64_t max_panels(const Problem& P) {
+    return max64(P.panels_per_block, ceil_div(P.groups.rq_eff, NR));
+  }
+
+  static size_t workspace_bytes(const Problem& P) {
+    const int64_t np = max_panels(P), lanes = np * NR, nb = P.groups.num_bounds;
+    const int64_t G = P.groups.num_groups, qpb = P.queries_per_block;
+    size_t n = 0;
+    n += align64(sizeof(Acc) * np * MR * NR);
+    n += align64(sizeof(Acc) * lanes) + align64(sizeof(int32_t) * lanes);
+    n += align64(sizeof(Acc) * nb * lanes) + align64(sizeof(int32_t) * nb * lanes);
+    n += align64(sizeof(Acc) * MR * P.kc);
+    n += 2 * align64(sizeof(Acc) * qpb * G);
+    n += align64(sizeof(Acc) * nb);
+    n += align64(sizeof(Acc) * ceil_div(P.groups.rq_eff, NR) * NR * P.d);
+    return n + 64;
+  }
+
+  static Work carve(const Problem& P, void* ws) {
+    const int64_t np = max_panels(P), lanes = np * NR, nb = P.groups.num_bounds;
+    const int64_t G = P.groups.num_groups, qpb = P.queries_per_block;
+    uintptr_t p = (reinterpret_cast<uintptr_t>(ws) + 63) & ~uintptr_t(63);
+    auto take = [&p](size_t bytes) {
+      void* r = reinterpret_cast<void*>(p);
+      p += align64(bytes);
+      return r;
+    };
+    Work w;
+    w.tile = static_cast<Acc*>(take(sizeof(Acc) * np * MR * NR));
+    w.runmax = static_cast<Acc*>(take(sizeof(Acc) * lanes));
+    w.runidx = static_cast<int32_t*>(take(sizeof(int32_t) * lanes));
+    w.bmax = static_cast<Acc*>(take(sizeof(Acc) * nb * lanes));
+    w.bidx = static_cast<int32_t*>(take(sizeof(int32_t) * nb * lanes));
+    w.crows = static_cast<Acc*>(take(sizeof(Acc) * MR * P.kc));
+    w.scores = static_cast<Acc*>(take(sizeof(Acc) * qpb * G));
+    w.dscores = static_cast<Acc*>(take(sizeof(Acc) * qpb * G));
+    w.bound_w = static_cast<Acc*>(take(sizeof(Acc) * nb));
+    w.qpack1 = static_cast<Acc*>(take(sizeof(Acc) * ceil_div(P.groups.rq_eff, NR) * NR * P.d));
+    return w;
+  }
+
+  // ---- packing ------------------------------------------------------------------------
+
+  // Pack queries [a0, a0 + n) into `dst` (panels of NR lanes, zero-padded).
+  static void pack_range(const Problem& P, int64_t a0, int64_t n, Acc* dst) {
+    const int64_t D = P.d, rq = P.groups.rq_eff, ntok = n * rq;
+    std::memset(dst, 0, sizeof(Acc) * ceil_div(ntok, NR) * NR * D);
+    const T* q = typed<T>(P.q.data);
+    for (int64_t t = 0; t < ntok; ++t) {
+      const int64_t a = a0 + t / rq, i = t % rq;
+      const T* src = q + a * P.q.s0 + i * P.q.s1;
+      Acc* panel = dst + (t / NR) * D * NR + (t % NR);
+      for (int64_t k = 0; k < D; ++k) panel[k * NR] = Acc(scalar_to_float(src[k]));
+    }
+  }
+
+  static QView block_view(const Problem& P, int64_t qblock) {
+    const int64_t a0 = qblock * P.queries_per_block;
+    const int64_t n = min64(P.queries_per_block, P.nq - a0);
+    const Acc* pack = static_cast<const Acc*>(P.qpack) + qblock * P.panels_per_block * P.d * NR;
+    return QView{pack, a0, n, ceil_div(n * P.groups.rq_eff, NR)};
+  }
+
+  static void pack_queries(const Problem& P, int64_t qblock) {
+    const int64_t a0 = qblock * P.queries_per_block;
+    const int64_t n = min64(P.queries_per_block, P.nq - a0);
+    pack_range(P, a0, n, static_cast<Acc*>(P.qpack) + qblock * P.panels_per_block * P.d * NR);
+  }
+
+  // ---- one candidate against one query view ------------------------------------------
+
+  template <int M>
+  static void micro_dispatch(int mr, const Acc* const* rows, const Acc* qp, int64_t kc, Acc* tile, bool acc) {
+    if constexpr (M > 1) {
+      if (mr < M) return micro_dispatch<M - 1>(mr, rows, qp, kc, tile, acc);
+    }
+    Policy::template micro<M>(rows, qp, kc, tile, acc);
+  }
+
+  // Fills w.bmax[k][t] = max_{j < bounds[k], c valid} S[j][t] (-inf when none) and, when
+  // kArgmax, w.bidx[k][t] = the lowest maximising j (-1 when none).
+  template <bool kArgmax>
+  static void score_candidate(const Problem& P, const QView& qv, const T* cand, int64_t cs1,
+                              const uint8_t* cmask, int64_t cm1, Work& w) {
+    const int64_t D = P.d, KC = P.kc, rc = P.groups.rc_eff, np = qv.panels, lanes = np * NR;
+    const int64_t* bounds = P.groups.bounds;
+    for (int64_t t = 0; t < lanes; ++t) w.runmax[t] = -INFINITY;
+    if (kArgmax)
+      for (int64_t t = 0; t < lanes; ++t) w.runidx[t] = -1;
+    int64_t kb = 0;  // next boundary to snapshot
+    for (int64_t j0 = 0; j0 < rc; j0 += MR) {
+      const int mr = int(min64(MR, rc - j0));
+      for (int64_t k0 = 0; k0 < D; k0 += KC) {
+        const int64_t kc = min64(KC, D - k0);
+        const Acc* rows[MR];
+        for (int r = 0; r < MR; ++r) {
+          const int rr = r < mr ? r : mr - 1;  // padding rows repeat the last real row
+          const T* src = cand + (j0 + rr) * cs1 + k0;
+          if constexpr (std::is_same_v<T, Acc>) {
+            rows[r] = reinterpret_cast<const Acc*>(src);
+          } else {
+            if (r < mr) Policy::convert(src, w.crows + r * KC, kc);
+            rows[r] = w.crows + rr * KC;
+          }
+        }
+        for (int64_t p = 0; p < np; ++p)
+          micro_dispatch<MR>(mr, rows, qv.pack + p * D * NR + k0 * NR, kc, w.tile + p * MR * NR, k0 > 0);
+      }
+      for (int r = 0; r < mr; ++r) {
+        const int64_t j = j0 + r;
+        if (!cmask || cmask[j * cm1]) {
+          for (int64_t p = 0; p < np; ++p) {
+            const Acc* row = w.tile + (p * MR + r) * NR;
+            Acc* m = w.runmax + p * NR;
+            if (kArgmax) {
+              int32_t* ix = w.runidx + p * NR;
+              for (int l = 0; l < NR; ++l) {  // strict '>' keeps the lowest index on ties
+                const bool gt = row[l] > m[l];
+                m[l] = gt ? row[l] : m[l];
+                ix[l] = gt ? int32_t(j) : ix[l];
+              }
+            } else {
+              for (int l = 0; l < NR; ++l) m[l] = row[l] > m[l] ? row[l] : m[l];
+            }
+          }
+        }
+        if (j + 1 == bounds[kb]) {
+          std::memcpy(w.bmax + kb * lanes, w.runmax, sizeof(Acc) * lanes);
+          if (kArgmax) std::memcpy(w.bidx + kb * lanes, w.runidx, sizeof(int32_t) * lanes);
+          ++kb;
+        }
+      }
+    }
+  }
+
+  static bool query_token_valid(const Problem& P, int64_t a, int64_t i) {
+    return !P.q.mask || P.q.mask[a * P.q.m0 + i * P.q.m1];
+  }
+
+  // scores[a_local][g] = s_g(a, b) from the boundary maxima (tokens summed in order).
+  static void block_scores(const Problem& P, const QView& qv, const Work& w, Acc* scores) {
+    const int64_t G = P.groups.num_groups, rq = P.groups.rq_eff, lanes = qv.panels * NR;
+    const int64_t* grq = P.groups.rq;
+    const int64_t* gbound = P.groups.bound_index;
+    for (int64_t x = 0; x < qv.n * G; ++x) scores[x] = 0;
+    for (int64_t t = 0; t < qv.n * rq; ++t) {
+      const int64_t al = t / rq, i = t % rq;
+      if (!query_token_valid(P, qv.a0 + al, i)) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        if (i >= grq[g]) continue;
+        const Acc v = w.bmax[gbound[g] * lanes + t];
+        if (v != -INFINITY) scores[al * G + g] += v;  // no valid candidate token -> 0
+      }
+    }
+  }
+
+  // Backward of the scores for one candidate: with dS[a_local][g] = dL/ds_g(a, b),
+  //   dq[a, i]  += w * c[b, j*],   dc[b, j*] += w * q[a, i]
+  // for each boundary's argmax j*, w summing dS over the groups that share it.
+  static void scatter(const Problem& P, const QView& qv, const Work& w, const Acc* dS, const T* cand,
+                      int64_t cs1, Acc* dq, Acc* dc_b) {
+    const int64_t G = P.groups.num_groups, rq = P.groups.rq_eff, D = P.d;
+    const int64_t nb = P.groups.num_bounds, lanes = qv.panels * NR;
+    const int64_t* grq = P.groups.rq;
+    const int64_t* gbound = P.groups.bound_index;
+    const T* q = typed<T>(P.q.data);
+    for (int64_t t = 0; t < qv.n * rq; ++t) {
+      const int64_t al = t / rq, i = t % rq, a = qv.a0 + al;
+      if (!query_token_valid(P, a, i)) continue;
+      for (int64_t k = 0; k < nb; ++k) w.bound_w[k] = 0;
+      bool any = false;
+      for (int64_t g = 0; g < G; ++g) {
+        if (i < grq[g] && dS[al * G + g] != Acc(0)) {
+          w.bound_w[gbound[g]] += dS[al * G + g];
+          any = true;
+        }
+      }
+      if (!any) continue;
+      const T* qrow = q + a * P.q.s0 + i * P.q.s1;
+      Acc* dqrow = dq + (a * P.rq + i) * D;
+      // Argmaxes are non-decreasing in k (a longer prefix keeps its max or finds a later
+      // one), so equal ones are adjacent: merge them into one pair of axpys.
+      int32_t cur = -1;
+      Acc wcur = 0;
+      for (int64_t k = 0; k <= nb; ++k) {
+        const int32_t j = k < nb ? w.bidx[k * lanes + t] : -2;
+        const Acc wk = k < nb ? w.bound_w[k] : Acc(0);
+        if (j == cur) {
+          wcur += wk;
+          continue;
+        }
+        if (cur >= 0 && wcur != Acc(0)) {
+          Policy::axpy(wcur, cand + cur * cs1, dqrow, D);
+          Policy::axpy(wcur, qrow, dc_b + cur * D, D);
+        }
+        cur = j;
+        wcur = wk;
+      }
+    }
+  }
+
+  // ---- entry points -------------------------------------------------------------------
+
+  static const T* candidate(const Problem& P, int64_t b) { return typed<T>(P.c.data) + b * P.c.s0; }
+  static const uint8_t* candidate_mask(const Problem& P, int64_t b) {
+    return P.c.mask ? P.c.mask + b * P.c.m0 : nullptr;
+  }
+
+  static void maxsim_forward(const Problem& P, int64_t qblock, int64_t b0, int64_t b1, void* ws, void* out_) {
+    Work w = carve(P, ws);
+    const QView qv = block_view(P, qblock);
+    const int64_t G = P.groups.num_groups;
+    Acc* out = static_cast<Acc*>(out_);
+    for (int64_t b = b0; b < b1; ++b) {
+      score_candidate<false>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w);
+      block_scores(P, qv, w, w.scores);
+      for (int64_t al = 0; al < qv.n; ++al)
+        for (int64_t g = 0; g < G; ++g) out[(g * P.nq + qv.a0 + al) * P.nc + b] = w.scores[al * G + g];
+    }
+  }
+
+  static void maxsim_backward(const Problem& P, const void* grad_, int64_t b0, int64_t b1, void* ws,
+                              void* dq_, void* dc_) {
+    Work w = carve(P, ws);
+    const Acc* grad = static_cast<const Acc*>(grad_);
+    const int64_t G = P.groups.num_groups;
+    for (int64_t b = b0; b < b1; ++b) {
+      Acc* dc_b = static_cast<Acc*>(dc_) + b * P.rc * P.d;
+      for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
+        const QView qv = block_view(P, qb);
+        score_candidate<true>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w);
+        for (int64_t al = 0; al < qv.n; ++al)
+          for (int64_t g = 0; g < G; ++g) w.dscores[al * G + g] = grad[(g * P.nq + qv.a0 + al) * P.nc + b];
+        scatter(P, qv, w, w.dscores, candidate(P, b), P.c.s1, static_cast<Acc*>(dq_), dc_b);
+      }
+    }
+  }
+
+  // Online log-sum-exp: (m, l) <- (max(m, x), l * exp(m - max) + exp(x - max)).
+  static void lse_update(Acc& m, Acc& l, Acc x) {
+    if (x > m) {
+      l = l * std::exp(m - x) + Acc(1);
+      m = x;
+    } else {
+      l += std::exp(x - m);
+    }
+  }
+
+  static void infonce_forward(const Problem& P, const int64_t* labels, double scale, int64_t b0, int64_t b1,
+                              void* ws, void* m_, void* l_, void* pos_) {
+    Work w = carve(P, ws);
+    Acc* m = static_cast<Acc*>(m_);
+    Acc* l = static_cast<Acc*>(l_);
+    Acc* pos = static_cast<Acc*>(pos_);
+    const int64_t G = P.groups.num_groups;
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
+        const QView qv = block_view(P, qb);
+        score_candidate<false>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w);
+        block_scores(P, qv, w, w.scores);
+        for (int64_t al = 0; al < qv.n; ++al) {
+          const int64_t a = qv.a0 + al;
+          for (int64_t g = 0; g < G; ++g) {
+            const Acc x = Acc(scale) * w.scores[al * G + g];
+            lse_update(m[g * P.nq + a], l[g * P.nq + a], x);
+            if (labels[a] == b) pos[g * P.nq + a] = x;
+          }
+        }
+      }
+    }
+  }
+
+  static const T* hard_negative(const Problem& P, const Tokens& hn, int64_t a, int64_t k) {
+    return typed<T>(hn.data) + a * hn.s0 + k * hn.s1;
+  }
+
+  static void infonce_forward_hard(const Problem& P, const Tokens& hn, int64_t K, double scale, int64_t a0,
+                                   int64_t a1, void* ws, void* m_, void* l_) {
+    Work w = carve(P, ws);
+    Acc* m = static_cast<Acc*>(m_);
+    Acc* l = static_cast<Acc*>(l_);
+    const int64_t G = P.groups.num_groups;
+    for (int64_t a = a0; a < a1; ++a) {
+      pack_range(P, a, 1, w.qpack1);
+      const QView qv{w.qpack1, a, 1, ceil_div(P.groups.rq_eff, NR)};
+      for (int64_t k = 0; k < K; ++k) {
+        const uint8_t* mask = hn.mask ? hn.mask + a * hn.m0 + k * hn.m1 : nullptr;
+        score_candidate<false>(P, qv, hard_negative(P, hn, a, k), hn.s2, mask, hn.m2, w);
+        block_scores(P, qv, w, w.scores);
+        for (int64_t g = 0; g < G; ++g) lse_update(m[g * P.nq + a], l[g * P.nq + a], Acc(scale) * w.scores[g]);
+      }
+    }
+  }
+
+  static void infonce_backward(const Problem& P, const int64_t* labels, double scale, const void* grad_,
+                               const void* lse_, int64_t b0, int64_t b1, void* ws, void* dq_, void* dc_) {
+    Work w = carve(P, ws);
+    const Acc* grad = static_cast<const Acc*>(grad_);
+    const Acc* lse = static_cast<const Acc*>(lse_);
+    const int64_t G = P.groups.num_groups;
+    const Acc sc = Acc(scale);
+    for (int64_t b = b0; b < b1; ++b) {
+      Acc* dc_b = static_cast<Acc*>(dc_) + b * P.rc * P.d;
+      for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
+        const QView qv = block_view(P, qb);
+        score_candidate<true>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w);
+        block_scores(P, qv, w, w.scores);
+        for (int64_t al = 0; al < qv.n; ++al) {
+          const int64_t a = qv.a0 + al;
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t x = g * P.nq + a;
+            const Acc p = std::exp(sc * w.scores[al * G + g] - lse[x]) - (labels[a] == b ? Acc(1) : Acc(0));
+            w.dscores[al * G + g] = grad[x] * sc * p;
+          }
+        }
+        scatter(P, qv, w, w.dscores, candidate(P, b), P.c.s1, static_cast<Acc*>(dq_), dc_b);
+      }
+    }
+  }
+
+  static void infonce_backward_hard(const Problem& P, const Tokens& hn, int64_t K, double scale,
+                                    const void* grad_, const void* lse_, int64_t a0, int64_t a1, void* ws,
+                                    void* dq_, void* dhn_) {
+    Work w = carve(P, ws);
+    const Acc* grad = static_cast<const Acc*>(grad_);
+    const Acc* lse = static_cast<const Acc*>(lse_);
+    const int64_t G = P.groups.num_groups;
+    const Acc sc = Acc(scale);
+    for (int64_t a = a0; a < a1; ++a) {
+      pack_range(P, a, 1, w.qpack1);
+      const QView qv{w.qpack1, a, 1, ceil_div(P.groups.rq_eff, NR)};
+      for (int64_t k = 0; k < K; ++k) {
+        const uint8_t* mask = hn.mask ? hn.mask + a * hn.m0 + k * hn.m1 : nullptr;
+        const T* cand = hard_negative(P, hn, a, k);
+        score_candidate<true>(P, qv, cand, hn.s2, mask, hn.m2, w);
+        block_scores(P, qv, w, w.scores);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t x = g * P.nq + a;
+          w.dscores[g] = grad[x] * sc * std::exp(sc * w.scores[g] - lse[x]);
+        }
+        Acc* dhn_ak = static_cast<Acc*>(dhn_) + (a * K + k) * P.rc * P.d;
+        scatter(P, qv, w, w.dscores, cand, hn.s2, static_cast<Acc*>(dq_), dhn_ak);
+      }
+    }
+  }
+
+  static KernelSet kernel_set() {
+    KernelSet s;
+    s.workspace_bytes = &workspace_bytes;
+    s.pack_queries = &pack_queries;
+    s.maxsim_forward = &maxsim_forward;
+    s.maxsim_backward = &maxsim_backward;
+    s.infonce_forward = &infonce_forward;
+    s.infonce_forward_hard = &infonce_forward_hard;
+    s.infonce_backward = &infonce_backward;
+    s.infonce_backward_hard = &infonce_backward_hard;
+    return s;
+  }
+};
+
+// Scalar policy: plain loops the compiler vectorises for whatever the baseline ISA is.
+template <class AccT>
+struct GenericPolicy {
+  using Acc = AccT;
+  static constexpr int NR = 16;
+  static constexpr int MR = 4;
+  template <int M>
+  static void micro(const Acc* const* rows, const Acc* qp, int64_t kc, Acc* tile, bool accumulate) {
+    Acc acc[M][NR];
+    for (int r = 0; r < M; ++r)
+      for (int l = 0; l < NR; ++l) acc[r][l] = accumulate ? tile[r * NR + l] : Acc(0);
+    for (int64_t k = 0; k < kc; ++k) {
+      const Acc* qk = qp + k * NR;
+      for (int r = 0; r < M; ++r) {
+        const Acc c = rows[r][k];
+        for (int l = 0; l < NR; ++l) acc[r][l] += c * qk[l];
+      }
+    }
+    for (int r = 0; r < M; ++r)
+      for (int l = 0; l < NR; ++l) tile[r * NR + l] = acc[r][l];
+  }
+
+  template <class T>
+  static void convert(const T* src, Acc* dst, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) dst[k] = Acc(scalar_to_float(src[k]));
+  }
+
+  template <class T>
+  static void axpy(Acc w, const T* x, Acc* y, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) y[k] += w * Acc(scalar_to_float(x[k]));
+  }
+};
+
+template <class Policy>
+KernelSet kernel_set_for(DType dtype) {
+  switch (dtype) {
+    case kF32:
+      return Engine<Policy, float>::kernel_set();
+    case kF16:
+      return Engine<Policy, f16_t>::kernel_set();
+    case kBF16:
+      return Engine<Policy, bf16_t>::kernel_set();
+    default:
+      return KernelSet{};
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace metaembed

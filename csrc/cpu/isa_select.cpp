@@ -1,0 +1,63 @@
+// Run-time choice of the CPU kernels' instruction set: the best one this CPU supports,
+// or METAEMBED_CPU_ISA (generic | avx2) at load time, or set_active_isa().
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "isa_select.h"
+
+namespace metaembed {
+namespace cpu {
+namespace {
+
+bool cpu_has(const char* isa) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (std::strcmp(isa, "avx2") == 0)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+  return std::strcmp(isa, "generic") == 0;
+}
+
+const IsaKernels* by_name(const char* name) {
+  if (std::strcmp(name, "generic") == 0) return generic_kernels();
+  if (std::strcmp(name, "avx2") == 0) return cpu_has("avx2") ? avx2_kernels() : nullptr;
+  return nullptr;
+}
+
+const IsaKernels* best() {
+  for (const char* name : {"avx2", "generic"})
+    if (const IsaKernels* k = by_name(name)) return k;
+  return generic_kernels();
+}
+
+std::atomic<const IsaKernels*>& active() {
+  static std::atomic<const IsaKernels*> current{[] {
+    const char* env = std::getenv("METAEMBED_CPU_ISA");
+    if (env && *env && std::strcmp(env, "auto") != 0)
+      if (const IsaKernels* k = by_name(env)) return k;
+    return best();
+  }()};
+  return current;
+}
+
+}  // namespace
+
+const IsaKernels* active_kernels() { return active().load(); }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (const char* name : {"generic", "avx2"})
+    if (by_name(name)) out.emplace_back(name);
+  return out;
+}
+
+bool set_active_isa(const char* name) {
+  const IsaKernels* k = std::strcmp(name, "auto") == 0 ? best() : by_name(name);
+  if (!k) return false;
+  active().store(k);
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace metaembed

@@ -1,0 +1,94 @@
+// Interface between the torch-facing host code (maxsim_cpu.cpp) and the ISA-specific
+// kernel translation units (isa_*.cpp). Nothing here includes torch: the ISA units compile
+// in seconds and can be built with different target flags without ODR hazards.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace metaembed {
+namespace cpu {
+
+enum DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3, kNumDTypes = 4 };
+
+// Matryoshka groups, pre-analysed by the host. Group g scores query tokens i < rq[g]
+// against candidate tokens j < bounds[bound_index[g]]. `bounds` are the distinct r_c
+// values, strictly increasing; the last one is rc_eff = max_g r_c.
+struct Groups {
+  int64_t num_groups;
+  const int64_t* rq;           // [G]
+  const int64_t* bound_index;  // [G]
+  int64_t num_bounds;
+  const int64_t* bounds;       // [num_bounds]
+  int64_t rq_eff;              // max_g r_q
+  int64_t rc_eff;              // max_g r_c
+};
+
+// A set of multi-vector items: token r of item n starts at data + n*s0 + r*s1 (elements),
+// its D values contiguous. mask (nullable, bool bytes): item n token r valid iff
+// mask[n*m0 + r*m1] != 0. Hard negatives (Nq, K, Rc, D) are two-level: token r of
+// negative k of query a is at data + a*s0 + k*s1 + r*s2, its mask at a*m0 + k*m1 + r*m2.
+struct Tokens {
+  const void* data;
+  int64_t s0, s1, s2;
+  const uint8_t* mask;
+  int64_t m0, m1, m2;
+};
+
+// One (queries x candidates) scoring problem, plus the blocking chosen by the host.
+// Queries are packed into blocks of `queries_per_block` whole queries; a block's
+// tokens (query-major) are laid out in panels of NR lanes: panel p, dim d, lane l at
+// pack[(block * panels_per_block + p) * d * NR + d * NR + l].
+struct Problem {
+  DType dtype;
+  int64_t nq, nc, rq, rc, d;  // full sizes; gradients use the (n, rq|rc, d) layout
+  Tokens q, c;
+  Groups groups;
+  int64_t kc;                 // D is processed in chunks of kc (cache blocking)
+  int64_t queries_per_block;
+  int64_t num_qblocks;
+  int64_t panels_per_block;
+  void* qpack;                // Acc-typed, see above
+};
+
+// Entry points of one ISA. "Acc" is float for fp32/fp16/bf16 inputs, double for fp64.
+// Gradient buffers are Acc-typed and zero-initialised by the host; the host converts them.
+struct KernelSet {
+  size_t (*workspace_bytes)(const Problem&);
+  void (*pack_queries)(const Problem&, int64_t qblock);
+  // scores (G, nq, nc): candidates [b0, b1) against query block `qblock`.
+  void (*maxsim_forward)(const Problem&, int64_t qblock, int64_t b0, int64_t b1, void* ws, void* scores);
+  // grad (G, nq, nc) -> dq_partial (nq, rq, d) += ..., dc (nc, rc, d) rows of [b0, b1).
+  void (*maxsim_backward)(const Problem&, const void* grad, int64_t b0, int64_t b1, void* ws,
+                          void* dq_partial, void* dc);
+  // Online log-sum-exp over candidates [b0, b1): per (g, a) running max m and sum l of
+  // exp(logit - m) (chunk-local arrays, G*nq), and the positive's logit (global array).
+  void (*infonce_forward)(const Problem&, const int64_t* labels, double scale, int64_t b0, int64_t b1,
+                          void* ws, void* m, void* l, void* pos);
+  // Hard negatives of queries [a0, a1): folds into the (global, merged) m and l.
+  void (*infonce_forward_hard)(const Problem&, const Tokens& hn, int64_t k, double scale, int64_t a0,
+                               int64_t a1, void* ws, void* m, void* l);
+  // dS_g(a, b) = grad[g, a] * scale * (softmax - onehot), recomputed from lse (G, nq).
+  void (*infonce_backward)(const Problem&, const int64_t* labels, double scale, const void* grad,
+                           const void* lse, int64_t b0, int64_t b1, void* ws, void* dq_partial, void* dc);
+  void (*infonce_backward_hard)(const Problem&, const Tokens& hn, int64_t k, double scale, const void* grad,
+                                const void* lse, int64_t a0, int64_t a1, void* ws, void* dq, void* dhn);
+};
+
+struct IsaKernels {
+  const char* name;
+  int nr;  // lanes per query panel
+  int mr;  // candidate tokens per register tile
+  KernelSet by_dtype[kNumDTypes];
+};
+
+// Defined in isa_generic.cpp / isa_avx2.cpp. The SIMD variants return nullptr when the
+// compiler could not target them.
+const IsaKernels* generic_kernels();
+const IsaKernels* avx2_kernels();
+
+// Peak-FMA calibration loop (isa_avx2.cpp): runs `iters` iterations of independent
+// 8-wide FMA chains and returns the number of floating-point operations performed.
+double fma_peak_loop(int64_t iters);
+
+}  // namespace cpu
+}  // namespace metaembed

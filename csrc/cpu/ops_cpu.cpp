@@ -1,0 +1,300 @@
+// CPU implementations of the metaembed ops: argument checks, blocking, threading and
+// dtype handling around the ISA kernels of engine.h.
+//
+// Threading (at::parallel_for) and determinism:
+//  * forward: work items are (query block, candidate) pairs, split into contiguous ranges;
+//    every output element is written by exactly one thread.
+//  * backward: candidates are split into one contiguous chunk per thread. A chunk owns the
+//    dc rows of its candidates and a private dq buffer; the dq buffers are summed in chunk
+//    order. Hard negatives are split by query, which owns its dq rows and dhn. Results are
+//    bitwise reproducible for a given thread count; no atomics anywhere.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <memory>
+
+#include "../common/checks.h"
+#include "isa_select.h"
+#include "kernels.h"
+
+namespace metaembed {
+namespace cpu {
+namespace {
+
+inline int64_t ceil_div_host(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return kF32;
+    case at::kHalf:
+      return kF16;
+    case at::kBFloat16:
+      return kBF16;
+    default:
+      return kF64;
+  }
+}
+
+// The kernels need the embedding dim contiguous; other dims may have any stride.
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+struct Mask {
+  at::Tensor t;  // keeps a contiguous copy alive when needed
+  const uint8_t* ptr = nullptr;
+};
+
+Mask mask_of(const c10::optional<at::Tensor>& m) {
+  Mask out;
+  if (m.has_value()) {
+    out.t = m->contiguous();
+    out.ptr = reinterpret_cast<const uint8_t*>(out.t.data_ptr<bool>());
+  }
+  return out;
+}
+
+// Everything one call needs, kept alive for its duration.
+struct Prepared {
+  GroupPlan plan;
+  at::Tensor q, c, qpack;
+  Mask q_mask, c_mask;
+  const IsaKernels* isa = nullptr;
+  const KernelSet* ks = nullptr;
+  Problem p{};
+};
+
+// Blocking: D in chunks of kc (whole D up to 768), and query blocks of about
+// 64 K elements of packed queries per D chunk (256 KiB of fp32: L2-resident while every
+// candidate streams past it).
+void choose_blocking(Problem& p, int nr) {
+  const int64_t D = p.d;
+  p.kc = D <= 768 ? D : 8 * ceil_div_host(D, 8 * ceil_div_host(D, 512));
+  const int64_t target_tokens = std::max<int64_t>(nr, (int64_t(1) << 16) / p.kc);
+  p.queries_per_block = std::max<int64_t>(1, std::min<int64_t>(p.nq, target_tokens / p.groups.rq_eff));
+  p.num_qblocks = ceil_div_host(p.nq, p.queries_per_block);
+  p.panels_per_block = ceil_div_host(p.queries_per_block * p.groups.rq_eff, nr);
+}
+
+// Fills P (P.plan must be set) and packs the queries.
+void prepare(Prepared& P, const at::Tensor& q, const at::Tensor& c, const c10::optional<at::Tensor>& q_mask,
+             const c10::optional<at::Tensor>& c_mask) {
+  P.q = last_dim_contiguous(q);
+  P.c = last_dim_contiguous(c);
+  P.q_mask = mask_of(q_mask);
+  P.c_mask = mask_of(c_mask);
+  const DType dt = dtype_of(q);
+  P.isa = dt == kF64 ? generic_kernels() : active_kernels();
+  P.ks = &P.isa->by_dtype[dt];
+  const GroupPlan& g = P.plan;
+  Problem& p = P.p;
+  p.dtype = dt;
+  p.nq = q.size(0);
+  p.rq = q.size(1);
+  p.d = q.size(2);
+  p.nc = c.size(0);
+  p.rc = c.size(1);
+  p.q = Tokens{P.q.data_ptr(), P.q.stride(0), P.q.stride(1), 0, P.q_mask.ptr, p.rq, 1, 0};
+  p.c = Tokens{P.c.data_ptr(), P.c.stride(0), P.c.stride(1), 0, P.c_mask.ptr, p.rc, 1, 0};
+  p.groups = Groups{g.size(), g.rq.data(), g.bound_index.data(), int64_t(g.bounds.size()), g.bounds.data(),
+                    g.rq_eff, g.rc_eff};
+  choose_blocking(p, P.isa->nr);
+  P.qpack = at::empty({std::max<int64_t>(1, p.num_qblocks * p.panels_per_block * p.d * P.isa->nr)},
+                      q.options().dtype(score_type(q)));
+  p.qpack = P.qpack.data_ptr();
+  at::parallel_for(0, p.num_qblocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t qb = b; qb < e; ++qb) P.ks->pack_queries(p, qb);
+  });
+}
+
+// Per-thread workspace for one parallel_for body.
+struct Workspace {
+  explicit Workspace(const Prepared& P) : buf(new uint8_t[P.ks->workspace_bytes(P.p)]) {}
+  void* get() { return buf.get(); }
+  std::unique_ptr<uint8_t[]> buf;
+};
+
+// Grain so that tiny problems do not pay for waking threads (~1 MFLOP per task minimum).
+int64_t grain_for(double flops_per_item) {
+  return std::max<int64_t>(1, int64_t(std::ceil(1e6 / std::max(flops_per_item, 1.0))));
+}
+
+// Contiguous candidate chunk i of n over [0, nc).
+inline int64_t chunk_begin(int64_t i, int64_t n, int64_t nc) { return i * nc / n; }
+
+int64_t num_candidate_chunks(int64_t nc) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nc));
+}
+
+// Sum per-chunk dq buffers (n, nq, rq, d) in chunk order: deterministic.
+at::Tensor reduce_chunks(const at::Tensor& partial) {
+  at::Tensor out = partial[0].clone();
+  for (int64_t i = 1; i < partial.size(0); ++i) out.add_(partial[i]);
+  return out;
+}
+
+at::Tensor maxsim_grouped_cpu(const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
+                              at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask,
+                              const c10::optional<at::Tensor>& c_mask) {
+  check_pair(q, c, "c", 3, "(Nc, Rc, D)");
+  check_mask(q_mask, "q_mask", {q.size(0), q.size(1)}, q);
+  check_mask(c_mask, "c_mask", {c.size(0), c.size(1)}, q);
+  Prepared P;
+  P.plan = make_group_plan(group_rq, group_rc, q.size(1), c.size(1));
+  const int64_t G = P.plan.size();
+  at::Tensor out = at::zeros({G, q.size(0), c.size(0)}, q.options().dtype(score_type(q)));
+  if (q.size(0) == 0 || c.size(0) == 0) return out;
+  prepare(P, q, c, q_mask, c_mask);
+  const Problem& p = P.p;
+  const int64_t items = p.num_qblocks * p.nc;  // item x = (query block x / nc, candidate x % nc)
+  const double item_flops = 2.0 * p.queries_per_block * p.groups.rq_eff * p.groups.rc_eff * p.d;
+  at::parallel_for(0, items, grain_for(item_flops), [&](int64_t x0, int64_t x1) {
+    Workspace ws(P);
+    for (int64_t x = x0; x < x1;) {
+      const int64_t qb = x / p.nc, b0 = x % p.nc, b1 = std::min(p.nc, b0 + (x1 - x));
+      P.ks->maxsim_forward(p, qb, b0, b1, ws.get(), out.data_ptr());
+      x += b1 - b0;
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cpu(const at::Tensor& grad, const at::Tensor& q,
+                                                               const at::Tensor& c, at::IntArrayRef group_rq,
+                                                               at::IntArrayRef group_rc,
+                                                               const c10::optional<at::Tensor>& q_mask,
+                                                               const c10::optional<at::Tensor>& c_mask) {
+  check_pair(q, c, "c", 3, "(Nc, Rc, D)");
+  check_mask(q_mask, "q_mask", {q.size(0), q.size(1)}, q);
+  check_mask(c_mask, "c_mask", {c.size(0), c.size(1)}, q);
+  Prepared P;
+  P.plan = make_group_plan(group_rq, group_rc, q.size(1), c.size(1));
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({P.plan.size(), q.size(0), c.size(0)}),
+                    "grad must have shape (G, Nq, Nc), got ", grad.sizes());
+  const auto acc = q.options().dtype(score_type(q));
+  if (q.size(0) == 0 || c.size(0) == 0) return {at::zeros_like(q), at::zeros_like(c)};
+  prepare(P, q, c, q_mask, c_mask);
+  const Problem& p = P.p;
+  const at::Tensor g = grad.to(acc.dtype()).contiguous();
+  const int64_t chunks = num_candidate_chunks(p.nc);
+  at::Tensor dq_partial = at::zeros({chunks, p.nq, p.rq, p.d}, acc);
+  at::Tensor dc = at::zeros({p.nc, p.rc, p.d}, acc);
+  at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
+    Workspace ws(P);
+    for (int64_t i = i0; i < i1; ++i)
+      P.ks->maxsim_backward(p, g.data_ptr(), chunk_begin(i, chunks, p.nc), chunk_begin(i + 1, chunks, p.nc),
+                            ws.get(), dq_partial[i].data_ptr(), dc.data_ptr());
+  });
+  return {reduce_chunks(dq_partial).to(q.scalar_type()), dc.to(c.scalar_type())};
+}
+
+Tokens hard_negative_tokens(const at::Tensor& hn, const Mask& m) {
+  return Tokens{hn.data_ptr(), hn.stride(0), hn.stride(1), hn.stride(2), m.ptr, hn.size(1) * hn.size(2),
+                hn.size(2), 1};
+}
+
+std::tuple<at::Tensor, at::Tensor> matryoshka_infonce_cpu(
+    const at::Tensor& q, const at::Tensor& c, const at::Tensor& hard_negatives, const at::Tensor& labels,
+    at::IntArrayRef group_rq, at::IntArrayRef group_rc, double scale, const c10::optional<at::Tensor>& q_mask,
+    const c10::optional<at::Tensor>& c_mask, const c10::optional<at::Tensor>& hn_mask) {
+  Prepared P;
+  P.plan = check_infonce_args(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask);
+  const auto acc = q.options().dtype(score_type(q));
+  const int64_t G = P.plan.size(), nq = q.size(0);
+  if (nq == 0) return {at::zeros({G, 0}, acc), at::zeros({G, 0}, acc)};
+  prepare(P, q, c, q_mask, c_mask);
+  const Problem& p = P.p;
+  const at::Tensor lab = labels.contiguous();
+  const at::Tensor hn = last_dim_contiguous(hard_negatives);
+  const Mask hm = mask_of(hn_mask);
+  const Tokens hnt = hard_negative_tokens(hn, hm);
+  const int64_t K = hn.size(1);
+
+  // In-batch candidates: per-chunk online log-sum-exp states, merged in chunk order.
+  const int64_t chunks = num_candidate_chunks(p.nc);
+  at::Tensor m = at::full({chunks, G, nq}, -INFINITY, acc);
+  at::Tensor l = at::zeros({chunks, G, nq}, acc);
+  at::Tensor pos = at::zeros({G, nq}, acc);
+  at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
+    Workspace ws(P);
+    for (int64_t i = i0; i < i1; ++i)
+      P.ks->infonce_forward(p, lab.data_ptr<int64_t>(), scale, chunk_begin(i, chunks, p.nc),
+                            chunk_begin(i + 1, chunks, p.nc), ws.get(), m[i].data_ptr(), l[i].data_ptr(),
+                            pos.data_ptr());
+  });
+  at::Tensor m_all = m[0].clone(), l_all = l[0].clone();
+  for (int64_t i = 1; i < chunks; ++i) {  // (m, l) (+) (m_i, l_i)
+    const at::Tensor mx = at::maximum(m_all, m[i]);
+    const at::Tensor safe = at::where(at::isinf(mx), at::zeros_like(mx), mx);
+    l_all = l_all * at::exp(m_all - safe) + l[i] * at::exp(m[i] - safe);
+    m_all = mx;
+  }
+  m_all = m_all.contiguous();
+  l_all = l_all.contiguous();
+  // Hard negatives: each query against its own K, folded into its merged state.
+  if (K > 0) {
+    const double item_flops = 2.0 * K * p.groups.rq_eff * p.groups.rc_eff * p.d;
+    at::parallel_for(0, nq, grain_for(item_flops), [&](int64_t a0, int64_t a1) {
+      Workspace ws(P);
+      P.ks->infonce_forward_hard(p, hnt, K, scale, a0, a1, ws.get(), m_all.data_ptr(), l_all.data_ptr());
+    });
+  }
+  at::Tensor lse = m_all + at::log(l_all);
+  return {lse - pos, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& q, const at::Tensor& c,
+    const at::Tensor& hard_negatives, const at::Tensor& labels, at::IntArrayRef group_rq, at::IntArrayRef group_rc,
+    double scale, const c10::optional<at::Tensor>& q_mask, const c10::optional<at::Tensor>& c_mask,
+    const c10::optional<at::Tensor>& hn_mask) {
+  Prepared P;
+  P.plan = check_infonce_args(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask);
+  const auto acc = q.options().dtype(score_type(q));
+  const int64_t G = P.plan.size(), nq = q.size(0);
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({G, nq}) && lse.sizes() == grad.sizes(),
+                    "grad and lse must have shape (G, Nq), got ", grad.sizes(), " and ", lse.sizes());
+  if (nq == 0) return {at::zeros_like(q), at::zeros_like(c), at::zeros_like(hard_negatives)};
+  prepare(P, q, c, q_mask, c_mask);
+  const Problem& p = P.p;
+  const at::Tensor lab = labels.contiguous();
+  const at::Tensor g = grad.to(acc.dtype()).contiguous(), ls = lse.to(acc.dtype()).contiguous();
+  const at::Tensor hn = last_dim_contiguous(hard_negatives);
+  const Mask hm = mask_of(hn_mask);
+  const Tokens hnt = hard_negative_tokens(hn, hm);
+  const int64_t K = hn.size(1);
+
+  const int64_t chunks = num_candidate_chunks(p.nc);
+  at::Tensor dq_partial = at::zeros({chunks, nq, p.rq, p.d}, acc);
+  at::Tensor dc = at::zeros({p.nc, p.rc, p.d}, acc);
+  at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
+    Workspace ws(P);
+    for (int64_t i = i0; i < i1; ++i)
+      P.ks->infonce_backward(p, lab.data_ptr<int64_t>(), scale, g.data_ptr(), ls.data_ptr(),
+                             chunk_begin(i, chunks, p.nc), chunk_begin(i + 1, chunks, p.nc), ws.get(),
+                             dq_partial[i].data_ptr(), dc.data_ptr());
+  });
+  at::Tensor dq = reduce_chunks(dq_partial);
+  at::Tensor dhn = at::zeros({nq, K, p.rc, p.d}, acc);
+  if (K > 0) {
+    const double item_flops = 2.0 * K * p.groups.rq_eff * p.groups.rc_eff * p.d;
+    at::parallel_for(0, nq, grain_for(item_flops), [&](int64_t a0, int64_t a1) {
+      Workspace ws(P);
+      P.ks->infonce_backward_hard(p, hnt, K, scale, g.data_ptr(), ls.data_ptr(), a0, a1, ws.get(), dq.data_ptr(),
+                                  dhn.data_ptr());
+    });
+  }
+  return {dq.to(q.scalar_type()), dc.to(c.scalar_type()), dhn.to(hard_negatives.scalar_type())};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace metaembed
+
+TORCH_LIBRARY_IMPL(metaembed, CPU, m) {
+  m.impl("maxsim_grouped", &metaembed::cpu::maxsim_grouped_cpu);
+  m.impl("maxsim_grouped_backward", &metaembed::cpu::maxsim_grouped_backward_cpu);
+  m.impl("matryoshka_infonce", &metaembed::cpu::matryoshka_infonce_cpu);
+  m.impl("matryoshka_infonce_backward", &metaembed::cpu::matryoshka_infonce_backward_cpu);
+}
