@@ -1,0 +1,41 @@
+"""CPU benchmarks: our cpu backend against the reference einsum, the BLAS ceiling and peers."""
+import pytest
+import torch
+
+from workloads import PROVIDERS, WORKLOADS, Unavailable, get_callable, make_inputs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MAXSIM_PROVIDERS = [p for p in PROVIDERS if p not in ("triton", "cuda")]
+CASES = [
+    pytest.param(w, dt, p, id=f"{w}-{dt}-{p}")
+    for w in ("W0", "W1", "W2", "W3", "W4", "L1")
+    for dt in DTYPES
+    for p in (MAXSIM_PROVIDERS if WORKLOADS[w].kind == "maxsim" else ["cpu", "reference"])
+]
+
+
+def test_calibration_fma_peak(benchmark, fma_peak_gflops):
+    """The calibration provider: GFLOP/s of independent FMA chains on every torch thread."""
+    from metaembed_kernels import _extension
+
+    if not fma_peak_gflops:
+        pytest.skip("no AVX2 calibration loop in this build")
+    benchmark.extra_info.update(fma_peak_gflops=fma_peak_gflops, threads=torch.get_num_threads())
+    benchmark.pedantic(_extension._C.fma_peak_gflops, args=(0, 0.05), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("workload,dtype,provider", CASES)
+def test_bench(benchmark, fma_peak_gflops, workload, dtype, provider):
+    w = WORKLOADS[workload]
+    x = make_inputs(w, DTYPES[dtype])
+    try:
+        fn = get_callable(provider, w, DTYPES[dtype], x)
+    except Unavailable as err:
+        pytest.skip(str(err))
+    benchmark.group = f"{workload}-{dtype}"
+    benchmark.extra_info.update(workload=workload, dtype=dtype, provider=provider, flops=w.flops)
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["gflops"] = w.flops / median / 1e9
+    if fma_peak_gflops:
+        benchmark.extra_info["fraction_of_fma_peak"] = w.flops / median / 1e9 / fma_peak_gflops

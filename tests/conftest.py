@@ -1,0 +1,45 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors. The switch
+# must be set before triton is first imported (torch does not import it eagerly).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import helpers`
+
+from metaembed_kernels import _extension  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=_extension.supported_cpu_isas() or ["none"])
+def cpu_isa(request):
+    """Run a test once per instruction set the CPU kernels can use on this machine."""
+    if request.param == "none":
+        pytest.skip("C++ extension not built")
+    previous = _extension.set_cpu_isa(request.param)
+    yield request.param
+    _extension.set_cpu_isa(previous)
+
+
+@pytest.fixture
+def num_threads():
+    """Restores torch's thread count after a test changes it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,193 @@
+"""CPU C++ backend specifics: every ISA path, blocking edge cases, threads, strides,
+determinism, 64-bit offsets and the memory bound."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from helpers import (
+    DTYPES,
+    assert_close,
+    dtype_id,
+    exact_values,
+    grad_tolerance,
+    normal_values,
+    requires_extension,
+    score_tolerance,
+)
+from metaembed_kernels import DEFAULT_GROUPS, matryoshka_infonce, maxsim_grouped, reference
+
+pytestmark = requires_extension
+
+# Shapes that reach the engine's blocking paths the small sweep does not:
+#  * D > 768 is processed in several D chunks (partial tiles spill and reload);
+#  * Nq * Rq beyond one query block (several packed blocks, panels spanning queries);
+#  * Rc not a multiple of the register tile, Rq not a multiple of the panel width.
+BLOCKING_SHAPES = [
+    dict(nq=3, nc=5, rq=16, rc=64, d=1000),
+    dict(nq=41, nc=6, rq=16, rc=64, d=128),
+    dict(nq=70, nc=3, rq=5, rc=13, d=33),
+    dict(nq=2, nc=9, rq=17, rc=65, d=777),
+]
+
+
+def check_forward_backward(shape, dtype, backend="cpu", masks=True, groups=DEFAULT_GROUPS, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    nq, nc, rq, rc, d = (shape[k] for k in ("nq", "nc", "rq", "rc", "d"))
+    groups = tuple((min(a, rq), min(b, rc)) for a, b in groups)
+    q = normal_values((nq, rq, d), gen, dtype)
+    c = normal_values((nc, rc, d), gen, dtype)
+    qm = (torch.rand(nq, rq, generator=gen) > 0.2) if masks else None
+    cm = (torch.rand(nc, rc, generator=gen) > 0.2) if masks else None
+    out = maxsim_grouped(q, c, groups, q_mask=qm, c_mask=cm, backend=backend)
+    ref = reference.maxsim_grouped(q.double(), c.double(), groups, qm, cm)
+    assert_close(out, ref, score_tolerance(q, c, groups), f"scores {shape}")
+
+    qe, ce = exact_values((nq, rq, d), gen, dtype), exact_values((nc, rc, d), gen, dtype)
+    grad = torch.randn(len(groups), nq, nc, generator=gen)
+    qk, ck = qe.clone().requires_grad_(), ce.clone().requires_grad_()
+    maxsim_grouped(qk, ck, groups, q_mask=qm, c_mask=cm, backend=backend).backward(grad)
+    qr, cr = qe.double().requires_grad_(), ce.double().requires_grad_()
+    reference.maxsim_grouped(qr, cr, groups, qm, cm).backward(grad.double())
+    gmax = torch.tensor(grad.abs().max().item())
+    assert_close(qk.grad, qr.grad, grad_tolerance(qr.grad, dtype, nc * len(groups), gmax), "dq")
+    assert_close(ck.grad, cr.grad, grad_tolerance(cr.grad, dtype, nq * rq * len(groups), gmax), "dc")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", BLOCKING_SHAPES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_every_isa_on_blocking_edge_cases(cpu_isa, shape, dtype):
+    check_forward_backward(shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_every_isa_fused_loss(cpu_isa, dtype):
+    gen = torch.Generator().manual_seed(1)
+    q, c = exact_values((9, 16, 40), gen, dtype), exact_values((11, 64, 40), gen, dtype)
+    hn = exact_values((9, 2, 64, 40), gen, dtype)
+    labels = torch.randperm(11, generator=gen)[:9]
+    tensors = [t.clone().requires_grad_() for t in (q, c, hn)]
+    loss = matryoshka_infonce(*tensors[:2], DEFAULT_GROUPS, hard_negatives=tensors[2], labels=labels,
+                              temperature=0.5, backend="cpu")
+    loss.backward()
+    refs = [t.double().requires_grad_() for t in (q, c, hn)]
+    loss_r = reference.matryoshka_infonce(*refs[:2], DEFAULT_GROUPS, hard_negatives=refs[2], labels=labels,
+                                          temperature=0.5)
+    loss_r.backward()
+    assert abs(loss.item() - loss_r.item()) < 1e-5 * (1 + abs(loss_r.item()))
+    for t, r in zip(tensors, refs):
+        assert_close(t.grad, r.grad, 4 * 2.0**-8 * r.grad.abs() + 1e-5 * r.grad.abs().max(), "loss grads")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_counts(num_threads, threads):
+    torch.set_num_threads(threads)
+    check_forward_backward(dict(nq=7, nc=23, rq=16, rc=64, d=48), torch.float32)
+
+
+def test_forward_is_bitwise_identical_across_thread_counts_and_backward_is_deterministic(num_threads):
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(13, 16, 64, generator=gen, requires_grad=True)
+    c = torch.randn(31, 64, 64, generator=gen, requires_grad=True)
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs = []
+        for _ in range(2):
+            q.grad = c.grad = None
+            out = maxsim_grouped(q, c, DEFAULT_GROUPS, backend="cpu")
+            out.backward(torch.ones_like(out))
+            runs.append((out.detach().clone(), q.grad.clone(), c.grad.clone()))
+        for a, b in zip(*runs):
+            assert torch.equal(a, b), "backward not run-to-run deterministic"
+        results[threads] = runs[0]
+    assert torch.equal(results[1][0], results[2][0])  # forward: same order in every thread
+    assert torch.equal(results[1][2], results[2][2])  # dc: owned by one chunk, same order
+    torch.testing.assert_close(results[1][1], results[2][1])  # dq: chunk sums differ in order
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_non_contiguous_and_sliced_inputs(dtype):
+    gen = torch.Generator().manual_seed(3)
+    q_base = normal_values((5, 20, 48), gen, dtype)
+    c_base = normal_values((64, 9, 48), gen, dtype)
+    cases = {
+        "token-slice": (q_base[:, 2:18], c_base.transpose(0, 1)[:, :7]),  # strided token / item dims
+        "strided-d": (q_base[:, :16, ::2], c_base.transpose(0, 1)[:, :, 1::2]),  # D not contiguous: copied
+        "every-other-item": (q_base[::2, :16], c_base.transpose(0, 1)[::2]),
+    }
+    for name, (q, c) in cases.items():
+        assert not q.is_contiguous() and not c.is_contiguous()
+        qm = (torch.rand(q.shape[0], 2 * q.shape[1], generator=gen) > 0.3)[:, ::2]  # strided mask
+        cm = (torch.rand(c.shape[0], c.shape[1], generator=gen) > 0.3).t().contiguous().t()
+        groups = ((1, 1), (q.shape[1], c.shape[1]), (3, 5))
+        out = maxsim_grouped(q, c, groups, q_mask=qm, c_mask=cm, backend="cpu")
+        ref = reference.maxsim_grouped(q.double(), c.double(), groups, qm, cm)
+        assert_close(out, ref, score_tolerance(q, c, groups), name)
+        qg, cg = q.detach().requires_grad_(), c.detach().requires_grad_()
+        maxsim_grouped(qg, cg, groups, q_mask=qm, c_mask=cm, backend="cpu").sum().backward()
+        qr, cr = q.double().requires_grad_(), c.double().requires_grad_()
+        reference.maxsim_grouped(qr, cr, groups, qm, cm).sum().backward()
+        # normal values: compare gradients only where fp32 and fp64 agree on every argmax
+        torch.testing.assert_close(qg.grad.double(), qr.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_hard_negatives_with_strides():
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(4, 16, 32, generator=gen)
+    c = torch.randn(6, 64, 32, generator=gen)
+    hn_base = torch.randn(4, 64, 3, 32, generator=gen)
+    hn = hn_base.transpose(1, 2)  # (4, 3, 64, 32), token stride != D
+    hm = (torch.rand(4, 64, 3, generator=gen) > 0.3).transpose(1, 2)
+    got = matryoshka_infonce(q, c, DEFAULT_GROUPS, hard_negatives=hn, hard_negatives_mask=hm, backend="cpu")
+    ref = reference.matryoshka_infonce(q.double(), c.double(), DEFAULT_GROUPS, hard_negatives=hn.double(),
+                                       hard_negatives_mask=hm)
+    assert abs(got.item() - ref.item()) < 1e-4
+
+
+def test_memory_stays_small_for_a_large_forward():
+    """Acceptance: peak RSS growth of a fresh process during maxsim_grouped (Nq=64, Nc=20000,
+    Rq=16, Rc=64, D=128, fp32) stays under 300 MB (the reference einsum needs ~5 GB)."""
+    code = textwrap.dedent(
+        """
+        import torch, metaembed_kernels as mk
+        def rss_kb(field):
+            for line in open('/proc/self/status'):
+                if line.startswith(field):
+                    return int(line.split()[1])
+        q = torch.randn(64, 16, 128); c = torch.randn(20000, 64, 128)
+        mk.maxsim_grouped(q[:2], c[:2], mk.DEFAULT_GROUPS, backend='cpu')  # warm up lazy init
+        open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS
+        before = rss_kb('VmRSS')
+        out = mk.maxsim_grouped(q, c, mk.DEFAULT_GROUPS, backend='cpu')
+        print((rss_kb('VmHWM') - before) / 1024)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "METAEMBED_BACKEND"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    extra_mb = float(res.stdout.strip().splitlines()[-1])
+    print(f"peak extra RSS: {extra_mb:.1f} MB")
+    assert extra_mb < 300, f"maxsim_grouped used {extra_mb:.0f} MB extra"
+
+
+@pytest.mark.slow
+def test_more_than_2_pow_31_elements():
+    """c has 8200 * 64 * 4096 = 2.15e9 > 2^31 elements (4.3 GB of bf16): the last candidates
+    live beyond any 32-bit offset and must score exactly like a small copy of themselves."""
+    nc, rc, d = 8200, 64, 4096
+    assert nc * rc * d > 2**31
+    gen = torch.Generator().manual_seed(5)
+    c = torch.zeros(nc, rc, d, dtype=torch.bfloat16)
+    tail = normal_values((4, rc, d), gen, torch.bfloat16)
+    c[-4:] = tail
+    c[0] = tail[0]
+    q = normal_values((2, 16, d), gen, torch.bfloat16)
+    out = maxsim_grouped(q, c, DEFAULT_GROUPS, backend="cpu")
+    ref = reference.maxsim_grouped(q.double(), tail.double(), DEFAULT_GROUPS)
+    assert_close(out[:, :, -4:], ref, score_tolerance(q, tail, DEFAULT_GROUPS), "far candidates")
+    assert_close(out[:, :, 0], ref[:, :, 0], score_tolerance(q, tail[:1], DEFAULT_GROUPS)[:, :, 0], "first")
+    assert torch.all(out[:, :, 1:-4] == 0)

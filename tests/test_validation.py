@@ -1,0 +1,163 @@
+"""Bad inputs raise ValueError / TypeError naming the argument, from the Python API and from
+direct op calls alike; backend selection errors are explicit."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import cpu_kernel_backends, requires_extension
+from metaembed_kernels import (
+    BackendUnavailableError,
+    MatryoshkaInfoNCELoss,
+    matryoshka_infonce,
+    maxsim,
+    maxsim_grouped,
+    select_backend,
+)
+
+Q = torch.randn(3, 4, 8)
+C = torch.randn(5, 6, 8)
+BACKENDS = cpu_kernel_backends() + ["reference"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(q=torch.randn(3, 8)), ValueError, r"q must have shape \(Nq, Rq, D\)"),
+        (dict(c=torch.randn(5, 6, 8, 1)), ValueError, r"c must have shape \(Nc, Rc, D\)"),
+        (dict(c=torch.randn(5, 6, 9)), ValueError, r"same embedding dim D as q: q has D=8"),
+        (dict(c=torch.randn(5, 6, 8, dtype=torch.float16)), TypeError, r"c must have the dtype of q"),
+        (dict(q=torch.randint(0, 3, (3, 4, 8))), TypeError, r"q must be float32, float16 or bfloat16"),
+        (dict(c=torch.randn(5, 6, 8, device="meta")), ValueError, r"c must be on the device of q"),
+        (dict(q=torch.randn(3, 4, 0), c=torch.randn(5, 6, 0)), ValueError, r"D >= 1"),
+        (dict(q="not a tensor"), TypeError, r"q must be a torch.Tensor"),
+        (dict(groups=[]), ValueError, r"at least one"),
+        (dict(groups=[(5, 1)]), ValueError, r"groups\[0\] = \(5, 1\) is out of range.*Rq=4"),
+        (dict(groups=[(1, 1), (1, 7)]), ValueError, r"groups\[1\] = \(1, 7\) is out of range.*Rc=6"),
+        (dict(groups=[(0, 1)]), ValueError, r"out of range"),
+        (dict(groups=[(1.5, 1)]), TypeError, r"pair of ints"),
+        (dict(groups=[(True, 1)]), TypeError, r"pair of ints"),
+        (dict(groups=(1, 1)), TypeError, r"groups\[0\] must be an \(r_q, r_c\) pair"),
+        (dict(groups="11"), TypeError, r"groups must be a sequence"),
+        (dict(q_mask=torch.ones(3, 5, dtype=torch.bool)), ValueError, r"q_mask must have shape \(Nq, Rq\) = \(3, 4\)"),
+        (dict(c_mask=torch.ones(5, 6)), TypeError, r"c_mask must be a bool tensor"),
+        (dict(c_mask=[[True]]), TypeError, r"c_mask must be a bool tensor"),
+        (dict(backend="gpu"), ValueError, r"backend must be one of"),
+        (dict(backend=3), TypeError, r"backend must be a string"),
+    ],
+)
+def test_maxsim_grouped_rejects(backend, kwargs, error, match):
+    args = dict(q=Q, c=C, groups=None, backend=backend)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        maxsim_grouped(args.pop("q"), args.pop("c"), args.pop("groups"), **args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(labels=torch.tensor([0, 1, 5])), ValueError, r"need 0 <= labels < Nc=5, got values in \[0, 5\]"),
+        (dict(labels=torch.tensor([-1, 1, 2])), ValueError, r"labels"),
+        (dict(labels=torch.tensor([0, 1, 2], dtype=torch.int32)), TypeError, r"labels must be an int64"),
+        (dict(labels=torch.tensor([0, 1])), ValueError, r"labels must have shape \(Nq,\) = \(3,\)"),
+        (dict(hard_negatives=torch.randn(3, 2, 5, 8)), ValueError, r"hard_negatives must have shape \(Nq, K, Rc, D\)"),
+        (dict(hard_negatives=torch.randn(2, 2, 6, 8)), ValueError, r"hard_negatives must have shape"),
+        (dict(hard_negatives=torch.randn(3, 6, 8)), ValueError, r"hard_negatives must have shape \(Nq, K, Rc, D\)"),
+        (dict(hard_negatives=torch.randn(3, 1, 6, 8).half()), TypeError, r"hard_negatives must have the dtype"),
+        (dict(hard_negatives=torch.randn(3, 1, 6, 8), hard_negatives_mask=torch.ones(3, 1, 5, dtype=torch.bool)),
+         ValueError, r"hard_negatives_mask must have shape \(Nq, K, Rc\)"),
+        (dict(hard_negatives_mask=torch.ones(3, 1, 6, dtype=torch.bool)), ValueError, r"without hard_negatives"),
+        (dict(temperature=0.0), ValueError, r"temperature must be > 0"),
+        (dict(temperature="hot"), TypeError, r"temperature"),
+        (dict(weights=(1.0, 2.0)), ValueError, r"one entry per group \(G=1\)"),
+        (dict(weights=("a",)), TypeError, r"weights\[0\]"),
+        (dict(reduction="none"), ValueError, r"reduction must be 'mean' or 'sum'"),
+    ],
+)
+def test_matryoshka_infonce_rejects(backend, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        matryoshka_infonce(Q, C, backend=backend, **kwargs)
+
+
+@requires_extension
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((Q, torch.randn(5, 6, 7), [1], [1], None, None), ValueError, "embedding dim"),
+        ((Q, C.half(), [1], [1], None, None), TypeError, "dtype of q"),
+        ((Q, C, [5], [1], None, None), ValueError, "out of range"),
+        ((Q, C, [1, 2], [1], None, None), ValueError, "same length"),
+        ((Q, C, [], [], None, None), ValueError, "at least one"),
+        ((Q, C, [1], [1], torch.ones(3, 4), None), TypeError, "q_mask must be a bool"),
+        ((Q, C, [1], [1], None, torch.ones(5, 5, dtype=torch.bool)), ValueError, "c_mask must have shape"),
+    ],
+)
+def test_direct_op_calls_are_checked(args, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.metaembed.maxsim_grouped(*args)
+
+
+@requires_extension
+def test_direct_loss_op_checks_labels():
+    hn = torch.randn(3, 0, 6, 8)
+    with pytest.raises(ValueError, match="labels must index the candidates"):
+        torch.ops.metaembed.matryoshka_infonce(Q, C, hn, torch.tensor([0, 9, 1]), [1], [1], 1.0, None, None, None)
+    with pytest.raises(ValueError, match="scale"):
+        torch.ops.metaembed.matryoshka_infonce(Q, C, hn, torch.tensor([0, 1, 2]), [1], [1], -1.0, None, None, None)
+
+
+def test_unavailable_backends_raise_clearly(monkeypatch):
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable: .*cuda tensors"):
+        maxsim(Q, C, backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        maxsim(Q, C, backend="triton")
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("METAEMBED_BACKEND", "reference")
+    assert select_backend(None, torch.device("cpu"), torch.float32).name == "reference"
+    assert select_backend("cpu" if "cpu" in BACKENDS else "reference", torch.device("cpu"), torch.float32).name in BACKENDS
+    monkeypatch.setenv("METAEMBED_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        maxsim(Q, C)
+    monkeypatch.setenv("METAEMBED_BACKEND", "auto")
+    expected = "cpu" if "cpu" in BACKENDS else "reference"
+    assert select_backend(None, torch.device("cpu"), torch.float32).name == expected
+    assert select_backend(None, torch.device("cpu"), torch.float64).name == expected  # cpu kernels run float64
+
+
+def test_auto_never_picks_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("METAEMBED_BACKEND", raising=False)
+    assert select_backend(None, torch.device("cpu"), torch.float32).name in ("cpu", "reference")
+
+
+def test_gather_across_ranks_without_process_group_is_local():
+    loss = MatryoshkaInfoNCELoss(groups=((1, 1), (4, 6)), gather_across_ranks=True)
+    local = MatryoshkaInfoNCELoss(groups=((1, 1), (4, 6)))
+    assert torch.equal(loss(Q, C[:3]), local(Q, C[:3]))
+
+
+def test_missing_extension_falls_back_to_reference():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['metaembed_kernels._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, metaembed_kernels as mk\n"
+        "msgs = [str(x.message) for x in w if 'C++ extension not available' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert mk.available_backends('cpu') == ('reference',)\n"
+        "q, c = torch.randn(2, 3, 4), torch.randn(5, 6, 4)\n"
+        "assert mk.select_backend(None, q.device, q.dtype).name == 'reference'\n"
+        "print(mk.maxsim_grouped(q, c, [(1, 1), (3, 6)]).shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "METAEMBED_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "torch.Size([2, 2, 5])" in out.stdout
