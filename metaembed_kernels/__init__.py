@@ -2,6 +2,10 @@
 
     from metaembed_kernels import (maxsim, maxsim_grouped, matryoshka_infonce,
                                    MatryoshkaInfoNCELoss, DEFAULT_GROUPS)
+    from metaembed_kernels import MetaEmbed   # model wrapper on transformers backbones
+
+``MetaEmbed`` is loaded on first access (module ``__getattr__``), so importing the kernels
+never imports the model code or transformers.
 """
 from . import _extension  # loads the C++ ops (or warns and falls back)
 from .backends import BackendUnavailableError, available_backends, select_backend
@@ -14,9 +18,19 @@ __all__ = [
     "DEFAULT_GROUPS",
     "BackendUnavailableError",
     "MatryoshkaInfoNCELoss",
+    "MetaEmbed",
     "available_backends",
     "matryoshka_infonce",
     "maxsim",
     "maxsim_grouped",
     "select_backend",
 ]
+
+
+def __getattr__(name):
+    # PEP 562 lazy attribute: the model wrapper (and whatever it pulls in) loads on first use.
+    if name == "MetaEmbed":
+        from .model import MetaEmbed
+
+        return MetaEmbed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
