@@ -82,8 +82,18 @@ inline size_t align64(size_t n) { return (n + 63) & ~size_t(63); }
 template <class Policy, class T>
 struct Engine {
   using Acc = typename Policy::Acc;
+  // Packed query element: Acc by default; a policy may keep a narrower format (e.g.
+  // bf16 pairs for a dot-product instruction). A panel holds d_pack(D) * NR elements,
+  // and D offset k0 (even) starts at element k0 * NR.
+  using PackT = typename Policy::template Pack<T>;
+  // Candidate rows are read in place when the micro-kernel consumes T directly;
+  // otherwise each MR x kc chunk is converted into Acc scratch first.
+  static constexpr bool kDirectRows = Policy::template kDirectRows<T>;
+  using RowT = std::conditional_t<kDirectRows, T, Acc>;
   static constexpr int NR = Policy::NR;
   static constexpr int MR = Policy::MR;
+
+  static int64_t panel_elems(const Problem& P) { return Policy::template d_pack<T>(P.d) * NR; }
 
   // Per-thread scratch, carved from one host-allocated buffer.
   struct Work {
@@ -96,11 +106,11 @@ struct Engine {
     Acc* scores;      // [queries_per_block][G]
     Acc* dscores;     // [queries_per_block][G]
     Acc* bound_w;     // [num_bounds]
-    Acc* qpack1;      // one query packed alone (hard negatives)
+    PackT* qpack1;    // one query packed alone (hard negatives)
   };
 
   struct QView {  // packed panels of queries [a0, a0 + n)
-    const Acc* pack;
+    const PackT* pack;
     int64_t a0, n, panels;
   };
 
@@ -118,9 +128,11 @@ struct Engine {
     n += align64(sizeof(Acc) * MR * P.kc);
     n += 2 * align64(sizeof(Acc) * qpb * G);
     n += align64(sizeof(Acc) * nb);
-    n += align64(sizeof(Acc) * ceil_div(P.groups.rq_eff, NR) * NR * P.d);
+    n += align64(sizeof(PackT) * ceil_div(P.groups.rq_eff, NR) * panel_elems(P));
     return n + 64;
   }
+
+  static size_t qpack_bytes(const Problem& P) { return sizeof(PackT) * P.num_qblocks * P.panels_per_block * panel_elems(P); }
 
   static Work carve(const Problem& P, void* ws) {
     const int64_t np = max_panels(P), lanes = np * NR, nb = P.groups.num_bounds;
@@ -141,42 +153,40 @@ struct Engine {
     w.scores = static_cast<Acc*>(take(sizeof(Acc) * qpb * G));
     w.dscores = static_cast<Acc*>(take(sizeof(Acc) * qpb * G));
     w.bound_w = static_cast<Acc*>(take(sizeof(Acc) * nb));
-    w.qpack1 = static_cast<Acc*>(take(sizeof(Acc) * ceil_div(P.groups.rq_eff, NR) * NR * P.d));
+    w.qpack1 = static_cast<PackT*>(take(sizeof(PackT) * ceil_div(P.groups.rq_eff, NR) * panel_elems(P)));
     return w;
   }
 
   // ---- packing ------------------------------------------------------------------------
 
   // Pack queries [a0, a0 + n) into `dst` (panels of NR lanes, zero-padded).
-  static void pack_range(const Problem& P, int64_t a0, int64_t n, Acc* dst) {
-    const int64_t D = P.d, rq = P.groups.rq_eff, ntok = n * rq;
-    std::memset(dst, 0, sizeof(Acc) * ceil_div(ntok, NR) * NR * D);
+  static void pack_range(const Problem& P, int64_t a0, int64_t n, PackT* dst) {
+    const int64_t rq = P.groups.rq_eff, ntok = n * rq, pe = panel_elems(P);
+    std::memset(dst, 0, sizeof(PackT) * ceil_div(ntok, NR) * pe);
     const T* q = typed<T>(P.q.data);
     for (int64_t t = 0; t < ntok; ++t) {
       const int64_t a = a0 + t / rq, i = t % rq;
-      const T* src = q + a * P.q.s0 + i * P.q.s1;
-      Acc* panel = dst + (t / NR) * D * NR + (t % NR);
-      for (int64_t k = 0; k < D; ++k) panel[k * NR] = Acc(scalar_to_float(src[k]));
+      Policy::pack_token(q + a * P.q.s0 + i * P.q.s1, P.d, dst + (t / NR) * pe, int(t % NR));
     }
   }
 
   static QView block_view(const Problem& P, int64_t qblock) {
     const int64_t a0 = qblock * P.queries_per_block;
     const int64_t n = min64(P.queries_per_block, P.nq - a0);
-    const Acc* pack = static_cast<const Acc*>(P.qpack) + qblock * P.panels_per_block * P.d * NR;
+    const PackT* pack = static_cast<const PackT*>(P.qpack) + qblock * P.panels_per_block * panel_elems(P);
     return QView{pack, a0, n, ceil_div(n * P.groups.rq_eff, NR)};
   }
 
   static void pack_queries(const Problem& P, int64_t qblock) {
     const int64_t a0 = qblock * P.queries_per_block;
     const int64_t n = min64(P.queries_per_block, P.nq - a0);
-    pack_range(P, a0, n, static_cast<Acc*>(P.qpack) + qblock * P.panels_per_block * P.d * NR);
+    pack_range(P, a0, n, static_cast<PackT*>(P.qpack) + qblock * P.panels_per_block * panel_elems(P));
   }
 
   // ---- one candidate against one query view ------------------------------------------
 
   template <int M>
-  static void micro_dispatch(int mr, const Acc* const* rows, const Acc* qp, int64_t kc, Acc* tile, bool acc) {
+  static void micro_dispatch(int mr, const RowT* const* rows, const PackT* qp, int64_t kc, Acc* tile, bool acc) {
     if constexpr (M > 1) {
       if (mr < M) return micro_dispatch<M - 1>(mr, rows, qp, kc, tile, acc);
     }
@@ -185,10 +195,13 @@ struct Engine {
 
   // Fills w.bmax[k][t] = max_{j < bounds[k], c valid} S[j][t] (-inf when none) and, when
   // kArgmax, w.bidx[k][t] = the lowest maximising j (-1 when none).
+  // `next` (nullable) is the candidate processed after this one: its rows are prefetched
+  // one chunk at a time, so that candidates stream from DRAM behind the computation.
   template <bool kArgmax>
   static void score_candidate(const Problem& P, const QView& qv, const T* cand, int64_t cs1,
-                              const uint8_t* cmask, int64_t cm1, Work& w) {
+                              const uint8_t* cmask, int64_t cm1, Work& w, const T* next = nullptr) {
     const int64_t D = P.d, KC = P.kc, rc = P.groups.rc_eff, np = qv.panels, lanes = np * NR;
+    const int64_t pe = panel_elems(P);
     const int64_t* bounds = P.groups.bounds;
     for (int64_t t = 0; t < lanes; ++t) w.runmax[t] = -INFINITY;
     if (kArgmax)
@@ -196,21 +209,27 @@ struct Engine {
     int64_t kb = 0;  // next boundary to snapshot
     for (int64_t j0 = 0; j0 < rc; j0 += MR) {
       const int mr = int(min64(MR, rc - j0));
+      if (next) {
+        for (int r = 0; r < mr; ++r) {
+          const char* row = reinterpret_cast<const char*>(next + (j0 + r) * cs1);
+          for (int64_t off = 0; off < int64_t(sizeof(T)) * D; off += 64) __builtin_prefetch(row + off, 0, 2);
+        }
+      }
       for (int64_t k0 = 0; k0 < D; k0 += KC) {
         const int64_t kc = min64(KC, D - k0);
-        const Acc* rows[MR];
+        const RowT* rows[MR];
         for (int r = 0; r < MR; ++r) {
           const int rr = r < mr ? r : mr - 1;  // padding rows repeat the last real row
           const T* src = cand + (j0 + rr) * cs1 + k0;
-          if constexpr (std::is_same_v<T, Acc>) {
-            rows[r] = reinterpret_cast<const Acc*>(src);
+          if constexpr (kDirectRows) {
+            rows[r] = src;
           } else {
             if (r < mr) Policy::convert(src, w.crows + r * KC, kc);
             rows[r] = w.crows + rr * KC;
           }
         }
         for (int64_t p = 0; p < np; ++p)
-          micro_dispatch<MR>(mr, rows, qv.pack + p * D * NR + k0 * NR, kc, w.tile + p * MR * NR, k0 > 0);
+          micro_dispatch<MR>(mr, rows, qv.pack + p * pe + k0 * NR, kc, w.tile + p * MR * NR, k0 > 0);
       }
       for (int r = 0; r < mr; ++r) {
         const int64_t j = j0 + r;
@@ -308,6 +327,9 @@ struct Engine {
   // ---- entry points -------------------------------------------------------------------
 
   static const T* candidate(const Problem& P, int64_t b) { return typed<T>(P.c.data) + b * P.c.s0; }
+  static const T* next_candidate(const Problem& P, int64_t b, int64_t b_end) {
+    return b + 1 < b_end ? candidate(P, b + 1) : nullptr;
+  }
   static const uint8_t* candidate_mask(const Problem& P, int64_t b) {
     return P.c.mask ? P.c.mask + b * P.c.m0 : nullptr;
   }
@@ -318,7 +340,7 @@ struct Engine {
     const int64_t G = P.groups.num_groups;
     Acc* out = static_cast<Acc*>(out_);
     for (int64_t b = b0; b < b1; ++b) {
-      score_candidate<false>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w);
+      score_candidate<false>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w, next_candidate(P, b, b1));
       block_scores(P, qv, w, w.scores);
       for (int64_t al = 0; al < qv.n; ++al)
         for (int64_t g = 0; g < G; ++g) out[(g * P.nq + qv.a0 + al) * P.nc + b] = w.scores[al * G + g];
@@ -334,7 +356,8 @@ struct Engine {
       Acc* dc_b = static_cast<Acc*>(dc_) + b * P.rc * P.d;
       for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
         const QView qv = block_view(P, qb);
-        score_candidate<true>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w);
+        score_candidate<true>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w,
+                              qb + 1 == P.num_qblocks ? next_candidate(P, b, b1) : nullptr);
         for (int64_t al = 0; al < qv.n; ++al)
           for (int64_t g = 0; g < G; ++g) w.dscores[al * G + g] = grad[(g * P.nq + qv.a0 + al) * P.nc + b];
         scatter(P, qv, w, w.dscores, candidate(P, b), P.c.s1, static_cast<Acc*>(dq_), dc_b);
@@ -362,7 +385,8 @@ struct Engine {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
         const QView qv = block_view(P, qb);
-        score_candidate<false>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w);
+        score_candidate<false>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w,
+                               qb + 1 == P.num_qblocks ? next_candidate(P, b, b1) : nullptr);
         block_scores(P, qv, w, w.scores);
         for (int64_t al = 0; al < qv.n; ++al) {
           const int64_t a = qv.a0 + al;
@@ -409,7 +433,8 @@ struct Engine {
       Acc* dc_b = static_cast<Acc*>(dc_) + b * P.rc * P.d;
       for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
         const QView qv = block_view(P, qb);
-        score_candidate<true>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w);
+        score_candidate<true>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w,
+                              qb + 1 == P.num_qblocks ? next_candidate(P, b, b1) : nullptr);
         block_scores(P, qv, w, w.scores);
         for (int64_t al = 0; al < qv.n; ++al) {
           const int64_t a = qv.a0 + al;
@@ -453,6 +478,7 @@ struct Engine {
   static KernelSet kernel_set() {
     KernelSet s;
     s.workspace_bytes = &workspace_bytes;
+    s.qpack_bytes = &qpack_bytes;
     s.pack_queries = &pack_queries;
     s.maxsim_forward = &maxsim_forward;
     s.maxsim_backward = &maxsim_backward;
@@ -464,12 +490,31 @@ struct Engine {
   }
 };
 
+// Default packing: queries converted to Acc, panel layout [d][NR]; candidate rows read in
+// place when they already are Acc, converted chunk by chunk otherwise.
+template <class Acc, int NR>
+struct AccPacking {
+  template <class T>
+  using Pack = Acc;
+  template <class T>
+  static constexpr bool kDirectRows = std::is_same_v<T, Acc>;
+  template <class T>
+  static constexpr int64_t d_pack(int64_t d) {
+    return d;
+  }
+  template <class T>
+  static void pack_token(const T* src, int64_t d, Acc* panel, int lane) {
+    for (int64_t k = 0; k < d; ++k) panel[k * NR + lane] = Acc(scalar_to_float(src[k]));
+  }
+};
+
 // Scalar policy: plain loops the compiler vectorises for whatever the baseline ISA is.
 template <class AccT>
-struct GenericPolicy {
+struct GenericPolicy : AccPacking<AccT, 16> {
   using Acc = AccT;
   static constexpr int NR = 16;
   static constexpr int MR = 4;
+
   template <int M>
   static void micro(const Acc* const* rows, const Acc* qp, int64_t kc, Acc* tile, bool accumulate) {
     Acc acc[M][NR];

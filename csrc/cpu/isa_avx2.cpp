@@ -35,7 +35,7 @@ inline __m256 load8(const bf16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-struct Avx2Policy {
+struct Avx2Policy : AccPacking<float, 16> {
   using Acc = float;
   static constexpr int NR = 16;
   static constexpr int MR = 6;

@@ -1,5 +1,5 @@
 // Run-time choice of the CPU kernels' instruction set: the best one this CPU supports,
-// or METAEMBED_CPU_ISA (generic | avx2) at load time, or set_active_isa().
+// or METAEMBED_CPU_ISA (generic | avx2 | avx512 | avx512_bf16) at load time, or set_active_isa().
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -15,6 +15,10 @@ bool cpu_has(const char* isa) {
 #if defined(__GNUC__) && defined(__x86_64__)
   if (std::strcmp(isa, "avx2") == 0)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (std::strcmp(isa, "avx512") == 0)
+    return cpu_has("avx2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (std::strcmp(isa, "avx512_bf16") == 0) return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
 #endif
   return std::strcmp(isa, "generic") == 0;
 }
@@ -22,11 +26,13 @@ bool cpu_has(const char* isa) {
 const IsaKernels* by_name(const char* name) {
   if (std::strcmp(name, "generic") == 0) return generic_kernels();
   if (std::strcmp(name, "avx2") == 0) return cpu_has("avx2") ? avx2_kernels() : nullptr;
+  if (std::strcmp(name, "avx512") == 0) return cpu_has("avx512") ? avx512_kernels() : nullptr;
+  if (std::strcmp(name, "avx512_bf16") == 0) return cpu_has("avx512_bf16") ? avx512bf16_kernels() : nullptr;
   return nullptr;
 }
 
 const IsaKernels* best() {
-  for (const char* name : {"avx2", "generic"})
+  for (const char* name : {"avx512_bf16", "avx512", "avx2", "generic"})
     if (const IsaKernels* k = by_name(name)) return k;
   return generic_kernels();
 }
@@ -47,7 +53,7 @@ const IsaKernels* active_kernels() { return active().load(); }
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (const char* name : {"generic", "avx2"})
+  for (const char* name : {"generic", "avx2", "avx512", "avx512_bf16"})
     if (by_name(name)) out.emplace_back(name);
   return out;
 }

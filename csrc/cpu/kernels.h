@@ -36,8 +36,8 @@ struct Tokens {
 
 // One (queries x candidates) scoring problem, plus the blocking chosen by the host.
 // Queries are packed into blocks of `queries_per_block` whole queries; a block's
-// tokens (query-major) are laid out in panels of NR lanes: panel p, dim d, lane l at
-// pack[(block * panels_per_block + p) * d * NR + d * NR + l].
+// tokens (query-major) are laid out in panels of NR lanes, in a format the ISA's kernel
+// set owns (qpack_bytes tells the host how much to allocate).
 struct Problem {
   DType dtype;
   int64_t nq, nc, rq, rc, d;  // full sizes; gradients use the (n, rq|rc, d) layout
@@ -47,13 +47,14 @@ struct Problem {
   int64_t queries_per_block;
   int64_t num_qblocks;
   int64_t panels_per_block;
-  void* qpack;                // Acc-typed, see above
+  void* qpack;                // packed queries, see above
 };
 
 // Entry points of one ISA. "Acc" is float for fp32/fp16/bf16 inputs, double for fp64.
 // Gradient buffers are Acc-typed and zero-initialised by the host; the host converts them.
 struct KernelSet {
   size_t (*workspace_bytes)(const Problem&);
+  size_t (*qpack_bytes)(const Problem&);  // the packed-query buffer the host allocates
   void (*pack_queries)(const Problem&, int64_t qblock);
   // scores (G, nq, nc): candidates [b0, b1) against query block `qblock`.
   void (*maxsim_forward)(const Problem&, int64_t qblock, int64_t b0, int64_t b1, void* ws, void* scores);
@@ -81,10 +82,12 @@ struct IsaKernels {
   KernelSet by_dtype[kNumDTypes];
 };
 
-// Defined in isa_generic.cpp / isa_avx2.cpp. The SIMD variants return nullptr when the
-// compiler could not target them.
+// Defined in isa_generic.cpp / isa_avx2.cpp / isa_avx512.cpp / isa_avx512bf16.cpp. The
+// SIMD variants return nullptr when the compiler could not target them.
 const IsaKernels* generic_kernels();
 const IsaKernels* avx2_kernels();
+const IsaKernels* avx512_kernels();
+const IsaKernels* avx512bf16_kernels();
 
 // Peak-FMA calibration loop (isa_avx2.cpp): runs `iters` iterations of independent
 // 8-wide FMA chains and returns the number of floating-point operations performed.

@@ -100,9 +100,8 @@ void prepare(Prepared& P, const at::Tensor& q, const at::Tensor& c, const c10::o
   p.groups = Groups{g.size(), g.rq.data(), g.bound_index.data(), int64_t(g.bounds.size()), g.bounds.data(),
                     g.rq_eff, g.rc_eff};
   choose_blocking(p, P.isa->nr);
-  P.qpack = at::empty({std::max<int64_t>(1, p.num_qblocks * p.panels_per_block * p.d * P.isa->nr)},
-                      q.options().dtype(score_type(q)));
-  p.qpack = P.qpack.data_ptr();
+  P.qpack = at::empty({int64_t(P.ks->qpack_bytes(p)) + 64}, q.options().dtype(at::kByte));
+  p.qpack = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(P.qpack.data_ptr()) + 63) & ~uintptr_t(63));
   at::parallel_for(0, p.num_qblocks, 1, [&](int64_t b, int64_t e) {
     for (int64_t qb = b; qb < e; ++qb) P.ks->pack_queries(p, qb);
   });
