@@ -38,3 +38,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if rows:
         terminalreporter.write_sep("=", "metaembed-kernels: ratios in this run (medians)")
         terminalreporter.write_line(ratio_table(rows, _PEAK.get("value", 0.0)))
+        memory = [r for r in rows if "peak_extra_memory_mb" in r]
+        if memory:
+            terminalreporter.write_line("\n| workload | dtype | provider | peak extra memory (MiB) |\n|---|---|---|---|")
+            for r in memory:
+                terminalreporter.write_line(
+                    f"| {r['workload']} | {r['dtype']} | {r['provider']} | {r['peak_extra_memory_mb']:.1f} |"
+                )

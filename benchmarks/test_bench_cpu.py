@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from workloads import PROVIDERS, WORKLOADS, Unavailable, get_callable, make_inputs
+from workloads import PROVIDERS, WORKLOADS, Unavailable, get_callable, make_inputs, peak_extra_memory_mb
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAXSIM_PROVIDERS = [p for p in PROVIDERS if p not in ("triton", "cuda")]
@@ -39,3 +39,7 @@ def test_bench(benchmark, fma_peak_gflops, workload, dtype, provider):
     benchmark.extra_info["gflops"] = w.flops / median / 1e9
     if fma_peak_gflops:
         benchmark.extra_info["fraction_of_fma_peak"] = w.flops / median / 1e9 / fma_peak_gflops
+    if w.kind == "loss":  # working memory of one forward+backward, in a fresh process
+        benchmark.extra_info["peak_extra_memory_mb"] = peak_extra_memory_mb(
+            provider, w, dtype, torch.get_num_threads()
+        )

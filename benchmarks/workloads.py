@@ -165,3 +165,38 @@ def get_callable(provider: str, w: Workload, dtype: torch.dtype, x: dict) -> Cal
 
 def gflops(w: Workload, seconds: Optional[float]) -> Optional[float]:
     return None if not seconds else w.flops / seconds / 1e9
+
+
+_MEMORY_PROBE = """
+import sys, torch
+sys.path.insert(0, {bench_dir!r})
+from workloads import WORKLOADS, make_inputs, get_callable
+torch.set_num_threads({threads})
+w = WORKLOADS[{workload!r}]
+fn = get_callable({provider!r}, w, getattr(torch, {dtype!r}), make_inputs(w, getattr(torch, {dtype!r})))
+fn()  # first call: lazy initialisation is not the provider's working memory
+def kb(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field):
+            return int(line.split()[1])
+open('/proc/self/clear_refs', 'w').write('5')  # reset the peak RSS (VmHWM) to the current RSS
+before = kb('VmRSS')
+fn()
+print((kb('VmHWM') - before) / 1024.0)
+"""
+
+
+def peak_extra_memory_mb(provider: str, w: Workload, dtype: str, threads: int) -> float:
+    """Peak resident memory a second call adds over the RSS just before it (fresh process),
+    in MiB: the provider's working memory, inputs excluded."""
+    import os
+    import subprocess
+    import sys
+
+    code = _MEMORY_PROBE.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), threads=threads,
+                                workload=w.name, provider=provider, dtype=dtype)
+    # A fixed mmap threshold makes glibc map every block >= 64 KiB on its own and unmap it
+    # on free, so freed memory leaves the RSS and the peak is the live working set.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return float(out.stdout.strip().splitlines()[-1])
