@@ -14,6 +14,7 @@ Build switches (environment variables):
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -38,6 +39,20 @@ def _build_cuda() -> bool:
     return available
 
 
+def _cuda_extra_includes():
+    """ATen/cuda/CUDAContext.h includes cusparse.h, which a bare toolkit may lack; torch's
+    CUDA wheels ship it in the nvidia-* packages (nvidia/cu13/include for CUDA 13)."""
+    if CUDA_HOME and os.path.isfile(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    found = []
+    for base in sys.path:
+        for sub in ("nvidia/cu13/include", "nvidia/cusparse/include"):
+            d = os.path.join(base, sub)
+            if os.path.isfile(os.path.join(d, "cusparse.h")) and d not in found:
+                found.append(d)
+    return found
+
+
 def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -56,6 +71,9 @@ def extensions():
         nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-v"]
         kwargs["extra_compile_args"]["nvcc"] = nvcc
         kwargs["define_macros"] = [("METAEMBED_WITH_CUDA", "1")]
+        # After every other include dir, so the toolkit's own headers always win.
+        for d in _cuda_extra_includes():
+            kwargs["extra_compile_args"]["cxx"] += ["-idirafter", d]
         return [CUDAExtension("metaembed_kernels._C", sources, **kwargs)]
     return [CppExtension("metaembed_kernels._C", sources, **kwargs)]
 

@@ -93,11 +93,22 @@ PyObject* py_fma_peak_gflops(PyObject*, PyObject* args) {
   return PyFloat_FromDouble(best);
 }
 
+// Whether this build registered the CUDA kernels (csrc/cuda): tests tell "not built with
+// CUDA" from "built, but a kernel is missing".
+PyObject* py_built_with_cuda(PyObject*, PyObject*) {
+#ifdef METAEMBED_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "Instruction set the CPU kernels use."},
     {"set_cpu_isa", py_set_cpu_isa, METH_O, "Force the CPU kernels' instruction set; returns the previous."},
     {"supported_cpu_isas", py_supported_cpu_isas, METH_NOARGS, "Instruction sets usable on this CPU."},
     {"fma_peak_gflops", py_fma_peak_gflops, METH_VARARGS, "fma_peak_gflops(threads=0, seconds=0.2)"},
+    {"built_with_cuda", py_built_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

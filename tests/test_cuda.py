@@ -429,7 +429,7 @@ def test_bad_arguments_raise(runner):
 def test_dispatch_keys_registered_when_built_with_cuda():
     if not _extension.is_loaded():
         pytest.skip("C++ extension not built")
-    if not _extension._C.built_with_cuda():
+    if not getattr(_extension._C, "built_with_cuda", lambda: False)():
         pytest.skip("extension built without CUDA (METAEMBED_BUILD_CUDA=0 or no toolkit)")
     for op in OPS:
         for key in ("CPU", "CUDA"):
