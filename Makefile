@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: all install test test-fast bench bench-report cuda-gate clean
+.PHONY: all install test test-fast bench bench-deps bench-report cuda-gate clean
 
 all: test
 
@@ -33,7 +33,23 @@ test: install
 test-fast: install
 	$(PY) -m pytest tests -q -x -k "not slow"
 
-bench: install
+# Peers (benchmarks/requirements-peers.txt): one pip call per line, torch pinned on each, so
+# a peer that fails to install is only skipped by the benchmarks. The stamp is written only
+# when every line installed, so a failed line is retried by the next `make bench`.
+PEERS_REQ := benchmarks/requirements-peers.txt
+
+$(VENV)/.peers: $(VENV)/.deps $(PEERS_REQ)
+	@sed -e 's/#.*//' $(PEERS_REQ) | { failed=0; while read -r args; do \
+	  [ -n "$$args" ] || continue; \
+	  echo "bench-deps: pip install $$args"; \
+	  $(PIP) install -q --disable-pip-version-check $$args torch==$(TORCH_VERSION) </dev/null \
+	    || { failed=1; echo "bench-deps: FAILED, its peer will be skipped: $$args"; }; \
+	done; exit $$failed; } && touch $@ || true
+	@$(PY) -c "import torch; v = torch.__version__; assert v.startswith('$(TORCH_VERSION)'), v; print('bench-deps: torch', v)"
+
+bench-deps: $(VENV)/.peers
+
+bench: install bench-deps
 	$(PY) -m pytest benchmarks --benchmark-only -q
 
 clean:
