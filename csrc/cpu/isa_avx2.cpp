@@ -40,31 +40,56 @@ struct Avx2Policy : AccPacking<float, 16> {
   static constexpr int NR = 16;
   static constexpr int MR = 6;
 
+  // Tiles of fewer than 4 rows (tiny budgets such as r_c = 1) would leave too few
+  // independent accumulators to cover the FMA latency, so D is split across S
+  // interleaved accumulator sets, summed at the end.
   template <int M>
   static inline void micro(const float* const* rows, const float* qp, int64_t kc, float* tile, bool accumulate) {
-    __m256 lo[M], hi[M];
+    constexpr int S = M >= 4 ? 1 : (M == 1 ? 4 : 2);
+    __m256 lo[S][M], hi[S][M];
     const float* rp[M];
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       rp[r] = rows[r];
-      lo[r] = accumulate ? _mm256_loadu_ps(tile + r * NR) : _mm256_setzero_ps();
-      hi[r] = accumulate ? _mm256_loadu_ps(tile + r * NR + 8) : _mm256_setzero_ps();
+      lo[0][r] = accumulate ? _mm256_loadu_ps(tile + r * NR) : _mm256_setzero_ps();
+      hi[0][r] = accumulate ? _mm256_loadu_ps(tile + r * NR + 8) : _mm256_setzero_ps();
+#pragma GCC unroll 4
+      for (int s = 1; s < S; ++s) lo[s][r] = hi[s][r] = _mm256_setzero_ps();
     }
+    int64_t k = 0;
 #pragma GCC unroll 2
-    for (int64_t k = 0; k < kc; ++k) {
+    for (; k + S <= kc; k += S) {
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s) {
+        const __m256 q0 = _mm256_loadu_ps(qp + (k + s) * NR);
+        const __m256 q1 = _mm256_loadu_ps(qp + (k + s) * NR + 8);
+#pragma GCC unroll 8
+        for (int r = 0; r < M; ++r) {
+          const __m256 c = _mm256_broadcast_ss(&rp[r][k + s]);
+          lo[s][r] = _mm256_fmadd_ps(c, q0, lo[s][r]);
+          hi[s][r] = _mm256_fmadd_ps(c, q1, hi[s][r]);
+        }
+      }
+    }
+    for (; k < kc; ++k) {
       const __m256 q0 = _mm256_loadu_ps(qp + k * NR);
       const __m256 q1 = _mm256_loadu_ps(qp + k * NR + 8);
 #pragma GCC unroll 8
       for (int r = 0; r < M; ++r) {
-        const __m256 c = _mm256_broadcast_ss(rp[r] + k);
-        lo[r] = _mm256_fmadd_ps(c, q0, lo[r]);
-        hi[r] = _mm256_fmadd_ps(c, q1, hi[r]);
+        const __m256 c = _mm256_broadcast_ss(&rp[r][k]);
+        lo[0][r] = _mm256_fmadd_ps(c, q0, lo[0][r]);
+        hi[0][r] = _mm256_fmadd_ps(c, q1, hi[0][r]);
       }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
-      _mm256_storeu_ps(tile + r * NR, lo[r]);
-      _mm256_storeu_ps(tile + r * NR + 8, hi[r]);
+#pragma GCC unroll 4
+      for (int s = 1; s < S; ++s) {
+        lo[0][r] = _mm256_add_ps(lo[0][r], lo[s][r]);
+        hi[0][r] = _mm256_add_ps(hi[0][r], hi[s][r]);
+      }
+      _mm256_storeu_ps(tile + r * NR, lo[0][r]);
+      _mm256_storeu_ps(tile + r * NR + 8, hi[0][r]);
     }
   }
 
