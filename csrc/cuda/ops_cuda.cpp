@@ -39,7 +39,8 @@ namespace cuda {
 namespace {
 
 constexpr int64_t kWorkspaceBytes = int64_t(256) << 20;
-constexpr int64_t kMaxTokens = int64_t(1) << 30;  // Rq, Rc: tile-local indices are 32-bit
+constexpr int64_t kMaxTokens = int64_t(1) << 22;  // Rq, Rc: 32-bit tile indices, grid.y of grad_c
+constexpr int64_t kMaxDim = int64_t(1) << 23;     // D: grid.y / grid.z of the gradient kernels
 
 // ---- device context -------------------------------------------------------------------
 #ifndef METAEMBED_CUDA_EMULATE
@@ -86,7 +87,8 @@ void check_device_inputs(const at::Tensor& q, std::initializer_list<const at::Te
   for (const at::Tensor* t : others)
     TORCH_CHECK_VALUE(t->device() == q.device(), "all tensors must be on device ", q.device(), ", got ",
                       t->device());
-  TORCH_CHECK_VALUE(q.size(1) < kMaxTokens, "Rq must be < 2^30, got ", q.size(1));
+  TORCH_CHECK_VALUE(q.size(1) < kMaxTokens, "the CUDA backend needs Rq < 2^22, got ", q.size(1));
+  TORCH_CHECK_VALUE(q.size(2) < kMaxDim, "the CUDA backend needs D < 2^23, got ", q.size(2));
 }
 
 DType dtype_of(const at::Tensor& t) {
@@ -249,7 +251,7 @@ at::Tensor maxsim_grouped_cuda(const at::Tensor& q, const at::Tensor& c, at::Int
   check_mask(q_mask, "q_mask", {q.size(0), q.size(1)}, q);
   check_mask(c_mask, "c_mask", {c.size(0), c.size(1)}, q);
   check_device_inputs(q, {&c});
-  TORCH_CHECK_VALUE(c.size(1) < kMaxTokens, "Rc must be < 2^30, got ", c.size(1));
+  TORCH_CHECK_VALUE(c.size(1) < kMaxTokens, "the CUDA backend needs Rc < 2^22, got ", c.size(1));
   const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(1));
   Ctx ctx(q);
   const int64_t G = int64_t(group_rq.size()), nq = q.size(0), nc = c.size(0);
@@ -280,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cuda(const at::Tensor
   check_mask(q_mask, "q_mask", {q.size(0), q.size(1)}, q);
   check_mask(c_mask, "c_mask", {c.size(0), c.size(1)}, q);
   check_device_inputs(q, {&c, &grad});
-  TORCH_CHECK_VALUE(c.size(1) < kMaxTokens, "Rc must be < 2^30, got ", c.size(1));
+  TORCH_CHECK_VALUE(c.size(1) < kMaxTokens, "the CUDA backend needs Rc < 2^22, got ", c.size(1));
   const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(1));
   const int64_t G = int64_t(group_rq.size()), nq = q.size(0), nc = c.size(0), Rc = c.size(1), D = q.size(2);
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({G, nq, nc}), "grad must have shape (G, Nq, Nc), got ",
@@ -327,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cuda(const at::Tensor
 // ---- matryoshka_infonce ---------------------------------------------------------------
 void check_infonce_device(const at::Tensor& q, const at::Tensor& c, const at::Tensor& hn) {
   check_device_inputs(q, {&c, &hn});
-  TORCH_CHECK_VALUE(c.size(1) < kMaxTokens, "Rc must be < 2^30, got ", c.size(1));
+  TORCH_CHECK_VALUE(c.size(1) < kMaxTokens, "the CUDA backend needs Rc < 2^22, got ", c.size(1));
 }
 
 std::tuple<at::Tensor, at::Tensor> matryoshka_infonce_cuda(
