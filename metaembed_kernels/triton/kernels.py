@@ -1,0 +1,553 @@
+"""Triton kernels for grouped MaxSim and the fused Matryoshka InfoNCE loss.
+
+Notation. A program owns a tile of BLOCK_Q queries x BLOCK_C candidates. Query a's tokens
+occupy RQ_TILE consecutive rows (RQ_TILE = a power of two >= max r_q), candidate b's tokens
+RC_TILE consecutive columns, so the similarity tile is
+
+    S[r, n] = <q[a0 + r // RQ_TILE, r % RQ_TILE], c[b0 + n // RC_TILE, n % RC_TILE]>,
+    M = BLOCK_Q * RQ_TILE rows,  N = BLOCK_C * RC_TILE columns,
+
+computed with tl.dot over chunks of D (fp32 accumulation). Padding rows/columns (token
+index past max r_q / max r_c, query/candidate index past Nq/Nc, d past D) load as zeros and
+are masked out of every reduction. Viewing S as S3[r, b, j] (a reshape, no data movement),
+every group g = (r_q, r_c) comes out of the same tile:
+
+    best_g[r, b]  = max_{j < r_c, c valid} S3[r, b, j]                      (-inf if none)
+    s_g(a, b)     = sum_{i < r_q, q valid, some valid j < r_c} best_g[(a, i), b]
+
+so the candidate tensor is read once per query block whatever the number of groups.
+
+Backward (recompute, never store the tile): with dS_g = dL/ds_g,
+
+    W[r, n] = sum_g  dS_g(a, b) * [i < r_q(g), q valid] * [j == lowest argmax_g(r, b)]
+    dq_block += W @ c_block,      dc_block += W^T @ q_block
+
+Both products run on tensor cores. W is fp32; to keep fp32-faithful gradients it is split
+into three 16-bit pieces, W = hi + mid + lo (each piece is the rounding of what the previous
+ones left), and W @ x = lo @ x + mid @ x + hi @ x. With 16-bit inputs x is exact in its
+dtype, each piece-times-x product is exact in fp32, and |W - (hi + mid + lo)| <= 2^-24 |W|
+for bf16 pieces (8-bit significands, even with truncating conversions) and far below for
+fp16 pieces, i.e. at fp32's own rounding level. fp16 pieces also need range: W is scaled by
+a power of two (exact) so that max|W| lands in [2^14, 2^15) before splitting, and the
+product is scaled back. For fp32 inputs x is split into bf16 pieces as well and the six
+cross products above 2^-24 relative are summed ("bf16x6"); fp32 FMA dots, whose reduction
+length here is a whole tile dimension, spilled registers.
+
+Determinism: no atomics. dq is produced by a pass parallel over query blocks (each program
+loops over all candidate blocks), dc by a pass parallel over candidate blocks (looping over
+all query blocks); each program is the only writer of its fp32 accumulator rows, which it
+updates with a read-modify-write per D chunk, separated by a CTA barrier between reuses.
+
+Fused loss: per query block, stream the candidate blocks and keep an online log-sum-exp
+(m, l) per (group, query) -- (GROUPS_PAD, BLOCK_Q) registers -- plus the positive's logit.
+A second kernel, one program per query, folds in that query's own hard negatives. Only
+(G, Nq) numbers (lse, positive logit) ever reach memory.
+
+Similarity tiles: fp32 inputs use input_precision="ieee" (exact fp32 products on CUDA
+cores): TF32's 10-bit mantissa would change which candidate token wins a max, i.e. both
+scores and where the gradient goes, and break parity with the reference. bf16/fp16 use
+tensor cores with fp32 accumulation (products of 16-bit values are exact in fp32).
+
+Interpreter: Triton 3.9's interpreter stores bf16 as uint16 and its tl.dot multiplies the
+bit patterns (triton-lang/triton#11584; bf16 arithmetic is unsupported there). With
+INTERPRET=True every tl.dot upcasts its operands to fp32 first, which is exact for bf16/fp16
+and equals what a tensor core computes up to fp32 summation order. No other arithmetic is
+done on 16-bit values (only loads, conversions and dots). The interpreter converts fp32 to
+bf16 by truncation (the GPU rounds to nearest); the W split is exact enough either way.
+"""
+import triton
+import triton.language as tl
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b in fp32 (tensor cores for 16-bit operands)."""
+    if INTERPRET:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _query_rows(a0, n_q, rq_eff, mask_ptr, stride_mask_a, stride_mask_i, stride_a, stride_i,
+                BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr):
+    """Row r of a tile is token i = r % RQ_TILE of query a = a0 + r // RQ_TILE.
+
+    Returns (a, i, element offset of the row (int64), row loads data, token is valid).
+    """
+    rows = tl.arange(0, BLOCK_Q * RQ_TILE)
+    a = a0 + rows // RQ_TILE
+    i = rows % RQ_TILE
+    in_range = (a < n_q) & (i < rq_eff)
+    a64 = a.to(tl.int64)
+    flags = tl.load(mask_ptr + a64 * stride_mask_a + i * stride_mask_i, mask=in_range, other=0)
+    offset = a64 * stride_a + i.to(tl.int64) * stride_i
+    return a, i, offset, in_range, in_range & (flags != 0)
+
+
+@triton.jit
+def _candidate_columns(b0, n_c, rc_eff, mask_ptr, stride_mask_b, stride_mask_j, stride_b, stride_j,
+                       BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
+    """Column n of a tile is token j = n % RC_TILE of candidate b = b0 + n // RC_TILE.
+
+    Returns (element offset of each column (int64), column loads data, candidate index
+    (BLOCK_C,), token validity as a (BLOCK_C, RC_TILE) grid for the epilogue).
+    """
+    cols = tl.arange(0, BLOCK_C * RC_TILE)
+    col_b = b0 + cols // RC_TILE
+    col_j = cols % RC_TILE
+    col_in = (col_b < n_c) & (col_j < rc_eff)
+    offset = col_b.to(tl.int64) * stride_b + col_j.to(tl.int64) * stride_j
+    b = b0 + tl.arange(0, BLOCK_C)
+    j = tl.arange(0, RC_TILE)
+    tok_in = (b < n_c)[:, None] & (j < rc_eff)[None, :]
+    flags = tl.load(mask_ptr + b.to(tl.int64)[:, None] * stride_mask_b + j[None, :] * stride_mask_j,
+                    mask=tok_in, other=0)
+    return offset, col_in, b, tok_in & (flags != 0)
+
+
+@triton.jit
+def _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D,
+                M: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """S = Q_tile @ C_tile^T over D in BLOCK_D chunks, fp32 (M, N). The d stride is 1."""
+    acc = tl.zeros((M, N), dtype=tl.float32)
+    dd = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + dd
+        d_in = d < D
+        q_chunk = tl.load(q_ptr + q_offset[:, None] + d[None, :], mask=q_in[:, None] & d_in[None, :], other=0.0)
+        c_chunk = tl.load(c_ptr + c_offset[:, None] + d[None, :], mask=c_in[:, None] & d_in[None, :], other=0.0)
+        acc = _mma(q_chunk, tl.trans(c_chunk), acc, DOT_PRECISION, INTERPRET)
+    return acc
+
+
+@triton.jit
+def _group_best(S3, c_valid, r_c, RC_TILE: tl.constexpr):
+    """best[r, b] = max_{j < r_c, valid} S3[r, b, j]; also the prefix mask and whether the
+    prefix holds any valid token (a query token facing no valid token contributes 0)."""
+    j = tl.arange(0, RC_TILE)
+    in_prefix = c_valid & (j[None, :] < r_c)  # (BLOCK_C, RC_TILE)
+    best = tl.max(tl.where(in_prefix[None, :, :], S3, float("-inf")), axis=2)  # (M, BLOCK_C)
+    has_valid = tl.max(in_prefix.to(tl.int32), axis=1) > 0  # (BLOCK_C,)
+    return best, in_prefix, has_valid
+
+
+@triton.jit
+def _group_scores(best, takes, BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """s_g(a, b) = sum over query a's rows of the kept maxima -> (BLOCK_Q, BLOCK_C)."""
+    contrib = tl.where(takes, best, 0.0)
+    return tl.sum(tl.reshape(contrib, (BLOCK_Q, RQ_TILE, BLOCK_C)), axis=1)
+
+
+@triton.jit
+def _add_argmax_weights(W3, S3, best, in_prefix, takes, dS,
+                        BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr,
+                        RC_TILE: tl.constexpr):
+    """W3[r, b, j*] += dS(a, b) where j* is the lowest maximising index of row r against b."""
+    j3 = tl.arange(0, RC_TILE)[None, None, :]
+    is_max = in_prefix[None, :, :] & (S3 == best[:, :, None])
+    argmax = tl.min(tl.where(is_max, j3, RC_TILE), axis=2)  # lowest index wins ties
+    M: tl.constexpr = BLOCK_Q * RQ_TILE
+    w_rows = tl.reshape(tl.broadcast_to(dS[:, None, :], (BLOCK_Q, RQ_TILE, BLOCK_C)), (M, BLOCK_C))
+    w_rows = tl.where(takes, w_rows, 0.0)
+    return W3 + tl.where(j3 == argmax[:, :, None], w_rows[:, :, None], 0.0)
+
+
+@triton.jit
+def _power_of_two(k):
+    """2^k as fp32, exactly, for integer k in [-126, 127] (built from the exponent bits)."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split3(x, PIECE_DTYPE: tl.constexpr):
+    """x (fp32) ~= hi + mid + lo, each piece the rounding of what the previous ones left."""
+    hi = x.to(PIECE_DTYPE)
+    rest = x - hi.to(tl.float32)
+    mid = rest.to(PIECE_DTYPE)
+    rest = rest - mid.to(tl.float32)
+    lo = rest.to(PIECE_DTYPE)
+    return hi, mid, lo
+
+
+@triton.jit
+def _split_weights(W, PIECE_DTYPE: tl.constexpr, SCALE_TO_FP16_RANGE: tl.constexpr):
+    """W (fp32) ~= (hi + mid + lo) * unscale, pieces in PIECE_DTYPE."""
+    if SCALE_TO_FP16_RANGE:
+        # max|W| -> [2^14, 2^15): exponent of max|W| read from its bits, k clamped so that
+        # 2^k and 2^-k are normal fp32 numbers. Powers of two scale exactly.
+        w_max = tl.max(tl.max(tl.abs(W), axis=1), axis=0)
+        exponent = ((w_max.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        k = tl.minimum(tl.maximum(14 - exponent, -120), 120)
+        W = W * _power_of_two(k)
+        unscale = _power_of_two(-k)
+    else:
+        unscale = 1.0
+    hi, mid, lo = _split3(W, PIECE_DTYPE)
+    return hi, mid, lo, unscale
+
+
+@triton.jit
+def _accumulate_product(out_ptr, out_offset, out_in, hi, mid, lo, unscale, x_ptr, x_offset, x_in, D,
+                        OUT_ROWS: tl.constexpr, BLOCK_DO: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+    """out[rows, :] += A @ x[rows', :] (fp32 read-modify-write, D in BLOCK_DO chunks), with
+    A = (hi + mid + lo) * unscale given as its pieces.
+
+    16-bit x is exact in its own dtype: A @ x = lo @ x + mid @ x + hi @ x (3 MMAs).
+    fp32 x is split into bf16 pieces too, and the six products above 2^-24 relative are
+    summed (the "bf16x6" scheme): tensor cores at fp32-level accuracy, where fp32 FMA dots
+    with a whole tile dimension as reduction length would spill registers.
+    Small terms are accumulated first.
+
+    The caller must be the only writer of these output rows; it must separate two calls on
+    the same rows by a barrier (the store and the next load may be done by other threads).
+    """
+    dd = tl.arange(0, BLOCK_DO)
+    for d0 in range(0, D, BLOCK_DO):
+        d = d0 + dd
+        d_in = d < D
+        x = tl.load(x_ptr + x_offset[:, None] + d[None, :], mask=x_in[:, None] & d_in[None, :], other=0.0)
+        part = tl.zeros((OUT_ROWS, BLOCK_DO), dtype=tl.float32)
+        if SPLIT_FP32_OPERANDS:
+            x_hi, x_mid, x_lo = _split3(x, tl.bfloat16)
+            part = _mma(hi, x_lo, part, "tf32", INTERPRET)
+            part = _mma(mid, x_mid, part, "tf32", INTERPRET)
+            part = _mma(lo, x_hi, part, "tf32", INTERPRET)
+            part = _mma(hi, x_mid, part, "tf32", INTERPRET)
+            part = _mma(mid, x_hi, part, "tf32", INTERPRET)
+            part = _mma(hi, x_hi, part, "tf32", INTERPRET)
+        else:
+            part = _mma(lo, x, part, "tf32", INTERPRET)
+            part = _mma(mid, x, part, "tf32", INTERPRET)
+            part = _mma(hi, x, part, "tf32", INTERPRET)
+        out_ptrs = out_ptr + out_offset[:, None] + d[None, :]
+        out_mask = out_in[:, None] & d_in[None, :]
+        acc = tl.load(out_ptrs, mask=out_mask, other=0.0)
+        tl.store(out_ptrs, acc + part * unscale, mask=out_mask)
+
+
+@triton.jit
+def _online_lse_update(m, l, pos, logits, is_positive, g, GROUPS_PAD: tl.constexpr):
+    """Fold a (BLOCK_Q, BLOCK_C) block of group g's logits into the running state.
+
+    State rows are groups: m[g, a] = running max, l[g, a] = sum exp(logit - m), pos[g, a]
+    = the positive's logit. (m, l) <- (m', l * exp(m - m') + sum exp(x - m')), m' = max(m, max x).
+    """
+    is_g = (tl.arange(0, GROUPS_PAD) == g)[:, None]  # (GROUPS_PAD, 1)
+    m_old = tl.max(tl.where(is_g, m, float("-inf")), axis=0)  # (BLOCK_Q,)
+    l_old = tl.sum(tl.where(is_g, l, 0.0), axis=0)
+    # Every block holds at least one real candidate with a finite logit, so m_new is finite
+    # and exp(m_old - m_new) is 0 (m_old = -inf) or well defined.
+    m_new = tl.maximum(m_old, tl.max(logits, axis=1))
+    l_new = l_old * tl.exp(m_old - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+    pos_block = tl.sum(tl.where(is_positive, logits, 0.0), axis=1)  # the positive lies in one block
+    m = tl.where(is_g, m_new[None, :], m)
+    l = tl.where(is_g, l_new[None, :], l)
+    pos = pos + tl.where(is_g, pos_block[None, :], 0.0)
+    return m, l, pos
+
+
+# ---------------------------------------------------------------------------------------
+# grouped MaxSim, forward
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def maxsim_forward_kernel(
+    q_ptr, c_ptr, q_mask_ptr, c_mask_ptr, group_rq_ptr, group_rc_ptr, out_ptr,
+    n_q, n_c, rq_eff, rc_eff, D, n_groups, num_q_blocks,
+    stride_qa, stride_qi, stride_cb, stride_cj,
+    stride_mqa, stride_mqi, stride_mcb, stride_mcj,
+    BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """out[g, a, b] = s_g(a, b) for one (query block, candidate block) tile.
+
+    1-D grid, query block fastest: programs running together share a candidate block, so
+    each candidate block comes from HBM once and from L2 for the other query blocks.
+    """
+    pid = tl.program_id(0)
+    a0 = (pid % num_q_blocks) * BLOCK_Q
+    b0 = (pid // num_q_blocks) * BLOCK_C
+    M: tl.constexpr = BLOCK_Q * RQ_TILE
+    N: tl.constexpr = BLOCK_C * RC_TILE
+
+    qa, qi, q_offset, q_in, q_valid = _query_rows(a0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                  stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+    c_offset, c_in, b, c_valid = _candidate_columns(b0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
+                                                    stride_cb, stride_cj, BLOCK_C, RC_TILE)
+    S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
+    S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+
+    a = a0 + tl.arange(0, BLOCK_Q)
+    out_offset = a.to(tl.int64)[:, None] * n_c + b[None, :]
+    out_in = (a < n_q)[:, None] & (b < n_c)[None, :]
+    for g in range(n_groups):
+        r_q = tl.load(group_rq_ptr + g)
+        r_c = tl.load(group_rc_ptr + g)
+        best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+        takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+        scores = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C)
+        tl.store(out_ptr + tl.cast(g, tl.int64) * n_q * n_c + out_offset, scores, mask=out_in)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward passes (shared by grouped MaxSim and the fused loss)
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _score_gradients(S3, qi, q_valid, c_valid, a, b, n_q, n_c, g,
+                     group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr, labels_ptr, scale,
+                     IS_LOSS: tl.constexpr, BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr,
+                     BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
+    """dS_g (BLOCK_Q, BLOCK_C) for group g, with the per-group max data W needs.
+
+    MaxSim:  dS_g(a, b) = grad[g, a, b].
+    Loss:    terms[g, a] = lse_g(a) - scale * s_g(a, label_a), so
+             dS_g(a, b) = grad[g, a] * scale * (softmax_g(a, b) - [b == label_a]),
+             softmax_g(a, b) = exp(scale * s_g(a, b) - lse_g(a)) (lse saved by the forward).
+    """
+    r_q = tl.load(group_rq_ptr + g)
+    r_c = tl.load(group_rc_ptr + g)
+    best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+    takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+    tile_in = (a < n_q)[:, None] & (b < n_c)[None, :]
+    if IS_LOSS:
+        scores = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C)
+        row = tl.cast(g, tl.int64) * n_q + a
+        lse = tl.load(lse_ptr + row, mask=a < n_q, other=0.0)
+        grad = tl.load(grad_ptr + row, mask=a < n_q, other=0.0)
+        label = tl.load(labels_ptr + a, mask=a < n_q, other=-1)
+        softmax = tl.exp(scores * scale - lse[:, None])
+        positive = (b[None, :] == label[:, None]).to(tl.float32)
+        dS = grad[:, None] * scale * (softmax - positive)
+    else:
+        offset = (tl.cast(g, tl.int64) * n_q + a.to(tl.int64))[:, None] * n_c + b[None, :]
+        dS = tl.load(grad_ptr + offset, mask=tile_in, other=0.0)
+    dS = tl.where(tile_in, dS, 0.0)
+    return dS, best, in_prefix, takes
+
+
+@triton.jit
+def _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups,
+                  group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr, labels_ptr, scale,
+                  IS_LOSS: tl.constexpr, BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr,
+                  BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
+    """W (M, N): every group's dS placed at that group's argmax, summed over groups."""
+    M: tl.constexpr = BLOCK_Q * RQ_TILE
+    S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+    W3 = tl.zeros((M, BLOCK_C, RC_TILE), dtype=tl.float32)
+    for g in range(n_groups):
+        dS, best, in_prefix, takes = _score_gradients(
+            S3, qi, q_valid, c_valid, a, b, n_q, n_c, g, group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr,
+            labels_ptr, scale, IS_LOSS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
+        W3 = _add_argmax_weights(W3, S3, best, in_prefix, takes, dS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
+    return tl.reshape(W3, (M, BLOCK_C * RC_TILE))
+
+
+@triton.jit
+def grad_query_kernel(
+    q_ptr, c_ptr, q_mask_ptr, c_mask_ptr, group_rq_ptr, group_rc_ptr,
+    grad_ptr, lse_ptr, labels_ptr, dq_ptr,
+    n_q, n_c, rq_eff, rc_eff, D, n_groups, scale,
+    stride_qa, stride_qi, stride_cb, stride_cj,
+    stride_mqa, stride_mqi, stride_mcb, stride_mcj,
+    IS_LOSS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
+    SCALE_TO_FP16_RANGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """dq (fp32, layout of q) for one query block: loop over every candidate block,
+    recompute S, build W, dq_block += W @ c_block. Sole writer of these rows: deterministic."""
+    a0 = tl.program_id(0) * BLOCK_Q
+    M: tl.constexpr = BLOCK_Q * RQ_TILE
+    N: tl.constexpr = BLOCK_C * RC_TILE
+    qa, qi, q_offset, q_in, q_valid = _query_rows(a0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                  stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+    a = a0 + tl.arange(0, BLOCK_Q)
+    for b0 in range(0, n_c, BLOCK_C):
+        c_offset, c_in, b, c_valid = _candidate_columns(b0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
+                                                        stride_cb, stride_cj, BLOCK_C, RC_TILE)
+        S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
+        W = _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups, group_rq_ptr, group_rc_ptr,
+                          grad_ptr, lse_ptr, labels_ptr, scale, IS_LOSS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
+        hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
+        _accumulate_product(dq_ptr, q_offset, q_in, hi, mid, lo, unscale, c_ptr, c_offset, c_in, D,
+                            M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+        tl.debug_barrier()  # this iteration's dq stores before the next iteration's loads
+
+
+@triton.jit
+def grad_candidate_kernel(
+    q_ptr, c_ptr, q_mask_ptr, c_mask_ptr, group_rq_ptr, group_rc_ptr,
+    grad_ptr, lse_ptr, labels_ptr, dc_ptr,
+    n_q, n_c, rq_eff, rc_eff, D, n_groups, scale,
+    stride_qa, stride_qi, stride_cb, stride_cj,
+    stride_mqa, stride_mqi, stride_mcb, stride_mcj,
+    IS_LOSS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
+    SCALE_TO_FP16_RANGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """dc (fp32, layout of c) for one candidate block: loop over every query block,
+    recompute S, build W, dc_block += W^T @ q_block. Sole writer of these rows."""
+    b0 = tl.program_id(0) * BLOCK_C
+    M: tl.constexpr = BLOCK_Q * RQ_TILE
+    N: tl.constexpr = BLOCK_C * RC_TILE
+    c_offset, c_in, b, c_valid = _candidate_columns(b0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
+                                                    stride_cb, stride_cj, BLOCK_C, RC_TILE)
+    for a0 in range(0, n_q, BLOCK_Q):
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                      stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+        a = a0 + tl.arange(0, BLOCK_Q)
+        S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
+        W = _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups, group_rq_ptr, group_rc_ptr,
+                          grad_ptr, lse_ptr, labels_ptr, scale, IS_LOSS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
+        hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
+        _accumulate_product(dc_ptr, c_offset, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
+                            q_ptr, q_offset, q_in, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+        tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------------------
+# Fused Matryoshka InfoNCE
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def infonce_forward_kernel(
+    q_ptr, c_ptr, q_mask_ptr, c_mask_ptr, group_rq_ptr, group_rc_ptr, labels_ptr,
+    lse_ptr, pos_ptr,
+    n_q, n_c, rq_eff, rc_eff, D, n_groups, scale,
+    stride_qa, stride_qi, stride_cb, stride_cj,
+    stride_mqa, stride_mqi, stride_mcb, stride_mcj,
+    BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUPS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """In-batch part of the loss for one query block: lse[g, a] = logsumexp_b scale * s_g(a, b)
+    and pos[g, a] = scale * s_g(a, labels[a]), streaming every candidate block once."""
+    a0 = tl.program_id(0) * BLOCK_Q
+    M: tl.constexpr = BLOCK_Q * RQ_TILE
+    N: tl.constexpr = BLOCK_C * RC_TILE
+    qa, qi, q_offset, q_in, q_valid = _query_rows(a0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                  stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+    a = a0 + tl.arange(0, BLOCK_Q)
+    label = tl.load(labels_ptr + a, mask=a < n_q, other=-1)
+    m = tl.full((GROUPS_PAD, BLOCK_Q), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
+    pos = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
+    for b0 in range(0, n_c, BLOCK_C):
+        c_offset, c_in, b, c_valid = _candidate_columns(b0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
+                                                        stride_cb, stride_cj, BLOCK_C, RC_TILE)
+        S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
+        S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+        is_positive = b[None, :] == label[:, None]
+        for g in range(n_groups):
+            r_q = tl.load(group_rq_ptr + g)
+            r_c = tl.load(group_rc_ptr + g)
+            best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+            takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+            logits = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C) * scale
+            logits = tl.where((b < n_c)[None, :], logits, float("-inf"))
+            m, l, pos = _online_lse_update(m, l, pos, logits, is_positive, g, GROUPS_PAD)
+    rows = tl.arange(0, GROUPS_PAD)
+    offset = rows.to(tl.int64)[:, None] * n_q + a[None, :]
+    out_in = (rows < n_groups)[:, None] & (a < n_q)[None, :]
+    # l >= 1 for real rows (the max term is exp(0)); padded group rows hold l = 0.
+    tl.store(lse_ptr + offset, m + tl.log(tl.where(out_in, l, 1.0)), mask=out_in)
+    tl.store(pos_ptr + offset, pos, mask=out_in)
+
+
+@triton.jit
+def infonce_hard_negatives_forward_kernel(
+    q_ptr, hn_ptr, q_mask_ptr, hn_mask_ptr, group_rq_ptr, group_rc_ptr, lse_ptr,
+    n_q, n_k, rq_eff, rc_eff, D, n_groups, scale,
+    stride_qa, stride_qi, stride_ha, stride_hk, stride_hj,
+    stride_mqa, stride_mqi, stride_mha, stride_mhk, stride_mhj,
+    RQ_TILE: tl.constexpr, BLOCK_K: tl.constexpr, RC_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUPS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Fold query a's own K hard negatives into lse[:, a] (one program per query):
+    the in-batch lse is the starting state (m = lse, l = 1) of the same online update."""
+    a0 = tl.program_id(0)
+    M: tl.constexpr = RQ_TILE
+    N: tl.constexpr = BLOCK_K * RC_TILE
+    qa, qi, q_offset, q_in, q_valid = _query_rows(a0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                  stride_qa, stride_qi, 1, RQ_TILE)
+    hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
+    hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
+    rows = tl.arange(0, GROUPS_PAD)
+    offset = rows.to(tl.int64)[:, None] * n_q + a0
+    state_in = (rows < n_groups)[:, None]
+    m = tl.load(lse_ptr + offset, mask=state_in, other=float("-inf"))  # (GROUPS_PAD, 1)
+    l = tl.where(state_in, 1.0, 0.0)
+    pos = tl.zeros((GROUPS_PAD, 1), dtype=tl.float32)
+    no_positive = tl.zeros((1, BLOCK_K), dtype=tl.int1)
+    for k0 in range(0, n_k, BLOCK_K):
+        c_offset, c_in, k, c_valid = _candidate_columns(k0, n_k, rc_eff, hn_mask_base, stride_mhk, stride_mhj,
+                                                        stride_hk, stride_hj, BLOCK_K, RC_TILE)
+        S = _similarity(q_ptr, q_offset, q_in, hn_base, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
+        S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
+        for g in range(n_groups):
+            r_q = tl.load(group_rq_ptr + g)
+            r_c = tl.load(group_rc_ptr + g)
+            best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+            takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+            logits = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K) * scale
+            logits = tl.where((k < n_k)[None, :], logits, float("-inf"))
+            m, l, pos = _online_lse_update(m, l, pos, logits, no_positive, g, GROUPS_PAD)
+    tl.store(lse_ptr + offset, m + tl.log(tl.where(state_in, l, 1.0)), mask=state_in)
+
+
+@triton.jit
+def infonce_hard_negatives_backward_kernel(
+    q_ptr, hn_ptr, q_mask_ptr, hn_mask_ptr, group_rq_ptr, group_rc_ptr,
+    grad_ptr, lse_ptr, dq_ptr, dhn_ptr,
+    n_q, n_k, rq_eff, rc_eff, D, n_groups, scale,
+    stride_qa, stride_qi, stride_ha, stride_hk, stride_hj,
+    stride_mqa, stride_mqi, stride_mha, stride_mhk, stride_mhj,
+    RQ_TILE: tl.constexpr, BLOCK_K: tl.constexpr, RC_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
+    SCALE_TO_FP16_RANGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Hard-negative part of the loss gradient, one program per query a:
+    dS_g(a, k) = grad[g, a] * scale * softmax_g(a, k); dq[a] += W @ hn[a], dhn[a] += W^T @ q[a].
+    Runs after grad_query_kernel (stream order), and is the only writer of dq[a], dhn[a]."""
+    a0 = tl.program_id(0)
+    M: tl.constexpr = RQ_TILE
+    N: tl.constexpr = BLOCK_K * RC_TILE
+    qa, qi, q_offset, q_in, q_valid = _query_rows(a0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                  stride_qa, stride_qi, 1, RQ_TILE)
+    a = a0 + tl.arange(0, 1)
+    hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
+    dhn_base = dhn_ptr + tl.cast(a0, tl.int64) * stride_ha
+    hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
+    for k0 in range(0, n_k, BLOCK_K):
+        c_offset, c_in, k, c_valid = _candidate_columns(k0, n_k, rc_eff, hn_mask_base, stride_mhk, stride_mhj,
+                                                        stride_hk, stride_hj, BLOCK_K, RC_TILE)
+        S = _similarity(q_ptr, q_offset, q_in, hn_base, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
+        S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
+        W3 = tl.zeros((M, BLOCK_K, RC_TILE), dtype=tl.float32)
+        for g in range(n_groups):
+            r_q = tl.load(group_rq_ptr + g)
+            r_c = tl.load(group_rc_ptr + g)
+            best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+            takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+            scores = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K)
+            row = tl.cast(g, tl.int64) * n_q + a
+            lse = tl.load(lse_ptr + row)
+            grad = tl.load(grad_ptr + row)
+            dS = grad[:, None] * scale * tl.exp(scores * scale - lse[:, None])
+            dS = tl.where((k < n_k)[None, :], dS, 0.0)
+            W3 = _add_argmax_weights(W3, S3, best, in_prefix, takes, dS, 1, RQ_TILE, BLOCK_K, RC_TILE)
+        W = tl.reshape(W3, (M, N))
+        hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
+        _accumulate_product(dq_ptr, q_offset, q_in, hi, mid, lo, unscale, hn_base, c_offset, c_in, D,
+                            M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+        _accumulate_product(dhn_base, c_offset, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
+                            q_ptr, q_offset, q_in, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+        tl.debug_barrier()
