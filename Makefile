@@ -52,5 +52,11 @@ bench-deps: $(VENV)/.peers
 bench: install bench-deps
 	$(PY) -m pytest benchmarks --benchmark-only -q
 
+# CUDA backend gate, no GPU needed: builds csrc/cuda out of tree in a torch-CUDA venv cached
+# under ~/.cache/metaembed-kernels, checks registration and ptxas spills, and runs
+# tests/test_cuda.py on the CPU emulator (scripts/cuda_gate.sh).
+cuda-gate:
+	bash scripts/cuda_gate.sh
+
 clean:
 	rm -rf build *.egg-info metaembed_kernels/*.so .pytest_cache .benchmarks

@@ -49,15 +49,14 @@ fi
 # rebuilds only what changed, even from a fresh clone whose checkout touched every mtime.
 step "syncing sources to $BUILD/src"
 mkdir -p "$BUILD/src" "$BUILD/temp"
-git ls-files -co --exclude-standard -- csrc metaembed_kernels tests setup.py pyproject.toml README.md \
-  | "$VENV/bin/python" - "$BUILD/src" <<'EOF'
+SYNC_PY='
 import filecmp, os, shutil, sys
 dst_root = sys.argv[1]
 wanted = {p for p in sys.stdin.read().splitlines() if os.path.isfile(p) and not p.endswith(".so")}
 for p in wanted:
     d = os.path.join(dst_root, p)
     if not (os.path.exists(d) and filecmp.cmp(p, d, shallow=False)):
-        os.makedirs(os.path.dirname(d), exist_ok=True)
+        os.makedirs(os.path.dirname(d) or ".", exist_ok=True)
         shutil.copy2(p, d)
         os.utime(d)  # newer than any cached object
 for base, _, files in os.walk(dst_root):
@@ -65,7 +64,9 @@ for base, _, files in os.walk(dst_root):
         rel = os.path.relpath(os.path.join(base, f), dst_root)
         if rel not in wanted and not rel.endswith(".so") and "__pycache__" not in rel:
             os.remove(os.path.join(base, f))
-EOF
+'
+git ls-files -co --exclude-standard -- csrc metaembed_kernels tests setup.py pyproject.toml README.md \
+  | "$VENV/bin/python" -c "$SYNC_PY" "$BUILD/src"
 # kernels.cu always recompiles (~1 min) so the ptxas report below is always this build's.
 find "$BUILD/temp" -name 'kernels.o' -delete
 step "building (CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS)"
