@@ -394,6 +394,18 @@ def test_no_races_between_barriers():
             assert torch.equal(a, b)
 
 
+def test_emulator_really_launches_the_kernels():
+    """Guard against a vacuous emulated sweep: one fused-loss forward + backward launches
+    score, weight and both gradient kernels (in-batch and hard negatives)."""
+    if EMU_SKIP:
+        pytest.skip(EMU_SKIP)
+    before = torch.ops.metaembed_emu.launch_count()
+    x = make_loss_inputs(k=1, seed=2)
+    check_loss("cuda-emu", torch.device("cpu"), x, SMALL_GROUPS, k=1)
+    # forward: in-batch + hard negatives; backward: (score, weights, dq, dc) x 2
+    assert torch.ops.metaembed_emu.launch_count() - before == 2 + 8
+
+
 def test_emulated_schemas_match_the_real_ones():
     if EMU_SKIP:
         pytest.skip(EMU_SKIP)
