@@ -24,6 +24,8 @@ sequence, where the meta tokens are text (``mm_token_type_ids`` = 0): they conti
 the largest position of the sequence, exactly as appended text would.
 
 This module imports neither transformers nor peft; only ``from_pretrained`` needs them.
+Tested with transformers 5.x. Qwen2-VL needs the layout of transformers >= 4.52, where
+``Qwen2VLModel`` holds the vision tower and ``get_rope_index``.
 """
 from __future__ import annotations
 
