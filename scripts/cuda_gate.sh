@@ -10,6 +10,10 @@
 # METAEMBED_CUDA_BUILD (default ~/.cache/metaembed-kernels/cuda-build), CUDA_HOME
 # (/usr/local/cuda), TORCH_CUDA_ARCH_LIST ("8.0;9.0a"), MAX_JOBS (2).
 set -euo pipefail
+
+# The whole script is one function, parsed before it runs: editing the file while a gate
+# runs cannot change what that run does.
+main() {
 cd "$(dirname "$0")/.."
 REPO=$PWD
 CACHE="$HOME/.cache/metaembed-kernels"
@@ -39,7 +43,9 @@ else
   step "creating $VENV: torch==$TORCH_PIN (CUDA build), ninja, numpy, pytest"
   rm -rf "$VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_PIN" ninja numpy pytest </dev/null
+  # (pip's notes about this machine's empty extra index folders are filtered out)
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_PIN" ninja numpy pytest \
+    </dev/null 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   venv_ok || { echo "cuda-gate: $VENV does not hold a CUDA build of torch $TORCH_PIN"; exit 1; }
 fi
 "$VENV/bin/python" -c "import torch; print('   torch', torch.__version__, '| CUDA', torch.version.cuda, '| GPU present:', torch.cuda.is_available())"
@@ -106,3 +112,6 @@ step "tests/test_cuda.py (CUDA kernels on the CPU emulator)"
 (cd "$BUILD/src" && METAEMBED_CUDA_EMU=1 METAEMBED_CUDA_EMU_BUILD="$BUILD/emu" \
   "$VENV/bin/python" -m pytest tests/test_cuda.py -q -p no:cacheprovider)
 step "passed"
+}
+
+main "$@"
