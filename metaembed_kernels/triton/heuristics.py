@@ -151,6 +151,23 @@ def hard_negative_config(rq_eff: int, rc_eff: int, d: int, dtype: torch.dtype, b
                       2 if backward else 3)
 
 
+# Largest token tiles: every kernel keeps at least one query's RQ_TILE rows against one
+# candidate's RC_TILE columns in registers, and the backward tiles (<= 64 x 64 or 32 x 128)
+# are what compiles without spills; (16, 256) spilled in the backward. verify.py compiles
+# the corners (32, 128) and (64, 64).
+MAX_RQ_TILE, MAX_RC_TILE, MAX_TOKEN_TILE = 64, 128, 4096
+
+
+def unsupported_reason(rq_eff: int, rc_eff: int):
+    """None if the largest group fits the verified tiles, else why not."""
+    rq_tile, rc_tile = next_power_of_two(rq_eff), next_power_of_two(rc_eff)
+    if rq_tile <= MAX_RQ_TILE and rc_tile <= MAX_RC_TILE and rq_tile * rc_tile <= MAX_TOKEN_TILE:
+        return None
+    return (f"the triton backend's tiles hold max r_q <= {MAX_RQ_TILE} and max r_c <= {MAX_RC_TILE} with "
+            f"pow2(max r_q) * pow2(max r_c) <= {MAX_TOKEN_TILE}; the groups need max r_q={rq_eff}, "
+            f"max r_c={rc_eff}. Use backend='cuda', 'cpu' or 'reference' for these budgets")
+
+
 def groups_pad(num_groups: int) -> int:
     """Rows of the loss forward's per-group state; >= 8 so the usual G <= 8 shares one build."""
     return max(8, next_power_of_two(num_groups))

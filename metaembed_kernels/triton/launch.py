@@ -128,6 +128,9 @@ def make_problem(q, c, group_rq, group_rc, q_mask, c_mask, interpret: Optional[b
     _check_groups(group_rq, group_rc, q.shape[1], c.shape[1])
     _check_mask("q_mask", q_mask, q.shape[:2], q.device)
     _check_mask("c_mask", c_mask, c.shape[:2], q.device)
+    reason = H.unsupported_reason(max(group_rq), max(group_rc))
+    if reason is not None:
+        raise ValueError(reason)
     device = q.device
     return Problem(
         q=q.contiguous(), c=c.contiguous(),

@@ -4,7 +4,8 @@ for real GPUs (no GPU needed), with checks on the generated code.
     python -m metaembed_kernels.triton.verify [--targets 80,90] [--dtypes bf16,fp16,fp32]
 
 For each target (sm_80 = A100, sm_90 = H100), dtype, D in {128, 3584} and (Rq, Rc) in
-{(16, 64), (32, 128)}, it builds the launch plans the ops would build (launch.py, from meta
+{(16, 64), (32, 128)} -- plus (64, 64), the other corner of the supported tile sizes
+(heuristics.unsupported_reason) -- it builds the launch plans the ops would build (launch.py, from meta
 tensors, so the paper's sizes cost nothing): the MaxSim forward at every query-count bucket
 of the heuristic table, both backward passes, the fused loss forward/backward with hard
 negatives, with the MetaEmbed groups and with more than 8 groups (the loss state's other
@@ -37,7 +38,7 @@ import torch
 
 SHARED_LIMIT = 163 * 1024  # bytes of dynamic shared memory per block on sm_80
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SHAPES = ((16, 64), (32, 128))
+SHAPES = ((16, 64), (32, 128), (64, 64))  # the grid + the largest square tile supported
 DIMS = (128, 3584)
 PAPER_GROUPS = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
 
