@@ -1,25 +1,28 @@
 """Compile gate: every kernel configuration the launchers can select, compiled ahead of time
 for real GPUs (no GPU needed), with checks on the generated code.
 
-    python -m metaembed_kernels.triton.verify [--targets 80,90] [--dtypes bf16,fp16,fp32]
+    python -m metaembed_kernels.triton.verify [--targets 80,90] [--dtypes bf16,fp16,fp32] [--jobs N]
 
 For each target (sm_80 = A100, sm_90 = H100), dtype, D in {128, 3584} and (Rq, Rc) in
-{(16, 64), (32, 128)} -- plus (64, 64), the other corner of the supported tile sizes
-(heuristics.unsupported_reason) -- it builds the launch plans the ops would build (launch.py, from meta
-tensors, so the paper's sizes cost nothing): the MaxSim forward at every query-count bucket
-of the heuristic table, both backward passes, the fused loss forward/backward with hard
-negatives, with the MetaEmbed groups and with more than 8 groups (the loss state's other
-padding). Runtime arguments get the specialisation a real launch gets (Triton's own
-specialize function: ints equal to 1 become constants, multiples of 16 and aligned
-pointers get divisibility hints). Identical compiles are done once.
+{(16, 64), (32, 128)} -- plus (64, 64), the other corner of the supported token tiles
+(heuristics.unsupported_reason) -- it builds the launch plans the ops would build
+(launch.py, from meta tensors, so the paper's sizes cost nothing): the MaxSim forward at
+every query-count bucket of the heuristic table, both backward passes, the fused loss
+forward/backward with hard negatives, with the MetaEmbed groups and with more than 8
+groups (the loss state's other padding). Runtime arguments get the specialisation a real
+launch gets (Triton's own specialize function: ints equal to 1 become constants, multiples
+of 16 and aligned pointers get divisibility hints). Identical compiles are done once (D=128
+and D=3584 specialise identically, so they share a row).
 
 Checks per compiled kernel:
   * 16-bit inputs: the PTX contains tensor-core MMA -- mma.sync on sm_80; on sm_90 mma.sync
     or wgmma, and wgmma for the main forward configuration (MaxSim forward, 128-row tile);
-  * `cuobjdump --dump-resource-usage` (the one bundled with triton) reports LOCAL:0, i.e.
-    no register spills;
+  * `cuobjdump --dump-resource-usage` (the one bundled with triton) reports LOCAL:0 and
+    STACK:0 -- ptxas 13.x reports register spills as stack frames with LOCAL:0 (seen:
+    "4096 bytes stack frame, 7308 bytes spill stores" printed as REG:32 STACK:4200 LOCAL:0);
   * dynamic shared memory <= 163 KiB (what one sm_80 block can get).
-fp32 inputs use ieee FMA dots by design, so for them only the last two checks apply.
+fp32 similarity tiles are ieee FMA dots by design (their gradient products use bf16 MMA),
+so an fp32 row may say "fma"; the other checks apply to it.
 Prints one row per configuration and exits non-zero if any check fails.
 """
 from __future__ import annotations
@@ -185,7 +188,7 @@ def check(row: Row, plan, dtype_name: str) -> None:
 
 @dataclasses.dataclass
 class Job:
-    """One distinct compile; `where` re-creates its plan in a worker process."""
+    """One distinct compile; (dtype, shape, first D, plan_index) re-create its plan in a worker."""
     target: int
     dtype_name: str
     rq: int
@@ -286,6 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real targets, never interpret
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated (no warning)
     targets = [int(t) for t in args.targets.split(",")]
     dtype_names = args.dtypes.split(",")
     for name in dtype_names:
