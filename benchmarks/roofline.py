@@ -16,7 +16,6 @@ counts three tiles: the forward similarity and the two gradient products W @ c, 
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from typing import Optional, Sequence, Tuple
 

@@ -11,7 +11,6 @@ run "triton" through the interpreter; this file adds:
     offsets past 2^31 elements, auto-dispatch.
 """
 import os
-import random
 import subprocess
 import sys
 
@@ -110,7 +109,8 @@ def test_heuristic_table_values_for_the_paper_shapes():
     batch = h.maxsim_forward_config(1000, 16, 64, 3584, torch.bfloat16)
     assert (batch.block_q, batch.block_c, batch.num_warps) == (8, 2, 8)
     assert h.maxsim_forward_config(1000, 16, 64, 3584, torch.float32).m == 64  # fp32 FMA cap
-    assert h.gradient_config(16, 64, 3584, torch.bfloat16).m * h.gradient_config(16, 64, 3584, torch.bfloat16).n == 64 * 64
+    grad = h.gradient_config(16, 64, 3584, torch.bfloat16)
+    assert (grad.m, grad.n, grad.num_warps) == (64, 64, 8)
     assert h.groups_pad(5) == 8 and h.groups_pad(9) == 16
     num = h.numerics(torch.float32)
     assert num["DOT_PRECISION"] == "ieee" and num["SPLIT_FP32_OPERANDS"]
@@ -125,16 +125,17 @@ def test_compile_gate_covers_every_config_the_heuristics_pick_on_its_grid():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for rq, rc in verify.SHAPES:
             for d in verify.DIMS:
-                compiled = {(plan.kernel.__name__, plan.config) for _, plan in verify.candidate_plans(dtype, rq, rc, d)}
-                picks = {("maxsim_forward_kernel", h.maxsim_forward_config(nq, rq, rc, d, dtype)) for nq in range(1, 1100)}
+                plans = verify.candidate_plans(dtype, rq, rc, d)
+                compiled = {(plan.kernel.__name__, plan.config) for _, plan in plans}
+                picks = {("maxsim_forward_kernel", h.maxsim_forward_config(nq, rq, rc, d, dtype))
+                         for nq in range(1, 1100)}
                 picks |= {("infonce_forward_kernel", h.infonce_forward_config(rq, rc, d, dtype)),
                           ("grad_query_kernel", h.gradient_config(rq, rc, d, dtype)),
                           ("grad_candidate_kernel", h.gradient_config(rq, rc, d, dtype)),
                           ("infonce_hard_negatives_forward_kernel", h.hard_negative_config(rq, rc, d, dtype, False)),
                           ("infonce_hard_negatives_backward_kernel", h.hard_negative_config(rq, rc, d, dtype, True))}
                 assert picks <= compiled, picks - compiled
-                groups_pads = {plan.constexprs.get("GROUPS_PAD") for _, plan in verify.candidate_plans(dtype, rq, rc, d)}
-                assert {8, 16} <= groups_pads
+                assert {8, 16} <= {plan.constexprs.get("GROUPS_PAD") for _, plan in plans}
 
 
 # ---------------------------------------------------------------------------------------

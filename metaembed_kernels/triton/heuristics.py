@@ -5,12 +5,12 @@ N = BLOCK_C * RC_TILE candidate-token columns, where RQ_TILE / RC_TILE are max r
 over the groups rounded up to a power of two (extra tokens are padding, masked). Keys are
 (Rq, Rc, D, dtype) and, for the MaxSim forward only, how many queries there are.
 
-| kernel                   | M (query-token rows)              | N (cand.-token cols) | M*N cap              | warps                                   | stages |
-|--------------------------|-----------------------------------|----------------------|----------------------|-----------------------------------------|--------|
-| maxsim forward           | pow2(Nq * RQ_TILE), 16..128, cap  | max(128, RC_TILE)    | 128*128; fp32 64*128 | 8 if M*N >= 128*128 (fp32: 32*128) else 4 | 3    |
-| loss forward (in-batch)  | 64, cap                           | max(128, RC_TILE)    | 64*128               | 8 if M*N >= 32*128 else 4               | 3      |
-| dq pass, dc pass         | 64, cap                           | max(64, RC_TILE)     | 64*64                | 8                                       | 2      |
-| hard negatives fwd / bwd | max(16, RQ_TILE) (one query)      | max(64, RC_TILE)     | -                    | 8 if M*N >= 32*128 else 4               | 3 / 2  |
+| kernel            | M (query-token rows)         | N (cand.-token cols) | M*N cap        | 8 warps if M*N >= | stages |
+|-------------------|------------------------------|----------------------|----------------|-------------------|--------|
+| maxsim forward    | pow2(Nq*RQ_TILE) in 16..128  | max(128, RC_TILE)    | 128*128 (fp32: 64*128) | 128*128 (fp32: 32*128) | 3 |
+| loss forward      | 64                           | max(128, RC_TILE)    | 64*128         | 32*128            | 3      |
+| dq pass, dc pass  | 64                           | max(64, RC_TILE)     | 64*64          | always            | 2      |
+| hard negatives    | max(16, RQ_TILE), one query  | max(64, RC_TILE)     | -              | 32*128            | 3 fwd, 2 bwd |
 
 * M and N never drop below RQ_TILE / RC_TILE (a query's or a candidate's tokens always share
   a tile) nor below 16 (tl.dot's minimum); "cap" = M halved while M*N exceeds the cap.

@@ -27,11 +27,12 @@ into three 16-bit pieces, W = hi + mid + lo (each piece is the rounding of what 
 ones left), and W @ x = lo @ x + mid @ x + hi @ x. With 16-bit inputs x is exact in its
 dtype, each piece-times-x product is exact in fp32, and |W - (hi + mid + lo)| <= 2^-24 |W|
 for bf16 pieces (8-bit significands, round-to-nearest; < 2^-21 |W| with the interpreter's
-truncating conversion) and far below for fp16 pieces, i.e. at fp32's own rounding level. fp16 pieces also need range: W is scaled by
-a power of two (exact) so that max|W| lands in [2^14, 2^15) before splitting, and the
-product is scaled back. For fp32 inputs x is split into bf16 pieces as well and the six
-cross products above 2^-24 relative are summed ("bf16x6"); fp32 FMA dots, whose reduction
-length here is a whole tile dimension, spilled registers.
+truncating conversion) and far below for fp16 pieces, i.e. at fp32's own rounding level.
+fp16 pieces also need range: W is scaled by a power of two (exact) so that max|W| lands in
+[2^14, 2^15) before splitting, and the product is scaled back. For fp32 inputs x is split
+into bf16 pieces as well and the six cross products above 2^-24 relative are summed
+("bf16x6"); fp32 FMA dots, whose reduction length here is a whole tile dimension, spilled
+registers.
 
 Determinism: no atomics. dq is produced by a pass parallel over query blocks (each program
 loops over all candidate blocks), dc by a pass parallel over candidate blocks (looping over
