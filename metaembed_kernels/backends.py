@@ -46,7 +46,9 @@ def triton_interpret_enabled() -> bool:
 class Backend:
     name = ""
 
-    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype, groups=None) -> Optional[str]:
+        """None if this backend can run tensors of this device and dtype (and, when given,
+        these groups), else the reason it cannot."""
         raise NotImplementedError
 
     def maxsim_grouped(self, q, c, groups, q_mask, c_mask) -> torch.Tensor:
@@ -66,7 +68,7 @@ def _split(groups) -> Tuple[list, list]:
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def unavailable_reason(self, device, dtype):
+    def unavailable_reason(self, device, dtype, groups=None):
         return None
 
     def maxsim_grouped(self, q, c, groups, q_mask, c_mask):
@@ -88,7 +90,7 @@ class ExtensionBackend(Backend):
         self.name = device_type
         self.device_type = device_type
 
-    def unavailable_reason(self, device, dtype):
+    def unavailable_reason(self, device, dtype, groups=None):
         if device.type != self.device_type:
             return f"backend {self.name!r} runs {self.device_type} tensors, got tensors on {device}"
         if not _extension.is_loaded():
@@ -119,7 +121,7 @@ class TritonBackend(Backend):
     def _ops(self):
         return importlib.import_module("metaembed_kernels.triton.ops")
 
-    def unavailable_reason(self, device, dtype):
+    def unavailable_reason(self, device, dtype, groups=None):
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
         if device.type == "cpu" and not triton_interpret_enabled():
@@ -132,6 +134,10 @@ class TritonBackend(Backend):
             self._ops
         except ImportError as err:  # pragma: no cover - depends on the install
             return f"the triton kernels failed to import: {err}"
+        if groups is not None:  # the verified tiles bound the largest group
+            from .triton.heuristics import unsupported_reason
+
+            return unsupported_reason(max(g[0] for g in groups), max(g[1] for g in groups))
         return None
 
     def maxsim_grouped(self, q, c, groups, q_mask, c_mask):
@@ -155,21 +161,22 @@ def get_backend(name: str) -> Backend:
     return _BACKENDS[name]
 
 
-def select_backend(requested: Optional[str], device: torch.device, dtype: torch.dtype) -> Backend:
-    """Resolve ``backend=`` (or METAEMBED_BACKEND) to a backend that can run these tensors."""
+def select_backend(requested: Optional[str], device: torch.device, dtype: torch.dtype, groups=None) -> Backend:
+    """Resolve ``backend=`` (or METAEMBED_BACKEND) to a backend that can run these tensors
+    (and, when given, these groups: auto skips a backend whose tiles cannot hold them)."""
     if requested is not None and not isinstance(requested, str):
         raise TypeError(f"backend must be a string or None, got {type(requested).__name__}")
     name = requested if requested is not None else os.environ.get("METAEMBED_BACKEND", "")
     name = name or "auto"
     if name != "auto":
         backend = get_backend(name)
-        reason = backend.unavailable_reason(device, dtype)
+        reason = backend.unavailable_reason(device, dtype, groups)
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
         return backend
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
         backend = _BACKENDS[candidate]
-        if backend.unavailable_reason(device, dtype) is None:
+        if backend.unavailable_reason(device, dtype, groups) is None:
             return backend
     return _BACKENDS["reference"]
 

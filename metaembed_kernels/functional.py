@@ -52,7 +52,7 @@ def maxsim_grouped(
     groups = V.normalize_groups(groups, q.shape[1], c.shape[1])
     q_mask = V.check_mask("q_mask", q_mask, q.shape[:2], "(Nq, Rq)", q.device)
     c_mask = V.check_mask("c_mask", c_mask, c.shape[:2], "(Nc, Rc)", q.device)
-    impl = select_backend(backend, q.device, q.dtype)
+    impl = select_backend(backend, q.device, q.dtype, groups)
     return impl.maxsim_grouped(q, c, groups, q_mask, c_mask)
 
 
@@ -126,7 +126,7 @@ def matryoshka_infonce(
     temperature = V.check_temperature(temperature)
     reduction = V.check_reduction(reduction)
 
-    impl = select_backend(backend, q.device, q.dtype)
+    impl = select_backend(backend, q.device, q.dtype, groups)
     terms = impl.infonce_terms(
         q, c, hard_negatives, labels, groups, 1.0 / temperature, q_mask, c_mask, hn_mask
     )  # (G, Nq)

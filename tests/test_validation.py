@@ -163,3 +163,18 @@ def test_missing_extension_falls_back_to_reference():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "torch.Size([2, 2, 5])" in out.stdout
+
+
+def test_auto_skips_a_backend_whose_tiles_cannot_hold_the_groups(monkeypatch):
+    """Triton's verified tiles hold max r_q <= 64, max r_c <= 128: an explicit request for a
+    larger budget fails clearly, and selection with the groups known reports the reason."""
+    pytest.importorskip("triton")
+    from metaembed_kernels.backends import get_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton = get_backend("triton")
+    cpu = torch.device("cpu")
+    assert triton.unavailable_reason(cpu, torch.float32, ((16, 64), (32, 128))) is None
+    assert "max r_c <= 128" in triton.unavailable_reason(cpu, torch.float32, ((1, 256),))
+    with pytest.raises(BackendUnavailableError, match="max r_q <= 64"):
+        maxsim_grouped(torch.randn(2, 65, 8), torch.randn(3, 4, 8), backend="triton")
