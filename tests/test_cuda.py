@@ -81,7 +81,7 @@ class EmulatedCudaBackend(backends.Backend):
 
     name = "cuda-emu"
 
-    def unavailable_reason(self, device, dtype):
+    def unavailable_reason(self, device, dtype, groups=None):  # any groups: no tile limits
         if device.type != "cpu":
             return "the emulator runs CPU tensors"
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
