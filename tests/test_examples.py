@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -16,6 +17,7 @@ EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train_
 def load_example():
     spec = importlib.util.spec_from_file_location("train_text_retrieval", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
@@ -47,3 +49,4 @@ def test_quick_run_prints_a_scaling_table_with_sane_numbers(monkeypatch, capsys)
     # ranks far better, unless the meta-token plumbing is broken.
     assert rows[-1]["R@10"] > 4 * 10 / n, rows[-1]
     assert all(r["score_ms"] > 0 for r in rows)
+    assert all(-1.0 <= v <= 1.0 for v in result["redundancy"].values())
