@@ -479,6 +479,7 @@ struct Engine {
     KernelSet s;
     s.workspace_bytes = &workspace_bytes;
     s.qpack_bytes = &qpack_bytes;
+    s.pack_elem_bytes = int(sizeof(PackT));
     s.pack_queries = &pack_queries;
     s.maxsim_forward = &maxsim_forward;
     s.maxsim_backward = &maxsim_backward;

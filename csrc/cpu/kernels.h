@@ -55,6 +55,7 @@ struct Problem {
 struct KernelSet {
   size_t (*workspace_bytes)(const Problem&);
   size_t (*qpack_bytes)(const Problem&);  // the packed-query buffer the host allocates
+  int pack_elem_bytes;                    // bytes per packed query element (blocking)
   void (*pack_queries)(const Problem&, int64_t qblock);
   // scores (G, nq, nc): candidates [b0, b1) against query block `qblock`.
   void (*maxsim_forward)(const Problem&, int64_t qblock, int64_t b0, int64_t b1, void* ws, void* scores);

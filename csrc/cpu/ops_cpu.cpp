@@ -67,18 +67,18 @@ struct Prepared {
 
 // Blocking: D in chunks of kc (whole D up to 768), and query blocks sized by how much
 // work each packed-query load feeds. A register tile of mr candidate rows does mr FMAs
-// per query vector it loads: with the full tile (r_c >= mr) the block may live in L2
-// (64 K fp32 elements per D chunk, 256 KiB) while every candidate streams past it; for
+// per query vector it loads: with the full tile (r_c >= min(mr, 4)) a block's packed
+// queries may fill 256 KiB of L2 per D chunk while every candidate streams past it; for
 // tiny budgets (r_c = 1, 2, ...) the loads would outrun L2, so the block shrinks to
-// L1 size (4 K elements) and candidates are re-read per block from L2/L3 instead.
-void choose_blocking(Problem& p, int nr, int mr) {
+// 16 KiB (L1) and candidates are re-read per block from L2/L3 instead.
+void choose_blocking(Problem& p, const IsaKernels& isa, const KernelSet& ks) {
   const int64_t D = p.d;
   p.kc = D <= 768 ? D : 8 * ceil_div_host(D, 8 * ceil_div_host(D, 512));
-  const int64_t block_elems = p.groups.rc_eff >= std::min(mr, 4) ? (int64_t(1) << 16) : (int64_t(1) << 12);
-  const int64_t target_tokens = std::max<int64_t>(nr, block_elems / p.kc);
+  const int64_t block_bytes = p.groups.rc_eff >= std::min(isa.mr, 4) ? (int64_t(256) << 10) : (int64_t(16) << 10);
+  const int64_t target_tokens = std::max<int64_t>(isa.nr, block_bytes / (p.kc * ks.pack_elem_bytes));
   p.queries_per_block = std::max<int64_t>(1, std::min<int64_t>(p.nq, target_tokens / p.groups.rq_eff));
   p.num_qblocks = ceil_div_host(p.nq, p.queries_per_block);
-  p.panels_per_block = ceil_div_host(p.queries_per_block * p.groups.rq_eff, nr);
+  p.panels_per_block = ceil_div_host(p.queries_per_block * p.groups.rq_eff, isa.nr);
 }
 
 // Fills P (P.plan must be set) and packs the queries.
@@ -103,7 +103,7 @@ void prepare(Prepared& P, const at::Tensor& q, const at::Tensor& c, const c10::o
   p.c = Tokens{P.c.data_ptr(), P.c.stride(0), P.c.stride(1), 0, P.c_mask.ptr, p.rc, 1, 0};
   p.groups = Groups{g.size(), g.rq.data(), g.bound_index.data(), int64_t(g.bounds.size()), g.bounds.data(),
                     g.rq_eff, g.rc_eff};
-  choose_blocking(p, P.isa->nr, P.isa->mr);
+  choose_blocking(p, *P.isa, *P.ks);
   P.qpack = at::empty({int64_t(P.ks->qpack_bytes(p)) + 64}, q.options().dtype(at::kByte));
   p.qpack = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(P.qpack.data_ptr()) + 63) & ~uintptr_t(63));
   at::parallel_for(0, p.num_qblocks, 1, [&](int64_t b, int64_t e) {
