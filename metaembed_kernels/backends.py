@@ -80,7 +80,28 @@ class ReferenceBackend(Backend):
         return torch.logsumexp(logits, dim=-1) - positive
 
 
-class ExtensionBackend(Backend):
+class OpBackend(Backend):
+    """A backend whose kernels are a registered op pair with the schemas of csrc/ops.cpp:
+    ``<op_namespace>::<op_prefix>maxsim_grouped`` and ``...matryoshka_infonce``."""
+
+    op_namespace = "metaembed"
+    op_prefix = ""
+
+    def _op(self, name: str):
+        return getattr(getattr(torch.ops, self.op_namespace), self.op_prefix + name)
+
+    def maxsim_grouped(self, q, c, groups, q_mask, c_mask):
+        rq, rc = _split(groups)
+        return self._op("maxsim_grouped")(q, c, rq, rc, q_mask, c_mask)
+
+    def infonce_terms(self, q, c, hard_negatives, labels, groups, scale, q_mask, c_mask, hn_mask):
+        rq, rc = _split(groups)
+        op = self._op("matryoshka_infonce")
+        terms, _lse = op(q, c, hard_negatives, labels, rq, rc, float(scale), q_mask, c_mask, hn_mask)
+        return terms
+
+
+class ExtensionBackend(OpBackend):
     """The compiled extension: csrc/cpu kernels for CPU tensors, csrc/cuda for CUDA tensors.
 
     Both register under the same op names; torch's dispatcher picks the device kernel.
@@ -102,20 +123,13 @@ class ExtensionBackend(Backend):
             return f"backend {self.name!r} does not support {dtype}"
         return None
 
-    def maxsim_grouped(self, q, c, groups, q_mask, c_mask):
-        rq, rc = _split(groups)
-        return torch.ops.metaembed.maxsim_grouped(q, c, rq, rc, q_mask, c_mask)
 
-    def infonce_terms(self, q, c, hard_negatives, labels, groups, scale, q_mask, c_mask, hn_mask):
-        rq, rc = _split(groups)
-        terms, _lse = torch.ops.metaembed.matryoshka_infonce(
-            q, c, hard_negatives, labels, rq, rc, scale, q_mask, c_mask, hn_mask
-        )
-        return terms
+class TritonBackend(OpBackend):
+    """Triton kernels (metaembed_kernels/triton), registered as ``metaembed::triton_*`` ops
+    when that module is first imported."""
 
-
-class TritonBackend(Backend):
     name = "triton"
+    op_prefix = "triton_"
 
     @functools.cached_property
     def _ops(self):
@@ -131,7 +145,7 @@ class TritonBackend(Backend):
         if dtype not in _KERNEL_DTYPES:
             return f"backend 'triton' does not support {dtype}"
         try:
-            self._ops
+            self._ops  # registers the ops
         except ImportError as err:  # pragma: no cover - depends on the install
             return f"the triton kernels failed to import: {err}"
         if groups is not None:  # the verified tiles bound the largest group
@@ -139,12 +153,6 @@ class TritonBackend(Backend):
 
             return unsupported_reason(max(g[0] for g in groups), max(g[1] for g in groups))
         return None
-
-    def maxsim_grouped(self, q, c, groups, q_mask, c_mask):
-        return self._ops.maxsim_grouped(q, c, groups, q_mask, c_mask)
-
-    def infonce_terms(self, q, c, hard_negatives, labels, groups, scale, q_mask, c_mask, hn_mask):
-        return self._ops.infonce_terms(q, c, hard_negatives, labels, groups, scale, q_mask, c_mask, hn_mask)
 
 
 _BACKENDS: Dict[str, Backend] = {

@@ -76,10 +76,11 @@ def _load_emulator():
     return None
 
 
-class EmulatedCudaBackend(backends.Backend):
+class EmulatedCudaBackend(backends.OpBackend):
     """The CUDA kernels on CPU tensors through the emulator (ops metaembed_emu::*)."""
 
     name = "cuda-emu"
+    op_namespace = "metaembed_emu"
 
     def unavailable_reason(self, device, dtype, groups=None):  # any groups: no tile limits
         if device.type != "cpu":
@@ -87,17 +88,6 @@ class EmulatedCudaBackend(backends.Backend):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"backend 'cuda-emu' does not support {dtype}"
         return None
-
-    def maxsim_grouped(self, q, c, groups, q_mask, c_mask):
-        rq, rc = [g[0] for g in groups], [g[1] for g in groups]
-        return torch.ops.metaembed_emu.maxsim_grouped(q, c, rq, rc, q_mask, c_mask)
-
-    def infonce_terms(self, q, c, hard_negatives, labels, groups, scale, q_mask, c_mask, hn_mask):
-        rq, rc = [g[0] for g in groups], [g[1] for g in groups]
-        terms, _ = torch.ops.metaembed_emu.matryoshka_infonce(
-            q, c, hard_negatives, labels, rq, rc, scale, q_mask, c_mask, hn_mask
-        )
-        return terms
 
 
 EMU_SKIP = _load_emulator()

@@ -88,21 +88,3 @@ def _matryoshka_infonce_backward(grad: Tensor, lse: Tensor, q: Tensor, c: Tensor
 _autograd.register_maxsim(MAXSIM, MAXSIM_BACKWARD)
 _autograd.register_infonce(INFONCE, INFONCE_BACKWARD)
 
-
-# ---- entry points used by backends.TritonBackend -------------------------------------------
-
-def _split(groups) -> Tuple[List[int], List[int]]:
-    return [int(g[0]) for g in groups], [int(g[1]) for g in groups]
-
-
-def maxsim_grouped(q, c, groups, q_mask, c_mask) -> Tensor:
-    group_rq, group_rc = _split(groups)
-    return torch.ops.metaembed.triton_maxsim_grouped(q, c, group_rq, group_rc, q_mask, c_mask)
-
-
-def infonce_terms(q, c, hard_negatives, labels, groups, scale, q_mask, c_mask, hn_mask) -> Tensor:
-    group_rq, group_rc = _split(groups)
-    terms, _lse = torch.ops.metaembed.triton_matryoshka_infonce(
-        q, c, hard_negatives, labels, group_rq, group_rc, float(scale), q_mask, c_mask, hn_mask
-    )
-    return terms
