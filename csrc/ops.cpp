@@ -1,5 +1,6 @@
-// Op schemas, declared once. Device kernels register in csrc/cpu and csrc/cuda; fake
-// (meta) kernels and autograd are registered in Python (metaembed_kernels/_autograd.py).
+// Op schemas (common/schemas.h), defined once. Device kernels register in csrc/cpu and
+// csrc/cuda; fake (meta) kernels and autograd are registered in Python
+// (metaembed_kernels/_autograd.py).
 //
 // Also the Python module `metaembed_kernels._C` itself, with a few introspection helpers
 // (no pybind11: the module only needs to exist so that importing it loads the ops).
@@ -10,28 +11,11 @@
 #include <chrono>
 #include <vector>
 
+#include "common/schemas.h"
 #include "cpu/isa_select.h"
 #include "cpu/kernels.h"
 
-TORCH_LIBRARY(metaembed, m) {
-  // scores[g, a, b] = sum_{i < group_rq[g], q valid} max_{j < group_rc[g], c valid} <q[a,i], c[b,j]>
-  m.def(
-      "maxsim_grouped(Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask, Tensor? c_mask)"
-      " -> Tensor");
-  m.def(
-      "maxsim_grouped_backward(Tensor grad, Tensor q, Tensor c, int[] group_rq, int[] group_rc,"
-      " Tensor? q_mask, Tensor? c_mask) -> (Tensor, Tensor)");
-  // (terms, lse), both (G, Nq): terms[g, a] = lse[g, a] - logit_g(a, labels[a]), with
-  // logits_g[a] = scale * concat(s_g(a, c[:]), s_g(a, hard_negatives[a, :])).
-  m.def(
-      "matryoshka_infonce(Tensor q, Tensor c, Tensor hard_negatives, Tensor labels, int[] group_rq,"
-      " int[] group_rc, float scale, Tensor? q_mask, Tensor? c_mask, Tensor? hard_negatives_mask)"
-      " -> (Tensor, Tensor)");
-  m.def(
-      "matryoshka_infonce_backward(Tensor grad, Tensor lse, Tensor q, Tensor c, Tensor hard_negatives,"
-      " Tensor labels, int[] group_rq, int[] group_rc, float scale, Tensor? q_mask, Tensor? c_mask,"
-      " Tensor? hard_negatives_mask) -> (Tensor, Tensor, Tensor)");
-}
+TORCH_LIBRARY(metaembed, m) { metaembed::define_ops(m); }
 
 namespace {
 

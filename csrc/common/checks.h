@@ -40,6 +40,14 @@ inline void check_mask(const c10::optional<at::Tensor>& mask, const char* name, 
                     mask->device());
 }
 
+// All argument checks of the maxsim_grouped ops (forward and backward).
+inline void check_maxsim_args(const at::Tensor& q, const at::Tensor& c, const c10::optional<at::Tensor>& q_mask,
+                              const c10::optional<at::Tensor>& c_mask) {
+  check_pair(q, c, "c", 3, "(Nc, Rc, D)");
+  check_mask(q_mask, "q_mask", {q.size(0), q.size(1)}, q);
+  check_mask(c_mask, "c_mask", {c.size(0), c.size(1)}, q);
+}
+
 // Groups as the kernels consume them: distinct r_c boundaries in increasing order, each
 // group pointing at its boundary. s_g needs the running max at bounds[bound_index[g]].
 struct GroupPlan {

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../common/half.h"
 #include "kernels.h"
 
 namespace metaembed {
@@ -44,26 +45,7 @@ inline float scalar_to_float(bf16_t h) {
   return f;
 }
 inline float scalar_to_float(f16_t h) {
-  const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
-  uint32_t exp = (h.bits >> 10) & 0x1fu;
-  uint32_t mant = h.bits & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal: renormalise
-      uint32_t e = 113;
-      while (!(mant & 0x400u)) {
-        mant <<= 1;
-        --e;
-      }
-      bits = sign | (e << 23) | ((mant & 0x3ffu) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000u | (mant << 13);
-  } else {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  }
+  const uint32_t bits = f16_to_f32_bits(h.bits);
   float f;
   std::memcpy(&f, &bits, 4);
   return f;

@@ -140,9 +140,7 @@ at::Tensor reduce_chunks(const at::Tensor& partial) {
 at::Tensor maxsim_grouped_cpu(const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
                               at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask,
                               const c10::optional<at::Tensor>& c_mask) {
-  check_pair(q, c, "c", 3, "(Nc, Rc, D)");
-  check_mask(q_mask, "q_mask", {q.size(0), q.size(1)}, q);
-  check_mask(c_mask, "c_mask", {c.size(0), c.size(1)}, q);
+  check_maxsim_args(q, c, q_mask, c_mask);
   Prepared P;
   P.plan = make_group_plan(group_rq, group_rc, q.size(1), c.size(1));
   const int64_t G = P.plan.size();
@@ -168,9 +166,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cpu(const at::Tensor&
                                                                at::IntArrayRef group_rc,
                                                                const c10::optional<at::Tensor>& q_mask,
                                                                const c10::optional<at::Tensor>& c_mask) {
-  check_pair(q, c, "c", 3, "(Nc, Rc, D)");
-  check_mask(q_mask, "q_mask", {q.size(0), q.size(1)}, q);
-  check_mask(c_mask, "c_mask", {c.size(0), c.size(1)}, q);
+  check_maxsim_args(q, c, q_mask, c_mask);
   Prepared P;
   P.plan = make_group_plan(group_rq, group_rc, q.size(1), c.size(1));
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({P.plan.size(), q.size(0), c.size(0)}),

@@ -38,6 +38,7 @@
 #include <cstring>
 
 #ifdef METAEMBED_CUDA_EMULATE
+#include "../common/half.h"
 #include "emulate.h"
 #define DEV inline
 #define SHARED_ARRAY(type, name, count) type* name = ::emu::shared_array<type>(__LINE__, (count))
@@ -89,25 +90,7 @@ DEV float to_float(float v) { return v; }
 DEV float to_float(bf16s v) { return __uint_as_float(uint32_t(v.x) << 16); }
 DEV float to_float(f16s v) {
 #ifdef METAEMBED_CUDA_EMULATE
-  const uint32_t sign = uint32_t(v.x & 0x8000u) << 16;
-  uint32_t exp = (v.x >> 10) & 0x1fu, mant = v.x & 0x3ffu, bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal: renormalise
-      uint32_t e = 113;
-      while (!(mant & 0x400u)) {
-        mant <<= 1;
-        --e;
-      }
-      bits = sign | (e << 23) | ((mant & 0x3ffu) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000u | (mant << 13);
-  } else {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  }
-  return __uint_as_float(bits);
+  return __uint_as_float(f16_to_f32_bits(v.x));
 #else
   return __half2float(__ushort_as_half(v.x));
 #endif

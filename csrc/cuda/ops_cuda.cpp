@@ -32,6 +32,7 @@
 #endif
 
 #include "../common/checks.h"
+#include "../common/schemas.h"
 #include "kernels.h"
 
 namespace metaembed {
@@ -247,9 +248,7 @@ WeightArgs weight_args(const at::Tensor& J, const at::Tensor& W, const at::Tenso
 at::Tensor maxsim_grouped_cuda(const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
                                at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask,
                                const c10::optional<at::Tensor>& c_mask) {
-  check_pair(q, c, "c", 3, "(Nc, Rc, D)");
-  check_mask(q_mask, "q_mask", {q.size(0), q.size(1)}, q);
-  check_mask(c_mask, "c_mask", {c.size(0), c.size(1)}, q);
+  check_maxsim_args(q, c, q_mask, c_mask);
   check_device_inputs(q, {&c});
   TORCH_CHECK_VALUE(c.size(1) < kMaxTokens, "the CUDA backend needs Rc < 2^22, got ", c.size(1));
   const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(1));
@@ -278,9 +277,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cuda(const at::Tensor
                                                                 at::IntArrayRef group_rc,
                                                                 const c10::optional<at::Tensor>& q_mask,
                                                                 const c10::optional<at::Tensor>& c_mask) {
-  check_pair(q, c, "c", 3, "(Nc, Rc, D)");
-  check_mask(q_mask, "q_mask", {q.size(0), q.size(1)}, q);
-  check_mask(c_mask, "c_mask", {c.size(0), c.size(1)}, q);
+  check_maxsim_args(q, c, q_mask, c_mask);
   check_device_inputs(q, {&c, &grad});
   TORCH_CHECK_VALUE(c.size(1) < kMaxTokens, "the CUDA backend needs Rc < 2^22, got ", c.size(1));
   const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(1));
@@ -489,23 +486,10 @@ TORCH_LIBRARY_IMPL(metaembed, CUDA, m) {
   m.impl("matryoshka_infonce_backward", &metaembed::cuda::matryoshka_infonce_backward_cuda);
 }
 #else
-// Test-only: the same schemas as csrc/ops.cpp (tests/test_cuda.py compares them) under
-// their own namespace, with the emulated kernels as CPU implementations.
+// Test-only: the schemas of csrc/ops.cpp (common/schemas.h) under their own namespace,
+// with the emulated kernels as CPU implementations.
 TORCH_LIBRARY(metaembed_emu, m) {
-  m.def(
-      "maxsim_grouped(Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask, Tensor? c_mask)"
-      " -> Tensor");
-  m.def(
-      "maxsim_grouped_backward(Tensor grad, Tensor q, Tensor c, int[] group_rq, int[] group_rc,"
-      " Tensor? q_mask, Tensor? c_mask) -> (Tensor, Tensor)");
-  m.def(
-      "matryoshka_infonce(Tensor q, Tensor c, Tensor hard_negatives, Tensor labels, int[] group_rq,"
-      " int[] group_rc, float scale, Tensor? q_mask, Tensor? c_mask, Tensor? hard_negatives_mask)"
-      " -> (Tensor, Tensor)");
-  m.def(
-      "matryoshka_infonce_backward(Tensor grad, Tensor lse, Tensor q, Tensor c, Tensor hard_negatives,"
-      " Tensor labels, int[] group_rq, int[] group_rc, float scale, Tensor? q_mask, Tensor? c_mask,"
-      " Tensor? hard_negatives_mask) -> (Tensor, Tensor, Tensor)");
+  metaembed::define_ops(m);
   m.def("set_schedule(int mode) -> int", &metaembed::cuda::emu_set_schedule_op);
   m.def("launch_count() -> int", &metaembed::cuda::emu_launch_count_op);
 }

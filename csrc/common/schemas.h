@@ -1,0 +1,29 @@
+// The op schemas, declared once: csrc/ops.cpp defines them in TORCH_LIBRARY(metaembed, m),
+// and the CUDA emulator's test-only library (csrc/cuda/ops_cuda.cpp) under its own
+// namespace, so the emulated ops cannot drift from the real ones.
+#pragma once
+#include <torch/library.h>
+
+namespace metaembed {
+
+inline void define_ops(torch::Library& m) {
+  // scores[g, a, b] = sum_{i < group_rq[g], q valid} max_{j < group_rc[g], c valid} <q[a,i], c[b,j]>
+  m.def(
+      "maxsim_grouped(Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask, Tensor? c_mask)"
+      " -> Tensor");
+  m.def(
+      "maxsim_grouped_backward(Tensor grad, Tensor q, Tensor c, int[] group_rq, int[] group_rc,"
+      " Tensor? q_mask, Tensor? c_mask) -> (Tensor, Tensor)");
+  // (terms, lse), both (G, Nq): terms[g, a] = lse[g, a] - logit_g(a, labels[a]), with
+  // logits_g[a] = scale * concat(s_g(a, c[:]), s_g(a, hard_negatives[a, :])).
+  m.def(
+      "matryoshka_infonce(Tensor q, Tensor c, Tensor hard_negatives, Tensor labels, int[] group_rq,"
+      " int[] group_rc, float scale, Tensor? q_mask, Tensor? c_mask, Tensor? hard_negatives_mask)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "matryoshka_infonce_backward(Tensor grad, Tensor lse, Tensor q, Tensor c, Tensor hard_negatives,"
+      " Tensor labels, int[] group_rq, int[] group_rc, float scale, Tensor? q_mask, Tensor? c_mask,"
+      " Tensor? hard_negatives_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+}  // namespace metaembed
