@@ -25,6 +25,11 @@ GPU_WORKLOADS.update({
         Workload("P32", 32, 16, 10_000, 64, 3584, ((16, 64),), description="paper setting, 32 queries"),
         Workload("L384", 384, 16, 384, 64, 3584, DEFAULT_GROUPS, kind="loss", hard_negatives=1,
                  description="paper training step: 384 gathered, 1 hard negative"),
+        # budgets past one Triton tile (token chunks): ColBERT documents, ColPali pages
+        Workload("CB300", 32, 32, 5000, 300, 128, ((32, 300),), description="ColBERT rerank, 300-token documents"),
+        Workload("CP1030", 32, 32, 2000, 1030, 128, ((32, 1030),), description="ColPali pages, 1030 patches"),
+        Workload("LCP", 64, 32, 64, 1030, 128, ((8, 64), (32, 1030)), kind="loss", hard_negatives=1,
+                 description="ColPali-sized training step, 1 hard negative"),
     ]
 })
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -7,6 +7,9 @@ run "triton" through the interpreter; this file adds:
   * interpreter tests of what the sweeps do not reach: fp32-level gradient accumulation
     with 16-bit inputs (the split products), fp16 range scaling, padding that is never
     read, many groups, several hard-negative blocks, direct op calls, opcheck;
+  * budgets beyond one tile (token chunks): parity at the production chunk sizes and, with
+    the chunk sizes shrunk, over many chunk boundaries; ties across a chunk boundary; masks
+    whose only valid tokens lie in a later chunk; group batches;
   * real-GPU tests (skipped without CUDA): parity at the paper's width, determinism,
     offsets past 2^31 elements, auto-dispatch.
 """
@@ -49,14 +52,16 @@ def H():
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+BUDGET_RQ = (1, 2, 5, 16, 17, 32, 33, 64, 65, 96, 130, 1000)
+BUDGET_RC = (1, 3, 7, 17, 64, 65, 128, 129, 300, 1030, 5000)
+
+
 def all_configs():
-    """Every config the table picks for budgets inside the supported tile sizes."""
+    """Every config the table picks over a grid of budgets, single-tile and chunked."""
     h = H()
     for dtype in ALL_DTYPES:
-        for rq in (1, 2, 5, 16, 17, 32, 33, 64):
-            for rc in (1, 3, 7, 64, 65, 128):
-                if h.unsupported_reason(rq, rc) is not None:
-                    continue
+        for rq in BUDGET_RQ:
+            for rc in BUDGET_RC:
                 for d in (1, 24, 129, 3584):
                     for nq in (1, 3, 1000):
                         yield "fwd", h.maxsim_forward_config(nq, rq, rc, d, dtype), rq, rc, dtype
@@ -67,37 +72,63 @@ def all_configs():
 
 
 def test_heuristic_tiles_are_valid_triton_shapes():
+    h = H()
     pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
     for kind, cfg, rq, rc, _ in all_configs():
         assert cfg.m >= 16 and cfg.n >= 16 and cfg.block_d >= 16, (kind, cfg)  # tl.dot minimum
         assert all(pow2(v) for v in (cfg.block_q, cfg.rq_tile, cfg.block_c, cfg.rc_tile, cfg.block_d)), (kind, cfg)
-        assert cfg.rq_tile >= rq and cfg.rc_tile >= rc, (kind, cfg)  # one query/candidate per tile slot
+        # a query's / candidate's tokens share a tile, or are cut into chunks of a full tile
+        assert (cfg.rq_tile >= rq) != cfg.q_chunked and (cfg.rc_tile >= rc) != cfg.c_chunked, (kind, rq, rc, cfg)
+        assert cfg.rq_tile <= 64 and cfg.rc_tile <= 128 and cfg.rq_tile * cfg.rc_tile <= 4096, (kind, cfg)
+        if cfg.chunked:  # the carried per-group state (GROUPS_PAD x M x BLOCK_C) stays small
+            assert cfg.rc_tile >= h.CHUNK_MIN_RC and cfg.block_c <= 2 and cfg.m * cfg.block_c <= 256, (kind, cfg)
         assert cfg.num_warps in (4, 8) and cfg.num_stages in (2, 3)
         if kind in ("grad", "hn-bwd"):
             assert pow2(cfg.block_do) and cfg.block_do >= 16
 
 
+def test_single_tile_budgets_keep_their_tiles():
+    """Budgets that fit one tile are never chunked and get pow2(max r_q) x pow2(max r_c)."""
+    h = H()
+    for rq in BUDGET_RQ:
+        for rc in BUDGET_RC:
+            fits = h.next_power_of_two(rq) <= 64 and h.next_power_of_two(rc) <= 128 and \
+                h.next_power_of_two(rq) * h.next_power_of_two(rc) <= 4096
+            cfg = h.gradient_config(rq, rc, 128, torch.bfloat16)
+            assert cfg.chunked != fits, (rq, rc, cfg)
+            if fits:
+                assert (cfg.rq_tile, cfg.rc_tile) == (h.next_power_of_two(rq), h.next_power_of_two(rc))
+    # ColPali pages (32 query tokens, 1030 patches): 128-token column chunks, queries whole
+    colpali = h.maxsim_forward_config(1, 32, 1030, 128, torch.bfloat16)
+    assert (colpali.m, colpali.n, colpali.q_chunked, colpali.c_chunked) == (32, 128, False, True)
+    # long queries: 64-token row chunks
+    long_q = h.gradient_config(96, 64, 128, torch.bfloat16)
+    assert (long_q.rq_tile, long_q.rc_tile, long_q.q_chunked, long_q.c_chunked) == (64, 64, True, False)
+    assert h.unsupported_reason(5000, 10**6) is None and "2^30" in h.unsupported_reason(1, 2**30)
 
-def test_supported_budgets_never_need_larger_tiles_than_the_gate_compiles():
-    """Inside the supported budgets, no kernel's tile exceeds (in M*N, M and N) the largest
-    tile of that kernel the compile gate verifies."""
+
+
+def test_every_budget_stays_inside_the_tiles_the_gate_compiles():
+    """For every budget of the grid (single-tile and chunked), no kernel's tile exceeds (in M,
+    N, M*N and, chunked, the carried state M*BLOCK_C) the largest tile of the same kernel, in
+    the same branch (chunked or not; with or without row chunks), that the gate verifies."""
     from metaembed_kernels.triton import verify
 
-    h = H()
-    assert h.unsupported_reason(64, 64) is None and h.unsupported_reason(32, 128) is None
-    assert h.unsupported_reason(65, 1) and h.unsupported_reason(1, 129) and h.unsupported_reason(64, 128)
     kinds = {"fwd": "maxsim_forward_kernel", "loss": "infonce_forward_kernel", "grad": "grad_query_kernel",
              "hn": "infonce_hard_negatives_forward_kernel", "hn-bwd": "infonce_hard_negatives_backward_kernel"}
     largest = {}
     for dtype in ALL_DTYPES:
         for rq, rc in verify.SHAPES:
             for _, plan in verify.candidate_plans(dtype, rq, rc, 128):
-                cfg, key = plan.config, (plan.kernel.__name__, dtype)
-                m, n, mn = largest.get(key, (0, 0, 0))
-                largest[key] = (max(m, cfg.m), max(n, cfg.n), max(mn, cfg.m * cfg.n))
+                cfg = plan.config
+                key = (plan.kernel.__name__, dtype, cfg.chunked, cfg.q_chunked)
+                old = largest.get(key, (0, 0, 0, 0))
+                largest[key] = tuple(max(x, y) for x, y in zip(old, (cfg.m, cfg.n, cfg.m * cfg.n,
+                                                                     cfg.m * cfg.block_c)))
     for kind, cfg, rq, rc, dtype in all_configs():
-        m, n, mn = largest[(kinds[kind], dtype)]
+        m, n, mn, state = largest[(kinds[kind], dtype, cfg.chunked, cfg.q_chunked)]
         assert cfg.m <= m and cfg.n <= n and cfg.m * cfg.n <= mn, (kind, rq, rc, dtype, cfg)
+        assert not cfg.chunked or cfg.m * cfg.block_c <= state, (kind, rq, rc, dtype, cfg)
 
 
 def test_heuristic_table_values_for_the_paper_shapes():
@@ -135,7 +166,11 @@ def test_compile_gate_covers_every_config_the_heuristics_pick_on_its_grid():
                           ("infonce_hard_negatives_forward_kernel", h.hard_negative_config(rq, rc, d, dtype, False)),
                           ("infonce_hard_negatives_backward_kernel", h.hard_negative_config(rq, rc, d, dtype, True))}
                 assert picks <= compiled, picks - compiled
-                assert {8, 16} <= {plan.constexprs.get("GROUPS_PAD") for _, plan in plans}
+                # loss-forward state rows: 8 and 16 (more than 8 groups); chunked launches take 8 groups
+                loss = [plan for _, plan in plans if plan.kernel.__name__ == "infonce_forward_kernel"]
+                pads = {plan.constexprs["GROUPS_PAD"] for plan in loss}
+                assert pads == ({8} if loss[0].config.chunked else {8, 16}), pads
+    assert any(plan.config.chunked for _, plan in verify.candidate_plans(torch.bfloat16, 32, 1030, 128))
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,8 +186,9 @@ def _gate_env():
 
 def test_compile_gate_passes_for_sm80_and_sm90():
     """`python -m metaembed_kernels.triton.verify`: every launchable configuration, bf16/fp16/
-    fp32, D in {128, 3584}, (Rq, Rc) in {(16, 64), (32, 128)}, compiled for sm_80 and sm_90
-    with MMA / no-spill / shared-memory checks (takes ~2 min on 2 cores with a cold cache)."""
+    fp32, D in {128, 3584}, (Rq, Rc) in {(16, 64), (32, 128), (64, 64)} and the chunked budgets
+    {(32, 1030), (64, 300), (96, 64), (96, 300)}, compiled for sm_80 and sm_90 with MMA /
+    no-spill / shared-memory checks (several minutes on 2 cores with a cold cache)."""
     result = subprocess.run(
         [sys.executable, "-m", "metaembed_kernels.triton.verify", "--jobs", "2"],
         cwd=REPO, env=_gate_env(), capture_output=True, text=True, timeout=1800,
@@ -162,6 +198,18 @@ def test_compile_gate_passes_for_sm80_and_sm90():
     rows = [line for line in out.splitlines() if line.startswith("sm_")]
     assert len(rows) >= 100 and all(line.endswith(" ok") for line in rows), out[-3000:]
     assert {"sm_80", "sm_90"} <= {line.split()[0] for line in rows}
+    # The token-chunk branch of every kernel. Rows are deduplicated by what Triton compiles,
+    # and only the backward kernels compile row chunks differently (Q_CHUNKED): the forward
+    # kernels' (96, 300) launches are the (96, 64) ones, so they need one chunked row each.
+    chunked = [r for r in rows if "chunks:" in r]
+    for target in ("sm_80", "sm_90"):
+        for kernel in ("maxsim forward", "loss forward ", "loss forward hard negatives"):
+            assert any(r.startswith(target) and kernel in r for r in chunked), (target, kernel)
+        for kernel in ("maxsim backward dq", "maxsim backward dc", "loss backward dq", "loss backward dc",
+                       "loss backward hard negatives"):
+            for chunks in ("chunks:rc ", "chunks:rq ", "chunks:rq+rc "):
+                assert any(r.startswith(target) and kernel in r and chunks in r + " " for r in chunked), \
+                    (target, kernel, chunks)
     # The main forward configuration on sm_90 issues wgmma; 16-bit kernels on sm_80 mma.sync.
     main_forward = [r for r in rows if r.startswith("sm_90") and "maxsim forward" in r and "128x128" in r
                     and " fp32 " not in r]
@@ -374,12 +422,11 @@ def test_direct_op_calls_check_what_memory_safety_needs():
     infonce = torch.ops.metaembed.triton_matryoshka_infonce
     with pytest.raises(ValueError, match="hard_negatives"):
         infonce(q, c, torch.randn(2, 1, 4, 8), torch.tensor([0, 1]), [1], [1], 1.0, None, None, None)
-    with pytest.raises(ValueError, match="tiles hold"):  # beyond the tiles the gate verifies
-        op(torch.randn(1, 65, 8), c, [65], [1], None, None)
-    with pytest.raises(ValueError, match="tiles hold"):
-        op(q, torch.randn(1, 200, 8), [1], [129], None, None)
-    with pytest.raises(ValueError, match="tiles hold"):
-        op(torch.randn(1, 64, 8), torch.randn(1, 128, 8), [64], [128], None, None)
+    from metaembed_kernels.triton import launch
+
+    with pytest.raises(ValueError, match="2\\^30"):  # token indices are int32: absurd budgets fail clearly
+        launch.make_problem(torch.empty(1, 2**30, 8, device="meta"), torch.empty(2, 3, 8, device="meta"),
+                            [2**30], [1], None, None, interpret=False)
     # A label outside [0, Nc) is not an index anywhere: it only matches no candidate.
     terms, lse = infonce(q, c, hn, torch.tensor([0, 99]), [3], [5], 2.0, None, None, None)
     assert torch.isfinite(terms).all() and torch.equal(terms[:, 1], lse[:, 1])
@@ -421,6 +468,164 @@ def test_torch_compile_sees_an_opaque_op():
     out = compiled(q, c)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(torch.autograd.grad(out, (q, c)), torch.autograd.grad(eager, (q, c)))
+
+
+# ---------------------------------------------------------------------------------------
+# Interpreter: token chunks (budgets beyond one tile)
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Token tiles shrunk to 16 x 16: tiny budgets then cross many chunk boundaries in both
+    r_q and r_c (same kernels and launchers; only the heuristic table's caps change)."""
+    h = H()
+    monkeypatch.setattr(h, "MAX_RQ_TILE", 16)
+    monkeypatch.setattr(h, "MAX_RC_TILE", 16)
+    monkeypatch.setattr(h, "MAX_TOKEN_TILE", 256)
+
+
+def _late_masks(nq, rq, nc, rc, gen, i_late, j_late):
+    """random_masks (query 1 and candidate nc // 2 fully masked; candidate 0's only valid token
+    is its last), plus query 0 and candidate 1 whose valid tokens all lie at i >= i_late /
+    j >= j_late: a later row / column chunk, so short prefixes see none."""
+    q_mask, c_mask = random_masks(nq, rq, nc, rc, gen)
+    q_mask[0, :i_late] = False
+    q_mask[0, i_late] = True
+    c_mask[1, :j_late] = False
+    c_mask[1, j_late] = True
+    return q_mask, c_mask
+
+
+def _check_maxsim_against_reference(q, c, groups, q_mask, c_mask, gen):
+    q_k, c_k = q.clone().requires_grad_(), c.clone().requires_grad_()
+    out = maxsim_grouped(q_k, c_k, groups, q_mask=q_mask, c_mask=c_mask, backend="triton")
+    expected = reference.maxsim_grouped(q.double(), c.double(), groups, q_mask, c_mask)
+    assert_close(out, expected, score_tolerance(q, c, groups), "scores")
+    grad = torch.randn(out.shape, generator=gen)
+    out.backward(grad)
+    dq_ref, dc_ref = _reference_grads(q, c, groups, grad, q_mask, c_mask)
+    g = grad.abs().max().item()
+    n_q, n_c = c.shape[0] * len(groups), q.shape[0] * q.shape[1] * len(groups)
+    assert_close(q_k.grad, dq_ref, grad_tolerance(dq_ref, q.dtype, n_q, g * c.abs().max()), "dq")
+    assert_close(c_k.grad, dc_ref, grad_tolerance(dc_ref, q.dtype, n_c, g * q.abs().max()), "dc")
+    return out
+
+
+# (Rq, Rc, late row / column chunk, groups, dtype) at the production chunk sizes
+CHUNKED_BUDGETS = [
+    # r_c chunked (128-token column chunks), prefixes ending before, at and past a boundary
+    pytest.param(3, 200, 1, 140, ((3, 200), (1, 1), (2, 128), (3, 129), (1, 150)), torch.bfloat16, id="rc-bf16"),
+    # r_q chunked (64-token row chunks)
+    pytest.param(70, 5, 64, 2, ((70, 5), (1, 1), (64, 3), (65, 2), (70, 1)), torch.float16, id="rq-fp16"),
+    # both: 64 x 64 token tiles, 2 row chunks x 3 column chunks
+    pytest.param(66, 130, 64, 64, ((66, 130), (1, 1), (64, 64), (65, 65), (2, 129)), torch.float32, id="rq+rc-fp32"),
+]
+
+
+@interpreter
+@pytest.mark.parametrize("rq,rc,i_late,j_late,groups,dtype", CHUNKED_BUDGETS)
+def test_chunked_budgets_match_reference(rq, rc, i_late, j_late, groups, dtype):
+    """Scores and gradients past one tile (exact inputs: the argmax decisions match the
+    float64 reference exactly), with masks whose valid tokens lie in a later chunk only."""
+    from metaembed_kernels.triton import heuristics
+
+    assert heuristics.gradient_config(rq, rc, 16, dtype).chunked
+    gen = torch.Generator().manual_seed(rq + rc)
+    q, c = exact_values((3, rq, 12), gen, dtype), exact_values((4, rc, 12), gen, dtype)
+    q_mask, c_mask = _late_masks(3, rq, 4, rc, gen, i_late, j_late)
+    _check_maxsim_against_reference(q, c, groups, q_mask, c_mask, gen)
+
+
+@interpreter
+@pytest.mark.parametrize("rq,rc,i_late,j_late,groups,dtype", CHUNKED_BUDGETS)
+def test_chunked_budgets_loss_matches_reference(rq, rc, i_late, j_late, groups, dtype):
+    """Fused loss with hard negatives past one tile: forward (online LSE over chunked scores),
+    dq / dc passes (the row-chunked one recomputes the scores first) and hard negatives."""
+    x = _loss_case(nq=3, nc=4, rq=rq, rc=rc, d=12, k=2, groups=groups, dtype=dtype, seed=rq * rc)
+    gen = torch.Generator().manual_seed(7)
+    x["q_mask"], x["c_mask"] = _late_masks(3, rq, 4, rc, gen, i_late, j_late)
+    x["hn_mask"][0, 0, :j_late] = False
+    _check_loss_against_reference(x, groups, temperature=_moderate_temperature(x, groups))
+
+
+def _moderate_temperature(x, groups):
+    """A temperature keeping |logits| <= 16: long queries sum many maxima (scores in the
+    hundreds here), and fp32 logits of size L are only L * 2^-24 accurate -- whatever the
+    kernel -- which the fixed gradient tolerances of _check_loss_against_reference assume small."""
+    q = x["q"].double()
+    everything = torch.cat([x["c"], x["hn"].flatten(0, 1)]).double()
+    largest = reference.maxsim_grouped(q, everything, groups).abs().max().item()
+    return max(0.2, largest / 16)
+
+
+MANY_GROUPS = ((37, 50), (1, 1), (16, 16), (17, 33), (32, 48), (33, 17), (5, 49), (36, 1), (16, 32), (2, 16))
+
+
+@interpreter
+def test_many_chunk_boundaries_and_group_batches(small_chunks):
+    """16 x 16 token tiles: (37, 50) spans 3 row x 4 column chunks; 10 groups with prefixes on
+    and around the boundaries run as two launches (8 + 2 groups); several queries and
+    candidates share a chunked tile. (bf16: fp32 chunks are covered at production sizes.)"""
+    from metaembed_kernels.triton import heuristics
+
+    dtype = torch.bfloat16
+
+    fwd = heuristics.maxsim_forward_config(3, 37, 50, 8, dtype)
+    assert fwd.q_chunked and fwd.c_chunked and fwd.block_q > 1 and fwd.block_c > 1, fwd
+    gen = torch.Generator().manual_seed(3)
+    q, c = exact_values((3, 37, 8), gen, dtype), exact_values((5, 50, 8), gen, dtype)
+    q_mask, c_mask = _late_masks(3, 37, 5, 50, gen, 20, 35)
+    _check_maxsim_against_reference(q, c, MANY_GROUPS, q_mask, c_mask, gen)
+    x = _loss_case(nq=3, nc=5, rq=37, rc=50, d=8, k=2, groups=MANY_GROUPS, dtype=dtype, seed=4)
+    _check_loss_against_reference(x, MANY_GROUPS, temperature=_moderate_temperature(x, MANY_GROUPS),
+                                  weights=tuple(0.5 + 0.1 * i for i in range(10)))
+
+
+@interpreter
+@pytest.mark.parametrize("small", [False, True], ids=["chunks128", "chunks16"])
+def test_ties_across_chunk_boundaries_go_to_the_lowest_index(small, request):
+    """Every query token is e_0, so S[i, j] = c[j, 0]; candidate tokens lo < hi < hi2 in three
+    different column chunks tie for the maximum. The gradient of the max (MaxSim and loss,
+    in-batch and hard negatives) must go to lo alone, as in the reference; a group whose
+    prefix ends inside the second chunk sees the tie lo / hi only."""
+    if small:
+        request.getfixturevalue("small_chunks")
+    lo, hi, hi2, rc = (5, 20, 37, 40) if small else (5, 130, 260, 270)
+    gen = torch.Generator().manual_seed(6)
+    q = torch.zeros(2, 3, 8)
+    q[:, :, 0] = 1.0
+    c = exact_values((3, rc, 8), gen) / 2  # |c| <= 1/2
+    c[:, [lo, hi, hi2], :] = c[:, lo:lo + 1, :]  # identical tokens: a 3-way tie ...
+    c[:, [lo, hi, hi2], 0] = 1.0  # ... at the maximum
+    groups = ((3, rc), (2, hi + 1), (1, hi), (3, 1))
+    out = _check_maxsim_against_reference(q, c, groups, None, None, gen)
+    assert torch.all(out[0] == 3.0) and torch.all(out[1] == 2.0) and torch.all(out[2] == 1.0)
+    c_k = c.clone().requires_grad_()
+    (dc,) = torch.autograd.grad(maxsim_grouped(q, c_k, groups, backend="triton").sum(), (c_k,))
+    assert torch.all(dc[:, lo, 0] == 2 * (3 + 2 + 1)) and torch.all(dc[:, [hi, hi2]] == 0)  # 2 queries
+    x = dict(q=q, c=c, hn=c[:2].unsqueeze(1).clone(), labels=torch.tensor([2, 0]))
+    _check_loss_against_reference(x, groups)
+    q_k, c_k, hn_k = q.clone().requires_grad_(), c.clone().requires_grad_(), x["hn"].clone().requires_grad_()
+    matryoshka_infonce(q_k, c_k, groups, hard_negatives=hn_k, labels=x["labels"], backend="triton").backward()
+    assert c_k.grad[:, lo].abs().sum() > 0 and hn_k.grad[:, :, lo].abs().sum() > 0
+    assert torch.all(c_k.grad[:, [hi, hi2]] == 0) and torch.all(hn_k.grad[:, :, [hi, hi2]] == 0)
+
+
+@interpreter
+def test_chunked_tokens_beyond_the_largest_group_are_never_read():
+    """NaN past max r_q / max r_c changes nothing at chunked budgets either."""
+    gen = torch.Generator().manual_seed(10)
+    q, c = normal_values((2, 72, 8), gen), normal_values((3, 140, 8), gen)
+    groups = ((66, 3), (1, 130), (2, 129))
+    q_nan, c_nan = q.clone(), c.clone()
+    q_nan[:, 66:] = float("nan")
+    c_nan[:, 130:] = float("nan")
+    q_nan.requires_grad_()
+    c_nan.requires_grad_()
+    out = maxsim_grouped(q_nan, c_nan, groups, backend="triton")
+    assert_close(out, reference.maxsim_grouped(q.double(), c.double(), groups), score_tolerance(q, c, groups), "scores")
+    out.sum().backward()
+    assert torch.isfinite(q_nan.grad).all() and torch.all(q_nan.grad[:, 66:] == 0)
+    assert torch.isfinite(c_nan.grad).all() and torch.all(c_nan.grad[:, 130:] == 0)
 
 
 def test_roofline_of_the_paper_setting():

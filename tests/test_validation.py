@@ -165,16 +165,25 @@ def test_missing_extension_falls_back_to_reference():
     assert "torch.Size([2, 2, 5])" in out.stdout
 
 
-def test_auto_skips_a_backend_whose_tiles_cannot_hold_the_groups(monkeypatch):
-    """Triton's verified tiles hold max r_q <= 64, max r_c <= 128: an explicit request for a
-    larger budget fails clearly, and selection with the groups known reports the reason."""
+def test_auto_picks_triton_for_large_budgets_and_skips_it_only_for_absurd_ones(monkeypatch):
+    """Triton chunks any budget (ColBERT documents, ColPali pages, long queries), so
+    selection with the groups known picks it for CUDA tensors; only budgets past its int32
+    token indices (>= 2^30 tokens) are refused: auto moves on, an explicit request fails."""
     pytest.importorskip("triton")
     from metaembed_kernels.backends import get_backend
 
+    monkeypatch.delenv("METAEMBED_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     triton = get_backend("triton")
-    cpu = torch.device("cpu")
-    assert triton.unavailable_reason(cpu, torch.float32, ((16, 64), (32, 128))) is None
-    assert "max r_c <= 128" in triton.unavailable_reason(cpu, torch.float32, ((1, 256),))
-    with pytest.raises(BackendUnavailableError, match="max r_q <= 64"):
-        maxsim_grouped(torch.randn(2, 65, 8), torch.randn(3, 4, 8), backend="triton")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    large = ((16, 64), (32, 1030), (96, 300), (1, 5000))
+    assert triton.unavailable_reason(cpu, torch.float32, large) is None
+    assert select_backend(None, cuda, torch.bfloat16, large).name == "triton"
+    absurd = ((1, 2**30),)
+    assert "2^30" in triton.unavailable_reason(cuda, torch.bfloat16, absurd)
+    assert select_backend(None, cuda, torch.bfloat16, absurd).name != "triton"
+    with pytest.raises(BackendUnavailableError, match="2\\^30"):
+        select_backend("triton", cuda, torch.bfloat16, absurd)
+    # a budget past the old single-tile limit (r_q <= 64) runs
+    q, c = torch.randn(2, 65, 8), torch.randn(3, 4, 8)
+    torch.testing.assert_close(maxsim_grouped(q, c, backend="triton"), maxsim_grouped(q, c, backend="reference"))

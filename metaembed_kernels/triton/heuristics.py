@@ -2,8 +2,43 @@
 
 All tiles are M x N fp32 similarity tiles, M = BLOCK_Q * RQ_TILE query-token rows and
 N = BLOCK_C * RC_TILE candidate-token columns, where RQ_TILE / RC_TILE are max r_q / max r_c
-over the groups rounded up to a power of two (extra tokens are padding, masked). Keys are
-(Rq, Rc, D, dtype) and, for the MaxSim forward only, how many queries there are.
+over the groups rounded up to a power of two (extra tokens are padding, masked), capped to
+the token tile below. Keys are (Rq, Rc, D, dtype) and, for the MaxSim forward only, how many
+queries there are.
+
+Token chunks (any budget). A budget fits one tile when pow2(max r_q) <= 64, pow2(max r_c) <= 128
+and their product <= 4096 (the largest token tiles the backward compiles without spills:
+(32, 128) and (64, 64)); it then gets RQ_TILE = pow2(max r_q), RC_TILE = pow2(max r_c) and the
+code it always had: the chunked code is a separate constexpr branch (CHUNKED), and the
+single-tile kernels compile to the same PTX as before it existed. A larger budget is cut into
+chunks of RQ_TILE query tokens / RC_TILE candidate tokens that the kernels loop over
+(kernels.py, "Token chunks"). Chunk tiles start from RQ_TILE = min(pow2(max r_q), 64) and
+RC_TILE = min(pow2(max r_c), 128, 4096 / RQ_TILE), then, per kernel:
+* RC_TILE >= 64 (CHUNK_MIN_RC): a chunked tile carries (max, argmax) per group for
+  GROUPS_PAD x M x BLOCK_C (row, candidate) pairs, so it holds at most 2 candidates;
+* backward kernels (dq, dc, hard negatives): RC_TILE <= 64 (32 x 128 spilled), 8 warps;
+* fp32: backward and hard-negative kernels RQ_TILE <= 32 (64-row fp32 tiles spilled), the
+  forward tiles M*N <= 32*128 with 16-wide D chunks (the FMA dots spilled at 64 x 128);
+* the ptxas register limit is set to 255 (maxnreg): left alone, ptxas capped some chunked
+  kernels at 128 registers and spilled.
+
+| (max r_q, max r_c)                        | RQ_TILE x RC_TILE: forward | backward         | chunks  |
+|-------------------------------------------|----------------------------|------------------|---------|
+| (16, 64), (32, 128), (64, 64) (MetaEmbed)  | one tile                   | one tile         | none    |
+| (32, 300), (32, 1030) (ColBERT, ColPali)   | 32 x 128                   | 32 x 64          | r_c     |
+| (64, 128), (64, 300)                      | 64 x 64                    | 64 x 64 [1]      | r_c     |
+| (96, 64) (long queries)                   | 64 x 64                    | 64 x 64 [1]      | r_q     |
+| (96, 300)                                 | 64 x 64                    | 64 x 64 [1]      | r_q+r_c |
+
+[1] fp32: 32 x 64 (so r_q is chunked too).
+
+A chunked launch handles at most CHUNK_GROUPS = 8 groups: the launcher splits more into
+launches of 8 (each recomputes the similarities; the usual G <= 8 is one launch). Chunked
+tiles are never larger (in M, N, M*N, M*BLOCK_C) than the largest the compile gate compiles
+for the same kernel and branch (tests/test_triton.py checks it over a grid of budgets).
+Cost of a chunked budget: the same similarity FLOPs as one big tile (each (row chunk, column
+chunk) pair is computed once; the loss backward with r_q chunks computes it twice), plus the
+carried state's updates, which are skipped for groups whose prefix has ended.
 
 | kernel            | M (query-token rows)         | N (cand.-token cols) | M*N cap        | 8 warps if M*N >= | stages |
 |-------------------|------------------------------|----------------------|----------------|-------------------|--------|
@@ -48,6 +83,7 @@ split into bf16 pieces too: bf16x6).
 from __future__ import annotations
 
 import dataclasses
+from typing import Tuple
 
 import torch
 
@@ -62,13 +98,19 @@ def next_power_of_two(n: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     block_q: int  # queries per tile
-    rq_tile: int  # token rows per query (power of two >= max r_q)
+    rq_tile: int  # token rows per query (power of two >= max r_q, or the row chunk)
     block_c: int  # candidates per tile
-    rc_tile: int  # token columns per candidate (power of two >= max r_c)
+    rc_tile: int  # token columns per candidate (power of two >= max r_c, or the column chunk)
     block_d: int  # D chunk of the similarity loop
     block_do: int  # D chunk of the gradient products (backward kernels)
     num_warps: int
     num_stages: int
+    q_chunked: bool = False  # max r_q > rq_tile: queries span several row chunks
+    c_chunked: bool = False  # max r_c > rc_tile: candidates span several column chunks
+
+    @property
+    def chunked(self) -> bool:
+        return self.q_chunked or self.c_chunked
 
     @property
     def m(self) -> int:
@@ -79,12 +121,17 @@ class TileConfig:
         return self.block_c * self.rc_tile
 
     def options(self) -> dict:
-        """Launch / compile options."""
-        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        """Launch / compile options. Chunked tiles let ptxas use every register a thread can
+        have (255 at 8 warps): left alone, it capped some at 128 and spilled."""
+        options = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.chunked:
+            options["maxnreg"] = CHUNK_MAX_REGISTERS
+        return options
 
     def describe(self) -> str:
+        chunks = "+".join(name for name, on in (("rq", self.q_chunked), ("rc", self.c_chunked)) if on)
         return (f"{self.m}x{self.n} (q {self.block_q}x{self.rq_tile}, c {self.block_c}x{self.rc_tile}) "
-                f"BD{self.block_d} w{self.num_warps} s{self.num_stages}")
+                f"BD{self.block_d} w{self.num_warps} s{self.num_stages}" + (f" chunks:{chunks}" if chunks else ""))
 
 
 def _block_d(d: int, dtype: torch.dtype) -> int:
@@ -111,65 +158,134 @@ def _fit_rows(rq_tile: int, m_want: int, n: int, cap: int) -> int:
     return _per_block(rq_tile, m)
 
 
+# Token tiles: every kernel keeps RQ_TILE query-token rows against RC_TILE candidate-token
+# columns in registers; the backward tiles (<= 64 x 64 or 32 x 128) are what compiles without
+# spills ((16, 256) spilled in the backward). Larger budgets are chunked to these tiles.
+MAX_RQ_TILE, MAX_RC_TILE, MAX_TOKEN_TILE = 64, 128, 4096
+MAX_TOKENS = 2**30  # token indices and chunk loops are int32
+STATE_GROUPS = 16  # groups per unchunked loss-forward launch (its (m, l) state rows)
+# Chunked tiles carry (max, argmax) per group for GROUPS_PAD x M x BLOCK_C (row, candidate)
+# pairs on top of the single-tile work, so where a single-tile size spilled with it (verify.py)
+# the chunked tile is one step smaller:
+CHUNK_GROUPS = 8  # groups per chunked launch
+CHUNK_MIN_RC = 64  # candidate columns per chunked tile: BLOCK_C <= 2 (pads only r_q > 64, r_c <= 32)
+CHUNK_BACKWARD_RC = 64  # backward column chunks (32 x 128 spilled on sm_90, and with both hn products)
+CHUNK_FP32_RQ = 32  # fp32 backward and hard-negative row chunks (64-row fp32 tiles spilled)
+CHUNK_FP32_TILE = 32 * 128  # fp32 forward M x N (64 x 128 FMA tiles spilled)
+CHUNK_MAX_REGISTERS = 255  # ptxas register limit of chunked launches (TileConfig.options)
+
+
+def _forward_block_d(d: int, dtype: torch.dtype, chunked: bool) -> int:
+    """fp32 chunked forward tiles: 16-wide D chunks (the FMA dot holds its operand chunks in
+    registers; 32-wide spilled at 64 x 64 next to the carried maxima)."""
+    return MIN_DOT if chunked and dtype not in SIXTEEN_BIT else _block_d(d, dtype)
+
+
+def token_tiles(rq_eff: int, rc_eff: int, rq_floor: int = 1) -> Tuple[int, int]:
+    """(RQ_TILE, RC_TILE) for these budgets: powers of two, capped to the token tile."""
+    rq_tile = min(max(rq_floor, next_power_of_two(rq_eff)), MAX_RQ_TILE)
+    rc_tile = min(next_power_of_two(rc_eff), MAX_RC_TILE, max(1, MAX_TOKEN_TILE // rq_tile))
+    return rq_tile, rc_tile
+
+
+def _chunks(rq_eff: int, rc_eff: int, rq_tile: int, rc_tile: int) -> dict:
+    return dict(q_chunked=rq_eff > rq_tile, c_chunked=rc_eff > rc_tile)
+
+
+def _tiles(rq_eff: int, rc_eff: int, rq_floor: int = 1, chunk_rq: int = 0, chunk_rc: int = 0):
+    """(RQ_TILE, RC_TILE, chunk flags). Budgets that fit one tile keep token_tiles' sizes; a
+    chunked kernel then applies its chunk caps (chunk_rq / chunk_rc, 0 = none) and gives each
+    candidate >= CHUNK_MIN_RC columns, so that few candidates (BLOCK_C) share the tile."""
+    rq_tile, rc_tile = token_tiles(rq_eff, rc_eff, rq_floor)
+    chunks = _chunks(rq_eff, rc_eff, rq_tile, rc_tile)
+    if any(chunks.values()):
+        rq_tile = min(rq_tile, chunk_rq or rq_tile)
+        rc_tile = min(max(rc_tile, min(CHUNK_MIN_RC, MAX_RC_TILE)), chunk_rc or MAX_RC_TILE)
+        chunks = _chunks(rq_eff, rc_eff, rq_tile, rc_tile)
+    return rq_tile, rc_tile, chunks
+
+
+def _fit_columns(block_c: int, m: int, rc_tile: int, cap: int, chunked: bool) -> int:
+    """Chunked tiles whose rows cannot shrink (one query's chunk) drop candidates instead."""
+    while chunked and block_c > 1 and m * block_c * rc_tile > cap:
+        block_c //= 2
+    return block_c
+
+
 def maxsim_forward_config(nq: int, rq_eff: int, rc_eff: int, d: int, dtype: torch.dtype) -> TileConfig:
-    rq_tile, rc_tile = next_power_of_two(rq_eff), next_power_of_two(rc_eff)
+    rq_tile, rc_tile, chunks = _tiles(rq_eff, rc_eff)
+    chunked, sixteen_bit = any(chunks.values()), dtype in SIXTEEN_BIT
+    cap = 128 * 128 if sixteen_bit else (CHUNK_FP32_TILE if chunked else 64 * 128)
     block_c = _per_block(rc_tile, 128)
-    n = block_c * rc_tile
-    sixteen_bit = dtype in SIXTEEN_BIT
     m_want = min(128, next_power_of_two(max(nq, 1) * rq_tile))
-    block_q = _fit_rows(rq_tile, m_want, n, 128 * 128 if sixteen_bit else 64 * 128)
+    block_q = _fit_rows(rq_tile, m_want, block_c * rc_tile, cap)
     m = block_q * rq_tile
-    warps = 8 if m * n >= (128 * 128 if sixteen_bit else 32 * 128) else 4
-    return TileConfig(block_q, rq_tile, block_c, rc_tile, _block_d(d, dtype), 0, warps, 3)
+    block_c = _fit_columns(block_c, m, rc_tile, cap, chunked)
+    n = block_c * rc_tile
+    # chunked 16-bit tiles get 8 warps from 64 x 128 (4 spilled with the carried maxima)
+    eight_from = 32 * 128 if not sixteen_bit else (64 * 128 if chunked else 128 * 128)
+    warps = 8 if m * n >= eight_from else 4
+    return TileConfig(block_q, rq_tile, block_c, rc_tile, _forward_block_d(d, dtype, chunked), 0, warps, 3,
+                      **chunks)
 
 
 def infonce_forward_config(rq_eff: int, rc_eff: int, d: int, dtype: torch.dtype) -> TileConfig:
-    rq_tile, rc_tile = next_power_of_two(rq_eff), next_power_of_two(rc_eff)
+    rq_tile, rc_tile, chunks = _tiles(rq_eff, rc_eff)
+    chunked = any(chunks.values())
+    cap = CHUNK_FP32_TILE if chunked and dtype not in SIXTEEN_BIT else 64 * 128
     block_c = _per_block(rc_tile, 128)
-    block_q = _fit_rows(rq_tile, 64, block_c * rc_tile, 64 * 128)
+    block_q = _fit_rows(rq_tile, 64, block_c * rc_tile, cap)
+    block_c = _fit_columns(block_c, block_q * rq_tile, rc_tile, cap, chunked)
     warps = 8 if block_q * rq_tile * block_c * rc_tile >= 32 * 128 else 4
-    return TileConfig(block_q, rq_tile, block_c, rc_tile, _block_d(d, dtype), 0, warps, 3)
+    return TileConfig(block_q, rq_tile, block_c, rc_tile, _forward_block_d(d, dtype, chunked), 0, warps, 3,
+                      **chunks)
 
 
 def gradient_config(rq_eff: int, rc_eff: int, d: int, dtype: torch.dtype) -> TileConfig:
     """dq and dc passes (MaxSim and loss backward share them)."""
-    rq_tile, rc_tile = next_power_of_two(rq_eff), next_power_of_two(rc_eff)
+    fp32 = dtype not in SIXTEEN_BIT
+    rq_tile, rc_tile, chunks = _tiles(rq_eff, rc_eff, chunk_rq=CHUNK_FP32_RQ if fp32 else 0,
+                                      chunk_rc=CHUNK_BACKWARD_RC)
+    cap = 32 * 64 if fp32 and any(chunks.values()) else 64 * 64
     block_c = _per_block(rc_tile, 64)
-    block_q = _fit_rows(rq_tile, 64, block_c * rc_tile, 64 * 64)
+    block_q = _fit_rows(rq_tile, 64, block_c * rc_tile, cap)
     block_d = _backward_block_d(d, dtype)
-    return TileConfig(block_q, rq_tile, block_c, rc_tile, block_d, block_d, 8, 2)
+    return TileConfig(block_q, rq_tile, block_c, rc_tile, block_d, block_d, 8, 2, **chunks)
 
 
 def hard_negative_config(rq_eff: int, rc_eff: int, d: int, dtype: torch.dtype, backward: bool) -> TileConfig:
     """One query (padded to 16 token rows) against a block of its own hard negatives."""
-    rq_tile = max(MIN_DOT, next_power_of_two(rq_eff))
-    rc_tile = next_power_of_two(rc_eff)
+    rq_tile, rc_tile, chunks = _tiles(rq_eff, rc_eff, rq_floor=MIN_DOT,
+                                      chunk_rq=CHUNK_FP32_RQ if dtype not in SIXTEEN_BIT else 0,
+                                      chunk_rc=CHUNK_BACKWARD_RC if backward else 0)
+    chunked = any(chunks.values())
     block_k = _per_block(rc_tile, 64)
-    block_d = _backward_block_d(d, dtype) if backward else _block_d(d, dtype)
-    warps = 8 if rq_tile * block_k * rc_tile >= 32 * 128 else 4
+    block_d = _backward_block_d(d, dtype) if backward else _forward_block_d(d, dtype, chunked)
+    # the chunked backward does both products per chunk: 8 warps (32 x 64 fp16 spilled at 4)
+    warps = 8 if rq_tile * block_k * rc_tile >= 32 * 128 or (chunked and backward) else 4
     return TileConfig(1, rq_tile, block_k, rc_tile, block_d, block_d if backward else 0, warps,
-                      2 if backward else 3)
-
-
-# Largest token tiles: every kernel keeps at least one query's RQ_TILE rows against one
-# candidate's RC_TILE columns in registers, and the backward tiles (<= 64 x 64 or 32 x 128)
-# are what compiles without spills; (16, 256) spilled in the backward. verify.py compiles
-# the corners (32, 128) and (64, 64).
-MAX_RQ_TILE, MAX_RC_TILE, MAX_TOKEN_TILE = 64, 128, 4096
+                      2 if backward else 3, **chunks)
 
 
 def unsupported_reason(rq_eff: int, rc_eff: int):
-    """None if the largest group fits the verified tiles, else why not."""
-    rq_tile, rc_tile = next_power_of_two(rq_eff), next_power_of_two(rc_eff)
-    if rq_tile <= MAX_RQ_TILE and rc_tile <= MAX_RC_TILE and rq_tile * rc_tile <= MAX_TOKEN_TILE:
+    """None: every budget runs (chunked beyond one tile), short of int32 token indices."""
+    if max(rq_eff, rc_eff) < MAX_TOKENS:
         return None
-    return (f"the triton backend's tiles hold max r_q <= {MAX_RQ_TILE} and max r_c <= {MAX_RC_TILE} with "
-            f"pow2(max r_q) * pow2(max r_c) <= {MAX_TOKEN_TILE}; the groups need max r_q={rq_eff}, "
-            f"max r_c={rc_eff}. Use backend='cuda', 'cpu' or 'reference' for these budgets")
+    return (f"the triton backend indexes tokens in int32 and needs max r_q, max r_c < 2^30; the groups need "
+            f"max r_q={rq_eff}, max r_c={rc_eff}")
+
+
+def groups_per_launch(num_groups: int, chunked: bool, carries_state: bool) -> int:
+    """How many groups one launch handles: CHUNK_GROUPS when chunked (per-group running
+    maxima), STATE_GROUPS for the unchunked loss forward's (m, l) rows, else all of them."""
+    if chunked:
+        return CHUNK_GROUPS
+    return STATE_GROUPS if carries_state else num_groups
 
 
 def groups_pad(num_groups: int) -> int:
-    """Rows of the loss forward's per-group state; >= 8 so the usual G <= 8 shares one build."""
+    """Rows of the loss forward's per-group state; >= 8 so the usual G <= 8 shares one build
+    (launches carry at most STATE_GROUPS = 16 groups: 8 or 16 rows)."""
     return max(8, next_power_of_two(num_groups))
 
 

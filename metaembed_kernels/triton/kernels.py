@@ -44,6 +44,39 @@ Fused loss: per query block, stream the candidate blocks and keep an online log-
 A second kernel, one program per query, folds in that query's own hard negatives. Only
 (G, Nq) numbers (lse, positive logit) ever reach memory.
 
+Token chunks (any budget). Tiles hold RQ_TILE <= 64 query tokens x RC_TILE <= 128 candidate
+tokens, RQ_TILE * RC_TILE <= 4096 (what compiles without spills; smaller for some chunked
+kernels, see heuristics.py). A longer query is cut into row chunks of RQ_TILE consecutive
+tokens (i0 = 0, RQ_TILE, 2 RQ_TILE, ...), a longer candidate into column chunks of RC_TILE
+tokens (j0 = 0, RC_TILE, ...); chunk pair (i0, j0) is an ordinary tile whose rows / columns
+carry the token offsets i0 / j0. Why chunks rather than bigger tiles: a tile's S, W and
+per-group epilogue live in registers, and bigger tiles spill. The reductions split over chunks:
+
+    best_g[r, b] = max_{j0 < r_c} ( max_{j0 <= j < min(j0 + RC_TILE, r_c), valid} S3[r, b, j] )
+    s_g(a, b)    = sum_{i0 < r_q} ( sum of best_g over query a's rows in row chunk i0 )
+
+A program loops row chunks (outer) and column chunks (inner) and carries, for every row of
+the current row chunk and every group, the running max, the lowest maximising global j and
+whether the prefix has a valid token: (GROUPS_PAD, M, BLOCK_C) registers, GROUPS_PAD = 8
+(more groups are split into launches of 8 by the launcher). Columns are visited in increasing
+j and a later chunk takes over the argmax only if its max is strictly larger, so ties go to
+the lowest global j, as within a chunk (tl.min over the maximising j). A group whose prefix
+has ended (r_c <= j0, or r_q <= i0) skips the chunk. Row-chunk partial sums add up in
+(GROUPS_PAD, BLOCK_Q, BLOCK_C) registers.
+
+Backward, per (query block, candidate block) pair and row chunk: pass 1 over the column chunks
+computes S and carries (max, argmax) as above; pass 2 over them again builds each chunk's W --
+nonzero only at those carried argmaxes that fall in the chunk -- from the argmax alone (S is
+not recomputed), and runs the usual products on the chunk: dq rows of the row chunk += W @ c
+chunk, dc rows of the column chunk += W^T @ q rows. The loss's dS_g needs the whole s_g(a, b):
+with one row chunk pass 1 provides it, with several a pre-pass recomputes the pair's scores
+(the only duplicated work: one more similarity pass for loss gradients of > 64-token queries).
+Nothing new reaches memory (no stored argmax or scores; the loss keeps O(Nq G)), and each
+program is still the only writer of its dq / dc rows (no atomics).
+
+Budgets that fit one tile take the CHUNKED=False branch: the code they compiled to before
+(the chunk offsets are constant zeros there), so the common shapes pay nothing.
+
 Similarity tiles: fp32 inputs use input_precision="ieee" (exact fp32 products on CUDA
 cores): TF32's 10-bit mantissa would change which candidate token wins a max, i.e. both
 scores and where the gradient goes, and break parity with the reference. bf16/fp16 use
@@ -58,6 +91,10 @@ bf16 by truncation (the GPU rounds to nearest); the W split is exact enough eith
 """
 import triton
 import triton.language as tl
+
+# Group counts are not specialised (Triton would make n_groups == 1 a constant): every group
+# count, and every group batch of a chunked launch, runs the code the compile gate verified.
+GROUP_COUNT = ["n_groups"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -74,15 +111,16 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _query_rows(a0, n_q, rq_eff, mask_ptr, stride_mask_a, stride_mask_i, stride_a, stride_i,
+def _query_rows(a0, i0, n_q, rq_eff, mask_ptr, stride_mask_a, stride_mask_i, stride_a, stride_i,
                 BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr):
-    """Row r of a tile is token i = r % RQ_TILE of query a = a0 + r // RQ_TILE.
+    """Row r of a tile is token i = i0 + r % RQ_TILE of query a = a0 + r // RQ_TILE (i0 = the
+    row chunk's first token, 0 unless queries are chunked).
 
     Returns (a, i, element offset of the row (int64), row loads data, token is valid).
     """
     rows = tl.arange(0, BLOCK_Q * RQ_TILE)
     a = a0 + rows // RQ_TILE
-    i = rows % RQ_TILE
+    i = i0 + rows % RQ_TILE
     in_range = (a < n_q) & (i < rq_eff)
     a64 = a.to(tl.int64)
     flags = tl.load(mask_ptr + a64 * stride_mask_a + i * stride_mask_i, mask=in_range, other=0)
@@ -91,20 +129,21 @@ def _query_rows(a0, n_q, rq_eff, mask_ptr, stride_mask_a, stride_mask_i, stride_
 
 
 @triton.jit
-def _candidate_columns(b0, n_c, rc_eff, mask_ptr, stride_mask_b, stride_mask_j, stride_b, stride_j,
+def _candidate_columns(b0, j0, n_c, rc_eff, mask_ptr, stride_mask_b, stride_mask_j, stride_b, stride_j,
                        BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
-    """Column n of a tile is token j = n % RC_TILE of candidate b = b0 + n // RC_TILE.
+    """Column n of a tile is token j = j0 + n % RC_TILE of candidate b = b0 + n // RC_TILE
+    (j0 = the column chunk's first token, 0 unless candidates are chunked).
 
     Returns (element offset of each column (int64), column loads data, candidate index
     (BLOCK_C,), token validity as a (BLOCK_C, RC_TILE) grid for the epilogue).
     """
     cols = tl.arange(0, BLOCK_C * RC_TILE)
     col_b = b0 + cols // RC_TILE
-    col_j = cols % RC_TILE
+    col_j = j0 + cols % RC_TILE
     col_in = (col_b < n_c) & (col_j < rc_eff)
     offset = col_b.to(tl.int64) * stride_b + col_j.to(tl.int64) * stride_j
     b = b0 + tl.arange(0, BLOCK_C)
-    j = tl.arange(0, RC_TILE)
+    j = j0 + tl.arange(0, RC_TILE)
     tok_in = (b < n_c)[:, None] & (j < rc_eff)[None, :]
     flags = tl.load(mask_ptr + b.to(tl.int64)[:, None] * stride_mask_b + j[None, :] * stride_mask_j,
                     mask=tok_in, other=0)
@@ -254,46 +293,256 @@ def _online_lse_update(m, l, pos, logits, is_positive, g, GROUPS_PAD: tl.constex
     return m, l, pos
 
 
+@triton.jit
+def _online_lse_update_groups(m, l, pos, logits, is_positive):
+    """_online_lse_update for every group at once: m, l, pos (GROUPS_PAD, BLOCK_Q), logits
+    (GROUPS_PAD, BLOCK_Q, BLOCK_C), is_positive (BLOCK_Q, BLOCK_C). Padded group rows see
+    finite logits (their scores are 0) and are never stored."""
+    m_new = tl.maximum(m, tl.max(logits, axis=2))
+    l = l * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, :, None]), axis=2)
+    pos = pos + tl.sum(tl.where(is_positive[None, :, :], logits, 0.0), axis=2)
+    return m_new, l, pos
+
+
+# ---------------------------------------------------------------------------------------
+# Token chunks (budgets beyond one tile; see "Token chunks" in the module docstring)
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _lowest_argmax(S3, best, in_prefix, RC_TILE: tl.constexpr):
+    """Lowest j (tile-local) with S3[r, b, j] == best[r, b] inside the prefix; RC_TILE if none."""
+    j3 = tl.arange(0, RC_TILE)[None, None, :]
+    is_max = in_prefix[None, :, :] & (S3 == best[:, :, None])
+    return tl.min(tl.where(is_max, j3, RC_TILE), axis=2)
+
+
+@triton.jit
+def _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
+                  group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb, stride_mcj,
+                  M: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+                  GROUPS_PAD: tl.constexpr, WITH_ARGMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """One row chunk (M rows starting at token i0) against candidates b0 + [0, BLOCK_C), over
+    every column chunk j0 = 0, RC_TILE, 2 RC_TILE, ... < rc_eff, carrying per group g:
+
+        best[g, r, b] = max_{j < r_c(g), valid} S[r, (b, j)]          (-inf if none)
+        arg[g, r, b]  = lowest global j attaining it                 (-1 if none; WITH_ARGMAX)
+        has[g, b]     = candidate b has a valid token j < r_c(g)      (0/1)
+
+    Chunks are visited in increasing j and a later chunk takes the argmax only if its maximum
+    is strictly larger, so ties resolve to the lowest global j, as within a chunk. A group
+    whose prefix ends before j0 (r_c <= j0), or whose query tokens end before i0, skips
+    the chunk: its state is final (or unused).
+    """
+    best = tl.full((GROUPS_PAD, M, BLOCK_C), float("-inf"), dtype=tl.float32)
+    arg = tl.full((GROUPS_PAD, M, BLOCK_C), -1, dtype=tl.int32)
+    has = tl.zeros((GROUPS_PAD, BLOCK_C), dtype=tl.int32)
+    slot = tl.arange(0, GROUPS_PAD)
+    for j0 in range(0, rc_eff, RC_TILE):
+        c_offset, c_in, b, c_valid = _candidate_columns(b0, j0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
+                                                        stride_cb, stride_cj, BLOCK_C, RC_TILE)
+        S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, BLOCK_C * RC_TILE, BLOCK_D,
+                        DOT_PRECISION, INTERPRET)
+        S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+        for g in range(n_groups):
+            r_q = tl.load(group_rq_ptr + g)
+            r_c = tl.load(group_rc_ptr + g)
+            if (r_c > j0) & (r_q > i0):
+                chunk_best, in_prefix, chunk_has = _group_best(S3, c_valid, r_c - j0, RC_TILE)
+                is_g = (slot == g)[:, None, None]
+                if WITH_ARGMAX:
+                    old = tl.max(tl.where(is_g, best, float("-inf")), axis=0)
+                    chunk_arg = j0 + _lowest_argmax(S3, chunk_best, in_prefix, RC_TILE)
+                    later_wins = chunk_best > old  # strict: a tie keeps the earlier chunk's lower j
+                    arg = tl.where(is_g & later_wins[None, :, :], chunk_arg[None, :, :], arg)
+                best = tl.where(is_g, tl.maximum(best, chunk_best[None, :, :]), best)
+                has = tl.where((slot == g)[:, None], has | chunk_has.to(tl.int32)[None, :], has)
+    return best, arg, has
+
+
+@triton.jit
+def _row_takes(qi, q_valid, has, group_rq_ptr, n_groups, GROUPS_PAD: tl.constexpr):
+    """takes[g, r, b]: row r's maximum counts in s_g(a, b) -- a valid token with i < r_q(g),
+    facing a candidate with a valid token in g's prefix. Padded group slots take nothing."""
+    slot = tl.arange(0, GROUPS_PAD)
+    r_q = tl.load(group_rq_ptr + slot, mask=slot < n_groups, other=0)
+    row_ok = q_valid[None, :] & (qi[None, :] < r_q[:, None])  # (GROUPS_PAD, M)
+    return row_ok[:, :, None] & (has > 0)[:, None, :]
+
+
+@triton.jit
+def _add_chunk_scores(scores, best, takes, BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr,
+                      GROUPS_PAD: tl.constexpr):
+    """scores[g, a, b] += sum over query a's rows in this row chunk of the kept maxima."""
+    contrib = tl.reshape(tl.where(takes, best, 0.0), (GROUPS_PAD, BLOCK_Q, RQ_TILE, BLOCK_C))
+    return scores + tl.sum(contrib, axis=2)
+
+
+@triton.jit
+def _pair_scores(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
+                 c_ptr, c_mask_ptr, n_c, rc_eff, stride_cb, stride_cj, stride_mcb, stride_mcj, D,
+                 group_rq_ptr, group_rc_ptr, n_groups,
+                 BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr,
+                 BLOCK_D: tl.constexpr, GROUPS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    """s_g(a, b) for queries a0 + [0, BLOCK_Q) x candidates b0 + [0, BLOCK_C), every group at
+    once -> (GROUPS_PAD, BLOCK_Q, BLOCK_C): the row-chunk partial sums add up."""
+    M: tl.constexpr = BLOCK_Q * RQ_TILE
+    scores = tl.zeros((GROUPS_PAD, BLOCK_Q, BLOCK_C), dtype=tl.float32)
+    for i0 in range(0, rq_eff, RQ_TILE):
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                      stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+        best, arg, has = _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
+                                       group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb,
+                                       stride_mcj, M, BLOCK_C, RC_TILE, BLOCK_D, GROUPS_PAD, False,
+                                       DOT_PRECISION, INTERPRET)
+        takes = _row_takes(qi, q_valid, has, group_rq_ptr, n_groups, GROUPS_PAD)
+        scores = _add_chunk_scores(scores, best, takes, BLOCK_Q, RQ_TILE, BLOCK_C, GROUPS_PAD)
+    return scores
+
+
+@triton.jit
+def _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
+                    c_ptr, c_mask_ptr, n_c, rc_eff, stride_cb, stride_cj, stride_mcb, stride_mcj, D,
+                    group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, labels_ptr, scale, dq_ptr, dc_ptr,
+                    IS_LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_DQ: tl.constexpr,
+                    WRITE_DC: tl.constexpr, Q_CHUNKED: tl.constexpr,
+                    BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, GROUPS_PAD: tl.constexpr,
+                    PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
+                    SCALE_TO_FP16_RANGE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """Chunked backward of one (query block, candidate block) pair: dq rows += W @ c and/or
+    dc rows += W^T @ q, chunk by chunk.
+
+    Per row chunk: pass 1 runs over the column chunks and carries each group's max and its
+    lowest global argmax (_chunk_maxima); pass 2 runs over them again and builds each chunk's
+    W (nonzero only at that chunk's argmax columns) from the carried argmax -- S is not
+    recomputed, only the operand chunk is loaded for the products. The loss's dS needs the
+    whole score s_g(a, b): with one row chunk it comes from pass 1, with several from a
+    pre-pass over every (row chunk, column chunk) (_pair_scores).
+    IS_LOSS: dS_g = grad[g, a] * scale * (softmax_g(a, b) - [b == label_a]) (no label term
+    without HAS_LABELS: hard negatives); else dS_g = grad[g, a, b].
+    The caller must be the only writer of these dq / dc rows (barrier after each update).
+    """
+    M: tl.constexpr = BLOCK_Q * RQ_TILE
+    N: tl.constexpr = BLOCK_C * RC_TILE
+    slot = tl.arange(0, GROUPS_PAD)
+    a = a0 + tl.arange(0, BLOCK_Q)
+    b = b0 + tl.arange(0, BLOCK_C)
+    pair_in = (slot < n_groups)[:, None, None] & (a < n_q)[None, :, None] & (b < n_c)[None, None, :]
+    if IS_LOSS:
+        if Q_CHUNKED:
+            scores = _pair_scores(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa,
+                                  stride_mqi, c_ptr, c_mask_ptr, n_c, rc_eff, stride_cb, stride_cj, stride_mcb,
+                                  stride_mcj, D, group_rq_ptr, group_rc_ptr, n_groups, BLOCK_Q, RQ_TILE, BLOCK_C,
+                                  RC_TILE, BLOCK_D, GROUPS_PAD, DOT_PRECISION, INTERPRET)
+        row = slot.to(tl.int64)[:, None] * n_q + a[None, :]
+        row_in = (slot < n_groups)[:, None] & (a < n_q)[None, :]
+        lse = tl.load(lse_ptr + row, mask=row_in, other=0.0)
+        grad = tl.load(grad_ptr + row, mask=row_in, other=0.0)
+        if HAS_LABELS:
+            label = tl.load(labels_ptr + a, mask=a < n_q, other=-1)
+            positive = (b[None, :] == label[:, None]).to(tl.float32)
+        else:
+            positive = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+    else:
+        offset = (slot.to(tl.int64)[:, None, None] * n_q + a.to(tl.int64)[None, :, None]) * n_c + b[None, None, :]
+        dS = tl.load(grad_ptr + offset, mask=pair_in, other=0.0)  # 0 outside the pair
+    for i0 in range(0, rq_eff, RQ_TILE):
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                      stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+        best, arg, has = _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
+                                       group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb,
+                                       stride_mcj, M, BLOCK_C, RC_TILE, BLOCK_D, GROUPS_PAD, True,
+                                       DOT_PRECISION, INTERPRET)
+        takes = _row_takes(qi, q_valid, has, group_rq_ptr, n_groups, GROUPS_PAD)
+        if IS_LOSS:
+            if not Q_CHUNKED:  # one row chunk: pass 1 saw every token of these queries
+                scores = _add_chunk_scores(tl.zeros((GROUPS_PAD, BLOCK_Q, BLOCK_C), dtype=tl.float32), best,
+                                           takes, BLOCK_Q, RQ_TILE, BLOCK_C, GROUPS_PAD)
+            softmax = tl.exp(scores * scale - lse[:, :, None])
+            dS = tl.where(pair_in, grad[:, :, None] * scale * (softmax - positive[None, :, :]), 0.0)
+        # Each row's weight per group: dS of its query, where its maximum counts.
+        w_rows = tl.reshape(tl.broadcast_to(dS[:, :, None, :], (GROUPS_PAD, BLOCK_Q, RQ_TILE, BLOCK_C)),
+                            (GROUPS_PAD, M, BLOCK_C))
+        w_rows = tl.where(takes, w_rows, 0.0)
+        for j0 in range(0, rc_eff, RC_TILE):
+            c_offset, c_in, bb, c_valid = _candidate_columns(b0, j0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
+                                                             stride_cb, stride_cj, BLOCK_C, RC_TILE)
+            j3 = j0 + tl.arange(0, RC_TILE)[None, None, :]
+            W3 = tl.zeros((M, BLOCK_C, RC_TILE), dtype=tl.float32)
+            for g in range(n_groups):
+                r_q = tl.load(group_rq_ptr + g)
+                r_c = tl.load(group_rc_ptr + g)
+                if (r_c > j0) & (r_q > i0):
+                    is_g = (slot == g)[:, None, None]
+                    arg_g = tl.max(tl.where(is_g, arg, -1), axis=0)
+                    w_g = tl.sum(tl.where(is_g, w_rows, 0.0), axis=0)
+                    W3 += tl.where(j3 == arg_g[:, :, None], w_g[:, :, None], 0.0)
+            W = tl.reshape(W3, (M, N))
+            hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
+            if WRITE_DQ:
+                _accumulate_product(dq_ptr, q_offset, q_in, hi, mid, lo, unscale, c_ptr, c_offset, c_in, D,
+                                    M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+            if WRITE_DC:
+                _accumulate_product(dc_ptr, c_offset, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
+                                    q_ptr, q_offset, q_in, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+            tl.debug_barrier()  # these dq / dc stores before the next chunk's loads
+
+
 # ---------------------------------------------------------------------------------------
 # grouped MaxSim, forward
 # ---------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=GROUP_COUNT)
 def maxsim_forward_kernel(
     q_ptr, c_ptr, q_mask_ptr, c_mask_ptr, group_rq_ptr, group_rc_ptr, out_ptr,
     n_q, n_c, rq_eff, rc_eff, D, n_groups, num_q_blocks,
     stride_qa, stride_qi, stride_cb, stride_cj,
     stride_mqa, stride_mqi, stride_mcb, stride_mcj,
     BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHUNKED: tl.constexpr, GROUPS_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """out[g, a, b] = s_g(a, b) for one (query block, candidate block) tile.
 
     1-D grid, query block fastest: programs running together share a candidate block, so
     each candidate block comes from HBM once and from L2 for the other query blocks.
+    CHUNKED: the budget spans several row and/or column chunks (at most GROUPS_PAD groups
+    per launch); otherwise one tile holds every token and GROUPS_PAD is unused.
     """
     pid = tl.program_id(0)
     a0 = (pid % num_q_blocks) * BLOCK_Q
     b0 = (pid // num_q_blocks) * BLOCK_C
     M: tl.constexpr = BLOCK_Q * RQ_TILE
     N: tl.constexpr = BLOCK_C * RC_TILE
+    if CHUNKED:
+        scores = _pair_scores(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
+                              c_ptr, c_mask_ptr, n_c, rc_eff, stride_cb, stride_cj, stride_mcb, stride_mcj, D,
+                              group_rq_ptr, group_rc_ptr, n_groups, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE, BLOCK_D,
+                              GROUPS_PAD, DOT_PRECISION, INTERPRET)
+        slot = tl.arange(0, GROUPS_PAD)
+        a = a0 + tl.arange(0, BLOCK_Q)
+        b = b0 + tl.arange(0, BLOCK_C)
+        offset = (slot.to(tl.int64)[:, None, None] * n_q + a.to(tl.int64)[None, :, None]) * n_c + b[None, None, :]
+        out_in = (slot < n_groups)[:, None, None] & (a < n_q)[None, :, None] & (b < n_c)[None, None, :]
+        tl.store(out_ptr + offset, scores, mask=out_in)
+    else:
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                      stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+        c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
+                                                        stride_cb, stride_cj, BLOCK_C, RC_TILE)
+        S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
+        S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
 
-    qa, qi, q_offset, q_in, q_valid = _query_rows(a0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                  stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
-    c_offset, c_in, b, c_valid = _candidate_columns(b0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
-                                                    stride_cb, stride_cj, BLOCK_C, RC_TILE)
-    S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
-    S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
-
-    a = a0 + tl.arange(0, BLOCK_Q)
-    out_offset = a.to(tl.int64)[:, None] * n_c + b[None, :]
-    out_in = (a < n_q)[:, None] & (b < n_c)[None, :]
-    for g in range(n_groups):
-        r_q = tl.load(group_rq_ptr + g)
-        r_c = tl.load(group_rc_ptr + g)
-        best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
-        takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
-        scores = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C)
-        tl.store(out_ptr + tl.cast(g, tl.int64) * n_q * n_c + out_offset, scores, mask=out_in)
+        a = a0 + tl.arange(0, BLOCK_Q)
+        out_offset = a.to(tl.int64)[:, None] * n_c + b[None, :]
+        out_in = (a < n_q)[:, None] & (b < n_c)[None, :]
+        for g in range(n_groups):
+            r_q = tl.load(group_rq_ptr + g)
+            r_c = tl.load(group_rc_ptr + g)
+            best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+            takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+            scores = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C)
+            tl.store(out_ptr + tl.cast(g, tl.int64) * n_q * n_c + out_offset, scores, mask=out_in)
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,7 +598,7 @@ def _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups,
     return tl.reshape(W3, (M, BLOCK_C * RC_TILE))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GROUP_COUNT)
 def grad_query_kernel(
     q_ptr, c_ptr, q_mask_ptr, c_mask_ptr, group_rq_ptr, group_rc_ptr,
     grad_ptr, lse_ptr, labels_ptr, dq_ptr,
@@ -359,30 +608,41 @@ def grad_query_kernel(
     IS_LOSS: tl.constexpr,
     BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
-    SCALE_TO_FP16_RANGE: tl.constexpr,
+    SCALE_TO_FP16_RANGE: tl.constexpr, CHUNKED: tl.constexpr, Q_CHUNKED: tl.constexpr, GROUPS_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dq (fp32, layout of q) for one query block: loop over every candidate block,
-    recompute S, build W, dq_block += W @ c_block. Sole writer of these rows: deterministic."""
+    recompute S, build W, dq_block += W @ c_block. Sole writer of these rows: deterministic.
+    CHUNKED: _pair_gradients per candidate block (at most GROUPS_PAD groups per launch)."""
     a0 = tl.program_id(0) * BLOCK_Q
     M: tl.constexpr = BLOCK_Q * RQ_TILE
     N: tl.constexpr = BLOCK_C * RC_TILE
-    qa, qi, q_offset, q_in, q_valid = _query_rows(a0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                  stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
-    a = a0 + tl.arange(0, BLOCK_Q)
-    for b0 in range(0, n_c, BLOCK_C):
-        c_offset, c_in, b, c_valid = _candidate_columns(b0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
-                                                        stride_cb, stride_cj, BLOCK_C, RC_TILE)
-        S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
-        W = _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups, group_rq_ptr, group_rc_ptr,
-                          grad_ptr, lse_ptr, labels_ptr, scale, IS_LOSS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
-        hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
-        _accumulate_product(dq_ptr, q_offset, q_in, hi, mid, lo, unscale, c_ptr, c_offset, c_in, D,
-                            M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
-        tl.debug_barrier()  # this iteration's dq stores before the next iteration's loads
+    if CHUNKED:
+        for b0 in range(0, n_c, BLOCK_C):
+            _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
+                            c_ptr, c_mask_ptr, n_c, rc_eff, stride_cb, stride_cj, stride_mcb, stride_mcj, D,
+                            group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, labels_ptr, scale, dq_ptr, dq_ptr,
+                            IS_LOSS, True, True, False, Q_CHUNKED, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE, BLOCK_D,
+                            BLOCK_DO, GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS, SCALE_TO_FP16_RANGE,
+                            DOT_PRECISION, INTERPRET)
+    else:
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                      stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+        a = a0 + tl.arange(0, BLOCK_Q)
+        for b0 in range(0, n_c, BLOCK_C):
+            c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
+                                                            stride_cb, stride_cj, BLOCK_C, RC_TILE)
+            S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+                            INTERPRET)
+            W = _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups, group_rq_ptr, group_rc_ptr,
+                              grad_ptr, lse_ptr, labels_ptr, scale, IS_LOSS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
+            hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
+            _accumulate_product(dq_ptr, q_offset, q_in, hi, mid, lo, unscale, c_ptr, c_offset, c_in, D,
+                                M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+            tl.debug_barrier()  # this iteration's dq stores before the next iteration's loads
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GROUP_COUNT)
 def grad_candidate_kernel(
     q_ptr, c_ptr, q_mask_ptr, c_mask_ptr, group_rq_ptr, group_rc_ptr,
     grad_ptr, lse_ptr, labels_ptr, dc_ptr,
@@ -392,33 +652,44 @@ def grad_candidate_kernel(
     IS_LOSS: tl.constexpr,
     BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
-    SCALE_TO_FP16_RANGE: tl.constexpr,
+    SCALE_TO_FP16_RANGE: tl.constexpr, CHUNKED: tl.constexpr, Q_CHUNKED: tl.constexpr, GROUPS_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dc (fp32, layout of c) for one candidate block: loop over every query block,
-    recompute S, build W, dc_block += W^T @ q_block. Sole writer of these rows."""
+    recompute S, build W, dc_block += W^T @ q_block. Sole writer of these rows.
+    CHUNKED: _pair_gradients per query block (at most GROUPS_PAD groups per launch)."""
     b0 = tl.program_id(0) * BLOCK_C
     M: tl.constexpr = BLOCK_Q * RQ_TILE
     N: tl.constexpr = BLOCK_C * RC_TILE
-    c_offset, c_in, b, c_valid = _candidate_columns(b0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
-                                                    stride_cb, stride_cj, BLOCK_C, RC_TILE)
-    for a0 in range(0, n_q, BLOCK_Q):
-        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                      stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
-        a = a0 + tl.arange(0, BLOCK_Q)
-        S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
-        W = _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups, group_rq_ptr, group_rc_ptr,
-                          grad_ptr, lse_ptr, labels_ptr, scale, IS_LOSS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
-        hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
-        _accumulate_product(dc_ptr, c_offset, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
-                            q_ptr, q_offset, q_in, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
-        tl.debug_barrier()
+    if CHUNKED:
+        for a0 in range(0, n_q, BLOCK_Q):
+            _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
+                            c_ptr, c_mask_ptr, n_c, rc_eff, stride_cb, stride_cj, stride_mcb, stride_mcj, D,
+                            group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, labels_ptr, scale, dc_ptr, dc_ptr,
+                            IS_LOSS, True, False, True, Q_CHUNKED, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE, BLOCK_D,
+                            BLOCK_DO, GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS, SCALE_TO_FP16_RANGE,
+                            DOT_PRECISION, INTERPRET)
+    else:
+        c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
+                                                        stride_cb, stride_cj, BLOCK_C, RC_TILE)
+        for a0 in range(0, n_q, BLOCK_Q):
+            qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                          stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+            a = a0 + tl.arange(0, BLOCK_Q)
+            S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+                            INTERPRET)
+            W = _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups, group_rq_ptr, group_rc_ptr,
+                              grad_ptr, lse_ptr, labels_ptr, scale, IS_LOSS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
+            hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
+            _accumulate_product(dc_ptr, c_offset, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
+                                q_ptr, q_offset, q_in, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+            tl.debug_barrier()
 
 
 # ---------------------------------------------------------------------------------------
 # Fused Matryoshka InfoNCE
 # ---------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=GROUP_COUNT)
 def infonce_forward_kernel(
     q_ptr, c_ptr, q_mask_ptr, c_mask_ptr, group_rq_ptr, group_rc_ptr, labels_ptr,
     lse_ptr, pos_ptr,
@@ -426,34 +697,52 @@ def infonce_forward_kernel(
     stride_qa, stride_qi, stride_cb, stride_cj,
     stride_mqa, stride_mqi, stride_mcb, stride_mcj,
     BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr,
-    BLOCK_D: tl.constexpr, GROUPS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUPS_PAD: tl.constexpr, CHUNKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """In-batch part of the loss for one query block: lse[g, a] = logsumexp_b scale * s_g(a, b)
-    and pos[g, a] = scale * s_g(a, labels[a]), streaming every candidate block once."""
+    and pos[g, a] = scale * s_g(a, labels[a]), streaming every candidate block once.
+    CHUNKED: each block's scores come from _pair_scores, all groups updated at once."""
     a0 = tl.program_id(0) * BLOCK_Q
     M: tl.constexpr = BLOCK_Q * RQ_TILE
     N: tl.constexpr = BLOCK_C * RC_TILE
-    qa, qi, q_offset, q_in, q_valid = _query_rows(a0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                  stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
-    a = a0 + tl.arange(0, BLOCK_Q)
-    label = tl.load(labels_ptr + a, mask=a < n_q, other=-1)
-    m = tl.full((GROUPS_PAD, BLOCK_Q), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
-    pos = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
-    for b0 in range(0, n_c, BLOCK_C):
-        c_offset, c_in, b, c_valid = _candidate_columns(b0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
-                                                        stride_cb, stride_cj, BLOCK_C, RC_TILE)
-        S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
-        S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
-        is_positive = b[None, :] == label[:, None]
-        for g in range(n_groups):
-            r_q = tl.load(group_rq_ptr + g)
-            r_c = tl.load(group_rc_ptr + g)
-            best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
-            takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
-            logits = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C) * scale
-            logits = tl.where((b < n_c)[None, :], logits, float("-inf"))
-            m, l, pos = _online_lse_update(m, l, pos, logits, is_positive, g, GROUPS_PAD)
+    if CHUNKED:
+        a = a0 + tl.arange(0, BLOCK_Q)
+        label = tl.load(labels_ptr + a, mask=a < n_q, other=-1)
+        m = tl.full((GROUPS_PAD, BLOCK_Q), float("-inf"), dtype=tl.float32)
+        l = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
+        pos = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
+        for b0 in range(0, n_c, BLOCK_C):
+            scores = _pair_scores(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa,
+                                  stride_mqi, c_ptr, c_mask_ptr, n_c, rc_eff, stride_cb, stride_cj, stride_mcb,
+                                  stride_mcj, D, group_rq_ptr, group_rc_ptr, n_groups, BLOCK_Q, RQ_TILE, BLOCK_C,
+                                  RC_TILE, BLOCK_D, GROUPS_PAD, DOT_PRECISION, INTERPRET)
+            b = b0 + tl.arange(0, BLOCK_C)
+            logits = tl.where((b < n_c)[None, None, :], scores * scale, float("-inf"))
+            m, l, pos = _online_lse_update_groups(m, l, pos, logits, b[None, :] == label[:, None])
+    else:
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                      stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+        a = a0 + tl.arange(0, BLOCK_Q)
+        label = tl.load(labels_ptr + a, mask=a < n_q, other=-1)
+        m = tl.full((GROUPS_PAD, BLOCK_Q), float("-inf"), dtype=tl.float32)
+        l = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
+        pos = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
+        for b0 in range(0, n_c, BLOCK_C):
+            c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
+                                                            stride_cb, stride_cj, BLOCK_C, RC_TILE)
+            S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+                            INTERPRET)
+            S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+            is_positive = b[None, :] == label[:, None]
+            for g in range(n_groups):
+                r_q = tl.load(group_rq_ptr + g)
+                r_c = tl.load(group_rc_ptr + g)
+                best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+                takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+                logits = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C) * scale
+                logits = tl.where((b < n_c)[None, :], logits, float("-inf"))
+                m, l, pos = _online_lse_update(m, l, pos, logits, is_positive, g, GROUPS_PAD)
     rows = tl.arange(0, GROUPS_PAD)
     offset = rows.to(tl.int64)[:, None] * n_q + a[None, :]
     out_in = (rows < n_groups)[:, None] & (a < n_q)[None, :]
@@ -462,48 +751,70 @@ def infonce_forward_kernel(
     tl.store(pos_ptr + offset, pos, mask=out_in)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GROUP_COUNT)
 def infonce_hard_negatives_forward_kernel(
     q_ptr, hn_ptr, q_mask_ptr, hn_mask_ptr, group_rq_ptr, group_rc_ptr, lse_ptr,
     n_q, n_k, rq_eff, rc_eff, D, n_groups, scale,
     stride_qa, stride_qi, stride_ha, stride_hk, stride_hj,
     stride_mqa, stride_mqi, stride_mha, stride_mhk, stride_mhj,
     RQ_TILE: tl.constexpr, BLOCK_K: tl.constexpr, RC_TILE: tl.constexpr,
-    BLOCK_D: tl.constexpr, GROUPS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUPS_PAD: tl.constexpr, CHUNKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Fold query a's own K hard negatives into lse[:, a] (one program per query):
     the in-batch lse is the starting state (m = lse, l = 1) of the same online update."""
     a0 = tl.program_id(0)
     M: tl.constexpr = RQ_TILE
     N: tl.constexpr = BLOCK_K * RC_TILE
-    qa, qi, q_offset, q_in, q_valid = _query_rows(a0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                  stride_qa, stride_qi, 1, RQ_TILE)
-    hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
-    hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
-    rows = tl.arange(0, GROUPS_PAD)
-    offset = rows.to(tl.int64)[:, None] * n_q + a0
-    state_in = (rows < n_groups)[:, None]
-    m = tl.load(lse_ptr + offset, mask=state_in, other=float("-inf"))  # (GROUPS_PAD, 1)
-    l = tl.where(state_in, 1.0, 0.0)
-    pos = tl.zeros((GROUPS_PAD, 1), dtype=tl.float32)
-    no_positive = tl.zeros((1, BLOCK_K), dtype=tl.int1)
-    for k0 in range(0, n_k, BLOCK_K):
-        c_offset, c_in, k, c_valid = _candidate_columns(k0, n_k, rc_eff, hn_mask_base, stride_mhk, stride_mhj,
-                                                        stride_hk, stride_hj, BLOCK_K, RC_TILE)
-        S = _similarity(q_ptr, q_offset, q_in, hn_base, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
-        S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
-        for g in range(n_groups):
-            r_q = tl.load(group_rq_ptr + g)
-            r_c = tl.load(group_rc_ptr + g)
-            best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
-            takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
-            logits = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K) * scale
-            logits = tl.where((k < n_k)[None, :], logits, float("-inf"))
-            m, l, pos = _online_lse_update(m, l, pos, logits, no_positive, g, GROUPS_PAD)
-    tl.store(lse_ptr + offset, m + tl.log(tl.where(state_in, l, 1.0)), mask=state_in)
+    if CHUNKED:
+        hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
+        hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
+        rows = tl.arange(0, GROUPS_PAD)
+        offset = rows.to(tl.int64)[:, None] * n_q + a0
+        state_in = (rows < n_groups)[:, None]
+        m = tl.load(lse_ptr + offset, mask=state_in, other=float("-inf"))  # (GROUPS_PAD, 1)
+        l = tl.where(state_in, 1.0, 0.0)
+        pos = tl.zeros((GROUPS_PAD, 1), dtype=tl.float32)
+        no_positive = tl.zeros((1, BLOCK_K), dtype=tl.int1)
+        for k0 in range(0, n_k, BLOCK_K):
+            scores = _pair_scores(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa,
+                                  stride_mqi, hn_base, hn_mask_base, n_k, rc_eff, stride_hk, stride_hj, stride_mhk,
+                                  stride_mhj, D, group_rq_ptr, group_rc_ptr, n_groups, 1, RQ_TILE, BLOCK_K,
+                                  RC_TILE, BLOCK_D, GROUPS_PAD, DOT_PRECISION, INTERPRET)
+            k = k0 + tl.arange(0, BLOCK_K)
+            logits = tl.where((k < n_k)[None, None, :], scores * scale, float("-inf"))
+            m, l, pos = _online_lse_update_groups(m, l, pos, logits, no_positive)
+        tl.store(lse_ptr + offset, m + tl.log(tl.where(state_in, l, 1.0)), mask=state_in)
+    else:
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                      stride_qa, stride_qi, 1, RQ_TILE)
+        hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
+        hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
+        rows = tl.arange(0, GROUPS_PAD)
+        offset = rows.to(tl.int64)[:, None] * n_q + a0
+        state_in = (rows < n_groups)[:, None]
+        m = tl.load(lse_ptr + offset, mask=state_in, other=float("-inf"))  # (GROUPS_PAD, 1)
+        l = tl.where(state_in, 1.0, 0.0)
+        pos = tl.zeros((GROUPS_PAD, 1), dtype=tl.float32)
+        no_positive = tl.zeros((1, BLOCK_K), dtype=tl.int1)
+        for k0 in range(0, n_k, BLOCK_K):
+            c_offset, c_in, k, c_valid = _candidate_columns(k0, 0, n_k, rc_eff, hn_mask_base, stride_mhk,
+                                                            stride_mhj, stride_hk, stride_hj, BLOCK_K, RC_TILE)
+            S = _similarity(q_ptr, q_offset, q_in, hn_base, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+                            INTERPRET)
+            S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
+            for g in range(n_groups):
+                r_q = tl.load(group_rq_ptr + g)
+                r_c = tl.load(group_rc_ptr + g)
+                best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+                takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+                logits = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K) * scale
+                logits = tl.where((k < n_k)[None, :], logits, float("-inf"))
+                m, l, pos = _online_lse_update(m, l, pos, logits, no_positive, g, GROUPS_PAD)
+        tl.store(lse_ptr + offset, m + tl.log(tl.where(state_in, l, 1.0)), mask=state_in)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GROUP_COUNT)
 def infonce_hard_negatives_backward_kernel(
     q_ptr, hn_ptr, q_mask_ptr, hn_mask_ptr, group_rq_ptr, group_rc_ptr,
     grad_ptr, lse_ptr, dq_ptr, dhn_ptr,
@@ -512,7 +823,7 @@ def infonce_hard_negatives_backward_kernel(
     stride_mqa, stride_mqi, stride_mha, stride_mhk, stride_mhj,
     RQ_TILE: tl.constexpr, BLOCK_K: tl.constexpr, RC_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
-    SCALE_TO_FP16_RANGE: tl.constexpr,
+    SCALE_TO_FP16_RANGE: tl.constexpr, CHUNKED: tl.constexpr, Q_CHUNKED: tl.constexpr, GROUPS_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Hard-negative part of the loss gradient, one program per query a:
@@ -521,34 +832,46 @@ def infonce_hard_negatives_backward_kernel(
     a0 = tl.program_id(0)
     M: tl.constexpr = RQ_TILE
     N: tl.constexpr = BLOCK_K * RC_TILE
-    qa, qi, q_offset, q_in, q_valid = _query_rows(a0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                  stride_qa, stride_qi, 1, RQ_TILE)
-    a = a0 + tl.arange(0, 1)
-    hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
-    dhn_base = dhn_ptr + tl.cast(a0, tl.int64) * stride_ha
-    hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
-    for k0 in range(0, n_k, BLOCK_K):
-        c_offset, c_in, k, c_valid = _candidate_columns(k0, n_k, rc_eff, hn_mask_base, stride_mhk, stride_mhj,
-                                                        stride_hk, stride_hj, BLOCK_K, RC_TILE)
-        S = _similarity(q_ptr, q_offset, q_in, hn_base, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
-        S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
-        W3 = tl.zeros((M, BLOCK_K, RC_TILE), dtype=tl.float32)
-        for g in range(n_groups):
-            r_q = tl.load(group_rq_ptr + g)
-            r_c = tl.load(group_rc_ptr + g)
-            best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
-            takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
-            scores = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K)
-            row = tl.cast(g, tl.int64) * n_q + a
-            lse = tl.load(lse_ptr + row)
-            grad = tl.load(grad_ptr + row)
-            dS = grad[:, None] * scale * tl.exp(scores * scale - lse[:, None])
-            dS = tl.where((k < n_k)[None, :], dS, 0.0)
-            W3 = _add_argmax_weights(W3, S3, best, in_prefix, takes, dS, 1, RQ_TILE, BLOCK_K, RC_TILE)
-        W = tl.reshape(W3, (M, N))
-        hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
-        _accumulate_product(dq_ptr, q_offset, q_in, hi, mid, lo, unscale, hn_base, c_offset, c_in, D,
-                            M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
-        _accumulate_product(dhn_base, c_offset, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
-                            q_ptr, q_offset, q_in, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
-        tl.debug_barrier()
+    if CHUNKED:
+        hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
+        dhn_base = dhn_ptr + tl.cast(a0, tl.int64) * stride_ha
+        hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
+        for k0 in range(0, n_k, BLOCK_K):
+            _pair_gradients(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
+                            hn_base, hn_mask_base, n_k, rc_eff, stride_hk, stride_hj, stride_mhk, stride_mhj, D,
+                            group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, lse_ptr, scale, dq_ptr, dhn_base,
+                            True, False, True, True, Q_CHUNKED, 1, RQ_TILE, BLOCK_K, RC_TILE, BLOCK_D, BLOCK_DO,
+                            GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS, SCALE_TO_FP16_RANGE, DOT_PRECISION,
+                            INTERPRET)
+    else:
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                      stride_qa, stride_qi, 1, RQ_TILE)
+        a = a0 + tl.arange(0, 1)
+        hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
+        dhn_base = dhn_ptr + tl.cast(a0, tl.int64) * stride_ha
+        hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
+        for k0 in range(0, n_k, BLOCK_K):
+            c_offset, c_in, k, c_valid = _candidate_columns(k0, 0, n_k, rc_eff, hn_mask_base, stride_mhk, stride_mhj,
+                                                            stride_hk, stride_hj, BLOCK_K, RC_TILE)
+            S = _similarity(q_ptr, q_offset, q_in, hn_base, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
+            S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
+            W3 = tl.zeros((M, BLOCK_K, RC_TILE), dtype=tl.float32)
+            for g in range(n_groups):
+                r_q = tl.load(group_rq_ptr + g)
+                r_c = tl.load(group_rc_ptr + g)
+                best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+                takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+                scores = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K)
+                row = tl.cast(g, tl.int64) * n_q + a
+                lse = tl.load(lse_ptr + row)
+                grad = tl.load(grad_ptr + row)
+                dS = grad[:, None] * scale * tl.exp(scores * scale - lse[:, None])
+                dS = tl.where((k < n_k)[None, :], dS, 0.0)
+                W3 = _add_argmax_weights(W3, S3, best, in_prefix, takes, dS, 1, RQ_TILE, BLOCK_K, RC_TILE)
+            W = tl.reshape(W3, (M, N))
+            hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
+            _accumulate_product(dq_ptr, q_offset, q_in, hi, mid, lo, unscale, hn_base, c_offset, c_in, D,
+                                M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+            _accumulate_product(dhn_base, c_offset, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
+                                q_ptr, q_offset, q_in, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+            tl.debug_barrier()

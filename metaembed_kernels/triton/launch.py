@@ -7,6 +7,11 @@ specialisation -- from meta tensors, and compiles them for real GPU targets.
 Every kernel reads the last dimension with stride 1, so inputs are made contiguous; masks
 are passed as uint8 views, and an absent mask is a stride-0 view of a single True (no
 allocation, one cached byte). Offsets are computed in int64 inside the kernels.
+
+Budgets beyond one token tile run the kernels' chunked branch (CHUNKED), which handles at
+most heuristics.CHUNK_GROUPS groups per launch: more groups become several launches, each
+given a slice of the group lists and of the per-group outputs / gradients (views, no copies).
+Launches that add into the same dq / dc run one after another on the stream (deterministic).
 """
 from __future__ import annotations
 
@@ -92,12 +97,20 @@ class Problem:
 
     def tile_constexprs(self, cfg: H.TileConfig, with_gradient_chunk: bool = False) -> Dict[str, Any]:
         out = dict(BLOCK_Q=cfg.block_q, RQ_TILE=cfg.rq_tile, BLOCK_C=cfg.block_c, RC_TILE=cfg.rc_tile,
-                   BLOCK_D=cfg.block_d, INTERPRET=self.interpret)
+                   BLOCK_D=cfg.block_d, INTERPRET=self.interpret, CHUNKED=cfg.chunked)
         numerics = H.numerics(self.q.dtype)
         out["DOT_PRECISION"] = numerics["DOT_PRECISION"]
         if with_gradient_chunk:
-            out.update(BLOCK_DO=cfg.block_do, **{k: numerics[k] for k in GRADIENT_NUMERICS})
+            out.update(BLOCK_DO=cfg.block_do, Q_CHUNKED=cfg.q_chunked, **{k: numerics[k] for k in GRADIENT_NUMERICS})
         return out
+
+    def group_batches(self, cfg: H.TileConfig, carries_state: bool = False) -> List[Tuple[int, int]]:
+        """[g0, g1) ranges of the groups, one per launch."""
+        size = H.groups_per_launch(self.num_groups, cfg.chunked, carries_state)
+        return [(g0, min(self.num_groups, g0 + size)) for g0 in range(0, self.num_groups, size)]
+
+    def group_args(self, g0: int, g1: int) -> Dict[str, Any]:
+        return dict(group_rq_ptr=self.group_rq[g0:g1], group_rc_ptr=self.group_rc[g0:g1], n_groups=g1 - g0)
 
 
 def _check_groups(group_rq: Sequence[int], group_rc: Sequence[int], rq: int, rc: int) -> None:
@@ -129,7 +142,7 @@ def make_problem(q, c, group_rq, group_rc, q_mask, c_mask, interpret: Optional[b
     _check_mask("q_mask", q_mask, q.shape[:2], q.device)
     _check_mask("c_mask", c_mask, c.shape[:2], q.device)
     reason = H.unsupported_reason(max(group_rq), max(group_rc))
-    if reason is not None:
+    if reason is not None:  # only absurd budgets (>= 2^30 tokens)
         raise ValueError(reason)
     device = q.device
     return Problem(
@@ -148,22 +161,28 @@ def plan_maxsim_forward(p: Problem) -> Tuple[torch.Tensor, List[LaunchPlan]]:
     out = torch.empty((p.num_groups, p.nq, p.nc), dtype=torch.float32, device=p.q.device)
     cfg = H.maxsim_forward_config(p.nq, p.rq_eff, p.rc_eff, p.d, p.q.dtype)
     num_q_blocks = _cdiv(p.nq, cfg.block_q)
-    args = dict(p.common_args(), out_ptr=out, num_q_blocks=num_q_blocks)
     grid = (num_q_blocks * _cdiv(p.nc, cfg.block_c),)
-    return out, [LaunchPlan("maxsim forward", K.maxsim_forward_kernel, grid, args, p.tile_constexprs(cfg), cfg)]
+    constexprs = dict(p.tile_constexprs(cfg), GROUPS_PAD=H.CHUNK_GROUPS)  # unused unless chunked
+    plans = []
+    for g0, g1 in p.group_batches(cfg):
+        args = dict(p.common_args(), **p.group_args(g0, g1), out_ptr=out[g0:g1], num_q_blocks=num_q_blocks)
+        plans.append(LaunchPlan("maxsim forward", K.maxsim_forward_kernel, grid, args, constexprs, cfg))
+    return out, plans
 
 
 def _gradient_plans(p: Problem, dq, dc, grad, lse, labels, scale: float, is_loss: bool) -> List[LaunchPlan]:
+    """dq pass(es), then dc pass(es); grad and lse are per group (first dimension G)."""
     cfg = H.gradient_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype)
-    shared = dict(p.common_args(), grad_ptr=grad, lse_ptr=lse, labels_ptr=labels, scale=float(scale))
-    constexprs = dict(p.tile_constexprs(cfg, with_gradient_chunk=True), IS_LOSS=is_loss)
+    constexprs = dict(p.tile_constexprs(cfg, with_gradient_chunk=True), IS_LOSS=is_loss, GROUPS_PAD=H.CHUNK_GROUPS)
     kind = "loss" if is_loss else "maxsim"
-    return [
-        LaunchPlan(f"{kind} backward dq", K.grad_query_kernel, (_cdiv(p.nq, cfg.block_q),),
-                   dict(shared, dq_ptr=dq), constexprs, cfg),
-        LaunchPlan(f"{kind} backward dc", K.grad_candidate_kernel, (_cdiv(p.nc, cfg.block_c),),
-                   dict(shared, dc_ptr=dc), constexprs, cfg),
-    ]
+    batches = p.group_batches(cfg)
+    shared = [dict(p.common_args(), **p.group_args(g0, g1), grad_ptr=grad[g0:g1], lse_ptr=lse[g0:g1],
+                   labels_ptr=labels, scale=float(scale)) for g0, g1 in batches]
+    plans = [LaunchPlan(f"{kind} backward dq", K.grad_query_kernel, (_cdiv(p.nq, cfg.block_q),),
+                        dict(args, dq_ptr=dq), constexprs, cfg) for args in shared]
+    plans += [LaunchPlan(f"{kind} backward dc", K.grad_candidate_kernel, (_cdiv(p.nc, cfg.block_c),),
+                         dict(args, dc_ptr=dc), constexprs, cfg) for args in shared]
+    return plans
 
 
 def plan_maxsim_backward(p: Problem, grad: torch.Tensor):
@@ -219,16 +238,19 @@ def _hard_negative_args(p: Problem, h: HardNegatives) -> Dict[str, Any]:
                 stride_qa=q.stride(0), stride_qi=q.stride(1), stride_mqa=qm.stride(0), stride_mqi=qm.stride(1))
 
 
-def _hard_negative_constexprs(p: Problem, cfg: H.TileConfig, backward: bool) -> Dict[str, Any]:
+def _hard_negative_constexprs(p: Problem, cfg: H.TileConfig, backward: bool, groups_pad: int) -> Dict[str, Any]:
     out = dict(RQ_TILE=cfg.rq_tile, BLOCK_K=cfg.block_c, RC_TILE=cfg.rc_tile, BLOCK_D=cfg.block_d,
-               INTERPRET=p.interpret)
+               INTERPRET=p.interpret, CHUNKED=cfg.chunked, GROUPS_PAD=groups_pad)
     numerics = H.numerics(p.q.dtype)
     out["DOT_PRECISION"] = numerics["DOT_PRECISION"]
     if backward:
-        out.update(BLOCK_DO=cfg.block_do, **{k: numerics[k] for k in GRADIENT_NUMERICS})
-    else:
-        out["GROUPS_PAD"] = H.groups_pad(p.num_groups)
+        out.update(BLOCK_DO=cfg.block_do, Q_CHUNKED=cfg.q_chunked, **{k: numerics[k] for k in GRADIENT_NUMERICS})
     return out
+
+
+def _state_groups_pad(cfg: H.TileConfig, batch: int) -> int:
+    """GROUPS_PAD of a loss-forward launch of `batch` groups."""
+    return H.CHUNK_GROUPS if cfg.chunked else H.groups_pad(batch)
 
 
 def plan_infonce_forward(p: Problem, h: HardNegatives, labels: torch.Tensor, scale: float):
@@ -237,15 +259,20 @@ def plan_infonce_forward(p: Problem, h: HardNegatives, labels: torch.Tensor, sca
     lse = torch.empty((p.num_groups, p.nq), dtype=torch.float32, device=p.q.device)
     pos = torch.empty_like(lse)
     cfg = H.infonce_forward_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype)
-    constexprs = dict(p.tile_constexprs(cfg), GROUPS_PAD=H.groups_pad(p.num_groups))
-    args = dict(p.common_args(), labels_ptr=labels, lse_ptr=lse, pos_ptr=pos, scale=float(scale))
-    plans = [LaunchPlan("loss forward", K.infonce_forward_kernel, (_cdiv(p.nq, cfg.block_q),), args, constexprs, cfg)]
-    if h.k > 0:
+    plans = []
+    for g0, g1 in p.group_batches(cfg, carries_state=True):
+        constexprs = dict(p.tile_constexprs(cfg), GROUPS_PAD=_state_groups_pad(cfg, g1 - g0))
+        args = dict(p.common_args(), **p.group_args(g0, g1), labels_ptr=labels, lse_ptr=lse[g0:g1],
+                    pos_ptr=pos[g0:g1], scale=float(scale))
+        plans.append(LaunchPlan("loss forward", K.infonce_forward_kernel, (_cdiv(p.nq, cfg.block_q),), args,
+                                constexprs, cfg))
+    if h.k > 0:  # after the in-batch launches: it continues their lse
         hcfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=False)
-        plans.append(LaunchPlan(
-            "loss forward hard negatives", K.infonce_hard_negatives_forward_kernel, (p.nq,),
-            dict(_hard_negative_args(p, h), lse_ptr=lse, scale=float(scale)),
-            _hard_negative_constexprs(p, hcfg, backward=False), hcfg))
+        for g0, g1 in p.group_batches(hcfg, carries_state=True):
+            plans.append(LaunchPlan(
+                "loss forward hard negatives", K.infonce_hard_negatives_forward_kernel, (p.nq,),
+                dict(_hard_negative_args(p, h), **p.group_args(g0, g1), lse_ptr=lse[g0:g1], scale=float(scale)),
+                _hard_negative_constexprs(p, hcfg, False, _state_groups_pad(hcfg, g1 - g0)), hcfg))
     return lse, pos, plans
 
 
@@ -265,11 +292,12 @@ def plan_infonce_backward(p: Problem, h: HardNegatives, labels: torch.Tensor, sc
     plans = _gradient_plans(p, dq, dc, grad_terms, lse, labels, scale, is_loss=True)
     if h.k > 0:  # after the dq pass: it adds into the same dq rows
         hcfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=True)
-        plans.append(LaunchPlan(
-            "loss backward hard negatives", K.infonce_hard_negatives_backward_kernel, (p.nq,),
-            dict(_hard_negative_args(p, h), grad_ptr=grad_terms, lse_ptr=lse, dq_ptr=dq, dhn_ptr=dhn,
-                 scale=float(scale)),
-            _hard_negative_constexprs(p, hcfg, backward=True), hcfg))
+        for g0, g1 in p.group_batches(hcfg):
+            plans.append(LaunchPlan(
+                "loss backward hard negatives", K.infonce_hard_negatives_backward_kernel, (p.nq,),
+                dict(_hard_negative_args(p, h), **p.group_args(g0, g1), grad_ptr=grad_terms[g0:g1],
+                     lse_ptr=lse[g0:g1], dq_ptr=dq, dhn_ptr=dhn, scale=float(scale)),
+                _hard_negative_constexprs(p, hcfg, True, H.CHUNK_GROUPS), hcfg))
     return dq, dc, dhn, plans
 
 

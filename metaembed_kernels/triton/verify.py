@@ -4,15 +4,17 @@ for real GPUs (no GPU needed), with checks on the generated code.
     python -m metaembed_kernels.triton.verify [--targets 80,90] [--dtypes bf16,fp16,fp32] [--jobs N]
 
 For each target (sm_80 = A100, sm_90 = H100), dtype, D in {128, 3584} and (Rq, Rc) in
-{(16, 64), (32, 128)} -- plus (64, 64), the other corner of the supported token tiles
-(heuristics.unsupported_reason) -- it builds the launch plans the ops would build
-(launch.py, from meta tensors, so the paper's sizes cost nothing): the MaxSim forward at
-every query-count bucket of the heuristic table, both backward passes, the fused loss
-forward/backward with hard negatives, with the MetaEmbed groups and with more than 8
-groups (the loss state's other padding). Runtime arguments get the specialisation a real
-launch gets (Triton's own specialize function: ints equal to 1 become constants, multiples
-of 16 and aligned pointers get divisibility hints). Identical compiles are done once (D=128
-and D=3584 specialise identically, so they share a row).
+{(16, 64), (32, 128)} -- plus (64, 64), the other corner of the single-tile token tiles, and
+the chunked budgets (32, 1030) (ColPali pages: 128-token column chunks), (64, 300) (ColBERT
+documents against 64-token queries: 64-token column chunks), (96, 64) (64-token row chunks)
+and (96, 300) (both) -- it builds the launch plans the ops would build (launch.py, from meta
+tensors, so the paper's sizes cost nothing): the MaxSim forward at every query-count bucket
+of the heuristic table, both backward passes, the fused loss forward/backward with hard
+negatives, with the MetaEmbed groups and with more than 8 groups (the unchunked loss state's
+16-row padding; chunked launches take groups 8 at a time). Runtime arguments get the specialisation a real launch gets (Triton's own specialize
+function: ints equal to 1 become constants, multiples of 16 and aligned pointers get
+divisibility hints; n_groups is never specialised). Identical compiles are done once: the
+kernels are D-agnostic (D=128 and D=3584 specialise identically, so they share a row).
 
 Checks per compiled kernel:
   * 16-bit inputs: the PTX contains tensor-core MMA -- mma.sync on sm_80; on sm_90 mma.sync
@@ -41,7 +43,12 @@ import torch
 
 SHARED_LIMIT = 163 * 1024  # bytes of dynamic shared memory per block on sm_80
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SHAPES = ((16, 64), (32, 128), (64, 64))  # the grid + the largest square tile supported
+SINGLE_TILE_SHAPES = ((16, 64), (32, 128), (64, 64))  # the grid + the largest square token tile
+# Chunked budgets, one per class of chunked tiles (heuristics.py's table): r_c chunks of 128
+# tokens (r_q <= 32) and of 64 (r_q <= 64, two candidates per forward tile), r_q chunks, both.
+# Any other chunked budget gets a tile no larger than these (tests/test_triton.py checks it).
+CHUNKED_SHAPES = ((32, 1030), (64, 300), (96, 64), (96, 300))
+SHAPES = SINGLE_TILE_SHAPES + CHUNKED_SHAPES
 DIMS = (128, 3584)
 PAPER_GROUPS = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
 
@@ -67,7 +74,7 @@ def candidate_plans(dtype: torch.dtype, rq: int, rc: int, d: int):
         return L.make_problem(q, c, [g[0] for g in groups], [g[1] for g in groups], None, None, interpret=False)
 
     # MaxSim forward: Nq = 1 (the paper's retrieval setting) and one Nq per tile-height bucket.
-    rq_tile = H.next_power_of_two(rq)
+    rq_tile, _ = H.token_tiles(rq, rc)
     query_counts = {1}
     for m in (16, 32, 64, 128):
         if m >= rq_tile:
@@ -102,12 +109,13 @@ def specialise(plan) -> Tuple[dict, dict, dict]:
     from triton.runtime.jit import native_specialize_impl
 
     signature, constexprs, attrs = {}, {}, {}
-    for idx, name in enumerate(plan.kernel.arg_names):
+    for idx, (name, param) in enumerate(zip(plan.kernel.arg_names, plan.kernel.params)):
         if name in plan.constexprs:
             signature[name] = "constexpr"
             constexprs[(idx,)] = plan.constexprs[name]
             continue
-        kind, spec = native_specialize_impl(BaseBackend, plan.args[name], False, True, True)
+        kind, spec = native_specialize_impl(BaseBackend, plan.args[name], False, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
         signature[name] = kind
         if kind == "constexpr":
             constexprs[(idx,)] = spec
