@@ -171,7 +171,7 @@ def get_backend(name: str) -> Backend:
 
 def select_backend(requested: Optional[str], device: torch.device, dtype: torch.dtype, groups=None) -> Backend:
     """Resolve ``backend=`` (or METAEMBED_BACKEND) to a backend that can run these tensors
-    (and, when given, these groups: auto skips a backend whose tiles cannot hold them)."""
+    (and, when given, these groups: auto skips a backend that cannot run them)."""
     if requested is not None and not isinstance(requested, str):
         raise TypeError(f"backend must be a string or None, got {type(requested).__name__}")
     name = requested if requested is not None else os.environ.get("METAEMBED_BACKEND", "")
