@@ -8,7 +8,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAXSIM_PROVIDERS = [p for p in PROVIDERS if p not in ("triton", "cuda")]
 CASES = [
     pytest.param(w, dt, p, id=f"{w}-{dt}-{p}")
-    for w in ("W0", "W1", "W2", "W3", "W4", "L1")
+    for w in ("W0", "W1", "W2", "W3", "W4", "W5", "L1")
     for dt in DTYPES
     for p in (MAXSIM_PROVIDERS if WORKLOADS[w].kind == "maxsim" else ["cpu", "reference"])
 ]

@@ -54,6 +54,9 @@ WORKLOADS: Dict[str, Workload] = {
         Workload("W2", 32, 32, 2000, 128, 128, FULL(32, 128), description="rerank"),
         Workload("W3", 16, 16, 20000, 64, 128, DEFAULT_GROUPS, description="MetaEmbed budgets"),
         Workload("W4", 4, 16, 2000, 64, 3584, DEFAULT_GROUPS, description="MetaEmbed-7B width"),
+        # test time at the smallest budget: an index stored at (1, 1) is one vector per
+        # candidate, so scoring is a memory-bound GEMV (the cpu backend's few-token path)
+        Workload("W5", 1, 1, 20000, 1, 3584, FULL(1, 1), description="test-time budget (1, 1), 7B width"),
         Workload("L1", 128, 16, 128, 64, 128, DEFAULT_GROUPS, kind="loss", hard_negatives=1,
                  description="training loss fwd+bwd"),
     ]

@@ -25,12 +25,17 @@ pytestmark = requires_extension
 # Shapes that reach the engine's blocking paths the small sweep does not:
 #  * D > 768 is processed in several D chunks (partial tiles spill and reload);
 #  * Nq * Rq beyond one query block (several packed blocks, panels spanning queries);
-#  * Rc not a multiple of the register tile, Rq not a multiple of the panel width.
+#  * Rc not a multiple of the register tile, Rq not a multiple of the panel width;
+#  * query blocks of <= 4 tokens (dot products along D instead of the micro-kernel), with
+#    D chunks and D tails, and the first block size past them (5 tokens: micro-kernel).
 BLOCKING_SHAPES = [
     dict(nq=3, nc=5, rq=16, rc=64, d=1000),
     dict(nq=41, nc=6, rq=16, rc=64, d=128),
     dict(nq=70, nc=3, rq=5, rc=13, d=33),
     dict(nq=2, nc=9, rq=17, rc=65, d=777),
+    dict(nq=1, nc=37, rq=1, rc=3, d=1000),
+    dict(nq=2, nc=11, rq=2, rc=5, d=70),
+    dict(nq=5, nc=6, rq=1, rc=9, d=35),
 ]
 
 

@@ -89,6 +89,7 @@ struct Engine {
     Acc* dscores;     // [queries_per_block][G]
     Acc* bound_w;     // [num_bounds]
     PackT* qpack1;    // one query packed alone (hard negatives)
+    Acc* qrows;       // [kDotTokens][D]    query tokens as Acc rows (few-token path)
   };
 
   struct QView {  // packed panels of queries [a0, a0 + n)
@@ -111,6 +112,7 @@ struct Engine {
     n += 2 * align64(sizeof(Acc) * qpb * G);
     n += align64(sizeof(Acc) * nb);
     n += align64(sizeof(PackT) * ceil_div(P.groups.rq_eff, NR) * panel_elems(P));
+    n += align64(sizeof(Acc) * kDotTokens * P.d);
     return n + 64;
   }
 
@@ -136,6 +138,7 @@ struct Engine {
     w.dscores = static_cast<Acc*>(take(sizeof(Acc) * qpb * G));
     w.bound_w = static_cast<Acc*>(take(sizeof(Acc) * nb));
     w.qpack1 = static_cast<PackT*>(take(sizeof(PackT) * ceil_div(P.groups.rq_eff, NR) * panel_elems(P)));
+    w.qrows = static_cast<Acc*>(take(sizeof(Acc) * kDotTokens * P.d));
     return w;
   }
 
@@ -175,13 +178,68 @@ struct Engine {
     Policy::template micro<M>(rows, qp, kc, tile, acc);
   }
 
+  // ---- few query tokens: dot products along D -----------------------------------------
+  //
+  // The micro-kernel spreads query tokens over NR SIMD lanes; a query block with only a few
+  // tokens (one query at budget (1, 1) or (2, 4): test-time retrieval at a small budget)
+  // would leave most lanes idle and run far below memory speed. Those blocks instead take
+  //   S[j][t] = <c[b, j], q[t]>,  vectorised along D,
+  // which reads each candidate row once for all of the block's tokens (a GEMV: memory-bound).
+  static constexpr int kDotTokens = 4;
+  static constexpr int kDotWidth = 32;  // independent partial sums: two 16-lane FMA chains
+
+  template <int NT>
+  static void dots_n(const RowT* row, const Acc* const* q, int64_t k0, int64_t n, Acc* out, bool accumulate) {
+    Acc part[NT][kDotWidth] = {};
+    int64_t d = 0;
+    for (; d + kDotWidth <= n; d += kDotWidth) {
+      for (int l = 0; l < kDotWidth; ++l) {
+        const Acc x = Acc(scalar_to_float(row[d + l]));
+        for (int t = 0; t < NT; ++t) part[t][l] += x * q[t][k0 + d + l];
+      }
+    }
+    for (int t = 0; t < NT; ++t) {
+      Acc sum = 0;
+      for (int l = 0; l < kDotWidth; ++l) sum += part[t][l];
+      for (int64_t e = d; e < n; ++e) sum += Acc(scalar_to_float(row[e])) * q[t][k0 + e];
+      out[t] = accumulate ? out[t] + sum : sum;
+    }
+  }
+
+  // out[t] (+)= <row[0, n), q[t][k0, k0 + n)> for t < nt <= kDotTokens.
+  static void dots(const RowT* row, const Acc* const* q, int nt, int64_t k0, int64_t n, Acc* out, bool accumulate) {
+    switch (nt) {
+      case 1: return dots_n<1>(row, q, k0, n, out, accumulate);
+      case 2: return dots_n<2>(row, q, k0, n, out, accumulate);
+      case 3: return dots_n<3>(row, q, k0, n, out, accumulate);
+      default: return dots_n<4>(row, q, k0, n, out, accumulate);
+    }
+  }
+
+  // When the view's tokens are few enough, converts them to Acc rows in w.qrows, points
+  // `qrows` at them and returns how many; else returns 0 (use the micro-kernel).
+  static int prepare_query_rows(const Problem& P, const QView& qv, Work& w, const Acc** qrows) {
+    const int64_t rq = P.groups.rq_eff, ntok = qv.n * rq;
+    if (ntok > kDotTokens) return 0;
+    const T* q = typed<T>(P.q.data);
+    for (int64_t t = 0; t < ntok; ++t) {
+      const int64_t a = qv.a0 + t / rq, i = t % rq;
+      Policy::convert(q + a * P.q.s0 + i * P.q.s1, w.qrows + t * P.d, P.d);
+      qrows[t] = w.qrows + t * P.d;
+    }
+    std::memset(w.tile, 0, sizeof(Acc) * MR * NR);  // lanes >= ntok are folded, never read
+    return int(ntok);
+  }
+
   // Fills w.bmax[k][t] = max_{j < bounds[k], c valid} S[j][t] (-inf when none) and, when
   // kArgmax, w.bidx[k][t] = the lowest maximising j (-1 when none).
   // `next` (nullable) is the candidate processed after this one: its rows are prefetched
   // one chunk at a time, so that candidates stream from DRAM behind the computation.
   template <bool kArgmax>
+  // `qrows` (nt of them, from prepare_query_rows) selects the few-token dot path.
   static void score_candidate(const Problem& P, const QView& qv, const T* cand, int64_t cs1,
-                              const uint8_t* cmask, int64_t cm1, Work& w, const T* next = nullptr) {
+                              const uint8_t* cmask, int64_t cm1, Work& w, const T* next = nullptr,
+                              const Acc* const* qrows = nullptr, int nt = 0) {
     const int64_t D = P.d, KC = P.kc, rc = P.groups.rc_eff, np = qv.panels, lanes = np * NR;
     const int64_t pe = panel_elems(P);
     const int64_t* bounds = P.groups.bounds;
@@ -210,8 +268,12 @@ struct Engine {
             rows[r] = w.crows + rr * KC;
           }
         }
-        for (int64_t p = 0; p < np; ++p)
-          micro_dispatch<MR>(mr, rows, qv.pack + p * pe + k0 * NR, kc, w.tile + p * MR * NR, k0 > 0);
+        if (nt > 0) {
+          for (int r = 0; r < mr; ++r) dots(rows[r], qrows, nt, k0, kc, w.tile + r * NR, k0 > 0);
+        } else {
+          for (int64_t p = 0; p < np; ++p)
+            micro_dispatch<MR>(mr, rows, qv.pack + p * pe + k0 * NR, kc, w.tile + p * MR * NR, k0 > 0);
+        }
       }
       for (int r = 0; r < mr; ++r) {
         const int64_t j = j0 + r;
@@ -321,8 +383,11 @@ struct Engine {
     const QView qv = block_view(P, qblock);
     const int64_t G = P.groups.num_groups;
     Acc* out = static_cast<Acc*>(out_);
+    const Acc* qrows[kDotTokens];
+    const int nt = prepare_query_rows(P, qv, w, qrows);
     for (int64_t b = b0; b < b1; ++b) {
-      score_candidate<false>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w, next_candidate(P, b, b1));
+      score_candidate<false>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w, next_candidate(P, b, b1),
+                             qrows, nt);
       block_scores(P, qv, w, w.scores);
       for (int64_t al = 0; al < qv.n; ++al)
         for (int64_t g = 0; g < G; ++g) out[(g * P.nq + qv.a0 + al) * P.nc + b] = w.scores[al * G + g];
