@@ -196,3 +196,7 @@ def test_more_than_2_pow_31_elements():
     assert_close(out[:, :, -4:], ref, score_tolerance(q, tail, DEFAULT_GROUPS), "far candidates")
     assert_close(out[:, :, 0], ref[:, :, 0], score_tolerance(q, tail[:1], DEFAULT_GROUPS)[:, :, 0], "first")
     assert torch.all(out[:, :, 1:-4] == 0)
+    # one query token: the few-token dot path reads the same far rows
+    one = maxsim_grouped(q[:1, :1], c, ((1, 1), (1, rc)), backend="cpu")
+    ref_one = reference.maxsim_grouped(q[:1, :1].double(), tail.double(), ((1, 1), (1, rc)))
+    assert_close(one[:, :, -4:], ref_one, score_tolerance(q[:1, :1], tail, ((1, 1), (1, rc))), "far, one token")
