@@ -706,12 +706,12 @@ def infonce_forward_kernel(
     a0 = tl.program_id(0) * BLOCK_Q
     M: tl.constexpr = BLOCK_Q * RQ_TILE
     N: tl.constexpr = BLOCK_C * RC_TILE
+    a = a0 + tl.arange(0, BLOCK_Q)
+    label = tl.load(labels_ptr + a, mask=a < n_q, other=-1)
+    m = tl.full((GROUPS_PAD, BLOCK_Q), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
+    pos = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
     if CHUNKED:
-        a = a0 + tl.arange(0, BLOCK_Q)
-        label = tl.load(labels_ptr + a, mask=a < n_q, other=-1)
-        m = tl.full((GROUPS_PAD, BLOCK_Q), float("-inf"), dtype=tl.float32)
-        l = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
-        pos = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
         for b0 in range(0, n_c, BLOCK_C):
             scores = _pair_scores(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa,
                                   stride_mqi, c_ptr, c_mask_ptr, n_c, rc_eff, stride_cb, stride_cj, stride_mcb,
@@ -723,11 +723,6 @@ def infonce_forward_kernel(
     else:
         qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                                       stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
-        a = a0 + tl.arange(0, BLOCK_Q)
-        label = tl.load(labels_ptr + a, mask=a < n_q, other=-1)
-        m = tl.full((GROUPS_PAD, BLOCK_Q), float("-inf"), dtype=tl.float32)
-        l = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
-        pos = tl.zeros((GROUPS_PAD, BLOCK_Q), dtype=tl.float32)
         for b0 in range(0, n_c, BLOCK_C):
             c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
                                                             stride_cb, stride_cj, BLOCK_C, RC_TILE)
@@ -766,16 +761,16 @@ def infonce_hard_negatives_forward_kernel(
     a0 = tl.program_id(0)
     M: tl.constexpr = RQ_TILE
     N: tl.constexpr = BLOCK_K * RC_TILE
+    hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
+    hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
+    rows = tl.arange(0, GROUPS_PAD)
+    offset = rows.to(tl.int64)[:, None] * n_q + a0
+    state_in = (rows < n_groups)[:, None]
+    m = tl.load(lse_ptr + offset, mask=state_in, other=float("-inf"))  # (GROUPS_PAD, 1)
+    l = tl.where(state_in, 1.0, 0.0)
+    pos = tl.zeros((GROUPS_PAD, 1), dtype=tl.float32)
+    no_positive = tl.zeros((1, BLOCK_K), dtype=tl.int1)
     if CHUNKED:
-        hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
-        hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
-        rows = tl.arange(0, GROUPS_PAD)
-        offset = rows.to(tl.int64)[:, None] * n_q + a0
-        state_in = (rows < n_groups)[:, None]
-        m = tl.load(lse_ptr + offset, mask=state_in, other=float("-inf"))  # (GROUPS_PAD, 1)
-        l = tl.where(state_in, 1.0, 0.0)
-        pos = tl.zeros((GROUPS_PAD, 1), dtype=tl.float32)
-        no_positive = tl.zeros((1, BLOCK_K), dtype=tl.int1)
         for k0 in range(0, n_k, BLOCK_K):
             scores = _pair_scores(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa,
                                   stride_mqi, hn_base, hn_mask_base, n_k, rc_eff, stride_hk, stride_hj, stride_mhk,
@@ -784,19 +779,9 @@ def infonce_hard_negatives_forward_kernel(
             k = k0 + tl.arange(0, BLOCK_K)
             logits = tl.where((k < n_k)[None, None, :], scores * scale, float("-inf"))
             m, l, pos = _online_lse_update_groups(m, l, pos, logits, no_positive)
-        tl.store(lse_ptr + offset, m + tl.log(tl.where(state_in, l, 1.0)), mask=state_in)
     else:
         qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                                       stride_qa, stride_qi, 1, RQ_TILE)
-        hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
-        hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
-        rows = tl.arange(0, GROUPS_PAD)
-        offset = rows.to(tl.int64)[:, None] * n_q + a0
-        state_in = (rows < n_groups)[:, None]
-        m = tl.load(lse_ptr + offset, mask=state_in, other=float("-inf"))  # (GROUPS_PAD, 1)
-        l = tl.where(state_in, 1.0, 0.0)
-        pos = tl.zeros((GROUPS_PAD, 1), dtype=tl.float32)
-        no_positive = tl.zeros((1, BLOCK_K), dtype=tl.int1)
         for k0 in range(0, n_k, BLOCK_K):
             c_offset, c_in, k, c_valid = _candidate_columns(k0, 0, n_k, rc_eff, hn_mask_base, stride_mhk,
                                                             stride_mhj, stride_hk, stride_hj, BLOCK_K, RC_TILE)
@@ -811,7 +796,7 @@ def infonce_hard_negatives_forward_kernel(
                 logits = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K) * scale
                 logits = tl.where((k < n_k)[None, :], logits, float("-inf"))
                 m, l, pos = _online_lse_update(m, l, pos, logits, no_positive, g, GROUPS_PAD)
-        tl.store(lse_ptr + offset, m + tl.log(tl.where(state_in, l, 1.0)), mask=state_in)
+    tl.store(lse_ptr + offset, m + tl.log(tl.where(state_in, l, 1.0)), mask=state_in)
 
 
 @triton.jit(do_not_specialize=GROUP_COUNT)
@@ -832,10 +817,10 @@ def infonce_hard_negatives_backward_kernel(
     a0 = tl.program_id(0)
     M: tl.constexpr = RQ_TILE
     N: tl.constexpr = BLOCK_K * RC_TILE
+    hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
+    dhn_base = dhn_ptr + tl.cast(a0, tl.int64) * stride_ha
+    hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
     if CHUNKED:
-        hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
-        dhn_base = dhn_ptr + tl.cast(a0, tl.int64) * stride_ha
-        hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
         for k0 in range(0, n_k, BLOCK_K):
             _pair_gradients(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
                             hn_base, hn_mask_base, n_k, rc_eff, stride_hk, stride_hj, stride_mhk, stride_mhj, D,
@@ -847,9 +832,6 @@ def infonce_hard_negatives_backward_kernel(
         qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                                       stride_qa, stride_qi, 1, RQ_TILE)
         a = a0 + tl.arange(0, 1)
-        hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
-        dhn_base = dhn_ptr + tl.cast(a0, tl.int64) * stride_ha
-        hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
         for k0 in range(0, n_k, BLOCK_K):
             c_offset, c_in, k, c_valid = _candidate_columns(k0, 0, n_k, rc_eff, hn_mask_base, stride_mhk, stride_mhj,
                                                             stride_hk, stride_hj, BLOCK_K, RC_TILE)
