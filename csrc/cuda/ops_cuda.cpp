@@ -196,6 +196,19 @@ ScoreArgs score_args(const at::Tensor& q, const TokenSet& qt, const TokenSet& ct
   return a;
 }
 
+// The score launch writes s_g(a, b) to scores[g * Nq * ld + a * ld + b] ...
+void set_score_output(ScoreArgs& a, float* scores, int64_t ld) {
+  a.scores = scores;
+  a.sc_ld = ld;
+  a.sc_gstride = a.nq * ld;
+}
+
+// ... and/or each (item, token row, boundary)'s argmax to J (n, rows, nb).
+void set_argmax_output(ScoreArgs& a, at::Tensor& J, int64_t rows) {
+  a.argmax = J.data_ptr<int32_t>();
+  a.tb = rows;
+}
+
 GradArgs grad_args(const at::Tensor& q, const TokenSet& qt, const TokenSet& ct, int64_t Rc, int64_t ncand,
                    bool per_query, const GroupBatch& gb, const at::Tensor& J, const at::Tensor& W, at::Tensor& dq,
                    float* dc) {
@@ -263,9 +276,7 @@ at::Tensor maxsim_grouped_cuda(const at::Tensor& q, const at::Tensor& c, at::Int
   const TokenSet qt = tokens3(qc, q_mask), ct = tokens3(cc, c_mask);
   for (const Batch& b : batches) {
     ScoreArgs a = score_args(q, qt, ct, nc, false, b.gb);
-    a.scores = out.data_ptr<float>() + b.g0 * nq * nc;
-    a.sc_ld = nc;
-    a.sc_gstride = nq * nc;
+    set_score_output(a, out.data_ptr<float>() + b.g0 * nq * nc, nc);
     plan_scores(a, ctx.num_sms());
     check_launch(launch_scores(a, ctx.stream()), "maxsim_grouped");
   }
@@ -307,8 +318,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cuda(const at::Tensor
       ctx.track(J);
       ctx.track(W);
       ScoreArgs a = score_args(q, qt, cht, n, false, b.gb);
-      a.argmax = J.data_ptr<int32_t>();
-      a.tb = rows;
+      set_argmax_output(a, J, rows);
       plan_scores(a, ctx.num_sms());
       check_launch(launch_scores(a, ctx.stream()), "maxsim_grouped_backward (argmax)");
       // dS of this chunk: a view of grad with row length Nc, advanced to column cb0.
@@ -425,11 +435,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cuda(
       at::Tensor J = at::empty({n, rows, nb}, q.options().dtype(at::kInt)), W = at::empty({n, rows, nb}, f32);
       ctx.track_all(S, J, W);
       ScoreArgs a = score_args(q, qt, cht, n, false, b.gb);
-      a.scores = S.data_ptr<float>();
-      a.sc_ld = n;
-      a.sc_gstride = nq * n;
-      a.argmax = J.data_ptr<int32_t>();
-      a.tb = rows;
+      set_score_output(a, S.data_ptr<float>(), n);
+      set_argmax_output(a, J, rows);
       plan_scores(a, ctx.num_sms());
       check_launch(launch_scores(a, ctx.stream()), "matryoshka_infonce_backward (scores)");
       // dL/ds_g(a, b) = grad[g, a] * scale * (softmax_g(a)[b] - [b == labels[a]])
@@ -450,11 +457,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cuda(
       at::Tensor W = at::empty({nq * K, hrows, nb}, f32);
       ctx.track_all(S, J, W);
       ScoreArgs a = score_args(q, qt, ht, K, true, b.gb);
-      a.scores = S.data_ptr<float>();
-      a.sc_ld = K;
-      a.sc_gstride = nq * K;
-      a.argmax = J.data_ptr<int32_t>();
-      a.tb = hrows;
+      set_score_output(a, S.data_ptr<float>(), K);
+      set_argmax_output(a, J, hrows);
       plan_scores(a, ctx.num_sms());
       check_launch(launch_scores(a, ctx.stream()), "matryoshka_infonce_backward (hard negative scores)");
       const at::Tensor ds = (gsl * at::exp(S * scale - lsl)).contiguous();
