@@ -378,6 +378,14 @@ struct Engine {
     return P.c.mask ? P.c.mask + b * P.c.m0 : nullptr;
   }
 
+  // In-batch candidate b (of the range [.., b1)) against query block qb; the next candidate
+  // is prefetched while the last query block scores this one.
+  template <bool kArgmax>
+  static void score_block_candidate(const Problem& P, const QView& qv, int64_t qb, int64_t b, int64_t b1, Work& w) {
+    score_candidate<kArgmax>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w,
+                             qb + 1 == P.num_qblocks ? next_candidate(P, b, b1) : nullptr);
+  }
+
   static void maxsim_forward(const Problem& P, int64_t qblock, int64_t b0, int64_t b1, void* ws, void* out_) {
     Work w = carve(P, ws);
     const QView qv = block_view(P, qblock);
@@ -403,8 +411,7 @@ struct Engine {
       Acc* dc_b = static_cast<Acc*>(dc_) + b * P.rc * P.d;
       for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
         const QView qv = block_view(P, qb);
-        score_candidate<true>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w,
-                              qb + 1 == P.num_qblocks ? next_candidate(P, b, b1) : nullptr);
+        score_block_candidate<true>(P, qv, qb, b, b1, w);
         for (int64_t al = 0; al < qv.n; ++al)
           for (int64_t g = 0; g < G; ++g) w.dscores[al * G + g] = grad[(g * P.nq + qv.a0 + al) * P.nc + b];
         scatter(P, qv, w, w.dscores, candidate(P, b), P.c.s1, static_cast<Acc*>(dq_), dc_b);
@@ -432,8 +439,7 @@ struct Engine {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
         const QView qv = block_view(P, qb);
-        score_candidate<false>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w,
-                               qb + 1 == P.num_qblocks ? next_candidate(P, b, b1) : nullptr);
+        score_block_candidate<false>(P, qv, qb, b, b1, w);
         block_scores(P, qv, w, w.scores);
         for (int64_t al = 0; al < qv.n; ++al) {
           const int64_t a = qv.a0 + al;
@@ -480,8 +486,7 @@ struct Engine {
       Acc* dc_b = static_cast<Acc*>(dc_) + b * P.rc * P.d;
       for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
         const QView qv = block_view(P, qb);
-        score_candidate<true>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w,
-                              qb + 1 == P.num_qblocks ? next_candidate(P, b, b1) : nullptr);
+        score_block_candidate<true>(P, qv, qb, b, b1, w);
         block_scores(P, qv, w, w.scores);
         for (int64_t al = 0; al < qv.n; ++al) {
           const int64_t a = qv.a0 + al;
