@@ -28,8 +28,9 @@ ones left), and W @ x = lo @ x + mid @ x + hi @ x. With 16-bit inputs x is exact
 dtype, each piece-times-x product is exact in fp32, and |W - (hi + mid + lo)| <= 2^-24 |W|
 for bf16 pieces (8-bit significands, round-to-nearest; < 2^-21 |W| with the interpreter's
 truncating conversion) and far below for fp16 pieces, i.e. at fp32's own rounding level.
-fp16 pieces also need range: W is scaled by a power of two (exact) so that max|W| lands in
-[2^14, 2^15) before splitting, and the product is scaled back. For fp32 inputs x is split
+fp16 pieces also need range: W is scaled by a power of two (exact) so that the largest finite
+|W| lands in [2^14, 2^15) before splitting, and the product is scaled back (a NaN or inf
+weight -- a NaN loss, an inf grad -- must not rescale the finite rows sharing its tile). For fp32 inputs x is split
 into bf16 pieces as well and the six cross products above 2^-24 relative are summed
 ("bf16x6"); fp32 FMA dots, whose reduction length here is a whole tile dimension, spilled
 registers.
@@ -42,7 +43,32 @@ updates with a read-modify-write per D chunk, separated by a CTA barrier between
 Fused loss: per query block, stream the candidate blocks and keep an online log-sum-exp
 (m, l) per (group, query) -- (GROUPS_PAD, BLOCK_Q) registers -- plus the positive's logit.
 A second kernel, one program per query, folds in that query's own hard negatives. Only
-(G, Nq) numbers (lse, positive logit) ever reach memory.
+(G, Nq) numbers (lse, positive logit) ever reach memory. The fold matches torch.logsumexp
+on infinities (see _lse_fold): all -inf -> -inf, any +inf -> +inf, NaN -> NaN.
+
+Per-query candidates ("own candidates": the loss's hard negatives, paired MaxSim). Query a
+has its own list x[a] (K, Rc, D): hard_negatives[a] of the loss, c[a] (N, Rc, D) of
+maxsim_paired_grouped. A tile is one query (RQ_TILE rows, >= 16 for tl.dot) against BLOCK_K
+of its own candidates; the candidate base pointer is x + a * stride_a (int64), everything else
+is the in-batch machinery with BLOCK_Q = 1. Paired forward: one program per (query, candidate
+block). Backward (own_candidates_backward_kernel, shared by the loss and paired MaxSim):
+one program per query loops over its candidate blocks and is the only writer of dq[a] and of
+dx[a] (deterministic, no atomics); when dq is not wanted the candidate blocks are split over
+several programs per query (each still the only writer of its dx rows).
+
+Non-finite values and masks (the op contract). Masked tokens are not loaded at all: their
+rows / columns of every operand tile load as zeros, so NaN or inf there can change neither S
+(masked entries are excluded from every max anyway) nor the gradient products, where a zero
+weight times a NaN operand would otherwise leak (0 * NaN = NaN); their gradient rows are
+never stored (they stay exactly 0). Validity comes from the masks only: -inf is an ordinary
+value. NaN follows torch.amax / torch.argmax: a NaN similarity is the maximum and the argmax
+is the lowest NaN index. tl.max and tl.maximum do not propagate NaN on the GPU (max.f32 /
+maxnum return the other operand; Triton 3.9's interpreter reduces with np.nanmax, likewise),
+so NaN is handled explicitly and never relies on how a max treats it: per tile,
+nan_j[r, b] = the lowest valid j with S[r, b, j] NaN (an integer min, once for all groups);
+group g's maximum is NaN iff nan_j < r_c(g), and its argmax is then nan_j. Across column
+chunks a later chunk takes over iff its max is larger, or NaN while the carried one is not,
+or it holds the prefix's first valid token (whatever its value, -inf included).
 
 Token chunks (any budget). Tiles hold RQ_TILE <= 64 query tokens x RC_TILE <= 128 candidate
 tokens, RQ_TILE * RC_TILE <= 4096 (what compiles without spills; smaller for some chunked
@@ -92,9 +118,11 @@ bf16 by truncation (the GPU rounds to nearest); the W split is exact enough eith
 import triton
 import triton.language as tl
 
-# Group counts are not specialised (Triton would make n_groups == 1 a constant): every group
-# count, and every group batch of a chunked launch, runs the code the compile gate verified.
+# Runtime ints that are never specialised (Triton would make a value of 1 a constant): every
+# group count, group batch, candidate count and split of a launch runs the code the compile
+# gate verified.
 GROUP_COUNT = ["n_groups"]
+OWN_CANDIDATE_COUNTS = ["n_groups", "n_k", "k_span", "num_k_blocks"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,7 +144,9 @@ def _query_rows(a0, i0, n_q, rq_eff, mask_ptr, stride_mask_a, stride_mask_i, str
     """Row r of a tile is token i = i0 + r % RQ_TILE of query a = a0 + r // RQ_TILE (i0 = the
     row chunk's first token, 0 unless queries are chunked).
 
-    Returns (a, i, element offset of the row (int64), row loads data, token is valid).
+    Returns (a, i, element offset of the row (int64), valid): valid = the token exists
+    (a < Nq, i < max r_q) and its mask says True. Only valid rows are loaded (the others load
+    as zeros), counted or stored.
     """
     rows = tl.arange(0, BLOCK_Q * RQ_TILE)
     a = a0 + rows // RQ_TILE
@@ -125,7 +155,7 @@ def _query_rows(a0, i0, n_q, rq_eff, mask_ptr, stride_mask_a, stride_mask_i, str
     a64 = a.to(tl.int64)
     flags = tl.load(mask_ptr + a64 * stride_mask_a + i * stride_mask_i, mask=in_range, other=0)
     offset = a64 * stride_a + i.to(tl.int64) * stride_i
-    return a, i, offset, in_range, in_range & (flags != 0)
+    return a, i, offset, in_range & (flags != 0)
 
 
 @triton.jit
@@ -134,45 +164,60 @@ def _candidate_columns(b0, j0, n_c, rc_eff, mask_ptr, stride_mask_b, stride_mask
     """Column n of a tile is token j = j0 + n % RC_TILE of candidate b = b0 + n // RC_TILE
     (j0 = the column chunk's first token, 0 unless candidates are chunked).
 
-    Returns (element offset of each column (int64), column loads data, candidate index
-    (BLOCK_C,), token validity as a (BLOCK_C, RC_TILE) grid for the epilogue).
+    Returns (element offset of each column (int64), column is a valid token (loaded, stored),
+    candidate index (BLOCK_C,), token validity as a (BLOCK_C, RC_TILE) grid for the epilogue).
+    Validity = the token exists (b < Nc, j < max r_c) and its mask says True; the mask bytes
+    are read in both layouts (a few bytes, cached) rather than reshaping between them.
     """
     cols = tl.arange(0, BLOCK_C * RC_TILE)
-    col_b = b0 + cols // RC_TILE
+    col_b = (b0 + cols // RC_TILE).to(tl.int64)
     col_j = j0 + cols % RC_TILE
     col_in = (col_b < n_c) & (col_j < rc_eff)
-    offset = col_b.to(tl.int64) * stride_b + col_j.to(tl.int64) * stride_j
+    col_flags = tl.load(mask_ptr + col_b * stride_mask_b + col_j * stride_mask_j, mask=col_in, other=0)
+    offset = col_b * stride_b + col_j.to(tl.int64) * stride_j
     b = b0 + tl.arange(0, BLOCK_C)
     j = j0 + tl.arange(0, RC_TILE)
     tok_in = (b < n_c)[:, None] & (j < rc_eff)[None, :]
     flags = tl.load(mask_ptr + b.to(tl.int64)[:, None] * stride_mask_b + j[None, :] * stride_mask_j,
                     mask=tok_in, other=0)
-    return offset, col_in, b, tok_in & (flags != 0)
+    return offset, col_in & (col_flags != 0), b, tok_in & (flags != 0)
 
 
 @triton.jit
-def _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D,
+def _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_valid, D,
                 M: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """S = Q_tile @ C_tile^T over D in BLOCK_D chunks, fp32 (M, N). The d stride is 1."""
+    """S = Q_tile @ C_tile^T over D in BLOCK_D chunks, fp32 (M, N). The d stride is 1.
+    Invalid (masked, padding) rows / columns load as zeros: S is 0 there, and never used."""
     acc = tl.zeros((M, N), dtype=tl.float32)
     dd = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + dd
         d_in = d < D
-        q_chunk = tl.load(q_ptr + q_offset[:, None] + d[None, :], mask=q_in[:, None] & d_in[None, :], other=0.0)
-        c_chunk = tl.load(c_ptr + c_offset[:, None] + d[None, :], mask=c_in[:, None] & d_in[None, :], other=0.0)
+        q_chunk = tl.load(q_ptr + q_offset[:, None] + d[None, :], mask=q_valid[:, None] & d_in[None, :], other=0.0)
+        c_chunk = tl.load(c_ptr + c_offset[:, None] + d[None, :], mask=c_valid[:, None] & d_in[None, :], other=0.0)
         acc = _mma(q_chunk, tl.trans(c_chunk), acc, DOT_PRECISION, INTERPRET)
     return acc
 
 
 @triton.jit
-def _group_best(S3, c_valid, r_c, RC_TILE: tl.constexpr):
-    """best[r, b] = max_{j < r_c, valid} S3[r, b, j]; also the prefix mask and whether the
-    prefix holds any valid token (a query token facing no valid token contributes 0)."""
+def _lowest_nan(S3, c_valid, RC_TILE: tl.constexpr):
+    """nan_j[r, b] = the lowest tile-local j with a valid token and S3[r, b, j] NaN, RC_TILE if
+    none: one integer min per tile, shared by every group (see "Non-finite values")."""
+    j3 = tl.arange(0, RC_TILE)[None, None, :]
+    is_nan = c_valid[None, :, :] & (S3 != S3)
+    return tl.min(tl.where(is_nan, j3, RC_TILE), axis=2)
+
+
+@triton.jit
+def _group_best(S3, c_valid, r_c, nan_j, RC_TILE: tl.constexpr):
+    """best[r, b] = max_{j < r_c, valid} S3[r, b, j]: NaN if one of them is NaN, -inf if none is
+    valid (or all are -inf); also the prefix mask and whether the prefix holds any valid token
+    (a query token facing none contributes 0). tl.max may drop NaN: nan_j decides instead."""
     j = tl.arange(0, RC_TILE)
     in_prefix = c_valid & (j[None, :] < r_c)  # (BLOCK_C, RC_TILE)
     best = tl.max(tl.where(in_prefix[None, :, :], S3, float("-inf")), axis=2)  # (M, BLOCK_C)
+    best = tl.where(nan_j < r_c, float("nan"), best)
     has_valid = tl.max(in_prefix.to(tl.int32), axis=1) > 0  # (BLOCK_C,)
     return best, in_prefix, has_valid
 
@@ -185,13 +230,23 @@ def _group_scores(best, takes, BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLO
 
 
 @triton.jit
-def _add_argmax_weights(W3, S3, best, in_prefix, takes, dS,
+def _lowest_argmax(S3, best, in_prefix, nan_j, RC_TILE: tl.constexpr):
+    """Lowest tile-local j in the prefix with S3[r, b, j] == best[r, b] (ties: the lowest
+    index); when best is NaN (NaN == NaN is false) the lowest NaN j, nan_j; RC_TILE if the
+    prefix holds no valid token. A valid -inf is found like any value."""
+    j3 = tl.arange(0, RC_TILE)[None, None, :]
+    is_max = in_prefix[None, :, :] & (S3 == best[:, :, None])
+    arg = tl.min(tl.where(is_max, j3, RC_TILE), axis=2)
+    return tl.where(best != best, nan_j, arg)
+
+
+@triton.jit
+def _add_argmax_weights(W3, S3, best, in_prefix, nan_j, takes, dS,
                         BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr,
                         RC_TILE: tl.constexpr):
     """W3[r, b, j*] += dS(a, b) where j* is the lowest maximising index of row r against b."""
     j3 = tl.arange(0, RC_TILE)[None, None, :]
-    is_max = in_prefix[None, :, :] & (S3 == best[:, :, None])
-    argmax = tl.min(tl.where(is_max, j3, RC_TILE), axis=2)  # lowest index wins ties
+    argmax = _lowest_argmax(S3, best, in_prefix, nan_j, RC_TILE)
     M: tl.constexpr = BLOCK_Q * RQ_TILE
     w_rows = tl.reshape(tl.broadcast_to(dS[:, None, :], (BLOCK_Q, RQ_TILE, BLOCK_C)), (M, BLOCK_C))
     w_rows = tl.where(takes, w_rows, 0.0)
@@ -219,9 +274,12 @@ def _split3(x, PIECE_DTYPE: tl.constexpr):
 def _split_weights(W, PIECE_DTYPE: tl.constexpr, SCALE_TO_FP16_RANGE: tl.constexpr):
     """W (fp32) ~= (hi + mid + lo) * unscale, pieces in PIECE_DTYPE."""
     if SCALE_TO_FP16_RANGE:
-        # max|W| -> [2^14, 2^15): exponent of max|W| read from its bits, k clamped so that
-        # 2^k and 2^-k are normal fp32 numbers. Powers of two scale exactly.
-        w_max = tl.max(tl.max(tl.abs(W), axis=1), axis=0)
+        # The largest finite |W| -> [2^14, 2^15): its exponent read from its bits, k clamped so
+        # that 2^k and 2^-k are normal fp32 numbers. Powers of two scale exactly. NaN / inf
+        # weights are left out of the maximum (they stay NaN / inf when scaled), so that they
+        # cannot push the finite weights sharing the tile out of fp16's range.
+        w_abs = tl.abs(W)
+        w_max = tl.max(tl.max(tl.where(w_abs < float("inf"), w_abs, 0.0), axis=1), axis=0)
         exponent = ((w_max.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         k = tl.minimum(tl.maximum(14 - exponent, -120), 120)
         W = W * _power_of_two(k)
@@ -243,7 +301,9 @@ def _accumulate_product(out_ptr, out_offset, out_in, hi, mid, lo, unscale, x_ptr
     fp32 x is split into bf16 pieces too, and the six products above 2^-24 relative are
     summed (the "bf16x6" scheme): tensor cores at fp32-level accuracy, where fp32 FMA dots
     with a whole tile dimension as reduction length would spill registers.
-    Small terms are accumulated first.
+    Small terms are accumulated first. Only valid x rows are loaded (x_in; the others are
+    zeros, so a zero weight never meets a NaN of a masked token) and only valid out rows are
+    stored (out_in; masked tokens' gradients stay exactly 0).
 
     The caller must be the only writer of these output rows; it must separate two calls on
     the same rows by a barrier (the store and the next load may be done by other threads).
@@ -273,19 +333,33 @@ def _accumulate_product(out_ptr, out_offset, out_in, hi, mid, lo, unscale, x_ptr
 
 
 @triton.jit
+def _lse_fold(m, l, x, AXIS: tl.constexpr):
+    """Fold logits x into the running (max m, scaled sum l) along AXIS, as torch.logsumexp:
+
+        m' = max(m, max x),  l' = l * exp(m - m') + sum_x exp(x - m'),  lse = m + log(l),
+
+    except that a term whose exponent would be inf - inf (equal infinities) counts exp(0) = 1:
+    all -inf -> m = -inf, l = count (lse = -inf); any +inf -> m = +inf, l >= 1 (lse = +inf).
+    A NaN logit makes its term NaN, hence l NaN for good (lse NaN), whatever tl.max /
+    tl.maximum (NaN-dropping on the GPU) make of m. l >= 1 once a non-NaN logit was seen."""
+    m_new = tl.maximum(m, tl.max(x, axis=AXIS))
+    alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
+    m_x = tl.expand_dims(m_new, AXIS)
+    terms = tl.where(x == m_x, 1.0, tl.exp(x - m_x))
+    return m_new, l * alpha + tl.sum(terms, axis=AXIS)
+
+
+@triton.jit
 def _online_lse_update(m, l, pos, logits, is_positive, g, GROUPS_PAD: tl.constexpr):
     """Fold a (BLOCK_Q, BLOCK_C) block of group g's logits into the running state.
 
     State rows are groups: m[g, a] = running max, l[g, a] = sum exp(logit - m), pos[g, a]
-    = the positive's logit. (m, l) <- (m', l * exp(m - m') + sum exp(x - m')), m' = max(m, max x).
-    """
+    = the positive's logit. Row g is read with a masked sum (exact for any value, NaN and
+    infinities included; a masked max would drop a NaN m)."""
     is_g = (tl.arange(0, GROUPS_PAD) == g)[:, None]  # (GROUPS_PAD, 1)
-    m_old = tl.max(tl.where(is_g, m, float("-inf")), axis=0)  # (BLOCK_Q,)
+    m_old = tl.sum(tl.where(is_g, m, 0.0), axis=0)  # (BLOCK_Q,)
     l_old = tl.sum(tl.where(is_g, l, 0.0), axis=0)
-    # Every block holds at least one real candidate with a finite logit, so m_new is finite
-    # and exp(m_old - m_new) is 0 (m_old = -inf) or well defined.
-    m_new = tl.maximum(m_old, tl.max(logits, axis=1))
-    l_new = l_old * tl.exp(m_old - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+    m_new, l_new = _lse_fold(m_old, l_old, logits, 1)
     pos_block = tl.sum(tl.where(is_positive, logits, 0.0), axis=1)  # the positive lies in one block
     m = tl.where(is_g, m_new[None, :], m)
     l = tl.where(is_g, l_new[None, :], l)
@@ -298,25 +372,16 @@ def _online_lse_update_groups(m, l, pos, logits, is_positive):
     """_online_lse_update for every group at once: m, l, pos (GROUPS_PAD, BLOCK_Q), logits
     (GROUPS_PAD, BLOCK_Q, BLOCK_C), is_positive (BLOCK_Q, BLOCK_C). Padded group rows see
     finite logits (their scores are 0) and are never stored."""
-    m_new = tl.maximum(m, tl.max(logits, axis=2))
-    l = l * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, :, None]), axis=2)
+    m, l = _lse_fold(m, l, logits, 2)
     pos = pos + tl.sum(tl.where(is_positive[None, :, :], logits, 0.0), axis=2)
-    return m_new, l, pos
+    return m, l, pos
 
 
 # ---------------------------------------------------------------------------------------
 # Token chunks (budgets beyond one tile; see "Token chunks" in the module docstring)
 # ---------------------------------------------------------------------------------------
 @triton.jit
-def _lowest_argmax(S3, best, in_prefix, RC_TILE: tl.constexpr):
-    """Lowest j (tile-local) with S3[r, b, j] == best[r, b] inside the prefix; RC_TILE if none."""
-    j3 = tl.arange(0, RC_TILE)[None, None, :]
-    is_max = in_prefix[None, :, :] & (S3 == best[:, :, None])
-    return tl.min(tl.where(is_max, j3, RC_TILE), axis=2)
-
-
-@triton.jit
-def _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
+def _chunk_maxima(q_ptr, q_offset, q_valid, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
                   group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb, stride_mcj,
                   M: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
                   GROUPS_PAD: tl.constexpr, WITH_ARGMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -324,14 +389,17 @@ def _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff,
     """One row chunk (M rows starting at token i0) against candidates b0 + [0, BLOCK_C), over
     every column chunk j0 = 0, RC_TILE, 2 RC_TILE, ... < rc_eff, carrying per group g:
 
-        best[g, r, b] = max_{j < r_c(g), valid} S[r, (b, j)]          (-inf if none)
+        best[g, r, b] = max_{j < r_c(g), valid} S[r, (b, j)]          (-inf if none; NaN wins)
         arg[g, r, b]  = lowest global j attaining it                 (-1 if none; WITH_ARGMAX)
         has[g, b]     = candidate b has a valid token j < r_c(g)      (0/1)
 
-    Chunks are visited in increasing j and a later chunk takes the argmax only if its maximum
-    is strictly larger, so ties resolve to the lowest global j, as within a chunk. A group
-    whose prefix ends before j0 (r_c <= j0), or whose query tokens end before i0, skips
-    the chunk: its state is final (or unused).
+    Chunks are visited in increasing j; a later chunk takes over (max and argmax) iff its max
+    is strictly larger, or NaN while the carried one is not, or it holds the prefix's first
+    valid token (whatever its value: -inf counts, validity comes from the masks). So ties
+    resolve to the lowest global j, as within a chunk, and a NaN sticks. The fold is
+    elementwise on the carried state (no reduction over the group slots). A group whose
+    prefix ends before j0 (r_c <= j0), or whose query tokens end before i0, skips the chunk:
+    its state is final (or unused).
     """
     best = tl.full((GROUPS_PAD, M, BLOCK_C), float("-inf"), dtype=tl.float32)
     arg = tl.full((GROUPS_PAD, M, BLOCK_C), -1, dtype=tl.int32)
@@ -340,22 +408,25 @@ def _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff,
     for j0 in range(0, rc_eff, RC_TILE):
         c_offset, c_in, b, c_valid = _candidate_columns(b0, j0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
                                                         stride_cb, stride_cj, BLOCK_C, RC_TILE)
-        S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, BLOCK_C * RC_TILE, BLOCK_D,
+        S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, BLOCK_C * RC_TILE, BLOCK_D,
                         DOT_PRECISION, INTERPRET)
         S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+        nan_j = _lowest_nan(S3, c_valid, RC_TILE)
         for g in range(n_groups):
             r_q = tl.load(group_rq_ptr + g)
             r_c = tl.load(group_rc_ptr + g)
             if (r_c > j0) & (r_q > i0):
-                chunk_best, in_prefix, chunk_has = _group_best(S3, c_valid, r_c - j0, RC_TILE)
-                is_g = (slot == g)[:, None, None]
+                chunk_best, in_prefix, chunk_has = _group_best(S3, c_valid, r_c - j0, nan_j, RC_TILE)
+                is_g = slot == g
+                new = chunk_best[None, :, :]
+                first = chunk_has[None, :] & (has == 0)  # (GROUPS_PAD, BLOCK_C)
+                wins = (new > best) | ((new != new) & (best == best)) | first[:, None, :]
+                wins = is_g[:, None, None] & wins
+                best = tl.where(wins, new, best)
                 if WITH_ARGMAX:
-                    old = tl.max(tl.where(is_g, best, float("-inf")), axis=0)
-                    chunk_arg = j0 + _lowest_argmax(S3, chunk_best, in_prefix, RC_TILE)
-                    later_wins = chunk_best > old  # strict: a tie keeps the earlier chunk's lower j
-                    arg = tl.where(is_g & later_wins[None, :, :], chunk_arg[None, :, :], arg)
-                best = tl.where(is_g, tl.maximum(best, chunk_best[None, :, :]), best)
-                has = tl.where((slot == g)[:, None], has | chunk_has.to(tl.int32)[None, :], has)
+                    chunk_arg = j0 + _lowest_argmax(S3, chunk_best, in_prefix, nan_j, RC_TILE)
+                    arg = tl.where(wins, chunk_arg[None, :, :], arg)
+                has = tl.where(is_g[:, None], has | chunk_has.to(tl.int32)[None, :], has)
     return best, arg, has
 
 
@@ -389,9 +460,9 @@ def _pair_scores(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, s
     M: tl.constexpr = BLOCK_Q * RQ_TILE
     scores = tl.zeros((GROUPS_PAD, BLOCK_Q, BLOCK_C), dtype=tl.float32)
     for i0 in range(0, rq_eff, RQ_TILE):
-        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                      stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
-        best, arg, has = _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
+        qa, qi, q_offset, q_valid = _query_rows(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+        best, arg, has = _chunk_maxima(q_ptr, q_offset, q_valid, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
                                        group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb,
                                        stride_mcj, M, BLOCK_C, RC_TILE, BLOCK_D, GROUPS_PAD, False,
                                        DOT_PRECISION, INTERPRET)
@@ -420,7 +491,7 @@ def _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi
     whole score s_g(a, b): with one row chunk it comes from pass 1, with several from a
     pre-pass over every (row chunk, column chunk) (_pair_scores).
     IS_LOSS: dS_g = grad[g, a] * scale * (softmax_g(a, b) - [b == label_a]) (no label term
-    without HAS_LABELS: hard negatives); else dS_g = grad[g, a, b].
+    without HAS_LABELS: hard negatives); else dS_g = grad[g, a, b] (grad (G, n_q, n_c)).
     The caller must be the only writer of these dq / dc rows (barrier after each update).
     """
     M: tl.constexpr = BLOCK_Q * RQ_TILE
@@ -448,9 +519,9 @@ def _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi
         offset = (slot.to(tl.int64)[:, None, None] * n_q + a.to(tl.int64)[None, :, None]) * n_c + b[None, None, :]
         dS = tl.load(grad_ptr + offset, mask=pair_in, other=0.0)  # 0 outside the pair
     for i0 in range(0, rq_eff, RQ_TILE):
-        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                      stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
-        best, arg, has = _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
+        qa, qi, q_offset, q_valid = _query_rows(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+        best, arg, has = _chunk_maxima(q_ptr, q_offset, q_valid, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
                                        group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb,
                                        stride_mcj, M, BLOCK_C, RC_TILE, BLOCK_D, GROUPS_PAD, True,
                                        DOT_PRECISION, INTERPRET)
@@ -476,16 +547,16 @@ def _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi
                 if (r_c > j0) & (r_q > i0):
                     is_g = (slot == g)[:, None, None]
                     arg_g = tl.max(tl.where(is_g, arg, -1), axis=0)
-                    w_g = tl.sum(tl.where(is_g, w_rows, 0.0), axis=0)
+                    w_g = tl.sum(tl.where(is_g, w_rows, 0.0), axis=0)  # a masked sum keeps a NaN weight
                     W3 += tl.where(j3 == arg_g[:, :, None], w_g[:, :, None], 0.0)
             W = tl.reshape(W3, (M, N))
             hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
             if WRITE_DQ:
-                _accumulate_product(dq_ptr, q_offset, q_in, hi, mid, lo, unscale, c_ptr, c_offset, c_in, D,
+                _accumulate_product(dq_ptr, q_offset, q_valid, hi, mid, lo, unscale, c_ptr, c_offset, c_in, D,
                                     M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
             if WRITE_DC:
                 _accumulate_product(dc_ptr, c_offset, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
-                                    q_ptr, q_offset, q_in, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+                                    q_ptr, q_offset, q_valid, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
             tl.debug_barrier()  # these dq / dc stores before the next chunk's loads
 
 
@@ -526,12 +597,14 @@ def maxsim_forward_kernel(
         out_in = (slot < n_groups)[:, None, None] & (a < n_q)[None, :, None] & (b < n_c)[None, None, :]
         tl.store(out_ptr + offset, scores, mask=out_in)
     else:
-        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                      stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+        qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
         c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
                                                         stride_cb, stride_cj, BLOCK_C, RC_TILE)
-        S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
+        S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+                        INTERPRET)
         S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+        nan_j = _lowest_nan(S3, c_valid, RC_TILE)
 
         a = a0 + tl.arange(0, BLOCK_Q)
         out_offset = a.to(tl.int64)[:, None] * n_c + b[None, :]
@@ -539,7 +612,7 @@ def maxsim_forward_kernel(
         for g in range(n_groups):
             r_q = tl.load(group_rq_ptr + g)
             r_c = tl.load(group_rc_ptr + g)
-            best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+            best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, nan_j, RC_TILE)
             takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
             scores = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C)
             tl.store(out_ptr + tl.cast(g, tl.int64) * n_q * n_c + out_offset, scores, mask=out_in)
@@ -549,20 +622,21 @@ def maxsim_forward_kernel(
 # Backward passes (shared by grouped MaxSim and the fused loss)
 # ---------------------------------------------------------------------------------------
 @triton.jit
-def _score_gradients(S3, qi, q_valid, c_valid, a, b, n_q, n_c, g,
+def _score_gradients(S3, qi, q_valid, c_valid, nan_j, a, b, n_q, n_c, g,
                      group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr, labels_ptr, scale,
-                     IS_LOSS: tl.constexpr, BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr,
-                     BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
+                     IS_LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_Q: tl.constexpr,
+                     RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
     """dS_g (BLOCK_Q, BLOCK_C) for group g, with the per-group max data W needs.
 
-    MaxSim:  dS_g(a, b) = grad[g, a, b].
+    MaxSim:  dS_g(a, b) = grad[g, a, b]  (grad (G, n_q, n_c)).
     Loss:    terms[g, a] = lse_g(a) - scale * s_g(a, label_a), so
              dS_g(a, b) = grad[g, a] * scale * (softmax_g(a, b) - [b == label_a]),
-             softmax_g(a, b) = exp(scale * s_g(a, b) - lse_g(a)) (lse saved by the forward).
+             softmax_g(a, b) = exp(scale * s_g(a, b) - lse_g(a)) (lse saved by the forward);
+             no label term without HAS_LABELS (hard negatives never are the positive).
     """
     r_q = tl.load(group_rq_ptr + g)
     r_c = tl.load(group_rc_ptr + g)
-    best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+    best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, nan_j, RC_TILE)
     takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
     tile_in = (a < n_q)[:, None] & (b < n_c)[None, :]
     if IS_LOSS:
@@ -570,10 +644,12 @@ def _score_gradients(S3, qi, q_valid, c_valid, a, b, n_q, n_c, g,
         row = tl.cast(g, tl.int64) * n_q + a
         lse = tl.load(lse_ptr + row, mask=a < n_q, other=0.0)
         grad = tl.load(grad_ptr + row, mask=a < n_q, other=0.0)
-        label = tl.load(labels_ptr + a, mask=a < n_q, other=-1)
         softmax = tl.exp(scores * scale - lse[:, None])
-        positive = (b[None, :] == label[:, None]).to(tl.float32)
-        dS = grad[:, None] * scale * (softmax - positive)
+        if HAS_LABELS:
+            label = tl.load(labels_ptr + a, mask=a < n_q, other=-1)
+            dS = grad[:, None] * scale * (softmax - (b[None, :] == label[:, None]).to(tl.float32))
+        else:
+            dS = grad[:, None] * scale * softmax
     else:
         offset = (tl.cast(g, tl.int64) * n_q + a.to(tl.int64))[:, None] * n_c + b[None, :]
         dS = tl.load(grad_ptr + offset, mask=tile_in, other=0.0)
@@ -584,17 +660,18 @@ def _score_gradients(S3, qi, q_valid, c_valid, a, b, n_q, n_c, g,
 @triton.jit
 def _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups,
                   group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr, labels_ptr, scale,
-                  IS_LOSS: tl.constexpr, BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr,
+                  IS_LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr,
                   BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
     """W (M, N): every group's dS placed at that group's argmax, summed over groups."""
     M: tl.constexpr = BLOCK_Q * RQ_TILE
     S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+    nan_j = _lowest_nan(S3, c_valid, RC_TILE)
     W3 = tl.zeros((M, BLOCK_C, RC_TILE), dtype=tl.float32)
     for g in range(n_groups):
         dS, best, in_prefix, takes = _score_gradients(
-            S3, qi, q_valid, c_valid, a, b, n_q, n_c, g, group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr,
-            labels_ptr, scale, IS_LOSS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
-        W3 = _add_argmax_weights(W3, S3, best, in_prefix, takes, dS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
+            S3, qi, q_valid, c_valid, nan_j, a, b, n_q, n_c, g, group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr,
+            labels_ptr, scale, IS_LOSS, HAS_LABELS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
+        W3 = _add_argmax_weights(W3, S3, best, in_prefix, nan_j, takes, dS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
     return tl.reshape(W3, (M, BLOCK_C * RC_TILE))
 
 
@@ -626,18 +703,19 @@ def grad_query_kernel(
                             BLOCK_DO, GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS, SCALE_TO_FP16_RANGE,
                             DOT_PRECISION, INTERPRET)
     else:
-        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                      stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+        qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
         a = a0 + tl.arange(0, BLOCK_Q)
         for b0 in range(0, n_c, BLOCK_C):
             c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
                                                             stride_cb, stride_cj, BLOCK_C, RC_TILE)
-            S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+            S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
                             INTERPRET)
             W = _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups, group_rq_ptr, group_rc_ptr,
-                              grad_ptr, lse_ptr, labels_ptr, scale, IS_LOSS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
+                              grad_ptr, lse_ptr, labels_ptr, scale, IS_LOSS, True, BLOCK_Q, RQ_TILE, BLOCK_C,
+                              RC_TILE)
             hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
-            _accumulate_product(dq_ptr, q_offset, q_in, hi, mid, lo, unscale, c_ptr, c_offset, c_in, D,
+            _accumulate_product(dq_ptr, q_offset, q_valid, hi, mid, lo, unscale, c_ptr, c_offset, c_in, D,
                                 M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
             tl.debug_barrier()  # this iteration's dq stores before the next iteration's loads
 
@@ -673,16 +751,17 @@ def grad_candidate_kernel(
         c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
                                                         stride_cb, stride_cj, BLOCK_C, RC_TILE)
         for a0 in range(0, n_q, BLOCK_Q):
-            qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                          stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+            qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                    stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
             a = a0 + tl.arange(0, BLOCK_Q)
-            S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+            S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
                             INTERPRET)
             W = _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups, group_rq_ptr, group_rc_ptr,
-                              grad_ptr, lse_ptr, labels_ptr, scale, IS_LOSS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
+                              grad_ptr, lse_ptr, labels_ptr, scale, IS_LOSS, True, BLOCK_Q, RQ_TILE, BLOCK_C,
+                              RC_TILE)
             hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
             _accumulate_product(dc_ptr, c_offset, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
-                                q_ptr, q_offset, q_in, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+                                q_ptr, q_offset, q_valid, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
             tl.debug_barrier()
 
 
@@ -721,19 +800,20 @@ def infonce_forward_kernel(
             logits = tl.where((b < n_c)[None, None, :], scores * scale, float("-inf"))
             m, l, pos = _online_lse_update_groups(m, l, pos, logits, b[None, :] == label[:, None])
     else:
-        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                      stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
+        qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
         for b0 in range(0, n_c, BLOCK_C):
             c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
                                                             stride_cb, stride_cj, BLOCK_C, RC_TILE)
-            S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+            S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
                             INTERPRET)
             S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+            nan_j = _lowest_nan(S3, c_valid, RC_TILE)
             is_positive = b[None, :] == label[:, None]
             for g in range(n_groups):
                 r_q = tl.load(group_rq_ptr + g)
                 r_c = tl.load(group_rc_ptr + g)
-                best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+                best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, nan_j, RC_TILE)
                 takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
                 logits = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C) * scale
                 logits = tl.where((b < n_c)[None, :], logits, float("-inf"))
@@ -741,28 +821,28 @@ def infonce_forward_kernel(
     rows = tl.arange(0, GROUPS_PAD)
     offset = rows.to(tl.int64)[:, None] * n_q + a[None, :]
     out_in = (rows < n_groups)[:, None] & (a < n_q)[None, :]
-    # l >= 1 for real rows (the max term is exp(0)); padded group rows hold l = 0.
+    # l >= 1 (or NaN) for real rows (the maximum's own term is 1); padded group rows hold l = 0.
     tl.store(lse_ptr + offset, m + tl.log(tl.where(out_in, l, 1.0)), mask=out_in)
     tl.store(pos_ptr + offset, pos, mask=out_in)
 
 
-@triton.jit(do_not_specialize=GROUP_COUNT)
+@triton.jit(do_not_specialize=["n_groups", "n_k"])
 def infonce_hard_negatives_forward_kernel(
-    q_ptr, hn_ptr, q_mask_ptr, hn_mask_ptr, group_rq_ptr, group_rc_ptr, lse_ptr,
+    q_ptr, x_ptr, q_mask_ptr, x_mask_ptr, group_rq_ptr, group_rc_ptr, lse_ptr,
     n_q, n_k, rq_eff, rc_eff, D, n_groups, scale,
-    stride_qa, stride_qi, stride_ha, stride_hk, stride_hj,
-    stride_mqa, stride_mqi, stride_mha, stride_mhk, stride_mhj,
+    stride_qa, stride_qi, stride_xa, stride_xk, stride_xj,
+    stride_mqa, stride_mqi, stride_mxa, stride_mxk, stride_mxj,
     RQ_TILE: tl.constexpr, BLOCK_K: tl.constexpr, RC_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUPS_PAD: tl.constexpr, CHUNKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Fold query a's own K hard negatives into lse[:, a] (one program per query):
+    """Fold query a's own K hard negatives x[a] into lse[:, a] (one program per query):
     the in-batch lse is the starting state (m = lse, l = 1) of the same online update."""
     a0 = tl.program_id(0)
     M: tl.constexpr = RQ_TILE
     N: tl.constexpr = BLOCK_K * RC_TILE
-    hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
-    hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
+    x_base = x_ptr + tl.cast(a0, tl.int64) * stride_xa
+    x_mask_base = x_mask_ptr + tl.cast(a0, tl.int64) * stride_mxa
     rows = tl.arange(0, GROUPS_PAD)
     offset = rows.to(tl.int64)[:, None] * n_q + a0
     state_in = (rows < n_groups)[:, None]
@@ -773,25 +853,26 @@ def infonce_hard_negatives_forward_kernel(
     if CHUNKED:
         for k0 in range(0, n_k, BLOCK_K):
             scores = _pair_scores(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa,
-                                  stride_mqi, hn_base, hn_mask_base, n_k, rc_eff, stride_hk, stride_hj, stride_mhk,
-                                  stride_mhj, D, group_rq_ptr, group_rc_ptr, n_groups, 1, RQ_TILE, BLOCK_K,
+                                  stride_mqi, x_base, x_mask_base, n_k, rc_eff, stride_xk, stride_xj, stride_mxk,
+                                  stride_mxj, D, group_rq_ptr, group_rc_ptr, n_groups, 1, RQ_TILE, BLOCK_K,
                                   RC_TILE, BLOCK_D, GROUPS_PAD, DOT_PRECISION, INTERPRET)
             k = k0 + tl.arange(0, BLOCK_K)
             logits = tl.where((k < n_k)[None, None, :], scores * scale, float("-inf"))
             m, l, pos = _online_lse_update_groups(m, l, pos, logits, no_positive)
     else:
-        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                      stride_qa, stride_qi, 1, RQ_TILE)
+        qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                stride_qa, stride_qi, 1, RQ_TILE)
         for k0 in range(0, n_k, BLOCK_K):
-            c_offset, c_in, k, c_valid = _candidate_columns(k0, 0, n_k, rc_eff, hn_mask_base, stride_mhk,
-                                                            stride_mhj, stride_hk, stride_hj, BLOCK_K, RC_TILE)
-            S = _similarity(q_ptr, q_offset, q_in, hn_base, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+            x_offset, x_in, k, x_valid = _candidate_columns(k0, 0, n_k, rc_eff, x_mask_base, stride_mxk,
+                                                            stride_mxj, stride_xk, stride_xj, BLOCK_K, RC_TILE)
+            S = _similarity(q_ptr, q_offset, q_valid, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION,
                             INTERPRET)
             S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
+            nan_j = _lowest_nan(S3, x_valid, RC_TILE)
             for g in range(n_groups):
                 r_q = tl.load(group_rq_ptr + g)
                 r_c = tl.load(group_rc_ptr + g)
-                best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
+                best, in_prefix, has_valid = _group_best(S3, x_valid, r_c, nan_j, RC_TILE)
                 takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
                 logits = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K) * scale
                 logits = tl.where((k < n_k)[None, :], logits, float("-inf"))
@@ -799,61 +880,121 @@ def infonce_hard_negatives_forward_kernel(
     tl.store(lse_ptr + offset, m + tl.log(tl.where(state_in, l, 1.0)), mask=state_in)
 
 
-@triton.jit(do_not_specialize=GROUP_COUNT)
-def infonce_hard_negatives_backward_kernel(
-    q_ptr, hn_ptr, q_mask_ptr, hn_mask_ptr, group_rq_ptr, group_rc_ptr,
-    grad_ptr, lse_ptr, dq_ptr, dhn_ptr,
-    n_q, n_k, rq_eff, rc_eff, D, n_groups, scale,
-    stride_qa, stride_qi, stride_ha, stride_hk, stride_hj,
-    stride_mqa, stride_mqi, stride_mha, stride_mhk, stride_mhj,
+# ---------------------------------------------------------------------------------------
+# Per-query candidates: paired MaxSim forward, and the backward it shares with the loss's
+# hard negatives (see "Per-query candidates" in the module docstring)
+# ---------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["n_groups", "n_k", "num_k_blocks"])
+def maxsim_paired_forward_kernel(
+    q_ptr, x_ptr, q_mask_ptr, x_mask_ptr, group_rq_ptr, group_rc_ptr, out_ptr,
+    n_q, n_k, rq_eff, rc_eff, D, n_groups, num_k_blocks,
+    stride_qa, stride_qi, stride_xa, stride_xk, stride_xj,
+    stride_mqa, stride_mqi, stride_mxa, stride_mxk, stride_mxj,
+    RQ_TILE: tl.constexpr, BLOCK_K: tl.constexpr, RC_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHUNKED: tl.constexpr, GROUPS_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """out[g, a, k] = s_g(q[a], x[a, k]) for query a and its candidate block k0 + [0, BLOCK_K):
+    1-D grid of n_q * num_k_blocks programs, a query's blocks adjacent (its q rows stay in
+    L2). The in-batch forward with BLOCK_Q = 1 and a per-query candidate base; CHUNKED: the
+    token-chunk path (_pair_scores), at most GROUPS_PAD groups per launch."""
+    pid = tl.program_id(0)
+    a0 = pid // num_k_blocks
+    k0 = (pid % num_k_blocks) * BLOCK_K
+    M: tl.constexpr = RQ_TILE
+    N: tl.constexpr = BLOCK_K * RC_TILE
+    x_base = x_ptr + tl.cast(a0, tl.int64) * stride_xa
+    x_mask_base = x_mask_ptr + tl.cast(a0, tl.int64) * stride_mxa
+    if CHUNKED:
+        scores = _pair_scores(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
+                              x_base, x_mask_base, n_k, rc_eff, stride_xk, stride_xj, stride_mxk, stride_mxj, D,
+                              group_rq_ptr, group_rc_ptr, n_groups, 1, RQ_TILE, BLOCK_K, RC_TILE, BLOCK_D,
+                              GROUPS_PAD, DOT_PRECISION, INTERPRET)  # (GROUPS_PAD, 1, BLOCK_K)
+        slot = tl.arange(0, GROUPS_PAD)
+        k = k0 + tl.arange(0, BLOCK_K)
+        offset = (slot.to(tl.int64)[:, None, None] * n_q + a0) * n_k + k[None, None, :]
+        out_in = (slot < n_groups)[:, None, None] & (k < n_k)[None, None, :]
+        tl.store(out_ptr + offset, scores, mask=out_in)
+    else:
+        qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                stride_qa, stride_qi, 1, RQ_TILE)
+        x_offset, x_in, k, x_valid = _candidate_columns(k0, 0, n_k, rc_eff, x_mask_base, stride_mxk, stride_mxj,
+                                                        stride_xk, stride_xj, BLOCK_K, RC_TILE)
+        S = _similarity(q_ptr, q_offset, q_valid, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION,
+                        INTERPRET)
+        S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
+        nan_j = _lowest_nan(S3, x_valid, RC_TILE)
+        out_offset = (tl.cast(a0, tl.int64) * n_k + k)[None, :]  # (1, BLOCK_K)
+        out_in = (k < n_k)[None, :]
+        for g in range(n_groups):
+            r_q = tl.load(group_rq_ptr + g)
+            r_c = tl.load(group_rc_ptr + g)
+            best, in_prefix, has_valid = _group_best(S3, x_valid, r_c, nan_j, RC_TILE)
+            takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+            scores = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K)
+            tl.store(out_ptr + tl.cast(g, tl.int64) * n_q * n_k + out_offset, scores, mask=out_in)
+
+
+@triton.jit(do_not_specialize=["n_groups", "n_k", "k_span", "num_k_splits"])
+def own_candidates_backward_kernel(
+    q_ptr, x_ptr, q_mask_ptr, x_mask_ptr, group_rq_ptr, group_rc_ptr,
+    grad_ptr, lse_ptr, dq_ptr, dx_ptr,
+    n_q, n_k, k_span, num_k_splits, rq_eff, rc_eff, D, n_groups, scale,
+    stride_qa, stride_qi, stride_xa, stride_xk, stride_xj,
+    stride_mqa, stride_mqi, stride_mxa, stride_mxk, stride_mxj,
+    IS_LOSS: tl.constexpr, WRITE_DQ: tl.constexpr, WRITE_DX: tl.constexpr,
     RQ_TILE: tl.constexpr, BLOCK_K: tl.constexpr, RC_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
     SCALE_TO_FP16_RANGE: tl.constexpr, CHUNKED: tl.constexpr, Q_CHUNKED: tl.constexpr, GROUPS_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Hard-negative part of the loss gradient, one program per query a:
-    dS_g(a, k) = grad[g, a] * scale * softmax_g(a, k); dq[a] += W @ hn[a], dhn[a] += W^T @ q[a].
-    Runs after grad_query_kernel (stream order), and is the only writer of dq[a], dhn[a]."""
-    a0 = tl.program_id(0)
+    """Gradients of each query against its own candidates x[a] (K or N of them):
+    dq[a] += W @ x[a, k], dx[a, k] += W^T @ q[a], W built from dS per group:
+
+        IS_LOSS (the loss's hard negatives): dS_g(a, k) = grad[g, a] * scale * softmax_g(a, k),
+            softmax from the saved lse (grad, lse (G, n_q)); hard negatives are never the positive;
+        else (paired MaxSim): dS_g(a, k) = grad[g, a, k] (grad (G, n_q, n_k)).
+
+    Program p handles query a = p // num_k_splits and candidates [s * k_span, (s + 1) * k_span),
+    s = p % num_k_splits (k_span a multiple of BLOCK_K); it is the only writer of those dx
+    rows and, with one split per query (the launcher's choice whenever WRITE_DQ), of dq[a]:
+    deterministic, no atomics. WRITE_DQ / WRITE_DX: only the wanted products are compiled in
+    (the other pointer is then unused). The loss runs this after grad_query_kernel (stream
+    order): both add into the same dq rows.
+    """
+    pid = tl.program_id(0)
+    a0 = pid // num_k_splits
+    k_first = (pid % num_k_splits) * k_span
+    k_last = tl.minimum(k_first + k_span, n_k)
     M: tl.constexpr = RQ_TILE
     N: tl.constexpr = BLOCK_K * RC_TILE
-    hn_base = hn_ptr + tl.cast(a0, tl.int64) * stride_ha
-    dhn_base = dhn_ptr + tl.cast(a0, tl.int64) * stride_ha
-    hn_mask_base = hn_mask_ptr + tl.cast(a0, tl.int64) * stride_mha
+    x_base = x_ptr + tl.cast(a0, tl.int64) * stride_xa
+    dx_base = dx_ptr + tl.cast(a0, tl.int64) * stride_xa
+    x_mask_base = x_mask_ptr + tl.cast(a0, tl.int64) * stride_mxa
     if CHUNKED:
-        for k0 in range(0, n_k, BLOCK_K):
+        for k0 in range(k_first, k_last, BLOCK_K):
             _pair_gradients(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
-                            hn_base, hn_mask_base, n_k, rc_eff, stride_hk, stride_hj, stride_mhk, stride_mhj, D,
-                            group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, lse_ptr, scale, dq_ptr, dhn_base,
-                            True, False, True, True, Q_CHUNKED, 1, RQ_TILE, BLOCK_K, RC_TILE, BLOCK_D, BLOCK_DO,
-                            GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS, SCALE_TO_FP16_RANGE, DOT_PRECISION,
-                            INTERPRET)
+                            x_base, x_mask_base, n_k, rc_eff, stride_xk, stride_xj, stride_mxk, stride_mxj, D,
+                            group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, lse_ptr, scale, dq_ptr, dx_base,
+                            IS_LOSS, False, WRITE_DQ, WRITE_DX, Q_CHUNKED, 1, RQ_TILE, BLOCK_K, RC_TILE, BLOCK_D,
+                            BLOCK_DO, GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS, SCALE_TO_FP16_RANGE,
+                            DOT_PRECISION, INTERPRET)
     else:
-        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                      stride_qa, stride_qi, 1, RQ_TILE)
+        qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                stride_qa, stride_qi, 1, RQ_TILE)
         a = a0 + tl.arange(0, 1)
-        for k0 in range(0, n_k, BLOCK_K):
-            c_offset, c_in, k, c_valid = _candidate_columns(k0, 0, n_k, rc_eff, hn_mask_base, stride_mhk, stride_mhj,
-                                                            stride_hk, stride_hj, BLOCK_K, RC_TILE)
-            S = _similarity(q_ptr, q_offset, q_in, hn_base, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
-            S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
-            W3 = tl.zeros((M, BLOCK_K, RC_TILE), dtype=tl.float32)
-            for g in range(n_groups):
-                r_q = tl.load(group_rq_ptr + g)
-                r_c = tl.load(group_rc_ptr + g)
-                best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, RC_TILE)
-                takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
-                scores = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K)
-                row = tl.cast(g, tl.int64) * n_q + a
-                lse = tl.load(lse_ptr + row)
-                grad = tl.load(grad_ptr + row)
-                dS = grad[:, None] * scale * tl.exp(scores * scale - lse[:, None])
-                dS = tl.where((k < n_k)[None, :], dS, 0.0)
-                W3 = _add_argmax_weights(W3, S3, best, in_prefix, takes, dS, 1, RQ_TILE, BLOCK_K, RC_TILE)
-            W = tl.reshape(W3, (M, N))
+        for k0 in range(k_first, k_last, BLOCK_K):
+            x_offset, x_in, k, x_valid = _candidate_columns(k0, 0, n_k, rc_eff, x_mask_base, stride_mxk, stride_mxj,
+                                                            stride_xk, stride_xj, BLOCK_K, RC_TILE)
+            S = _similarity(q_ptr, q_offset, q_valid, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION,
+                            INTERPRET)
+            W = _weights_tile(S, qi, q_valid, x_valid, a, k, n_q, n_k, n_groups, group_rq_ptr, group_rc_ptr,
+                              grad_ptr, lse_ptr, lse_ptr, scale, IS_LOSS, False, 1, RQ_TILE, BLOCK_K, RC_TILE)
             hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
-            _accumulate_product(dq_ptr, q_offset, q_in, hi, mid, lo, unscale, hn_base, c_offset, c_in, D,
-                                M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
-            _accumulate_product(dhn_base, c_offset, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
-                                q_ptr, q_offset, q_in, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
-            tl.debug_barrier()
+            if WRITE_DQ:
+                _accumulate_product(dq_ptr, q_offset, q_valid, hi, mid, lo, unscale, x_base, x_offset, x_in, D,
+                                    M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+            if WRITE_DX:
+                _accumulate_product(dx_base, x_offset, x_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
+                                    q_ptr, q_offset, q_valid, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+            tl.debug_barrier()  # these dq / dx stores before the next block's loads

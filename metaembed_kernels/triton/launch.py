@@ -12,6 +12,11 @@ Budgets beyond one token tile run the kernels' chunked branch (CHUNKED), which h
 most heuristics.CHUNK_GROUPS groups per launch: more groups become several launches, each
 given a slice of the group lists and of the per-group outputs / gradients (views, no copies).
 Launches that add into the same dq / dc run one after another on the stream (deterministic).
+
+Arguments are checked by the validator every backend shares (_validation.check_*_op: the same
+checks and messages as the reference, cpu and cuda ops); only what triton alone refuses
+(float64, budgets past its int32 token indices) is checked here. Backward plans allocate and
+launch only for the gradients output_mask asks for.
 """
 from __future__ import annotations
 
@@ -60,7 +65,8 @@ def _cdiv(a: int, b: int) -> int:
 
 @dataclasses.dataclass
 class Problem:
-    """Checked, contiguous inputs and the derived sizes shared by every launch."""
+    """Checked, contiguous inputs and the derived sizes shared by every launch. In a paired
+    problem c is (B, N, Rc, D) and c_mask (B, N, Rc): see paired_candidates."""
     q: torch.Tensor
     c: torch.Tensor
     q_mask: torch.Tensor  # uint8 (Nq, Rq), maybe stride 0
@@ -114,46 +120,128 @@ class Problem:
         return dict(group_rq_ptr=self.group_rq[g0:g1], group_rc_ptr=self.group_rc[g0:g1], n_groups=g1 - g0)
 
 
-def _check_groups(group_rq: Sequence[int], group_rc: Sequence[int], rq: int, rc: int) -> None:
-    if len(group_rq) != len(group_rc) or len(group_rq) == 0:
-        raise ValueError(f"group_rq and group_rc must be non-empty and of equal length, got {list(group_rq)}, "
-                         f"{list(group_rc)}")
-    for r_q, r_c in zip(group_rq, group_rc):
-        if not (1 <= r_q <= rq and 1 <= r_c <= rc):
-            raise ValueError(f"group ({r_q}, {r_c}) out of range: need 1 <= r_q <= Rq={rq}, 1 <= r_c <= Rc={rc}")
-
-
-def _check_mask(name: str, mask: Optional[torch.Tensor], shape: Tuple[int, ...], device) -> None:
-    if mask is None:
-        return
-    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape) or mask.device != device:
-        raise ValueError(f"{name} must be a bool tensor of shape {tuple(shape)} on {device}, got "
-                         f"{mask.dtype} {tuple(mask.shape)} on {mask.device}")
-
-
-def make_problem(q, c, group_rq, group_rc, q_mask, c_mask, interpret: Optional[bool] = None) -> Problem:
-    """Re-checks what memory safety depends on (the ops can be called directly)."""
-    if q.dim() != 3 or c.dim() != 3 or q.shape[2] != c.shape[2] or q.dtype != c.dtype or q.device != c.device:
-        raise ValueError(f"q (Nq, Rq, D) and c (Nc, Rc, D) must agree in D, dtype and device, got "
-                         f"{tuple(q.shape)} {q.dtype} {q.device} and {tuple(c.shape)} {c.dtype} {c.device}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"the triton backend runs float32, float16 and bfloat16, got {q.dtype}")
-    group_rq, group_rc = [int(v) for v in group_rq], [int(v) for v in group_rc]
-    _check_groups(group_rq, group_rc, q.shape[1], c.shape[1])
-    _check_mask("q_mask", q_mask, q.shape[:2], q.device)
-    _check_mask("c_mask", c_mask, c.shape[:2], q.device)
+def _check_triton_support(dtype: torch.dtype, group_rq: Sequence[int], group_rc: Sequence[int]) -> None:
+    """What only this backend refuses (the shared validator has checked everything else)."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be float32, float16 or bfloat16 on the triton backend, got {dtype}")
     reason = H.unsupported_reason(max(group_rq), max(group_rc))
     if reason is not None:  # only absurd budgets (>= 2^30 tokens)
         raise ValueError(reason)
+
+
+_GROUP_TENSORS: Dict[tuple, torch.Tensor] = {}
+
+
+def _group_tensor(values: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int32 group list on the device, made once per (list, device): no host-to-device copy
+    per call (a training step can be captured in a CUDA graph once it has run eagerly)."""
+    key = (values, device)
+    tensor = _GROUP_TENSORS.get(key)
+    if tensor is None:
+        if len(_GROUP_TENSORS) >= 1024:  # a bound, not an eviction policy: group lists are few
+            _GROUP_TENSORS.clear()
+        tensor = _GROUP_TENSORS[key] = torch.tensor(values, dtype=torch.int32, device=device)
+    return tensor
+
+
+def make_problem(q, c, group_rq, group_rc, q_mask, c_mask, interpret: Optional[bool] = None,
+                 paired: bool = False, checked: bool = False) -> Problem:
+    """Checks the arguments with the validator every backend uses (_validation.check_maxsim_op,
+    the same messages everywhere; skipped when the caller already ran a check_*_op), then what
+    only triton refuses. paired: c is (B, N, Rc, D) and c_mask (B, N, Rc)."""
+    group_rq, group_rc = [int(v) for v in group_rq], [int(v) for v in group_rc]
+    if not checked:
+        V.check_maxsim_op(q, c, group_rq, group_rc, q_mask, c_mask, paired)
+    _check_triton_support(q.dtype, group_rq, group_rc)
     device = q.device
     return Problem(
         q=q.contiguous(), c=c.contiguous(),
-        q_mask=_mask_view(q_mask, q.shape[:2], device), c_mask=_mask_view(c_mask, c.shape[:2], device),
-        group_rq=torch.tensor(group_rq, dtype=torch.int32, device=device),
-        group_rc=torch.tensor(group_rc, dtype=torch.int32, device=device),
+        q_mask=_mask_view(q_mask, q.shape[:2], device), c_mask=_mask_view(c_mask, c.shape[:-1], device),
+        group_rq=_group_tensor(tuple(group_rq), device), group_rc=_group_tensor(tuple(group_rc), device),
         rq_eff=max(group_rq), rc_eff=max(group_rc),
         interpret=interpret_mode() if interpret is None else interpret,
     )
+
+
+# ---- per-query candidates (the loss's hard negatives, paired MaxSim's c) -------------------
+
+@dataclasses.dataclass
+class OwnCandidates:
+    """x (Nq, K, Rc, D): query a's own candidates x[a] -- hard_negatives of the loss, c of
+    maxsim_paired_grouped -- with its uint8 mask (Nq, K, Rc), maybe stride 0."""
+    x: torch.Tensor  # contiguous
+    mask: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.x.shape[1]
+
+    def args(self) -> Dict[str, Any]:
+        x, xm = self.x, self.mask
+        return dict(x_ptr=x, x_mask_ptr=xm, n_k=self.k,
+                    stride_xa=x.stride(0), stride_xk=x.stride(1), stride_xj=x.stride(2),
+                    stride_mxa=xm.stride(0), stride_mxk=xm.stride(1), stride_mxj=xm.stride(2))
+
+
+def make_hard_negatives(p: Problem, hn: torch.Tensor, hn_mask: Optional[torch.Tensor]) -> OwnCandidates:
+    """The loss's hard negatives (checked by make_infonce_problem, or built from meta tensors
+    by the compile gate)."""
+    return OwnCandidates(hn.contiguous(), _mask_view(hn_mask, hn.shape[:3], p.q.device))
+
+
+def paired_candidates(p: Problem) -> OwnCandidates:
+    """A paired problem's c as every query's own candidates."""
+    return OwnCandidates(p.c, p.c_mask)
+
+
+def _own_args(p: Problem, x: OwnCandidates) -> Dict[str, Any]:
+    q, qm = p.q, p.q_mask
+    return dict(x.args(), q_ptr=q, q_mask_ptr=qm, group_rq_ptr=p.group_rq, group_rc_ptr=p.group_rc,
+                n_q=p.nq, rq_eff=p.rq_eff, rc_eff=p.rc_eff, D=p.d, n_groups=p.num_groups,
+                stride_qa=q.stride(0), stride_qi=q.stride(1), stride_mqa=qm.stride(0), stride_mqi=qm.stride(1))
+
+
+def _own_constexprs(p: Problem, cfg: H.TileConfig, backward: bool, groups_pad: int) -> Dict[str, Any]:
+    out = dict(RQ_TILE=cfg.rq_tile, BLOCK_K=cfg.block_c, RC_TILE=cfg.rc_tile, BLOCK_D=cfg.block_d,
+               INTERPRET=p.interpret, CHUNKED=cfg.chunked, GROUPS_PAD=groups_pad)
+    numerics = H.numerics(p.q.dtype)
+    out["DOT_PRECISION"] = numerics["DOT_PRECISION"]
+    if backward:
+        out.update(BLOCK_DO=cfg.block_do, Q_CHUNKED=cfg.q_chunked, **{k: numerics[k] for k in GRADIENT_NUMERICS})
+    return out
+
+
+def _own_gradient_plans(p: Problem, x: OwnCandidates, dq: Optional[torch.Tensor], dx: Optional[torch.Tensor],
+                        grad: torch.Tensor, lse: torch.Tensor, scale: float, is_loss: bool,
+                        role: str) -> List[LaunchPlan]:
+    """own_candidates_backward_kernel launches for the wanted gradients (None = not wanted:
+    its product is not compiled in and its pointer argument is a dummy, never touched).
+
+    With dq wanted, one program per query walks all of its candidate blocks (the only writer
+    of dq[a]: deterministic). Without dq, nothing is shared between a query's blocks, so
+    every block gets its own program (B * blocks programs instead of B)."""
+    if (dq is None and dx is None) or x.k == 0:
+        return []
+    cfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=True)
+    num_blocks = _cdiv(x.k, cfg.block_c)
+    splits = 1 if dq is not None else num_blocks
+    k_span = x.k if splits == 1 else cfg.block_c
+    constexprs = dict(_own_constexprs(p, cfg, True, H.CHUNK_GROUPS), IS_LOSS=is_loss,
+                      WRITE_DQ=dq is not None, WRITE_DX=dx is not None)
+    plans = []
+    for g0, g1 in p.group_batches(cfg):
+        unused = grad[g0:g1]  # any fp32 tensor: the pointer of an unwanted gradient is never used
+        args = dict(_own_args(p, x), **p.group_args(g0, g1), grad_ptr=grad[g0:g1], lse_ptr=lse[g0:g1],
+                    dq_ptr=unused if dq is None else dq, dx_ptr=unused if dx is None else dx, scale=float(scale),
+                    k_span=k_span, num_k_splits=splits)
+        plans.append(LaunchPlan(role, K.own_candidates_backward_kernel, (p.nq * splits,), args, constexprs, cfg))
+    return plans
+
+
+def _accumulator(like: torch.Tensor, wanted: bool) -> Optional[torch.Tensor]:
+    """A zeroed fp32 gradient accumulator of like's shape, or None: nothing is allocated for a
+    gradient nobody asked for."""
+    return torch.zeros(like.shape, dtype=torch.float32, device=like.device) if wanted else None
 
 
 # ---- grouped MaxSim -----------------------------------------------------------------------
@@ -171,10 +259,9 @@ def plan_maxsim_forward(p: Problem) -> Tuple[torch.Tensor, List[LaunchPlan]]:
     return out, plans
 
 
-def _gradient_plans(p: Problem, dq, dc, grad, lse, labels, scale: float, is_loss: bool,
-                    output_mask=(True, True)) -> List[LaunchPlan]:
-    """dq pass(es), then dc pass(es), each only when wanted; grad and lse are per group
-    (first dimension G)."""
+def _gradient_plans(p: Problem, dq, dc, grad, lse, labels, scale: float, is_loss: bool) -> List[LaunchPlan]:
+    """dq pass(es), then dc pass(es), each only for a wanted (not None) accumulator; grad and
+    lse are per group (first dimension G)."""
     cfg = H.gradient_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype)
     constexprs = dict(p.tile_constexprs(cfg, with_gradient_chunk=True), IS_LOSS=is_loss, GROUPS_PAD=H.CHUNK_GROUPS)
     kind = "loss" if is_loss else "maxsim"
@@ -182,79 +269,69 @@ def _gradient_plans(p: Problem, dq, dc, grad, lse, labels, scale: float, is_loss
     shared = [dict(p.common_args(), **p.group_args(g0, g1), grad_ptr=grad[g0:g1], lse_ptr=lse[g0:g1],
                    labels_ptr=labels, scale=float(scale)) for g0, g1 in batches]
     plans = []
-    if output_mask[0]:
+    if dq is not None:
         plans += [LaunchPlan(f"{kind} backward dq", K.grad_query_kernel, (_cdiv(p.nq, cfg.block_q),),
                              dict(args, dq_ptr=dq), constexprs, cfg) for args in shared]
-    if output_mask[1]:
+    if dc is not None:
         plans += [LaunchPlan(f"{kind} backward dc", K.grad_candidate_kernel, (_cdiv(p.nc, cfg.block_c),),
                              dict(args, dc_ptr=dc), constexprs, cfg) for args in shared]
     return plans
 
 
 def plan_maxsim_backward(p: Problem, grad: torch.Tensor, output_mask=(True, True)):
-    """grad (G, Nq, Nc) float32 -> fp32 accumulators dq, dc (zeroed) and the launches."""
+    """grad (G, Nq, Nc) -> fp32 accumulators dq, dc (zeroed; None when not wanted) and the
+    launches (none for an unwanted gradient)."""
+    V.check_scores_grad(grad, p.q, p.c, p.num_groups)
     grad = grad.to(torch.float32).contiguous()
-    if tuple(grad.shape) != (p.num_groups, p.nq, p.nc):
-        raise ValueError(f"grad must have shape (G, Nq, Nc) = {(p.num_groups, p.nq, p.nc)}, got {tuple(grad.shape)}")
-    dq = torch.zeros(p.q.shape, dtype=torch.float32, device=p.q.device)
-    dc = torch.zeros(p.c.shape, dtype=torch.float32, device=p.q.device)
-    plans = _gradient_plans(p, dq, dc, grad, grad, grad, 1.0, is_loss=False,
-                            output_mask=output_mask)  # lse/labels unused
+    dq, dc = _accumulator(p.q, output_mask[0]), _accumulator(p.c, output_mask[1])
+    plans = _gradient_plans(p, dq, dc, grad, grad, grad, 1.0, is_loss=False)  # lse/labels unused
+    return dq, dc, plans
+
+
+# ---- paired MaxSim: each query against its own candidates ----------------------------------
+
+def plan_maxsim_paired_forward(p: Problem) -> Tuple[torch.Tensor, List[LaunchPlan]]:
+    """scores (G, B, N) of a paired problem: one program per (query, block of its candidates)."""
+    x = paired_candidates(p)
+    out = torch.empty((p.num_groups, p.nq, x.k), dtype=torch.float32, device=p.q.device)
+    cfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=False)
+    num_k_blocks = _cdiv(x.k, cfg.block_c)
+    constexprs = _own_constexprs(p, cfg, False, H.CHUNK_GROUPS)  # GROUPS_PAD unused unless chunked
+    plans = []
+    for g0, g1 in p.group_batches(cfg):
+        args = dict(_own_args(p, x), **p.group_args(g0, g1), out_ptr=out[g0:g1], num_k_blocks=num_k_blocks)
+        plans.append(LaunchPlan("paired forward", K.maxsim_paired_forward_kernel, (p.nq * num_k_blocks,), args,
+                                constexprs, cfg))
+    return out, plans
+
+
+def plan_maxsim_paired_backward(p: Problem, grad: torch.Tensor, output_mask=(True, True)):
+    """grad (G, B, N) -> fp32 accumulators dq (B, Rq, D), dc (B, N, Rc, D) (None when not
+    wanted) and the launches."""
+    V.check_scores_grad(grad, p.q, p.c, p.num_groups, paired=True)
+    grad = grad.to(torch.float32).contiguous()
+    dq, dc = _accumulator(p.q, output_mask[0]), _accumulator(p.c, output_mask[1])
+    plans = _own_gradient_plans(p, paired_candidates(p), dq, dc, grad, grad, 1.0, is_loss=False,
+                                role="paired backward")  # lse unused
     return dq, dc, plans
 
 
 # ---- fused Matryoshka InfoNCE -----------------------------------------------------------
 
-@dataclasses.dataclass
-class HardNegatives:
-    hn: torch.Tensor  # (Nq, K, Rc, D) contiguous
-    mask: torch.Tensor  # uint8 (Nq, K, Rc), maybe stride 0
-
-    @property
-    def k(self) -> int:
-        return self.hn.shape[1]
-
-    def args(self) -> Dict[str, Any]:
-        hn, hm = self.hn, self.mask
-        return dict(hn_ptr=hn, hn_mask_ptr=hm, n_k=self.k,
-                    stride_ha=hn.stride(0), stride_hk=hn.stride(1), stride_hj=hn.stride(2),
-                    stride_mha=hm.stride(0), stride_mhk=hm.stride(1), stride_mhj=hm.stride(2))
-
-
-def make_hard_negatives(p: Problem, hn: torch.Tensor, hn_mask: Optional[torch.Tensor]) -> HardNegatives:
-    expected = (p.nq, hn.shape[1] if hn.dim() == 4 else -1, p.c.shape[1], p.d)
-    if hn.dim() != 4 or tuple(hn.shape) != expected or hn.dtype != p.q.dtype or hn.device != p.q.device:
-        raise ValueError(f"hard_negatives must be (Nq, K, Rc, D) = (.., K, ..) {expected} with q's dtype and "
-                         f"device, got {tuple(hn.shape)} {hn.dtype} {hn.device}")
-    _check_mask("hard_negatives_mask", hn_mask, hn.shape[:3], p.q.device)
-    return HardNegatives(hn.contiguous(), _mask_view(hn_mask, hn.shape[:3], p.q.device))
-
-
-def _check_labels(p: Problem, labels: torch.Tensor) -> torch.Tensor:
-    # Labels are compared with candidate indices, never used as addresses; their values are
-    # checked by the shared validator (host check for CPU tensors, device assert on GPUs).
-    if labels.dtype != torch.int64 or tuple(labels.shape) != (p.nq,) or labels.device != p.q.device:
-        raise ValueError(f"labels must be int64 of shape ({p.nq},) on {p.q.device}, got "
-                         f"{labels.dtype} {tuple(labels.shape)} on {labels.device}")
-    V.check_label_values(labels, p.nc)
-    return labels.contiguous()
-
-
-def _hard_negative_args(p: Problem, h: HardNegatives) -> Dict[str, Any]:
-    q, qm = p.q, p.q_mask
-    return dict(h.args(), q_ptr=q, q_mask_ptr=qm, group_rq_ptr=p.group_rq, group_rc_ptr=p.group_rc,
-                n_q=p.nq, rq_eff=p.rq_eff, rc_eff=p.rc_eff, D=p.d, n_groups=p.num_groups,
-                stride_qa=q.stride(0), stride_qi=q.stride(1), stride_mqa=qm.stride(0), stride_mqi=qm.stride(1))
-
-
-def _hard_negative_constexprs(p: Problem, cfg: H.TileConfig, backward: bool, groups_pad: int) -> Dict[str, Any]:
-    out = dict(RQ_TILE=cfg.rq_tile, BLOCK_K=cfg.block_c, RC_TILE=cfg.rc_tile, BLOCK_D=cfg.block_d,
-               INTERPRET=p.interpret, CHUNKED=cfg.chunked, GROUPS_PAD=groups_pad)
-    numerics = H.numerics(p.q.dtype)
-    out["DOT_PRECISION"] = numerics["DOT_PRECISION"]
-    if backward:
-        out.update(BLOCK_DO=cfg.block_do, Q_CHUNKED=cfg.q_chunked, **{k: numerics[k] for k in GRADIENT_NUMERICS})
-    return out
+def make_infonce_problem(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask,
+                         grad: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+                         interpret: Optional[bool] = None) -> Tuple[Problem, OwnCandidates, torch.Tensor]:
+    """The loss's arguments through the shared validator, in the reference backend's order:
+    check_infonce_op, the backward's grad / lse shapes (when given), then the label values
+    (host check for CPU tensors, device assert otherwise: no sync)."""
+    group_rq, group_rc = [int(v) for v in group_rq], [int(v) for v in group_rc]
+    V.check_infonce_op(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask)
+    if grad is not None:
+        V.check_infonce_grad(grad, lse, len(group_rq), q.shape[0])
+    V.check_label_values(labels, c.shape[0])
+    p = make_problem(q, c, group_rq, group_rc, q_mask, c_mask, interpret, checked=True)
+    # Labels are compared with candidate indices, never used as addresses.
+    return p, make_hard_negatives(p, hard_negatives, hn_mask), labels.contiguous()
 
 
 def _state_groups_pad(cfg: H.TileConfig, batch: int) -> int:
@@ -262,9 +339,8 @@ def _state_groups_pad(cfg: H.TileConfig, batch: int) -> int:
     return H.CHUNK_GROUPS if cfg.chunked else H.groups_pad(batch)
 
 
-def plan_infonce_forward(p: Problem, h: HardNegatives, labels: torch.Tensor, scale: float):
+def plan_infonce_forward(p: Problem, h: OwnCandidates, labels: torch.Tensor, scale: float):
     """-> (lse (G, Nq), positive logit (G, Nq), launches). terms = lse - positive."""
-    labels = _check_labels(p, labels)
     lse = torch.empty((p.num_groups, p.nq), dtype=torch.float32, device=p.q.device)
     pos = torch.empty_like(lse)
     cfg = H.infonce_forward_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype)
@@ -280,34 +356,23 @@ def plan_infonce_forward(p: Problem, h: HardNegatives, labels: torch.Tensor, sca
         for g0, g1 in p.group_batches(hcfg, carries_state=True):
             plans.append(LaunchPlan(
                 "loss forward hard negatives", K.infonce_hard_negatives_forward_kernel, (p.nq,),
-                dict(_hard_negative_args(p, h), **p.group_args(g0, g1), lse_ptr=lse[g0:g1], scale=float(scale)),
-                _hard_negative_constexprs(p, hcfg, False, _state_groups_pad(hcfg, g1 - g0)), hcfg))
+                dict(_own_args(p, h), **p.group_args(g0, g1), lse_ptr=lse[g0:g1], scale=float(scale)),
+                _own_constexprs(p, hcfg, False, _state_groups_pad(hcfg, g1 - g0)), hcfg))
     return lse, pos, plans
 
 
-def plan_infonce_backward(p: Problem, h: HardNegatives, labels: torch.Tensor, scale: float,
+def plan_infonce_backward(p: Problem, h: OwnCandidates, labels: torch.Tensor, scale: float,
                           grad_terms: torch.Tensor, lse: torch.Tensor, output_mask=(True, True, True)):
-    """-> fp32 accumulators dq, dc, dhn and the launches, in the order they must run."""
-    labels = _check_labels(p, labels)
-    shape = (p.num_groups, p.nq)
+    """-> fp32 accumulators dq, dc, dhn (None when not wanted: not allocated, not computed)
+    and the launches, in the order they must run."""
+    V.check_infonce_grad(grad_terms, lse, p.num_groups, p.nq)
     grad_terms = grad_terms.to(torch.float32).contiguous()
     lse = lse.to(torch.float32).contiguous()
-    if tuple(grad_terms.shape) != shape or tuple(lse.shape) != shape:
-        raise ValueError(f"grad and lse must have shape (G, Nq) = {shape}, got {tuple(grad_terms.shape)}, "
-                         f"{tuple(lse.shape)}")
-    dq = torch.zeros(p.q.shape, dtype=torch.float32, device=p.q.device)
-    dc = torch.zeros(p.c.shape, dtype=torch.float32, device=p.q.device)
-    dhn = torch.zeros(h.hn.shape, dtype=torch.float32, device=p.q.device)
-    plans = _gradient_plans(p, dq, dc, grad_terms, lse, labels, scale, is_loss=True,
-                            output_mask=(output_mask[0], output_mask[1]))
-    if h.k > 0 and (output_mask[0] or output_mask[2]):  # after the dq pass: it adds into the same dq rows
-        hcfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=True)
-        for g0, g1 in p.group_batches(hcfg):
-            plans.append(LaunchPlan(
-                "loss backward hard negatives", K.infonce_hard_negatives_backward_kernel, (p.nq,),
-                dict(_hard_negative_args(p, h), **p.group_args(g0, g1), grad_ptr=grad_terms[g0:g1],
-                     lse_ptr=lse[g0:g1], dq_ptr=dq, dhn_ptr=dhn, scale=float(scale)),
-                _hard_negative_constexprs(p, hcfg, True, H.CHUNK_GROUPS), hcfg))
+    dq, dc, dhn = _accumulator(p.q, output_mask[0]), _accumulator(p.c, output_mask[1]), _accumulator(h.x, output_mask[2])
+    plans = _gradient_plans(p, dq, dc, grad_terms, lse, labels, scale, is_loss=True)
+    # after the dq pass: it adds into the same dq rows
+    plans += _own_gradient_plans(p, h, dq, dhn, grad_terms, lse, scale, is_loss=True,
+                                 role="loss backward hard negatives")
     return dq, dc, dhn, plans
 
 

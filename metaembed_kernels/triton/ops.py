@@ -1,15 +1,20 @@
-"""The "triton" backend's ops, registered with torch.library under the schemas of
-csrc/ops.cpp (prefixed ``triton_``), with fake kernels and autograd from ``_autograd``:
+"""The "triton" backend's ops, registered with torch.library from the shared schema table
+(``_schemas.SCHEMAS``, prefixed ``triton_``), with the shared fake kernels and autograd
+(``_autograd.register_all``):
 
     metaembed::triton_maxsim_grouped(q, c, group_rq, group_rc, q_mask, c_mask) -> scores
-    metaembed::triton_maxsim_grouped_backward(grad, q, c, ...) -> (dq, dc)
+    metaembed::triton_maxsim_grouped_backward(grad, q, c, ..., output_mask) -> (dq, dc)
+    metaembed::triton_maxsim_paired_grouped(q (B,Rq,D), c (B,N,Rc,D), ...) -> scores (G, B, N)
+    metaembed::triton_maxsim_paired_grouped_backward(grad, q, c, ..., output_mask) -> (dq, dc)
     metaembed::triton_matryoshka_infonce(q, c, hn, labels, group_rq, group_rc, scale, masks..)
         -> (terms, lse)
-    metaembed::triton_matryoshka_infonce_backward(grad, lse, q, c, hn, labels, ...) -> (dq, dc, dhn)
+    metaembed::triton_matryoshka_infonce_backward(grad, lse, q, c, hn, labels, ..., output_mask)
+        -> (dq, dc, dhn)
 
 They are opaque custom ops (torch.compile calls them as units). They run CUDA tensors, and
 CPU tensors under TRITON_INTERPRET=1. Scores/terms/lse are float32; gradients have the
-input dtype (accumulated in fp32, rounded once).
+input dtype (accumulated in fp32, rounded once); a gradient whose output_mask flag is False
+is neither allocated nor computed, and comes back as an empty (0,) tensor.
 """
 from __future__ import annotations
 
@@ -22,14 +27,18 @@ from .._schemas import SCHEMAS
 from . import launch
 
 Tensor = torch.Tensor
-
-MAXSIM = "metaembed::triton_maxsim_grouped"
-MAXSIM_BACKWARD = "metaembed::triton_maxsim_grouped_backward"
-INFONCE = "metaembed::triton_matryoshka_infonce"
-INFONCE_BACKWARD = "metaembed::triton_matryoshka_infonce_backward"
+PREFIX = "triton_"
 
 
-@torch.library.custom_op(MAXSIM, mutates_args=(), schema=SCHEMAS["maxsim_grouped"])
+def _define(name: str):
+    return torch.library.custom_op(f"metaembed::{PREFIX}{name}", mutates_args=(), schema=SCHEMAS[name])
+
+
+def _gradient(acc: Optional[Tensor], like: Tensor, wanted: bool) -> Tensor:
+    return acc.to(like.dtype) if wanted else like.new_empty((0,))
+
+
+@_define("maxsim_grouped")
 def _maxsim_grouped(q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
                     q_mask: Optional[Tensor], c_mask: Optional[Tensor]) -> Tensor:
     problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask)
@@ -38,7 +47,7 @@ def _maxsim_grouped(q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[in
     return out
 
 
-@torch.library.custom_op(MAXSIM_BACKWARD, mutates_args=(), schema=SCHEMAS["maxsim_grouped_backward"])
+@_define("maxsim_grouped_backward")
 def _maxsim_grouped_backward(grad: Tensor, q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
                              q_mask: Optional[Tensor], c_mask: Optional[Tensor],
                              output_mask: List[bool]) -> Tuple[Tensor, Tensor]:
@@ -48,35 +57,48 @@ def _maxsim_grouped_backward(grad: Tensor, q: Tensor, c: Tensor, group_rq: List[
     return _gradient(dq, q, output_mask[0]), _gradient(dc, c, output_mask[1])
 
 
-def _gradient(acc: Tensor, like: Tensor, wanted: bool) -> Tensor:
-    return acc.to(like.dtype) if wanted else like.new_empty((0,))
+@_define("maxsim_paired_grouped")
+def _maxsim_paired_grouped(q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
+                           q_mask: Optional[Tensor], c_mask: Optional[Tensor]) -> Tensor:
+    problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask, paired=True)
+    out, plans = launch.plan_maxsim_paired_forward(problem)
+    launch.run(plans)
+    return out
 
 
-@torch.library.custom_op(INFONCE, mutates_args=(), schema=SCHEMAS["matryoshka_infonce"])
+@_define("maxsim_paired_grouped_backward")
+def _maxsim_paired_grouped_backward(grad: Tensor, q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
+                                    q_mask: Optional[Tensor], c_mask: Optional[Tensor],
+                                    output_mask: List[bool]) -> Tuple[Tensor, Tensor]:
+    problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask, paired=True)
+    dq, dc, plans = launch.plan_maxsim_paired_backward(problem, grad, output_mask)
+    launch.run(plans)
+    return _gradient(dq, q, output_mask[0]), _gradient(dc, c, output_mask[1])
+
+
+@_define("matryoshka_infonce")
 def _matryoshka_infonce(q: Tensor, c: Tensor, hard_negatives: Tensor, labels: Tensor, group_rq: List[int],
                         group_rc: List[int], scale: float, q_mask: Optional[Tensor], c_mask: Optional[Tensor],
                         hard_negatives_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask)
-    negatives = launch.make_hard_negatives(problem, hard_negatives, hard_negatives_mask)
+    problem, negatives, labels = launch.make_infonce_problem(q, c, hard_negatives, labels, group_rq, group_rc,
+                                                             scale, q_mask, c_mask, hard_negatives_mask)
     lse, positive, plans = launch.plan_infonce_forward(problem, negatives, labels, scale)
     launch.run(plans)
     return lse - positive, lse
 
 
-@torch.library.custom_op(INFONCE_BACKWARD, mutates_args=(), schema=SCHEMAS["matryoshka_infonce_backward"])
+@_define("matryoshka_infonce_backward")
 def _matryoshka_infonce_backward(grad: Tensor, lse: Tensor, q: Tensor, c: Tensor, hard_negatives: Tensor,
                                  labels: Tensor, group_rq: List[int], group_rc: List[int], scale: float,
                                  q_mask: Optional[Tensor], c_mask: Optional[Tensor],
                                  hard_negatives_mask: Optional[Tensor],
                                  output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
-    problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask)
-    negatives = launch.make_hard_negatives(problem, hard_negatives, hard_negatives_mask)
+    problem, negatives, labels = launch.make_infonce_problem(q, c, hard_negatives, labels, group_rq, group_rc,
+                                                             scale, q_mask, c_mask, hard_negatives_mask, grad, lse)
     dq, dc, dhn, plans = launch.plan_infonce_backward(problem, negatives, labels, scale, grad, lse, output_mask)
     launch.run(plans)
     return (_gradient(dq, q, output_mask[0]), _gradient(dc, c, output_mask[1]),
             _gradient(dhn, hard_negatives, output_mask[2]))
 
 
-_autograd.register_scores(MAXSIM, MAXSIM_BACKWARD)
-_autograd.register_infonce(INFONCE, INFONCE_BACKWARD)
-
+_autograd.register_all(PREFIX)
