@@ -12,7 +12,7 @@ index past max r_q / max r_c, query/candidate index past Nq/Nc, d past D) load a
 are masked out of every reduction. Viewing S as S3[r, b, j] (a reshape, no data movement),
 every group g = (r_q, r_c) comes out of the same tile:
 
-    best_g[r, b]  = max_{j < r_c, c valid} S3[r, b, j]                      (-inf if none)
+    best_g[r, b]  = max_{j < r_c, c valid} S3[r, b, j]                (none: see below)
     s_g(a, b)     = sum_{i < r_q, q valid, some valid j < r_c} best_g[(a, i), b]
 
 so the candidate tensor is read once per query block whatever the number of groups.
@@ -62,13 +62,16 @@ rows / columns of every operand tile load as zeros, so NaN or inf there can chan
 weight times a NaN operand would otherwise leak (0 * NaN = NaN); their gradient rows are
 never stored (they stay exactly 0). Validity comes from the masks only: -inf is an ordinary
 value. NaN follows torch.amax / torch.argmax: a NaN similarity is the maximum and the argmax
-is the lowest NaN index. tl.max and tl.maximum do not propagate NaN on the GPU (max.f32 /
-maxnum return the other operand; Triton 3.9's interpreter reduces with np.nanmax, likewise),
-so NaN is handled explicitly and never relies on how a max treats it: per tile,
-nan_j[r, b] = the lowest valid j with S[r, b, j] NaN (an integer min, once for all groups);
-group g's maximum is NaN iff nan_j < r_c(g), and its argmax is then nan_j. Across column
-chunks a later chunk takes over iff its max is larger, or NaN while the carried one is not,
-or it holds the prefix's first valid token (whatever its value, -inf included).
+is the lowest NaN index. A float max does not give that on the GPU (tl.max / tl.maximum
+lower to max.f32 / maxnum, which return the non-NaN operand; Triton 3.9's interpreter reduces
+with np.nanmax, likewise), so maxima are taken over int32 "max keys" instead (_max_keys):
+an order-preserving map of the fp32 bits in which every NaN is one key above +inf, -0.0 and
++0.0 are one key, and masked / padding tokens get a key below -inf. Integer max and == are
+exact everywhere, so one reduction gives the NaN-sticky maximum, an equality test the lowest
+(NaN) argmax, and "no valid token in the prefix" is simply the invalid key. The same keys are
+carried across column chunks (a later chunk takes over iff its key is strictly larger).
+The online log-sum-exp never needs a NaN-aware max: a NaN logit makes its exp term, hence l,
+NaN for good (_lse_fold).
 
 Token chunks (any budget). Tiles hold RQ_TILE <= 64 query tokens x RC_TILE <= 128 candidate
 tokens, RQ_TILE * RC_TILE <= 4096 (what compiles without spills; smaller for some chunked
@@ -122,7 +125,10 @@ import triton.language as tl
 # group count, group batch, candidate count and split of a launch runs the code the compile
 # gate verified.
 GROUP_COUNT = ["n_groups"]
-OWN_CANDIDATE_COUNTS = ["n_groups", "n_k", "k_span", "num_k_blocks"]
+
+# Max keys (see _max_keys): NaN above +inf (bits 0x7F800000), invalid tokens below -inf.
+NAN_KEY = tl.constexpr(0x7F800001)
+INVALID_KEY = tl.constexpr(-2**31)
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,52 +207,59 @@ def _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_valid, D,
 
 
 @triton.jit
-def _lowest_nan(S3, c_valid, RC_TILE: tl.constexpr):
-    """nan_j[r, b] = the lowest tile-local j with a valid token and S3[r, b, j] NaN, RC_TILE if
-    none: one integer min per tile, shared by every group (see "Non-finite values")."""
-    j3 = tl.arange(0, RC_TILE)[None, None, :]
-    is_nan = c_valid[None, :, :] & (S3 != S3)
-    return tl.min(tl.where(is_nan, j3, RC_TILE), axis=2)
+def _max_keys(S, valid):
+    """int32 keys whose integer order is torch.amax's order of the similarities S:
+    a value with the sign bit set that is not NaN (bits <= bits(-inf)) -> -(bits & 0x7FFFFFFF),
+    anything else -> bits & 0x7FFFFFFF, capped at NAN_KEY. So -0.0 and +0.0 share key 0 (they
+    compare equal as floats), -inf is the lowest value, every NaN (either sign, any payload)
+    is NAN_KEY, above +inf, and invalid (masked, padding) tokens get INVALID_KEY, below every
+    value. An integer max / == over keys is then exact on the GPU and in the interpreter alike,
+    where a float max (max.f32, np.nanmax) drops NaN; its == finds the lowest NaN index."""
+    bits = S.to(tl.int32, bitcast=True)
+    magnitude = bits & 0x7FFFFFFF
+    key = tl.minimum(tl.where(bits <= -0x800000, -magnitude, magnitude), NAN_KEY)
+    return tl.where(valid, key, INVALID_KEY)
 
 
 @triton.jit
-def _group_best(S3, c_valid, r_c, nan_j, RC_TILE: tl.constexpr):
-    """best[r, b] = max_{j < r_c, valid} S3[r, b, j]: NaN if one of them is NaN, -inf if none is
-    valid (or all are -inf); also the prefix mask and whether the prefix holds any valid token
-    (a query token facing none contributes 0). tl.max may drop NaN: nan_j decides instead."""
+def _key_values(key):
+    """The similarity a key stands for (NaN for NAN_KEY; INVALID_KEY is never used as a value)."""
+    bits = tl.where(key < 0, (0 - key) | INVALID_KEY, key)  # INVALID_KEY is the sign bit
+    return tl.where(key == NAN_KEY, float("nan"), bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _group_best(K3, r_c, RC_TILE: tl.constexpr):
+    """best[r, b] = the largest key over j < r_c (K3 = _max_keys of the (M, BLOCK_C, RC_TILE)
+    similarity tile): INVALID_KEY iff candidate b has no valid token in the prefix (a query
+    token facing none contributes 0), NAN_KEY if a valid similarity there is NaN."""
     j = tl.arange(0, RC_TILE)
-    in_prefix = c_valid & (j[None, :] < r_c)  # (BLOCK_C, RC_TILE)
-    best = tl.max(tl.where(in_prefix[None, :, :], S3, float("-inf")), axis=2)  # (M, BLOCK_C)
-    best = tl.where(nan_j < r_c, float("nan"), best)
-    has_valid = tl.max(in_prefix.to(tl.int32), axis=1) > 0  # (BLOCK_C,)
-    return best, in_prefix, has_valid
+    return tl.max(tl.where((j < r_c)[None, None, :], K3, INVALID_KEY), axis=2)  # (M, BLOCK_C)
 
 
 @triton.jit
 def _group_scores(best, takes, BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr):
     """s_g(a, b) = sum over query a's rows of the kept maxima -> (BLOCK_Q, BLOCK_C)."""
-    contrib = tl.where(takes, best, 0.0)
+    contrib = tl.where(takes, _key_values(best), 0.0)
     return tl.sum(tl.reshape(contrib, (BLOCK_Q, RQ_TILE, BLOCK_C)), axis=1)
 
 
 @triton.jit
-def _lowest_argmax(S3, best, in_prefix, nan_j, RC_TILE: tl.constexpr):
-    """Lowest tile-local j in the prefix with S3[r, b, j] == best[r, b] (ties: the lowest
-    index); when best is NaN (NaN == NaN is false) the lowest NaN j, nan_j; RC_TILE if the
-    prefix holds no valid token. A valid -inf is found like any value."""
+def _lowest_argmax(K3, best, r_c, RC_TILE: tl.constexpr):
+    """Lowest tile-local j < r_c whose key equals best[r, b] (ties: the lowest index; a NaN
+    best: the lowest NaN; a valid -inf like any value); unused where best is INVALID_KEY."""
     j3 = tl.arange(0, RC_TILE)[None, None, :]
-    is_max = in_prefix[None, :, :] & (S3 == best[:, :, None])
-    arg = tl.min(tl.where(is_max, j3, RC_TILE), axis=2)
-    return tl.where(best != best, nan_j, arg)
+    is_max = (K3 == best[:, :, None]) & (j3 < r_c)
+    return tl.min(tl.where(is_max, j3, RC_TILE), axis=2)
 
 
 @triton.jit
-def _add_argmax_weights(W3, S3, best, in_prefix, nan_j, takes, dS,
+def _add_argmax_weights(W3, K3, best, r_c, takes, dS,
                         BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr,
                         RC_TILE: tl.constexpr):
     """W3[r, b, j*] += dS(a, b) where j* is the lowest maximising index of row r against b."""
     j3 = tl.arange(0, RC_TILE)[None, None, :]
-    argmax = _lowest_argmax(S3, best, in_prefix, nan_j, RC_TILE)
+    argmax = _lowest_argmax(K3, best, r_c, RC_TILE)
     M: tl.constexpr = BLOCK_Q * RQ_TILE
     w_rows = tl.reshape(tl.broadcast_to(dS[:, None, :], (BLOCK_Q, RQ_TILE, BLOCK_C)), (M, BLOCK_C))
     w_rows = tl.where(takes, w_rows, 0.0)
@@ -389,62 +402,52 @@ def _chunk_maxima(q_ptr, q_offset, q_valid, i0, c_ptr, c_mask_ptr, b0, n_c, rc_e
     """One row chunk (M rows starting at token i0) against candidates b0 + [0, BLOCK_C), over
     every column chunk j0 = 0, RC_TILE, 2 RC_TILE, ... < rc_eff, carrying per group g:
 
-        best[g, r, b] = max_{j < r_c(g), valid} S[r, (b, j)]          (-inf if none; NaN wins)
-        arg[g, r, b]  = lowest global j attaining it                 (-1 if none; WITH_ARGMAX)
-        has[g, b]     = candidate b has a valid token j < r_c(g)      (0/1)
+        best[g, r, b] = max key over j < r_c(g) of S[r, (b, j)]   (INVALID_KEY: no valid token)
+        arg[g, r, b]  = lowest global j attaining it             (-1 if none; WITH_ARGMAX)
 
-    Chunks are visited in increasing j; a later chunk takes over (max and argmax) iff its max
-    is strictly larger, or NaN while the carried one is not, or it holds the prefix's first
-    valid token (whatever its value: -inf counts, validity comes from the masks). So ties
-    resolve to the lowest global j, as within a chunk, and a NaN sticks. The fold is
-    elementwise on the carried state (no reduction over the group slots). A group whose
-    prefix ends before j0 (r_c <= j0), or whose query tokens end before i0, skips the chunk:
-    its state is final (or unused).
+    Chunks are visited in increasing j and a later chunk takes over iff its key is strictly
+    larger: ties resolve to the lowest global j, as within a chunk, a NaN (the largest key)
+    sticks, and the prefix's first valid token wins over INVALID_KEY whatever its value (-inf
+    included: validity comes from the masks). A group whose prefix ends before j0 (r_c <= j0),
+    or whose query tokens end before i0, skips the chunk: its state is final (or unused).
     """
-    best = tl.full((GROUPS_PAD, M, BLOCK_C), float("-inf"), dtype=tl.float32)
+    best = tl.full((GROUPS_PAD, M, BLOCK_C), INVALID_KEY, dtype=tl.int32)
     arg = tl.full((GROUPS_PAD, M, BLOCK_C), -1, dtype=tl.int32)
-    has = tl.zeros((GROUPS_PAD, BLOCK_C), dtype=tl.int32)
     slot = tl.arange(0, GROUPS_PAD)
     for j0 in range(0, rc_eff, RC_TILE):
         c_offset, c_in, b, c_valid = _candidate_columns(b0, j0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
                                                         stride_cb, stride_cj, BLOCK_C, RC_TILE)
         S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, BLOCK_C * RC_TILE, BLOCK_D,
                         DOT_PRECISION, INTERPRET)
-        S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
-        nan_j = _lowest_nan(S3, c_valid, RC_TILE)
+        K3 = _max_keys(tl.reshape(S, (M, BLOCK_C, RC_TILE)), c_valid[None, :, :])
         for g in range(n_groups):
             r_q = tl.load(group_rq_ptr + g)
             r_c = tl.load(group_rc_ptr + g)
             if (r_c > j0) & (r_q > i0):
-                chunk_best, in_prefix, chunk_has = _group_best(S3, c_valid, r_c - j0, nan_j, RC_TILE)
-                is_g = slot == g
-                new = chunk_best[None, :, :]
-                first = chunk_has[None, :] & (has == 0)  # (GROUPS_PAD, BLOCK_C)
-                wins = (new > best) | ((new != new) & (best == best)) | first[:, None, :]
-                wins = is_g[:, None, None] & wins
-                best = tl.where(wins, new, best)
+                chunk_best = _group_best(K3, r_c - j0, RC_TILE)
+                wins = (slot == g)[:, None, None] & (chunk_best[None, :, :] > best)
+                best = tl.where(wins, chunk_best[None, :, :], best)
                 if WITH_ARGMAX:
-                    chunk_arg = j0 + _lowest_argmax(S3, chunk_best, in_prefix, nan_j, RC_TILE)
+                    chunk_arg = j0 + _lowest_argmax(K3, chunk_best, r_c - j0, RC_TILE)
                     arg = tl.where(wins, chunk_arg[None, :, :], arg)
-                has = tl.where(is_g[:, None], has | chunk_has.to(tl.int32)[None, :], has)
-    return best, arg, has
+    return best, arg
 
 
 @triton.jit
-def _row_takes(qi, q_valid, has, group_rq_ptr, n_groups, GROUPS_PAD: tl.constexpr):
+def _row_takes(qi, q_valid, best, group_rq_ptr, n_groups, GROUPS_PAD: tl.constexpr):
     """takes[g, r, b]: row r's maximum counts in s_g(a, b) -- a valid token with i < r_q(g),
     facing a candidate with a valid token in g's prefix. Padded group slots take nothing."""
     slot = tl.arange(0, GROUPS_PAD)
     r_q = tl.load(group_rq_ptr + slot, mask=slot < n_groups, other=0)
     row_ok = q_valid[None, :] & (qi[None, :] < r_q[:, None])  # (GROUPS_PAD, M)
-    return row_ok[:, :, None] & (has > 0)[:, None, :]
+    return row_ok[:, :, None] & (best != INVALID_KEY)
 
 
 @triton.jit
 def _add_chunk_scores(scores, best, takes, BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr,
                       GROUPS_PAD: tl.constexpr):
     """scores[g, a, b] += sum over query a's rows in this row chunk of the kept maxima."""
-    contrib = tl.reshape(tl.where(takes, best, 0.0), (GROUPS_PAD, BLOCK_Q, RQ_TILE, BLOCK_C))
+    contrib = tl.reshape(tl.where(takes, _key_values(best), 0.0), (GROUPS_PAD, BLOCK_Q, RQ_TILE, BLOCK_C))
     return scores + tl.sum(contrib, axis=2)
 
 
@@ -462,11 +465,11 @@ def _pair_scores(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, s
     for i0 in range(0, rq_eff, RQ_TILE):
         qa, qi, q_offset, q_valid = _query_rows(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                                 stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
-        best, arg, has = _chunk_maxima(q_ptr, q_offset, q_valid, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
-                                       group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb,
-                                       stride_mcj, M, BLOCK_C, RC_TILE, BLOCK_D, GROUPS_PAD, False,
-                                       DOT_PRECISION, INTERPRET)
-        takes = _row_takes(qi, q_valid, has, group_rq_ptr, n_groups, GROUPS_PAD)
+        best, arg = _chunk_maxima(q_ptr, q_offset, q_valid, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
+                                  group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb,
+                                  stride_mcj, M, BLOCK_C, RC_TILE, BLOCK_D, GROUPS_PAD, False,
+                                  DOT_PRECISION, INTERPRET)
+        takes = _row_takes(qi, q_valid, best, group_rq_ptr, n_groups, GROUPS_PAD)
         scores = _add_chunk_scores(scores, best, takes, BLOCK_Q, RQ_TILE, BLOCK_C, GROUPS_PAD)
     return scores
 
@@ -521,11 +524,11 @@ def _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi
     for i0 in range(0, rq_eff, RQ_TILE):
         qa, qi, q_offset, q_valid = _query_rows(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                                 stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
-        best, arg, has = _chunk_maxima(q_ptr, q_offset, q_valid, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
-                                       group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb,
-                                       stride_mcj, M, BLOCK_C, RC_TILE, BLOCK_D, GROUPS_PAD, True,
-                                       DOT_PRECISION, INTERPRET)
-        takes = _row_takes(qi, q_valid, has, group_rq_ptr, n_groups, GROUPS_PAD)
+        best, arg = _chunk_maxima(q_ptr, q_offset, q_valid, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
+                                  group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb,
+                                  stride_mcj, M, BLOCK_C, RC_TILE, BLOCK_D, GROUPS_PAD, True,
+                                  DOT_PRECISION, INTERPRET)
+        takes = _row_takes(qi, q_valid, best, group_rq_ptr, n_groups, GROUPS_PAD)
         if IS_LOSS:
             if not Q_CHUNKED:  # one row chunk: pass 1 saw every token of these queries
                 scores = _add_chunk_scores(tl.zeros((GROUPS_PAD, BLOCK_Q, BLOCK_C), dtype=tl.float32), best,
@@ -603,8 +606,7 @@ def maxsim_forward_kernel(
                                                         stride_cb, stride_cj, BLOCK_C, RC_TILE)
         S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
                         INTERPRET)
-        S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
-        nan_j = _lowest_nan(S3, c_valid, RC_TILE)
+        K3 = _max_keys(tl.reshape(S, (M, BLOCK_C, RC_TILE)), c_valid[None, :, :])
 
         a = a0 + tl.arange(0, BLOCK_Q)
         out_offset = a.to(tl.int64)[:, None] * n_c + b[None, :]
@@ -612,8 +614,8 @@ def maxsim_forward_kernel(
         for g in range(n_groups):
             r_q = tl.load(group_rq_ptr + g)
             r_c = tl.load(group_rc_ptr + g)
-            best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, nan_j, RC_TILE)
-            takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+            best = _group_best(K3, r_c, RC_TILE)
+            takes = (q_valid & (qi < r_q))[:, None] & (best != INVALID_KEY)
             scores = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C)
             tl.store(out_ptr + tl.cast(g, tl.int64) * n_q * n_c + out_offset, scores, mask=out_in)
 
@@ -622,7 +624,7 @@ def maxsim_forward_kernel(
 # Backward passes (shared by grouped MaxSim and the fused loss)
 # ---------------------------------------------------------------------------------------
 @triton.jit
-def _score_gradients(S3, qi, q_valid, c_valid, nan_j, a, b, n_q, n_c, g,
+def _score_gradients(K3, qi, q_valid, a, b, n_q, n_c, g,
                      group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr, labels_ptr, scale,
                      IS_LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_Q: tl.constexpr,
                      RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
@@ -636,8 +638,8 @@ def _score_gradients(S3, qi, q_valid, c_valid, nan_j, a, b, n_q, n_c, g,
     """
     r_q = tl.load(group_rq_ptr + g)
     r_c = tl.load(group_rc_ptr + g)
-    best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, nan_j, RC_TILE)
-    takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+    best = _group_best(K3, r_c, RC_TILE)
+    takes = (q_valid & (qi < r_q))[:, None] & (best != INVALID_KEY)
     tile_in = (a < n_q)[:, None] & (b < n_c)[None, :]
     if IS_LOSS:
         scores = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C)
@@ -654,7 +656,7 @@ def _score_gradients(S3, qi, q_valid, c_valid, nan_j, a, b, n_q, n_c, g,
         offset = (tl.cast(g, tl.int64) * n_q + a.to(tl.int64))[:, None] * n_c + b[None, :]
         dS = tl.load(grad_ptr + offset, mask=tile_in, other=0.0)
     dS = tl.where(tile_in, dS, 0.0)
-    return dS, best, in_prefix, takes
+    return dS, best, r_c, takes
 
 
 @triton.jit
@@ -664,14 +666,13 @@ def _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups,
                   BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
     """W (M, N): every group's dS placed at that group's argmax, summed over groups."""
     M: tl.constexpr = BLOCK_Q * RQ_TILE
-    S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
-    nan_j = _lowest_nan(S3, c_valid, RC_TILE)
+    K3 = _max_keys(tl.reshape(S, (M, BLOCK_C, RC_TILE)), c_valid[None, :, :])
     W3 = tl.zeros((M, BLOCK_C, RC_TILE), dtype=tl.float32)
     for g in range(n_groups):
-        dS, best, in_prefix, takes = _score_gradients(
-            S3, qi, q_valid, c_valid, nan_j, a, b, n_q, n_c, g, group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr,
+        dS, best, r_c, takes = _score_gradients(
+            K3, qi, q_valid, a, b, n_q, n_c, g, group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr,
             labels_ptr, scale, IS_LOSS, HAS_LABELS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
-        W3 = _add_argmax_weights(W3, S3, best, in_prefix, nan_j, takes, dS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
+        W3 = _add_argmax_weights(W3, K3, best, r_c, takes, dS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
     return tl.reshape(W3, (M, BLOCK_C * RC_TILE))
 
 
@@ -807,14 +808,13 @@ def infonce_forward_kernel(
                                                             stride_cb, stride_cj, BLOCK_C, RC_TILE)
             S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
                             INTERPRET)
-            S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
-            nan_j = _lowest_nan(S3, c_valid, RC_TILE)
+            K3 = _max_keys(tl.reshape(S, (M, BLOCK_C, RC_TILE)), c_valid[None, :, :])
             is_positive = b[None, :] == label[:, None]
             for g in range(n_groups):
                 r_q = tl.load(group_rq_ptr + g)
                 r_c = tl.load(group_rc_ptr + g)
-                best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, nan_j, RC_TILE)
-                takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+                best = _group_best(K3, r_c, RC_TILE)
+                takes = (q_valid & (qi < r_q))[:, None] & (best != INVALID_KEY)
                 logits = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C) * scale
                 logits = tl.where((b < n_c)[None, :], logits, float("-inf"))
                 m, l, pos = _online_lse_update(m, l, pos, logits, is_positive, g, GROUPS_PAD)
@@ -867,13 +867,12 @@ def infonce_hard_negatives_forward_kernel(
                                                             stride_mxj, stride_xk, stride_xj, BLOCK_K, RC_TILE)
             S = _similarity(q_ptr, q_offset, q_valid, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION,
                             INTERPRET)
-            S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
-            nan_j = _lowest_nan(S3, x_valid, RC_TILE)
+            K3 = _max_keys(tl.reshape(S, (M, BLOCK_K, RC_TILE)), x_valid[None, :, :])
             for g in range(n_groups):
                 r_q = tl.load(group_rq_ptr + g)
                 r_c = tl.load(group_rc_ptr + g)
-                best, in_prefix, has_valid = _group_best(S3, x_valid, r_c, nan_j, RC_TILE)
-                takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+                best = _group_best(K3, r_c, RC_TILE)
+                takes = (q_valid & (qi < r_q))[:, None] & (best != INVALID_KEY)
                 logits = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K) * scale
                 logits = tl.where((k < n_k)[None, :], logits, float("-inf"))
                 m, l, pos = _online_lse_update(m, l, pos, logits, no_positive, g, GROUPS_PAD)
@@ -922,79 +921,103 @@ def maxsim_paired_forward_kernel(
                                                         stride_xk, stride_xj, BLOCK_K, RC_TILE)
         S = _similarity(q_ptr, q_offset, q_valid, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION,
                         INTERPRET)
-        S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
-        nan_j = _lowest_nan(S3, x_valid, RC_TILE)
+        K3 = _max_keys(tl.reshape(S, (M, BLOCK_K, RC_TILE)), x_valid[None, :, :])
         out_offset = (tl.cast(a0, tl.int64) * n_k + k)[None, :]  # (1, BLOCK_K)
         out_in = (k < n_k)[None, :]
         for g in range(n_groups):
             r_q = tl.load(group_rq_ptr + g)
             r_c = tl.load(group_rc_ptr + g)
-            best, in_prefix, has_valid = _group_best(S3, x_valid, r_c, nan_j, RC_TILE)
-            takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
+            best = _group_best(K3, r_c, RC_TILE)
+            takes = (q_valid & (qi < r_q))[:, None] & (best != INVALID_KEY)
             scores = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K)
             tl.store(out_ptr + tl.cast(g, tl.int64) * n_q * n_k + out_offset, scores, mask=out_in)
 
 
-@triton.jit(do_not_specialize=["n_groups", "n_k", "k_span", "num_k_splits"])
+@triton.jit
+def _own_block_gradient(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
+                        x_base, x_mask_base, n_k, rc_eff, stride_xk, stride_xj, stride_mxk, stride_mxj, D,
+                        group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, scale, out_ptr,
+                        IS_LOSS: tl.constexpr, OUTPUT: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+                        RC_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                        PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
+                        SCALE_TO_FP16_RANGE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """Query a0 against its candidates k0 + [0, BLOCK_K) in one tile: S, W, then
+    dq[a0] += W @ x (OUTPUT "dq", out = dq) or dx[a0, k] += W^T @ q[a0] (OUTPUT "dx", out = the
+    query's dx base)."""
+    M: tl.constexpr = RQ_TILE
+    N: tl.constexpr = BLOCK_K * RC_TILE
+    qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                            stride_qa, stride_qi, 1, RQ_TILE)
+    x_offset, x_in, k, x_valid = _candidate_columns(k0, 0, n_k, rc_eff, x_mask_base, stride_mxk, stride_mxj,
+                                                    stride_xk, stride_xj, BLOCK_K, RC_TILE)
+    S = _similarity(q_ptr, q_offset, q_valid, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
+    W = _weights_tile(S, qi, q_valid, x_valid, a0 + tl.arange(0, 1), k, n_q, n_k, n_groups, group_rq_ptr,
+                      group_rc_ptr, grad_ptr, lse_ptr, lse_ptr, scale, IS_LOSS, False, 1, RQ_TILE, BLOCK_K, RC_TILE)
+    hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
+    if OUTPUT == "dq":
+        _accumulate_product(out_ptr, q_offset, q_valid, hi, mid, lo, unscale, x_base, x_offset, x_in, D,
+                            M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+    else:
+        _accumulate_product(out_ptr, x_offset, x_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
+                            q_ptr, q_offset, q_valid, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+
+
+@triton.jit(do_not_specialize=["n_groups", "n_k", "num_k_blocks"])
 def own_candidates_backward_kernel(
     q_ptr, x_ptr, q_mask_ptr, x_mask_ptr, group_rq_ptr, group_rc_ptr,
-    grad_ptr, lse_ptr, dq_ptr, dx_ptr,
-    n_q, n_k, k_span, num_k_splits, rq_eff, rc_eff, D, n_groups, scale,
+    grad_ptr, lse_ptr, out_ptr,
+    n_q, n_k, num_k_blocks, rq_eff, rc_eff, D, n_groups, scale,
     stride_qa, stride_qi, stride_xa, stride_xk, stride_xj,
     stride_mqa, stride_mqi, stride_mxa, stride_mxk, stride_mxj,
-    IS_LOSS: tl.constexpr, WRITE_DQ: tl.constexpr, WRITE_DX: tl.constexpr,
+    IS_LOSS: tl.constexpr, OUTPUT: tl.constexpr,
     RQ_TILE: tl.constexpr, BLOCK_K: tl.constexpr, RC_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
     SCALE_TO_FP16_RANGE: tl.constexpr, CHUNKED: tl.constexpr, Q_CHUNKED: tl.constexpr, GROUPS_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Gradients of each query against its own candidates x[a] (K or N of them):
-    dq[a] += W @ x[a, k], dx[a, k] += W^T @ q[a], W built from dS per group:
+    """Gradients of each query against its own candidates x[a] (K or N of them), W built from
+    dS per group:
 
         IS_LOSS (the loss's hard negatives): dS_g(a, k) = grad[g, a] * scale * softmax_g(a, k),
             softmax from the saved lse (grad, lse (G, n_q)); hard negatives are never the positive;
         else (paired MaxSim): dS_g(a, k) = grad[g, a, k] (grad (G, n_q, n_k)).
 
-    Program p handles query a = p // num_k_splits and candidates [s * k_span, (s + 1) * k_span),
-    s = p % num_k_splits (k_span a multiple of BLOCK_K); it is the only writer of those dx
-    rows and, with one split per query (the launcher's choice whenever WRITE_DQ), of dq[a]:
-    deterministic, no atomics. WRITE_DQ / WRITE_DX: only the wanted products are compiled in
-    (the other pointer is then unused). The loss runs this after grad_query_kernel (stream
-    order): both add into the same dq rows.
+    Two passes, like the in-batch backward, each compiled with only its own product (OUTPUT):
+      "dq": one program per query walks all its candidate blocks, dq[a] += W @ x[a, k]
+            (out = dq, fp32, q's layout): the only writer of dq[a]. The loss runs it after
+            grad_query_kernel (stream order): both add into the same dq rows.
+      "dx": one program per (query, candidate block), dx[a, k] += W^T @ q[a] (out = dx, fp32,
+            x's layout): the only writer of those rows, and every block in parallel.
+    Deterministic, no atomics. Recomputing S in both passes costs one similarity tile per pair
+    (S is 1/7 of the bf16 backward's MMA work); computing both products in one program spilled.
     """
     pid = tl.program_id(0)
-    a0 = pid // num_k_splits
-    k_first = (pid % num_k_splits) * k_span
-    k_last = tl.minimum(k_first + k_span, n_k)
-    M: tl.constexpr = RQ_TILE
-    N: tl.constexpr = BLOCK_K * RC_TILE
+    if OUTPUT == "dq":
+        a0 = pid
+        k_first = 0
+        k_last = n_k
+    else:
+        a0 = pid // num_k_blocks
+        k_first = (pid % num_k_blocks) * BLOCK_K
+        k_last = k_first + 1  # this block only
     x_base = x_ptr + tl.cast(a0, tl.int64) * stride_xa
-    dx_base = dx_ptr + tl.cast(a0, tl.int64) * stride_xa
     x_mask_base = x_mask_ptr + tl.cast(a0, tl.int64) * stride_mxa
-    if CHUNKED:
-        for k0 in range(k_first, k_last, BLOCK_K):
+    if OUTPUT == "dq":
+        out_base = out_ptr
+    else:
+        out_base = out_ptr + tl.cast(a0, tl.int64) * stride_xa
+    for k0 in range(k_first, k_last, BLOCK_K):
+        if CHUNKED:
             _pair_gradients(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
                             x_base, x_mask_base, n_k, rc_eff, stride_xk, stride_xj, stride_mxk, stride_mxj, D,
-                            group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, lse_ptr, scale, dq_ptr, dx_base,
-                            IS_LOSS, False, WRITE_DQ, WRITE_DX, Q_CHUNKED, 1, RQ_TILE, BLOCK_K, RC_TILE, BLOCK_D,
-                            BLOCK_DO, GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS, SCALE_TO_FP16_RANGE,
-                            DOT_PRECISION, INTERPRET)
-    else:
-        qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                stride_qa, stride_qi, 1, RQ_TILE)
-        a = a0 + tl.arange(0, 1)
-        for k0 in range(k_first, k_last, BLOCK_K):
-            x_offset, x_in, k, x_valid = _candidate_columns(k0, 0, n_k, rc_eff, x_mask_base, stride_mxk, stride_mxj,
-                                                            stride_xk, stride_xj, BLOCK_K, RC_TILE)
-            S = _similarity(q_ptr, q_offset, q_valid, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION,
-                            INTERPRET)
-            W = _weights_tile(S, qi, q_valid, x_valid, a, k, n_q, n_k, n_groups, group_rq_ptr, group_rc_ptr,
-                              grad_ptr, lse_ptr, lse_ptr, scale, IS_LOSS, False, 1, RQ_TILE, BLOCK_K, RC_TILE)
-            hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
-            if WRITE_DQ:
-                _accumulate_product(dq_ptr, q_offset, q_valid, hi, mid, lo, unscale, x_base, x_offset, x_in, D,
-                                    M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
-            if WRITE_DX:
-                _accumulate_product(dx_base, x_offset, x_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
-                                    q_ptr, q_offset, q_valid, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
-            tl.debug_barrier()  # these dq / dx stores before the next block's loads
+                            group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, lse_ptr, scale, out_base,
+                            out_base, IS_LOSS, False, OUTPUT == "dq", OUTPUT == "dx", Q_CHUNKED, 1, RQ_TILE, BLOCK_K,
+                            RC_TILE, BLOCK_D, BLOCK_DO, GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS,
+                            SCALE_TO_FP16_RANGE, DOT_PRECISION, INTERPRET)
+        else:
+            _own_block_gradient(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
+                                x_base, x_mask_base, n_k, rc_eff, stride_xk, stride_xj, stride_mxk, stride_mxj, D,
+                                group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, scale, out_base, IS_LOSS,
+                                OUTPUT, RQ_TILE, BLOCK_K, RC_TILE, BLOCK_D, BLOCK_DO, PIECE_DTYPE,
+                                SPLIT_FP32_OPERANDS, SCALE_TO_FP16_RANGE, DOT_PRECISION, INTERPRET)
+            tl.debug_barrier()  # this block's stores before the next block's loads of the same rows

@@ -213,28 +213,24 @@ def _own_constexprs(p: Problem, cfg: H.TileConfig, backward: bool, groups_pad: i
 
 def _own_gradient_plans(p: Problem, x: OwnCandidates, dq: Optional[torch.Tensor], dx: Optional[torch.Tensor],
                         grad: torch.Tensor, lse: torch.Tensor, scale: float, is_loss: bool,
-                        role: str) -> List[LaunchPlan]:
-    """own_candidates_backward_kernel launches for the wanted gradients (None = not wanted:
-    its product is not compiled in and its pointer argument is a dummy, never touched).
-
-    With dq wanted, one program per query walks all of its candidate blocks (the only writer
-    of dq[a]: deterministic). Without dq, nothing is shared between a query's blocks, so
-    every block gets its own program (B * blocks programs instead of B)."""
-    if (dq is None and dx is None) or x.k == 0:
+                        role: str, dx_name: str) -> List[LaunchPlan]:
+    """own_candidates_backward_kernel launches for the wanted (not None) gradients: a dq pass,
+    one program per query over all its candidate blocks (the only writer of dq[a]), and a dx
+    pass, one program per (query, candidate block)."""
+    if x.k == 0:
         return []
     cfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=True)
-    num_blocks = _cdiv(x.k, cfg.block_c)
-    splits = 1 if dq is not None else num_blocks
-    k_span = x.k if splits == 1 else cfg.block_c
-    constexprs = dict(_own_constexprs(p, cfg, True, H.CHUNK_GROUPS), IS_LOSS=is_loss,
-                      WRITE_DQ=dq is not None, WRITE_DX=dx is not None)
+    num_k_blocks = _cdiv(x.k, cfg.block_c)
+    constexprs = dict(_own_constexprs(p, cfg, True, H.CHUNK_GROUPS), IS_LOSS=is_loss)
+    passes = [(output, name, out, grid) for output, name, out, grid in
+              (("dq", "dq", dq, p.nq), ("dx", dx_name, dx, p.nq * num_k_blocks)) if out is not None]
     plans = []
-    for g0, g1 in p.group_batches(cfg):
-        unused = grad[g0:g1]  # any fp32 tensor: the pointer of an unwanted gradient is never used
-        args = dict(_own_args(p, x), **p.group_args(g0, g1), grad_ptr=grad[g0:g1], lse_ptr=lse[g0:g1],
-                    dq_ptr=unused if dq is None else dq, dx_ptr=unused if dx is None else dx, scale=float(scale),
-                    k_span=k_span, num_k_splits=splits)
-        plans.append(LaunchPlan(role, K.own_candidates_backward_kernel, (p.nq * splits,), args, constexprs, cfg))
+    for output, name, out, grid in passes:
+        for g0, g1 in p.group_batches(cfg):
+            args = dict(_own_args(p, x), **p.group_args(g0, g1), grad_ptr=grad[g0:g1], lse_ptr=lse[g0:g1],
+                        out_ptr=out, scale=float(scale), num_k_blocks=num_k_blocks)
+            plans.append(LaunchPlan(f"{role} {name}", K.own_candidates_backward_kernel, (grid,), args,
+                                    dict(constexprs, OUTPUT=output), cfg))
     return plans
 
 
@@ -312,7 +308,7 @@ def plan_maxsim_paired_backward(p: Problem, grad: torch.Tensor, output_mask=(Tru
     grad = grad.to(torch.float32).contiguous()
     dq, dc = _accumulator(p.q, output_mask[0]), _accumulator(p.c, output_mask[1])
     plans = _own_gradient_plans(p, paired_candidates(p), dq, dc, grad, grad, 1.0, is_loss=False,
-                                role="paired backward")  # lse unused
+                                role="paired backward", dx_name="dc")  # lse unused
     return dq, dc, plans
 
 
@@ -372,7 +368,7 @@ def plan_infonce_backward(p: Problem, h: OwnCandidates, labels: torch.Tensor, sc
     plans = _gradient_plans(p, dq, dc, grad_terms, lse, labels, scale, is_loss=True)
     # after the dq pass: it adds into the same dq rows
     plans += _own_gradient_plans(p, h, dq, dhn, grad_terms, lse, scale, is_loss=True,
-                                 role="loss backward hard negatives")
+                                 role="loss backward hard negatives", dx_name="dhn")
     return dq, dc, dhn, plans
 
 

@@ -11,7 +11,8 @@ and (96, 300) (both) -- it builds the launch plans the ops would build (launch.p
 tensors, so the paper's sizes cost nothing): the MaxSim forward at every query-count bucket
 of the heuristic table, both backward passes, the fused loss forward/backward with hard
 negatives, with the MetaEmbed groups and with more than 8 groups (the unchunked loss state's
-16-row padding; chunked launches take groups 8 at a time). Runtime arguments get the specialisation a real launch gets (Triton's own specialize
+16-row padding; chunked launches take groups 8 at a time), and the per-query-candidate kernels
+(own_candidate_plans): paired MaxSim's forward and backward passes. Runtime arguments get the specialisation a real launch gets (Triton's own specialize
 function: ints equal to 1 become constants, multiples of 16 and aligned pointers get
 divisibility hints; n_groups is never specialised). Identical compiles are done once: the
 kernels are D-agnostic (D=128 and D=3584 specialise identically, so they share a row).
@@ -100,6 +101,26 @@ def candidate_plans(dtype: torch.dtype, rq: int, rc: int, d: int):
             terms = torch.empty(len(groups), 384, dtype=torch.float32, device="meta")
             for plan in L.plan_infonce_backward(p, hn, labels, 1 / 0.03, terms, terms)[3]:
                 out.append((label, plan))
+    out += own_candidate_plans(dtype, rq, rc, d)
+    return out
+
+
+def own_candidate_plans(dtype: torch.dtype, rq: int, rc: int, d: int):
+    """(workload label, LaunchPlan) of paired MaxSim (B = 384 queries x N = 4 candidates each;
+    its tiles do not depend on B or N): the forward and both backward passes (dq, dc), which
+    are the per-query-candidate kernels the loss's hard negatives use, with IS_LOSS=False.
+    (An output_mask only drops passes: it selects no other compile.)"""
+    from . import launch as L
+
+    meta = dict(dtype=dtype, device="meta")
+    groups = groups_for(rq, rc)
+    label = f"G={len(groups)}"
+    q = torch.empty(384, rq, d, **meta)
+    paired = L.make_problem(q, torch.empty(384, 4, rc, d, **meta), [g[0] for g in groups], [g[1] for g in groups],
+                            None, None, interpret=False, paired=True)
+    out = [(label, plan) for plan in L.plan_maxsim_paired_forward(paired)[1]]
+    grad = torch.empty(len(groups), 384, 4, dtype=torch.float32, device="meta")
+    out += [(label, plan) for plan in L.plan_maxsim_paired_backward(paired, grad)[2]]
     return out
 
 
