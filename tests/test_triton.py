@@ -10,10 +10,20 @@ run "triton" through the interpreter; this file adds:
   * budgets beyond one tile (token chunks): parity at the production chunk sizes and, with
     the chunk sizes shrunk, over many chunk boundaries; ties across a chunk boundary; masks
     whose only valid tokens lie in a later chunk; group batches;
+  * paired MaxSim (each query against its own candidates) against the float64 reference over
+    the awkward-shape sweep, chunked budgets and group batches; output_mask (nothing allocated
+    or launched for an unwanted gradient); the op contract's non-finite rules (NaN sticky and
+    the lowest NaN argmax, -inf an ordinary value, masked NaN / inf never read, online LSE as
+    torch.logsumexp) on every op family, single-tile and chunked, against the reference with
+    NaN positions compared exactly; messages equal to the reference backend's;
   * real-GPU tests (skipped without CUDA): parity at the paper's width, determinism,
-    offsets past 2^31 elements, auto-dispatch.
+    offsets past 2^31 elements, auto-dispatch, paired parity at the KD shape, and the
+    non-finite rules in compiled code (the interpreter's numpy is not the GPU).
 """
+import dataclasses
+import itertools
 import os
+import random
 import subprocess
 import sys
 
@@ -26,11 +36,14 @@ from helpers import (
     exact_values,
     grad_tolerance,
     normal_values,
+    random_groups,
     random_masks,
     requires_gpu,
     score_tolerance,
+    sweep_cases,
 )
-from metaembed_kernels import DEFAULT_GROUPS, available_backends, matryoshka_infonce, maxsim_grouped, reference
+from metaembed_kernels import (DEFAULT_GROUPS, available_backends, matryoshka_infonce, maxsim_grouped,
+                               maxsim_paired_grouped, reference)
 
 triton = pytest.importorskip("triton")
 on_gpu = torch.cuda.is_available()
@@ -69,6 +82,7 @@ def all_configs():
                     yield "grad", h.gradient_config(rq, rc, d, dtype), rq, rc, dtype
                     yield "hn", h.hard_negative_config(rq, rc, d, dtype, backward=False), rq, rc, dtype
                     yield "hn-bwd", h.hard_negative_config(rq, rc, d, dtype, backward=True), rq, rc, dtype
+                    yield "paired", h.hard_negative_config(rq, rc, d, dtype, backward=False), rq, rc, dtype
 
 
 def test_heuristic_tiles_are_valid_triton_shapes():
@@ -115,7 +129,8 @@ def test_every_budget_stays_inside_the_tiles_the_gate_compiles():
     from metaembed_kernels.triton import verify
 
     kinds = {"fwd": "maxsim_forward_kernel", "loss": "infonce_forward_kernel", "grad": "grad_query_kernel",
-             "hn": "infonce_hard_negatives_forward_kernel", "hn-bwd": "infonce_hard_negatives_backward_kernel"}
+             "hn": "infonce_hard_negatives_forward_kernel", "hn-bwd": "own_candidates_backward_kernel",
+             "paired": "maxsim_paired_forward_kernel"}
     largest = {}
     for dtype in ALL_DTYPES:
         for rq, rc in verify.SHAPES:
@@ -157,14 +172,17 @@ def test_compile_gate_covers_every_config_the_heuristics_pick_on_its_grid():
         for rq, rc in verify.SHAPES:
             for d in verify.DIMS:
                 plans = verify.candidate_plans(dtype, rq, rc, d)
-                compiled = {(plan.kernel.__name__, plan.config) for _, plan in plans}
+                # (tile fields: a launcher may lift a tile's register cap, launch.UncappedTileConfig)
+                compiled = {(plan.kernel.__name__, dataclasses.astuple(plan.config)) for _, plan in plans}
                 picks = {("maxsim_forward_kernel", h.maxsim_forward_config(nq, rq, rc, d, dtype))
                          for nq in range(1, 1100)}
                 picks |= {("infonce_forward_kernel", h.infonce_forward_config(rq, rc, d, dtype)),
                           ("grad_query_kernel", h.gradient_config(rq, rc, d, dtype)),
                           ("grad_candidate_kernel", h.gradient_config(rq, rc, d, dtype)),
                           ("infonce_hard_negatives_forward_kernel", h.hard_negative_config(rq, rc, d, dtype, False)),
-                          ("infonce_hard_negatives_backward_kernel", h.hard_negative_config(rq, rc, d, dtype, True))}
+                          ("own_candidates_backward_kernel", h.hard_negative_config(rq, rc, d, dtype, True)),
+                          ("maxsim_paired_forward_kernel", h.hard_negative_config(rq, rc, d, dtype, False))}
+                picks = {(name, dataclasses.astuple(cfg)) for name, cfg in picks}
                 assert picks <= compiled, picks - compiled
                 # loss-forward state rows: 8 and 16 (more than 8 groups); chunked launches take 8 groups
                 loss = [plan for _, plan in plans if plan.kernel.__name__ == "infonce_forward_kernel"]
@@ -205,8 +223,10 @@ def test_compile_gate_passes_for_sm80_and_sm90():
     for target in ("sm_80", "sm_90"):
         for kernel in ("maxsim forward", "loss forward ", "loss forward hard negatives"):
             assert any(r.startswith(target) and kernel in r for r in chunked), (target, kernel)
+        assert any(r.startswith(target) and "paired forward" in r for r in chunked), target
         for kernel in ("maxsim backward dq", "maxsim backward dc", "loss backward dq", "loss backward dc",
-                       "loss backward hard negatives"):
+                       "loss backward hard negatives dq", "loss backward hard negatives dhn", "paired backward dq",
+                       "paired backward dc"):
             for chunks in ("chunks:rc ", "chunks:rq ", "chunks:rq+rc "):
                 assert any(r.startswith(target) and kernel in r and chunks in r + " " for r in chunked), \
                     (target, kernel, chunks)
@@ -215,6 +235,12 @@ def test_compile_gate_passes_for_sm80_and_sm90():
                     and " fp32 " not in r]
     assert main_forward and all(" wgmma " in r for r in main_forward)
     assert all(" mma.sync " in r for r in rows if r.startswith("sm_80") and " fp32 " not in r)
+    # the per-query-candidate kernels: paired forward, both backward passes of paired and loss
+    for role in ("paired forward", "paired backward dq", "paired backward dc", "loss backward hard negatives dq",
+                 "loss backward hard negatives dhn"):
+        for target in ("sm_80", "sm_90"):
+            for dtype in (" bf16 ", " fp16 ", " fp32 "):
+                assert any(r.startswith(target) and role in r and dtype in r for r in rows), (role, target, dtype)
     assert "0 failed" in out
 
 
@@ -404,53 +430,119 @@ def test_loss_with_more_than_eight_groups():
     _check_loss_against_reference(x, groups)
 
 
+Q2, C2 = torch.randn(2, 3, 8), torch.randn(4, 5, 8)
+CP2, HN2 = torch.randn(2, 4, 5, 8), torch.randn(2, 1, 5, 8)
+LABELS2 = torch.tensor([0, 1])
+BOOL = dict(dtype=torch.bool)
+# (op family, arguments) of bad direct op calls; every backend must raise the same error.
+BAD_OP_CALLS = [
+    ("maxsim_grouped", (Q2, C2, [4], [1], None, None)),  # r_q > Rq would read past each query
+    ("maxsim_grouped", (Q2, C2, [1], [0], None, None)),
+    ("maxsim_grouped", (Q2, C2, [1, 2], [1], None, None)),
+    ("maxsim_grouped", (Q2, C2, [], [], None, None)),
+    ("maxsim_grouped", (Q2, C2, [1], [1], None, torch.ones(4, 4, **BOOL))),
+    ("maxsim_grouped", (Q2, C2, [1], [1], torch.ones(2, 3), None)),
+    ("maxsim_grouped", (Q2, C2[:, :, :4], [1], [1], None, None)),
+    ("maxsim_grouped", (Q2, C2.half(), [1], [1], None, None)),
+    ("maxsim_grouped", (Q2[0], C2, [1], [1], None, None)),
+    ("maxsim_paired_grouped", (Q2, torch.randn(3, 4, 5, 8), [1], [1], None, None)),  # B mismatch
+    ("maxsim_paired_grouped", (Q2, C2, [1], [1], None, None)),  # c not 4-D
+    ("maxsim_paired_grouped", (Q2, CP2, [1], [6], None, None)),
+    ("maxsim_paired_grouped", (Q2, CP2, [1], [1], None, torch.ones(2, 4, **BOOL))),
+    ("maxsim_paired_grouped_backward", (torch.randn(1, 2, 3), Q2, CP2, [1], [1], None, None, [True, True])),
+    ("maxsim_grouped_backward", (torch.randn(1, 4, 2), Q2, C2, [1], [1], None, None, [True, True])),
+    ("matryoshka_infonce", (Q2, C2, torch.randn(2, 1, 4, 8), LABELS2, [1], [1], 1.0, None, None, None)),
+    ("matryoshka_infonce", (Q2, C2, HN2, torch.tensor([0, 4]), [1], [1], 1.0, None, None, None)),  # label >= Nc
+    ("matryoshka_infonce", (Q2, C2, HN2, torch.tensor([-1, 0]), [1], [1], 1.0, None, None, None)),
+    ("matryoshka_infonce", (Q2, C2, HN2, LABELS2.int(), [1], [1], 1.0, None, None, None)),
+    ("matryoshka_infonce", (Q2, C2, HN2, LABELS2, [1], [1], -1.0, None, None, None)),
+    ("matryoshka_infonce", (Q2, C2, HN2, LABELS2, [1], [1], 1.0, None, None, torch.ones(2, 1, 4, **BOOL))),
+    ("matryoshka_infonce_backward", (torch.randn(1, 3), torch.randn(1, 2), Q2, C2, HN2, LABELS2, [1], [1], 1.0,
+                                     None, None, None, [True, True, True])),
+    ("matryoshka_infonce_backward", (torch.randn(1, 2), torch.randn(1, 2), Q2, C2, HN2, torch.tensor([0, 9]), [1],
+                                     [1], 1.0, None, None, None, [True, True, True])),
+]
+
+
+def _raised(call):
+    try:
+        call()
+    except Exception as err:  # noqa: BLE001 -- the test compares what was raised
+        return type(err), str(err)
+    return None
+
+
 @interpreter
-def test_direct_op_calls_check_what_memory_safety_needs():
+@pytest.mark.parametrize("family,args", BAD_OP_CALLS, ids=[f"{f}-{k}" for k, (f, _) in enumerate(BAD_OP_CALLS)])
+def test_bad_direct_op_calls_raise_what_the_reference_backend_raises(family, args):
+    """The triton ops check their arguments with the shared validator: the same exception type
+    and message as the reference backend's ops (which every backend is tested against)."""
+    triton_error = _raised(lambda: getattr(torch.ops.metaembed, f"triton_{family}")(*args))
+    reference_error = _raised(lambda: getattr(torch.ops.metaembed, f"reference_{family}")(*args))
+    assert reference_error is not None and reference_error[0] in (ValueError, TypeError), reference_error
+    assert triton_error == reference_error
+
+
+@interpreter
+def test_what_only_triton_refuses():
     q, c = torch.randn(2, 3, 8), torch.randn(4, 5, 8)
-    op = torch.ops.metaembed.triton_maxsim_grouped
-    with pytest.raises(ValueError, match="out of range"):
-        op(q, c, [4], [1], None, None)  # r_q > Rq would read past each query
-    with pytest.raises(ValueError, match="out of range"):
-        op(q, c, [1], [0], None, None)
-    with pytest.raises(ValueError, match="equal length"):
-        op(q, c, [1, 2], [1], None, None)
-    with pytest.raises(ValueError, match="c_mask"):
-        op(q, c, [1], [1], None, torch.ones(4, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="agree"):
-        op(q, c[:, :, :4], [1], [1], None, None)
-    hn = torch.randn(2, 1, 5, 8)
-    infonce = torch.ops.metaembed.triton_matryoshka_infonce
-    with pytest.raises(ValueError, match="hard_negatives"):
-        infonce(q, c, torch.randn(2, 1, 4, 8), torch.tensor([0, 1]), [1], [1], 1.0, None, None, None)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16 on the triton backend"):
+        torch.ops.metaembed.triton_maxsim_grouped(q.double(), c.double(), [1], [1], None, None)
     from metaembed_kernels.triton import launch
 
     with pytest.raises(ValueError, match="2\\^30"):  # token indices are int32: absurd budgets fail clearly
         launch.make_problem(torch.empty(1, 2**30, 8, device="meta"), torch.empty(2, 3, 8, device="meta"),
                             [2**30], [1], None, None, interpret=False)
-    # A label outside [0, Nc) is not an index anywhere: it only matches no candidate.
-    terms, lse = infonce(q, c, hn, torch.tensor([0, 99]), [3], [5], 2.0, None, None, None)
-    assert torch.isfinite(terms).all() and torch.equal(terms[:, 1], lse[:, 1])
+
+
+def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values of t in a given memory layout (what a caller may pass to an op)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "transposed":  # leading two dims swapped in memory
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "sliced":  # every other element of a twice-as-wide last dim
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if layout == "expanded":  # stride 0 along the first dim: every item is item 0
+        return t[:1].expand(t.shape)
+    raise ValueError(layout)
+
+
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
 
 
 @interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck_triton_ops(dtype):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_triton_ops(layout):
+    """torch.library.opcheck (schema, fake kernel strides, autograd registration, AOT dispatch)
+    on every triton op family with inputs of any layout."""
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 3, 16, generator=gen).to(dtype).requires_grad_()
-    c = torch.randn(4, 5, 16, generator=gen).to(dtype).requires_grad_()
-    hn = torch.randn(3, 1, 5, 16, generator=gen).to(dtype).requires_grad_()
+    dtype = torch.bfloat16 if layout == "sliced" else torch.float32
+    q = _laid_out(torch.randn(3, 3, 16, generator=gen).to(dtype), layout).requires_grad_()
+    c = _laid_out(torch.randn(4, 5, 16, generator=gen).to(dtype), layout).requires_grad_()
+    cp = _laid_out(torch.randn(3, 2, 5, 16, generator=gen).to(dtype), layout).requires_grad_()
+    hn = _laid_out(torch.randn(3, 1, 5, 16, generator=gen).to(dtype), layout).requires_grad_()
     qm, cm = torch.rand(3, 3, generator=gen) > 0.2, torch.rand(4, 5, generator=gen) > 0.2
+    cpm = torch.rand(3, 2, 5, generator=gen) > 0.2
     rq, rc = [1, 3, 2], [1, 2, 5]
     ops = torch.ops.metaembed
+    torch.library.opcheck(ops.triton_maxsim_paired_grouped.default, (q, cp, rq, rc, qm, cpm))
+    torch.library.opcheck(ops.triton_maxsim_paired_grouped_backward.default,
+                          (torch.randn(3, 3, 2, generator=gen), q.detach(), cp.detach(), rq, rc, qm, cpm, [True, True]))
+    if layout not in ("contiguous", "transposed"):
+        return  # the in-batch ops share make_problem's layout handling; two layouts keep the suite short
     torch.library.opcheck(ops.triton_maxsim_grouped.default, (q, c, rq, rc, qm, cm))
     grad = torch.randn(3, 3, 4, generator=gen)
-    torch.library.opcheck(ops.triton_maxsim_grouped_backward.default, (grad, q.detach(), c.detach(), rq, rc, qm, cm))
+    torch.library.opcheck(ops.triton_maxsim_grouped_backward.default,
+                          (grad, q.detach(), c.detach(), rq, rc, qm, cm, [True, False]))
     labels = torch.tensor([1, 3, 0])
     torch.library.opcheck(ops.triton_matryoshka_infonce.default, (q, c, hn, labels, rq, rc, 2.5, qm, cm, None))
     terms, lse = ops.triton_matryoshka_infonce(q.detach(), c.detach(), hn.detach(), labels, rq, rc, 2.5, qm, cm, None)
     torch.library.opcheck(ops.triton_matryoshka_infonce_backward.default,
                           (torch.randn(3, 3, generator=gen), lse, q.detach(), c.detach(), hn.detach(), labels,
-                           rq, rc, 2.5, qm, cm, None))
+                           rq, rc, 2.5, qm, cm, None, [False, True, True]))
 
 
 @interpreter
@@ -628,6 +720,426 @@ def test_chunked_tokens_beyond_the_largest_group_are_never_read():
     assert torch.isfinite(c_nan.grad).all() and torch.all(c_nan.grad[:, 130:] == 0)
 
 
+# ---------------------------------------------------------------------------------------
+# Interpreter: paired MaxSim (each query against its own candidates)
+# ---------------------------------------------------------------------------------------
+def _paired_masks(b, rq, n, rc, gen):
+    """Per-query candidate masks in the spirit of random_masks: ~35% invalid tokens (not
+    prefixes), query b // 2 fully masked (if b > 1), candidate (0, n // 2) fully masked, and candidate
+    (b - 1, 0) whose only valid token is its last (short prefixes see none)."""
+    q_mask = torch.rand(b, rq, generator=gen) > 0.35
+    c_mask = torch.rand(b, n, rc, generator=gen) > 0.35
+    if b > 1:  # (a single query keeps its tokens)
+        q_mask[b // 2] = False
+    c_mask[0, n // 2] = False
+    c_mask[b - 1, 0] = False
+    c_mask[b - 1, 0, -1] = True
+    return q_mask, c_mask
+
+
+def _check_paired_against_reference(q, c, groups, q_mask, c_mask, gen, grads=True):
+    """Scores (and, with exact inputs, gradients) of the triton paired op against the float64
+    reference (autograd through reference.maxsim_grouped_paired)."""
+    q_k, c_k = q.clone().requires_grad_(grads), c.clone().requires_grad_(grads)
+    out = maxsim_paired_grouped(q_k, c_k, groups, q_mask=q_mask, c_mask=c_mask, backend="triton")
+    assert out.dtype == torch.float32 and out.shape == (len(groups), q.shape[0], c.shape[1])
+    q_r, c_r = q.double().requires_grad_(grads), c.double().requires_grad_(grads)
+    expected = reference.maxsim_grouped_paired(q_r, c_r, groups, q_mask, c_mask)
+    magnitude = reference.maxsim_grouped_paired(q.double().abs(), c.double().abs(), groups)
+    tolerance = 4 * (q.shape[-1] + max(g[0] for g in groups)) * UNIT_ROUNDOFF[torch.float32] * magnitude + 1e-30
+    assert_close(out, expected, tolerance, f"paired scores {groups}")
+    if grads:
+        grad = torch.randn(out.shape, generator=gen)
+        out.backward(grad)
+        expected.backward(grad.double())
+        g = grad.abs().max().item()
+        n_q, n_c = c.shape[1] * len(groups), q.shape[1] * len(groups)  # terms per dq / dc element
+        assert_close(q_k.grad, q_r.grad, grad_tolerance(q_r.grad, q.dtype, n_q, g * c.abs().max()), "paired dq")
+        assert_close(c_k.grad, c_r.grad, grad_tolerance(c_r.grad, q.dtype, n_c, g * q.abs().max()), "paired dc")
+    return out
+
+
+# Every Rq, Rc and D value of the sweep, and B, N in {1, 3, 17}, in six cases (k % 5 == 0
+# walks the three axes independently; the interpreter is slow).
+PAIRED_CASES = [pytest.param(case, id=str(case)) for k, case in enumerate(sweep_cases()) if k % 5 == 0]
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", PAIRED_CASES)
+def test_paired_matches_reference_over_the_sweep(case, dtype):
+    """B = Nq queries, each against its own N = Nc candidates: odd sizes, D not a multiple of
+    16, 1-token prefixes, non-prefix masks with empty rows; scores on random inputs, then
+    scores and gradients on exact inputs (argmax decisions, ties included, as the reference)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    groups = random_groups(case.rq, case.rc, random.Random(case.seed))
+    masks = _paired_masks(case.nq, case.rq, case.nc, case.rc, gen) if case.masked else (None, None)
+    shape_q, shape_c = (case.nq, case.rq, case.d), (case.nq, case.nc, case.rc, case.d)
+    _check_paired_against_reference(normal_values(shape_q, gen, dtype), normal_values(shape_c, gen, dtype), groups,
+                                    *masks, gen, grads=False)
+    _check_paired_against_reference(exact_values(shape_q, gen, dtype), exact_values(shape_c, gen, dtype), groups,
+                                    *masks, gen)
+
+
+@interpreter
+@pytest.mark.parametrize("rq,rc,i_late,j_late,groups,dtype", CHUNKED_BUDGETS)
+def test_paired_chunked_budgets_match_reference(rq, rc, i_late, j_late, groups, dtype):
+    """Paired scores and gradients past one tile, with valid tokens only in a later chunk."""
+    gen = torch.Generator().manual_seed(rq * rc + 1)
+    q, c = exact_values((3, rq, 12), gen, dtype), exact_values((3, 2, rc, 12), gen, dtype)
+    q_mask, c_mask = _paired_masks(3, rq, 2, rc, gen)
+    q_mask[0, :i_late] = False
+    q_mask[0, i_late] = True
+    c_mask[1, 0, :j_late] = False
+    c_mask[1, 0, j_late] = True
+    _check_paired_against_reference(q, c, groups, q_mask, c_mask, gen)
+
+
+@interpreter
+def test_paired_many_chunk_boundaries_and_group_batches(small_chunks):
+    """16 x 16 token tiles, 10 groups around the chunk boundaries (two launches: 8 + 2, adding
+    into the same gradients), several candidates per chunked tile."""
+    from metaembed_kernels.triton import heuristics
+
+    assert heuristics.hard_negative_config(37, 50, 8, torch.bfloat16, backward=True).chunked
+    gen = torch.Generator().manual_seed(12)
+    q, c = exact_values((2, 37, 8), gen, torch.bfloat16), exact_values((2, 3, 50, 8), gen, torch.bfloat16)
+    q_mask, c_mask = _paired_masks(2, 37, 3, 50, gen)
+    _check_paired_against_reference(q, c, MANY_GROUPS, q_mask, c_mask, gen)
+
+
+@interpreter
+def test_paired_equals_in_batch_scores_of_each_query():
+    """maxsim_paired_grouped(q, c)[g, a, n] is maxsim_grouped(q[a:a+1], c[a])[g, 0, n] (exact
+    inputs: equal whatever the tiles' summation order) -- N = 1 gives aligned pairs."""
+    gen = torch.Generator().manual_seed(13)
+    q, c = exact_values((3, 5, 20), gen), exact_values((3, 1, 7, 20), gen)
+    groups = ((1, 1), (5, 7), (2, 3))
+    paired = maxsim_paired_grouped(q, c, groups, backend="triton")
+    for a in range(3):
+        assert torch.equal(paired[:, a], maxsim_grouped(q[a:a + 1], c[a], groups, backend="triton")[:, 0])
+
+
+# ---------------------------------------------------------------------------------------
+# Interpreter: output_mask -- nothing allocated or launched for an unwanted gradient
+# ---------------------------------------------------------------------------------------
+MASKS2 = list(itertools.product((False, True), repeat=2))
+MASKS3 = list(itertools.product((False, True), repeat=3))
+
+
+def _small_problem_inputs(dtype=torch.float32, seed=14):
+    gen = torch.Generator().manual_seed(seed)
+    x = dict(q=exact_values((3, 5, 12), gen, dtype), c=exact_values((4, 7, 12), gen, dtype),
+             cp=exact_values((3, 2, 7, 12), gen, dtype), hn=exact_values((3, 2, 7, 12), gen, dtype),
+             labels=torch.tensor([1, 3, 0]), gen=gen)
+    x["q_mask"], x["c_mask"] = random_masks(3, 5, 4, 7, gen)
+    x["cp_mask"] = _paired_masks(3, 5, 2, 7, gen)[1]
+    x["hn_mask"] = torch.rand(3, 2, 7, generator=gen) > 0.3
+    return x
+
+
+@interpreter
+def test_output_mask_plans_allocate_and_launch_only_the_wanted_gradients():
+    from metaembed_kernels.triton import kernels as K
+    from metaembed_kernels.triton import launch
+
+    x = _small_problem_inputs()
+    rq, rc, g = [1, 5, 2], [1, 7, 3], 3
+    p = launch.make_problem(x["q"], x["c"], rq, rc, x["q_mask"], x["c_mask"])
+    for mask in MASKS2:
+        dq, dc, plans = launch.plan_maxsim_backward(p, torch.zeros(g, 3, 4), mask)
+        assert (dq is not None, dc is not None) == mask
+        assert [plan.kernel for plan in plans] == [K.grad_query_kernel] * mask[0] + [K.grad_candidate_kernel] * mask[1]
+    pp = launch.make_problem(x["q"], x["cp"], rq, rc, x["q_mask"], x["cp_mask"], paired=True)
+    for mask in MASKS2:
+        dq, dc, plans = launch.plan_maxsim_paired_backward(pp, torch.zeros(g, 3, 2), mask)
+        assert (dq is not None, dc is not None) == mask
+        assert [plan.constexprs["OUTPUT"] for plan in plans] == ["dq"] * mask[0] + ["dx"] * mask[1]
+        assert all(plan.kernel is K.own_candidates_backward_kernel for plan in plans)
+    h = launch.make_hard_negatives(p, x["hn"], x["hn_mask"])
+    for mask in MASKS3:
+        dq, dc, dhn, plans = launch.plan_infonce_backward(p, h, x["labels"], 2.0, torch.zeros(g, 3),
+                                                          torch.zeros(g, 3), mask)
+        assert (dq is not None, dc is not None, dhn is not None) == mask
+        expected = [(K.grad_query_kernel, None)] * mask[0] + [(K.grad_candidate_kernel, None)] * mask[1] + \
+            [(K.own_candidates_backward_kernel, "dq")] * mask[0] + [(K.own_candidates_backward_kernel, "dx")] * mask[2]
+        assert [(plan.kernel, plan.constexprs.get("OUTPUT")) for plan in plans] == expected
+
+
+@interpreter
+@pytest.mark.parametrize("family", ["maxsim", "paired", "loss"])
+def test_output_mask_returns_exactly_the_wanted_gradients(family):
+    """Every output_mask of each backward op: a wanted gradient is bitwise the one of the full
+    call (no pass depends on another's work), an unwanted one the (0,) placeholder of the
+    input's dtype."""
+    x = _small_problem_inputs(torch.bfloat16)
+    ops, rq, rc = torch.ops.metaembed, [1, 5, 2], [1, 7, 3]
+    gen = x["gen"]
+    if family == "loss":
+        inputs = (x["q"], x["c"], x["hn"])
+        _, lse = ops.triton_matryoshka_infonce(x["q"], x["c"], x["hn"], x["labels"], rq, rc, 2.0, x["q_mask"],
+                                               x["c_mask"], x["hn_mask"])
+        grad = torch.randn(3, 3, generator=gen)
+        call = lambda mask: ops.triton_matryoshka_infonce_backward(  # noqa: E731
+            grad, lse, *inputs, x["labels"], rq, rc, 2.0, x["q_mask"], x["c_mask"], x["hn_mask"], list(mask))
+        masks = MASKS3
+    else:
+        c, c_mask = (x["cp"], x["cp_mask"]) if family == "paired" else (x["c"], x["c_mask"])
+        op = ops.triton_maxsim_paired_grouped_backward if family == "paired" else ops.triton_maxsim_grouped_backward
+        inputs = (x["q"], c)
+        grad = torch.randn(3, 3, c.shape[1] if family == "paired" else 4, generator=gen)
+        call = lambda mask: op(grad, *inputs, rq, rc, x["q_mask"], c_mask, list(mask))  # noqa: E731
+        masks = MASKS2
+    full = call((True,) * len(inputs))
+    assert all(t.abs().sum() > 0 for t in full)
+    for mask in masks:
+        for got, whole, wanted, like in zip(call(mask), full, mask, inputs):
+            if wanted:
+                assert torch.equal(got, whole) and got.is_contiguous(), (family, mask)
+            else:
+                assert got.shape == (0,) and got.dtype == like.dtype, (family, mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite values (the op contract): interpreter here, compiled code on a GPU
+# ---------------------------------------------------------------------------------------
+BIG = 1e20  # BIG * BIG overflows fp32: +-inf similarities from finite (fp32 / bf16) inputs
+DEVICES = [pytest.param("cpu", marks=interpreter),
+           pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])]
+
+
+def _special_case(dtype, rq, rc, spots, paired_k, in_batch_nan=True, seed=15):
+    """Inputs whose similarities are set token by token. D = 2: q[a, i] = (1, y_a), c[b, j] =
+    (u, v), so S = u + y_a v, with y_0 = BIG (query 0 sees infinities), y_a = 0 otherwise
+    (BIG = 0 for fp16, which cannot hold it), and u exact multiples of 1/4 unless set:
+
+        candidate 0: every token v = -BIG: S = -inf for query 0 (an all -inf prefix);
+        candidate 1: u = NaN at j = spots["late_nan"]: a NaN in a later chunk than the max;
+        candidate 2: token 0 masked and holding NaN / inf, token 1 v = +BIG (S = +inf, query 0);
+        candidate 3: valid only from j = spots["first"] on, where v = -BIG: the first valid
+                     token is -inf (taken: validity comes from the masks);
+        candidate 4: u = NaN at j = 1 and at spots["late_nan"], u = 2 (the largest finite)
+                     at j = rc - 1: the early NaN sticks, its index is the argmax;
+        candidate 5: plain values.
+    Query 1's last token is masked and holds NaN / inf; query 2's token 1 has u = NaN (a NaN row,
+    valid). In-batch candidates c (6, rc, 2) (without the NaN of candidates 1 and 4 unless
+    in_batch_nan: a NaN in-batch candidate makes every query's loss NaN); paired c and hard
+    negatives (3, paired_k, rc, 2) hold candidates (a + k) % 6 for query a."""
+    gen = torch.Generator().manual_seed(seed)
+    big = 0.0 if dtype == torch.float16 else BIG
+    nan, inf = float("nan"), float("inf")
+    q = torch.zeros(3, rq, 2)
+    q[:, :, 0] = 1.0
+    q[0, :, 1] = big
+    q[2, min(1, rq - 1), 0] = nan
+    q_mask = torch.ones(3, rq, dtype=torch.bool)
+    if rq > 1:
+        q_mask[1, -1] = False
+        q[1, -1] = torch.tensor([nan, inf])
+    c = torch.zeros(6, rc, 2)
+    c[:, :, 0] = exact_values((6, rc), gen)
+    c_mask = torch.ones(6, rc, dtype=torch.bool)
+    c[0, :, 0], c[0, :, 1] = 0.0, -big
+    c[1, spots["late_nan"] % rc, 0] = nan
+    c[2, 0] = torch.tensor([nan, inf])
+    c_mask[2, 0] = False
+    if rc > 1:
+        c[2, 1] = torch.tensor([0.0, big])
+    first = spots["first"] % rc
+    c[3, :first] = torch.tensor([inf, nan])
+    c_mask[3, :first] = False
+    c[3, first] = torch.tensor([0.0, -big])
+    c[4, 1 % rc, 0] = nan
+    c[4, spots["late_nan"] % rc, 0] = nan
+    c[4, -1, 0] = 2.0
+    own = torch.tensor([[(a + k) % 6 for k in range(paired_k)] for a in range(3)])
+    in_batch = c.clone()
+    if not in_batch_nan:
+        in_batch[[1, 4], :, 0] = torch.nan_to_num(in_batch[[1, 4], :, 0], nan=0.5)
+    return dict(q=q.to(dtype), c=in_batch.to(dtype), q_mask=q_mask, c_mask=c_mask, own_c=c[own].to(dtype),
+                own_mask=c_mask[own], labels=torch.tensor([3, 5, 1]))
+
+
+def _channel_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the finite elements, per last-dim channel (the channels hold values of very
+    different sizes: 1 and BIG)."""
+    return torch.where(torch.isfinite(x), x.abs(), 0).double().flatten(0, -2).amax(0)
+
+
+def _gradient_atol(weight_sums: torch.Tensor, other: torch.Tensor, ndim: int) -> torch.Tensor:
+    """fp32 accumulation bound of a gradient element sum_j W_j x_j: a few u32 of
+    sum_j |W_j| * max |x| (per channel), where the sum of |W| over the element's terms is
+    weight_sums (one number per item, broadcast over its tokens); terms that cancel (a
+    softmax summing to 1 against a BIG channel) make the result itself that noisy."""
+    w = weight_sums.double().reshape(*weight_sums.shape, *([1] * (ndim - weight_sums.dim())))
+    return 8 * UNIT_ROUNDOFF[torch.float32] * w * _channel_max(other)
+
+
+def _assert_same_non_finite(got, expected, name, rtol, atol=None):
+    """NaN, +inf and -inf at exactly the same positions; the finite values close (atol: by
+    default relative to the largest finite value per last-dim channel)."""
+    got, expected = got.detach().double().cpu(), expected.detach().double().cpu()
+    assert got.shape == expected.shape, name
+    for what, where in (("NaN", torch.isnan), ("+inf", lambda t: t == float("inf")),
+                        ("-inf", lambda t: t == float("-inf"))):
+        differ = where(got) != where(expected)
+        assert not differ.any(), f"{name}: {what} differs at {differ.nonzero()[:6].tolist()}"
+    finite = torch.isfinite(expected)
+    if atol is None:
+        atol = 1e-5 * (_channel_max(expected) if expected.dim() > 1 else _channel_max(expected[:, None]))
+    assert_close(torch.where(finite, got, 0), torch.where(finite, expected, 0), atol + 1e-30, name, rtol=rtol)
+
+
+SPECIAL_SHAPES = [  # (Rq, Rc, spots, groups): one tile, and chunked across many 16 x 16 tiles
+    pytest.param(3, 7, dict(late_nan=5, first=3), ((1, 1), (3, 7), (2, 4), (3, 5), (1, 6), (2, 2)), False,
+                 id="single-tile"),
+    pytest.param(20, 40, dict(late_nan=20, first=17), ((1, 1), (20, 40), (17, 18), (3, 20), (18, 21), (20, 33)),
+                 True, id="chunked"),
+]
+
+
+def _on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rq,rc,spots,groups,chunked", SPECIAL_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_non_finite_scores_and_gradients_follow_the_reference(device, rq, rc, spots, groups, chunked, dtype, request):
+    """maxsim_grouped and maxsim_paired_grouped, forward and backward, against the reference
+    (which implements the contract) at the input dtype (fp32 compute: BIG * BIG overflows as
+    in the kernels): NaN / +-inf at exactly the reference's positions."""
+    if chunked:
+        request.getfixturevalue("small_chunks")
+    x = _special_case(dtype, rq, rc, spots, paired_k=4)
+    rtol = 1e-5 if dtype == torch.float32 else 4 * UNIT_ROUNDOFF[dtype]
+    rq_list, rc_list = [g[0] for g in groups], [g[1] for g in groups]
+    ops = torch.ops.metaembed
+    gen = torch.Generator().manual_seed(16)
+    for paired, c, c_mask in ((False, x["c"], x["c_mask"]), (True, x["own_c"], x["own_mask"])):
+        q, cc, qm, cm = _on(device, x["q"], c, x["q_mask"], c_mask)
+        fwd = ops.triton_maxsim_paired_grouped if paired else ops.triton_maxsim_grouped
+        bwd = ops.triton_maxsim_paired_grouped_backward if paired else ops.triton_maxsim_grouped_backward
+        ref = reference.maxsim_grouped_paired if paired else reference.maxsim_grouped
+        kind = "paired" if paired else "in-batch"
+        scores = fwd(q, cc, rq_list, rc_list, qm, cm)
+        expected = ref(x["q"], c, groups, x["q_mask"], c_mask)
+        assert expected.isnan().any() and (expected == float("-inf")).any() != (dtype == torch.float16)
+        _assert_same_non_finite(scores, expected, f"{kind} scores", rtol=1e-6)
+        grad = torch.randn(expected.shape, generator=gen)
+        dq, dc = bwd(grad.to(device), q, cc, rq_list, rc_list, qm, cm, [True, True])
+        dq_ref, dc_ref = reference.scores_backward(grad, x["q"], c, groups, x["q_mask"], c_mask, paired)
+        assert dq_ref.isnan().any() and dc_ref.isnan().any()
+        per_query = grad.abs().sum((0, 2))  # sum of |dS| over one query's terms
+        per_candidate = grad.abs().sum(0) if paired else grad.abs().sum((0, 1))
+        _assert_same_non_finite(dq, dq_ref, f"{kind} dq", rtol, _gradient_atol(per_query, c, 3))
+        _assert_same_non_finite(dc, dc_ref, f"{kind} dc", rtol, _gradient_atol(per_candidate, x["q"], c.dim()))
+        # masked tokens: exactly zero gradients, whatever they hold
+        assert torch.all(dq.cpu()[~x["q_mask"]] == 0) and torch.all(dc.cpu()[~c_mask] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rq,rc,spots,groups,chunked", SPECIAL_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_finite_loss_follows_the_reference(device, rq, rc, spots, groups, chunked, dtype, request):
+    """The fused loss with hard negatives on the same inputs: logits -inf (a prefix of -inf
+    similarities; query 0's positive in short groups: terms = +inf), +inf (lse = +inf) and NaN
+    (lse NaN), in-batch and in the hard negatives: terms, lse and every gradient have NaN / inf
+    where the reference (torch.logsumexp semantics) has them."""
+    if chunked:
+        request.getfixturevalue("small_chunks")
+    x = _special_case(dtype, rq, rc, spots, paired_k=2, in_batch_nan=False)
+    rq_list, rc_list = [g[0] for g in groups], [g[1] for g in groups]
+    q, c, hn, labels, qm, cm, hm = _on(device, x["q"], x["c"], x["own_c"], x["labels"], x["q_mask"], x["c_mask"],
+                                      x["own_mask"])
+    scale = 0.5
+    terms, lse = torch.ops.metaembed.triton_matryoshka_infonce(q, c, hn, labels, rq_list, rc_list, scale, qm, cm, hm)
+    terms_ref, lse_ref = reference.infonce_terms(x["q"], x["c"], x["own_c"], x["labels"], groups, scale,
+                                                 x["q_mask"], x["c_mask"], x["own_mask"])
+    assert lse_ref.isnan().any() and (lse_ref == float("inf")).any() and (terms_ref == float("inf")).any()
+    assert torch.isfinite(lse_ref).sum() >= lse_ref.numel() // 4
+    _assert_same_non_finite(lse, lse_ref, "lse", rtol=1e-6)
+    _assert_same_non_finite(terms, terms_ref, "terms", rtol=1e-6)
+    grad = torch.randn(terms.shape, generator=torch.Generator().manual_seed(17))
+    got = torch.ops.metaembed.triton_matryoshka_infonce_backward(
+        grad.to(device), lse, q, c, hn, labels, rq_list, rc_list, scale, qm, cm, hm, [True, True, True])
+    expected = reference.infonce_backward(grad, lse_ref, x["q"], x["c"], x["own_c"], x["labels"], groups, scale,
+                                          x["q_mask"], x["c_mask"], x["own_mask"])
+    rtol = 1e-5 if dtype == torch.float32 else 4 * UNIT_ROUNDOFF[dtype]
+    _check_loss_gradients(got, expected, grad, scale, x["q"], torch.cat([x["c"], x["own_c"].flatten(0, 1)]), rtol)
+
+
+def _check_loss_gradients(got, expected, grad, scale, q, candidates, rtol):
+    """dq, dc, dhn of the loss: |dS_g(a, .)| sums to at most 2 |grad[g, a]| scale over a
+    query's logits (softmax + one-hot)."""
+    per_query = 2 * scale * grad.abs().sum(0)
+    bounds = (_gradient_atol(per_query, candidates, 3), _gradient_atol(per_query.sum().expand(1), q, 3),
+              _gradient_atol(per_query, q, 4))
+    for name, g, e, atol in zip(("dq", "dc", "dhn"), got, expected, bounds):
+        _assert_same_non_finite(g, e, f"loss {name}", rtol, atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_whose_logits_are_all_minus_inf(device):
+    """Every logit of query 0 is -inf (in-batch and hard negatives): lse = -inf as in
+    torch.logsumexp (not NaN from exp(-inf - -inf)), terms NaN (-inf - -inf), its gradients
+    NaN; query 1 sees only finite logits and stays finite."""
+    q = torch.tensor([[[1.0, BIG]], [[1.0, 0.0]]])  # (2, 1, 2)
+    c = torch.tensor([[[0.5, -BIG]], [[-0.25, -BIG]], [[1.0, -BIG]]])  # S = -inf for query 0
+    hn = torch.tensor([[[[0.75, -BIG]]], [[[0.25, -BIG]]]])
+    labels = torch.tensor([1, 2])
+    terms, lse = torch.ops.metaembed.triton_matryoshka_infonce(*_on(device, q, c, hn, labels), [1], [1], 2.0,
+                                                               None, None, None)
+    terms_ref, lse_ref = reference.infonce_terms(q, c, hn, labels, ((1, 1),), 2.0, None, None, None)
+    assert lse_ref[0, 0] == float("-inf") and terms_ref[0, 0].isnan() and torch.isfinite(terms_ref[0, 1])
+    _assert_same_non_finite(lse, lse_ref, "lse", rtol=1e-6)
+    _assert_same_non_finite(terms, terms_ref, "terms", rtol=1e-6)
+    grad = torch.ones(1, 2)
+    got = torch.ops.metaembed.triton_matryoshka_infonce_backward(*_on(device, grad, lse, q, c, hn, labels), [1], [1],
+                                                                 2.0, None, None, None, [True, True, True])
+    expected = reference.infonce_backward(grad, lse_ref, q, c, hn, labels, ((1, 1),), 2.0, None, None, None)
+    _check_loss_gradients(got, expected, grad, 2.0, q, torch.cat([c, hn.flatten(0, 1)]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_non_finite_tokens_change_nothing(device):
+    """NaN / inf in masked tokens (queries, in-batch candidates, paired candidates, hard
+    negatives): scores, loss and gradients equal those with the masked tokens zeroed --
+    bitwise -- and the masked tokens' gradients are exactly 0 (a tensor-core product would
+    give 0 * NaN = NaN if they were read)."""
+    x = _small_problem_inputs(torch.bfloat16, seed=18)
+    rq, rc = [1, 5, 2], [1, 7, 3]
+    dirty = {}
+    for name, mask in (("q", "q_mask"), ("c", "c_mask"), ("cp", "cp_mask"), ("hn", "hn_mask")):
+        t = x[name].clone()
+        t[~x[mask]] = torch.tensor([float("nan"), float("inf"), float("-inf")]).repeat(4)[:t.shape[-1]].to(t.dtype)
+        x[name] = x[name].masked_fill(~x[mask].unsqueeze(-1), 0)
+        dirty[name] = t
+    ops = torch.ops.metaembed
+
+    def run(t):
+        q, c, cp, hn, qm, cm, cpm, hm, labels = _on(device, t["q"], t["c"], t["cp"], t["hn"], x["q_mask"],
+                                                    x["c_mask"], x["cp_mask"], x["hn_mask"], x["labels"])
+        gs = torch.Generator().manual_seed(20)
+        out = [ops.triton_maxsim_grouped(q, c, rq, rc, qm, cm), ops.triton_maxsim_paired_grouped(q, cp, rq, rc, qm, cpm)]
+        out += ops.triton_maxsim_grouped_backward(torch.randn(3, 3, 4, generator=gs).to(device), q, c, rq, rc, qm, cm,
+                                                  [True, True])
+        out += ops.triton_maxsim_paired_grouped_backward(torch.randn(3, 3, 2, generator=gs).to(device), q, cp, rq, rc,
+                                                         qm, cpm, [True, True])
+        terms, lse = ops.triton_matryoshka_infonce(q, c, hn, labels, rq, rc, 2.0, qm, cm, hm)
+        out += [terms, lse]
+        out += ops.triton_matryoshka_infonce_backward(torch.randn(3, 3, generator=gs).to(device), lse, q, c, hn,
+                                                      labels, rq, rc, 2.0, qm, cm, hm, [True, True, True])
+        return [t.cpu() for t in out]
+
+    clean, with_garbage = run(x), run(dirty)
+    for k, (a, b) in enumerate(zip(clean, with_garbage)):
+        assert torch.isfinite(a).all() and torch.equal(a, b), k
+    dq, dc = with_garbage[2], with_garbage[3]
+    assert torch.all(dq[~x["q_mask"]] == 0) and torch.all(dc[~x["c_mask"]] == 0)
+    assert torch.all(with_garbage[5][~x["cp_mask"]] == 0) and torch.all(with_garbage[-1][~x["hn_mask"]] == 0)
+
+
 def test_roofline_of_the_paper_setting():
     """benchmarks/roofline.py, which the GPU benchmarks are judged against."""
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -748,3 +1260,73 @@ def test_gpu_offsets_past_two_to_the_31_elements():
     _, dc_ref = _reference_grads(q.cpu(), tail, DEFAULT_GROUPS, grad[:, :, -5:].cpu())
     assert_close(dc[-5:], dc_ref, 2 * UNIT_ROUNDOFF[torch.bfloat16] * dc_ref.abs() + 1e-3, "dc past 2^31")
     assert int(torch.count_nonzero(dc[:-5])) == 0
+
+
+KD_GROUPS = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64), (32, 180))
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_paired_matches_reference_at_the_kd_shape(dtype):
+    """The distillation shape of the integrations issue: B = 32 queries x 32 tokens, each
+    against its own N = 32 documents x 180 tokens, D = 128 (r_c = 180: column chunks), masks."""
+    b, n, rq, rc, d = 32, 32, 32, 180, 128
+    gen = torch.Generator().manual_seed(21)
+    q, c = exact_values((b, rq, d), gen, dtype), exact_values((b, n, rc, d), gen, dtype)
+    q_mask, c_mask = _paired_masks(b, rq, n, rc, gen)
+    q_k, c_k = q.cuda().requires_grad_(), c.cuda().requires_grad_()
+    out = maxsim_paired_grouped(q_k, c_k, KD_GROUPS, q_mask=q_mask.cuda(), c_mask=c_mask.cuda(), backend="triton")
+    q_r, c_r = q.double().requires_grad_(), c.double().requires_grad_()
+    expected = reference.maxsim_grouped_paired(q_r, c_r, KD_GROUPS, q_mask, c_mask)
+    assert torch.equal(out.cpu().double(), expected.detach())  # exact inputs: exact fp32 sums
+    grad = torch.randn(out.shape, generator=gen)
+    out.backward(grad.cuda())
+    expected.backward(grad.double())
+    g = grad.abs().max().item()
+    assert_close(q_k.grad, q_r.grad, grad_tolerance(q_r.grad, dtype, n * 6, g * c.abs().max()), "gpu paired dq")
+    assert_close(c_k.grad, c_r.grad, grad_tolerance(c_r.grad, dtype, rq * 6, g * q.abs().max()), "gpu paired dc")
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_paired_backward_is_deterministic():
+    gen = torch.Generator().manual_seed(22)
+    q = normal_values((16, 16, 256), gen, torch.bfloat16).cuda().requires_grad_()
+    c = normal_values((16, 40, 64, 256), gen, torch.bfloat16).cuda().requires_grad_()
+    grads = []
+    for _ in range(3):
+        q.grad = c.grad = None
+        maxsim_paired_grouped(q, c, DEFAULT_GROUPS, backend="triton").sum().backward()
+        grads.append((q.grad.clone(), c.grad.clone()))
+    assert all(torch.equal(a, b) for later in grads[1:] for a, b in zip(grads[0], later))
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_paired_offsets_past_two_to_the_31_elements():
+    """c (B, N, Rc, D) has more than 2^31 elements (4.3 GB bf16): query 1's last candidates
+    need 64-bit offsets, in the forward and in both backward passes."""
+    rc, d = 64, 128
+    n = (2**31) // (2 * rc * d) + 3
+    if torch.cuda.get_device_properties(0).total_memory < 5.5 * 2 * n * rc * d * 2:
+        pytest.skip("needs ~24 GB of GPU memory")
+    gen = torch.Generator().manual_seed(23)
+    q = normal_values((2, 16, d), gen, torch.bfloat16)
+    tail = normal_values((5, rc, d), gen, torch.bfloat16)
+    c = torch.zeros(2, n, rc, d, dtype=torch.bfloat16, device="cuda")
+    c[1, -5:] = tail.cuda()
+    c.requires_grad_()
+    q_k = q.cuda().requires_grad_()
+    out = maxsim_paired_grouped(q_k, c, DEFAULT_GROUPS, backend="triton")
+    q_r, tail_r = q[1:].double().requires_grad_(), tail.double().unsqueeze(0).requires_grad_()
+    expected = reference.maxsim_grouped_paired(q_r, tail_r, DEFAULT_GROUPS)
+    assert_close(out[:, 1:, -5:], expected, score_tolerance(q[1:], tail, DEFAULT_GROUPS), "scores past 2^31")
+    grad = torch.zeros_like(out)
+    grad[:, 1, -5:] = 1.0
+    out.backward(grad)
+    expected.backward(torch.ones_like(expected))
+    assert_close(c.grad[1, -5:], tail_r.grad[0], 2 * UNIT_ROUNDOFF[torch.bfloat16] * tail_r.grad.abs() + 1e-3,
+                 "dc past 2^31")
+    assert_close(q_k.grad[1], q_r.grad[0], 2 * UNIT_ROUNDOFF[torch.bfloat16] * q_r.grad.abs() + 1e-3, "dq past 2^31")
+    assert int(torch.count_nonzero(c.grad[0])) == 0 and int(torch.count_nonzero(c.grad[1, :-5])) == 0

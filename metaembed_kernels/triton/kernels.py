@@ -56,12 +56,14 @@ one program per query loops over its candidate blocks and is the only writer of 
 dx[a] (deterministic, no atomics); when dq is not wanted the candidate blocks are split over
 several programs per query (each still the only writer of its dx rows).
 
-Non-finite values and masks (the op contract). Masked tokens are not loaded at all: their
-rows / columns of every operand tile load as zeros, so NaN or inf there can change neither S
-(masked entries are excluded from every max anyway) nor the gradient products, where a zero
-weight times a NaN operand would otherwise leak (0 * NaN = NaN); their gradient rows are
-never stored (they stay exactly 0). Validity comes from the masks only: -inf is an ordinary
-value. NaN follows torch.amax / torch.argmax: a NaN similarity is the maximum and the argmax
+Non-finite values and masks (the op contract). A masked token never counts: its similarity
+entries get the invalid max key (below -inf) or its row takes nothing, whatever they hold. In
+the gradient products, where a zero weight times a NaN operand would leak (0 * NaN = NaN),
+masked tokens are not loaded at all (their operand rows load as zeros) and their gradient
+rows are never stored (they stay exactly 0); the similarity loads every existing token, and
+the column flags for the products are read next to them (_column_validity): masks loaded
+with the similarity tiles and held through S and W made ptxas spill. Validity comes from
+the masks only: -inf is an ordinary value. NaN follows torch.amax / torch.argmax: a NaN similarity is the maximum and the argmax
 is the lowest NaN index. A float max does not give that on the GPU (tl.max / tl.maximum
 lower to max.f32 / maxnum, which return the non-NaN operand; Triton 3.9's interpreter reduces
 with np.nanmax, likewise), so maxima are taken over int32 "max keys" instead (_max_keys):
@@ -150,9 +152,10 @@ def _query_rows(a0, i0, n_q, rq_eff, mask_ptr, stride_mask_a, stride_mask_i, str
     """Row r of a tile is token i = i0 + r % RQ_TILE of query a = a0 + r // RQ_TILE (i0 = the
     row chunk's first token, 0 unless queries are chunked).
 
-    Returns (a, i, element offset of the row (int64), valid): valid = the token exists
-    (a < Nq, i < max r_q) and its mask says True. Only valid rows are loaded (the others load
-    as zeros), counted or stored.
+    Returns (a, i, element offset of the row (int64), row exists (a < Nq, i < max r_q: what
+    the similarity loads), valid = exists and the mask says True: what counts, and what the
+    gradient products load and store). Loading the similarity rows by validity instead made
+    ptxas spill (the loaded flags held through the D loop); a masked row's S is never used.
     """
     rows = tl.arange(0, BLOCK_Q * RQ_TILE)
     a = a0 + rows // RQ_TILE
@@ -161,7 +164,16 @@ def _query_rows(a0, i0, n_q, rq_eff, mask_ptr, stride_mask_a, stride_mask_i, str
     a64 = a.to(tl.int64)
     flags = tl.load(mask_ptr + a64 * stride_mask_a + i * stride_mask_i, mask=in_range, other=0)
     offset = a64 * stride_a + i.to(tl.int64) * stride_i
-    return a, i, offset, in_range & (flags != 0)
+    return a, i, offset, in_range, in_range & (flags != 0)
+
+
+@triton.jit
+def _column_tokens(b0, j0, n_c, rc_eff, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
+    """(candidate (int64), token, token exists) of each tile column (see _candidate_columns)."""
+    cols = tl.arange(0, BLOCK_C * RC_TILE)
+    col_b = (b0 + cols // RC_TILE).to(tl.int64)
+    col_j = j0 + cols % RC_TILE
+    return col_b, col_j, (col_b < n_c) & (col_j < rc_eff)
 
 
 @triton.jit
@@ -170,38 +182,47 @@ def _candidate_columns(b0, j0, n_c, rc_eff, mask_ptr, stride_mask_b, stride_mask
     """Column n of a tile is token j = j0 + n % RC_TILE of candidate b = b0 + n // RC_TILE
     (j0 = the column chunk's first token, 0 unless candidates are chunked).
 
-    Returns (element offset of each column (int64), column is a valid token (loaded, stored),
-    candidate index (BLOCK_C,), token validity as a (BLOCK_C, RC_TILE) grid for the epilogue).
-    Validity = the token exists (b < Nc, j < max r_c) and its mask says True; the mask bytes
-    are read in both layouts (a few bytes, cached) rather than reshaping between them.
+    Returns (element offset of each column (int64), column exists (b < Nc, j < max r_c: what
+    the similarity loads), candidate index (BLOCK_C,), token validity -- exists and the mask
+    says True -- as a (BLOCK_C, RC_TILE) grid for the epilogue). A masked token's similarity
+    is loaded but never used (its max key is the invalid one); the gradient products, where
+    it would matter, load and store valid columns only (_column_validity).
     """
-    cols = tl.arange(0, BLOCK_C * RC_TILE)
-    col_b = (b0 + cols // RC_TILE).to(tl.int64)
-    col_j = j0 + cols % RC_TILE
-    col_in = (col_b < n_c) & (col_j < rc_eff)
-    col_flags = tl.load(mask_ptr + col_b * stride_mask_b + col_j * stride_mask_j, mask=col_in, other=0)
+    col_b, col_j, col_in = _column_tokens(b0, j0, n_c, rc_eff, BLOCK_C, RC_TILE)
     offset = col_b * stride_b + col_j.to(tl.int64) * stride_j
     b = b0 + tl.arange(0, BLOCK_C)
     j = j0 + tl.arange(0, RC_TILE)
     tok_in = (b < n_c)[:, None] & (j < rc_eff)[None, :]
     flags = tl.load(mask_ptr + b.to(tl.int64)[:, None] * stride_mask_b + j[None, :] * stride_mask_j,
                     mask=tok_in, other=0)
-    return offset, col_in & (col_flags != 0), b, tok_in & (flags != 0)
+    return offset, col_in, b, tok_in & (flags != 0)
 
 
 @triton.jit
-def _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_valid, D,
+def _column_validity(b0, j0, n_c, rc_eff, mask_ptr, stride_mask_b, stride_mask_j,
+                     BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
+    """Column n is a valid token (exists, mask True), in the columns' own layout: what the
+    gradient products load (masked columns as zeros: a zero weight never meets their NaN) and
+    store (masked tokens' gradients stay exactly 0). Read from the mask next to the products
+    (a few bytes, cached), so that the flags are not held in registers through S and W."""
+    col_b, col_j, col_in = _column_tokens(b0, j0, n_c, rc_eff, BLOCK_C, RC_TILE)
+    flags = tl.load(mask_ptr + col_b * stride_mask_b + col_j * stride_mask_j, mask=col_in, other=0)
+    return col_in & (flags != 0)
+
+
+@triton.jit
+def _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D,
                 M: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """S = Q_tile @ C_tile^T over D in BLOCK_D chunks, fp32 (M, N). The d stride is 1.
-    Invalid (masked, padding) rows / columns load as zeros: S is 0 there, and never used."""
+    Rows / columns that do not exist (q_in / c_in False) load as zeros."""
     acc = tl.zeros((M, N), dtype=tl.float32)
     dd = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + dd
         d_in = d < D
-        q_chunk = tl.load(q_ptr + q_offset[:, None] + d[None, :], mask=q_valid[:, None] & d_in[None, :], other=0.0)
-        c_chunk = tl.load(c_ptr + c_offset[:, None] + d[None, :], mask=c_valid[:, None] & d_in[None, :], other=0.0)
+        q_chunk = tl.load(q_ptr + q_offset[:, None] + d[None, :], mask=q_in[:, None] & d_in[None, :], other=0.0)
+        c_chunk = tl.load(c_ptr + c_offset[:, None] + d[None, :], mask=c_in[:, None] & d_in[None, :], other=0.0)
         acc = _mma(q_chunk, tl.trans(c_chunk), acc, DOT_PRECISION, INTERPRET)
     return acc
 
@@ -304,19 +325,39 @@ def _split_weights(W, PIECE_DTYPE: tl.constexpr, SCALE_TO_FP16_RANGE: tl.constex
 
 
 @triton.jit
-def _accumulate_product(out_ptr, out_offset, out_in, hi, mid, lo, unscale, x_ptr, x_offset, x_in, D,
-                        OUT_ROWS: tl.constexpr, BLOCK_DO: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
-                        INTERPRET: tl.constexpr):
-    """out[rows, :] += A @ x[rows', :] (fp32 read-modify-write, D in BLOCK_DO chunks), with
-    A = (hi + mid + lo) * unscale given as its pieces.
+def _product_chunk(hi, mid, lo, x, OUT_ROWS: tl.constexpr, BLOCK_DO: tl.constexpr,
+                   SPLIT_FP32_OPERANDS: tl.constexpr, INTERPRET: tl.constexpr):
+    """(hi + mid + lo) @ x for one D chunk of x, fp32 (OUT_ROWS, BLOCK_DO).
 
     16-bit x is exact in its own dtype: A @ x = lo @ x + mid @ x + hi @ x (3 MMAs).
     fp32 x is split into bf16 pieces too, and the six products above 2^-24 relative are
     summed (the "bf16x6" scheme): tensor cores at fp32-level accuracy, where fp32 FMA dots
     with a whole tile dimension as reduction length would spill registers.
-    Small terms are accumulated first. Only valid x rows are loaded (x_in; the others are
-    zeros, so a zero weight never meets a NaN of a masked token) and only valid out rows are
-    stored (out_in; masked tokens' gradients stay exactly 0).
+    Small terms are accumulated first."""
+    part = tl.zeros((OUT_ROWS, BLOCK_DO), dtype=tl.float32)
+    if SPLIT_FP32_OPERANDS:
+        x_hi, x_mid, x_lo = _split3(x, tl.bfloat16)
+        part = _mma(hi, x_lo, part, "tf32", INTERPRET)
+        part = _mma(mid, x_mid, part, "tf32", INTERPRET)
+        part = _mma(lo, x_hi, part, "tf32", INTERPRET)
+        part = _mma(hi, x_mid, part, "tf32", INTERPRET)
+        part = _mma(mid, x_hi, part, "tf32", INTERPRET)
+        part = _mma(hi, x_hi, part, "tf32", INTERPRET)
+    else:
+        part = _mma(lo, x, part, "tf32", INTERPRET)
+        part = _mma(mid, x, part, "tf32", INTERPRET)
+        part = _mma(hi, x, part, "tf32", INTERPRET)
+    return part
+
+
+@triton.jit
+def _accumulate_product(out_ptr, out_offset, out_in, hi, mid, lo, unscale, x_ptr, x_offset, x_in, D,
+                        OUT_ROWS: tl.constexpr, BLOCK_DO: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+    """out[rows, :] += A @ x[rows', :] (fp32 read-modify-write, D in BLOCK_DO chunks), with
+    A = (hi + mid + lo) * unscale given as its pieces (_product_chunk). Only valid x rows are
+    loaded (x_in; the others are zeros, so a zero weight never meets a NaN of a masked token)
+    and only valid out rows are stored (out_in; masked tokens' gradients stay exactly 0).
 
     The caller must be the only writer of these output rows; it must separate two calls on
     the same rows by a barrier (the store and the next load may be done by other threads).
@@ -326,23 +367,29 @@ def _accumulate_product(out_ptr, out_offset, out_in, hi, mid, lo, unscale, x_ptr
         d = d0 + dd
         d_in = d < D
         x = tl.load(x_ptr + x_offset[:, None] + d[None, :], mask=x_in[:, None] & d_in[None, :], other=0.0)
-        part = tl.zeros((OUT_ROWS, BLOCK_DO), dtype=tl.float32)
-        if SPLIT_FP32_OPERANDS:
-            x_hi, x_mid, x_lo = _split3(x, tl.bfloat16)
-            part = _mma(hi, x_lo, part, "tf32", INTERPRET)
-            part = _mma(mid, x_mid, part, "tf32", INTERPRET)
-            part = _mma(lo, x_hi, part, "tf32", INTERPRET)
-            part = _mma(hi, x_mid, part, "tf32", INTERPRET)
-            part = _mma(mid, x_hi, part, "tf32", INTERPRET)
-            part = _mma(hi, x_hi, part, "tf32", INTERPRET)
-        else:
-            part = _mma(lo, x, part, "tf32", INTERPRET)
-            part = _mma(mid, x, part, "tf32", INTERPRET)
-            part = _mma(hi, x, part, "tf32", INTERPRET)
+        part = _product_chunk(hi, mid, lo, x, OUT_ROWS, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
         out_ptrs = out_ptr + out_offset[:, None] + d[None, :]
         out_mask = out_in[:, None] & d_in[None, :]
         acc = tl.load(out_ptrs, mask=out_mask, other=0.0)
         tl.store(out_ptrs, acc + part * unscale, mask=out_mask)
+
+
+@triton.jit
+def _write_product(out_ptr, out_offset, out_in, out_range, hi, mid, lo, unscale, x_ptr, x_offset, x_in, D,
+                   OUT_ROWS: tl.constexpr, BLOCK_DO: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """out[rows, :] = A @ x[rows', :], rounded once to out's dtype: for rows that get exactly
+    one contribution, so no fp32 accumulator (zeroing it, reading it back, converting it) is
+    needed. Every existing row (out_range) is written, the invalid ones with exact zeros."""
+    dd = tl.arange(0, BLOCK_DO)
+    for d0 in range(0, D, BLOCK_DO):
+        d = d0 + dd
+        d_in = d < D
+        x = tl.load(x_ptr + x_offset[:, None] + d[None, :], mask=x_in[:, None] & d_in[None, :], other=0.0)
+        part = _product_chunk(hi, mid, lo, x, OUT_ROWS, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+        value = tl.where(out_in[:, None], part * unscale, 0.0)
+        tl.store(out_ptr + out_offset[:, None] + d[None, :], value.to(out_ptr.dtype.element_ty),
+                 mask=out_range[:, None] & d_in[None, :])
 
 
 @triton.jit
@@ -394,7 +441,7 @@ def _online_lse_update_groups(m, l, pos, logits, is_positive):
 # Token chunks (budgets beyond one tile; see "Token chunks" in the module docstring)
 # ---------------------------------------------------------------------------------------
 @triton.jit
-def _chunk_maxima(q_ptr, q_offset, q_valid, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
+def _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
                   group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb, stride_mcj,
                   M: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr, BLOCK_D: tl.constexpr,
                   GROUPS_PAD: tl.constexpr, WITH_ARGMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -417,7 +464,7 @@ def _chunk_maxima(q_ptr, q_offset, q_valid, i0, c_ptr, c_mask_ptr, b0, n_c, rc_e
     for j0 in range(0, rc_eff, RC_TILE):
         c_offset, c_in, b, c_valid = _candidate_columns(b0, j0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
                                                         stride_cb, stride_cj, BLOCK_C, RC_TILE)
-        S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, BLOCK_C * RC_TILE, BLOCK_D,
+        S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, BLOCK_C * RC_TILE, BLOCK_D,
                         DOT_PRECISION, INTERPRET)
         K3 = _max_keys(tl.reshape(S, (M, BLOCK_C, RC_TILE)), c_valid[None, :, :])
         for g in range(n_groups):
@@ -463,9 +510,9 @@ def _pair_scores(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, s
     M: tl.constexpr = BLOCK_Q * RQ_TILE
     scores = tl.zeros((GROUPS_PAD, BLOCK_Q, BLOCK_C), dtype=tl.float32)
     for i0 in range(0, rq_eff, RQ_TILE):
-        qa, qi, q_offset, q_valid = _query_rows(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                                 stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
-        best, arg = _chunk_maxima(q_ptr, q_offset, q_valid, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
+        best, arg = _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
                                   group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb,
                                   stride_mcj, M, BLOCK_C, RC_TILE, BLOCK_D, GROUPS_PAD, False,
                                   DOT_PRECISION, INTERPRET)
@@ -479,7 +526,7 @@ def _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi
                     c_ptr, c_mask_ptr, n_c, rc_eff, stride_cb, stride_cj, stride_mcb, stride_mcj, D,
                     group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, labels_ptr, scale, dq_ptr, dc_ptr,
                     IS_LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_DQ: tl.constexpr,
-                    WRITE_DC: tl.constexpr, Q_CHUNKED: tl.constexpr,
+                    WRITE_DC: tl.constexpr, DC_DIRECT: tl.constexpr, Q_CHUNKED: tl.constexpr,
                     BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, GROUPS_PAD: tl.constexpr,
                     PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
@@ -496,6 +543,8 @@ def _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi
     IS_LOSS: dS_g = grad[g, a] * scale * (softmax_g(a, b) - [b == label_a]) (no label term
     without HAS_LABELS: hard negatives); else dS_g = grad[g, a, b] (grad (G, n_q, n_c)).
     The caller must be the only writer of these dq / dc rows (barrier after each update).
+    DC_DIRECT (one row chunk, one launch: each dc row gets one contribution): dc is written
+    once in its own dtype (_write_product) instead of accumulated in fp32.
     """
     M: tl.constexpr = BLOCK_Q * RQ_TILE
     N: tl.constexpr = BLOCK_C * RC_TILE
@@ -522,9 +571,9 @@ def _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi
         offset = (slot.to(tl.int64)[:, None, None] * n_q + a.to(tl.int64)[None, :, None]) * n_c + b[None, None, :]
         dS = tl.load(grad_ptr + offset, mask=pair_in, other=0.0)  # 0 outside the pair
     for i0 in range(0, rq_eff, RQ_TILE):
-        qa, qi, q_offset, q_valid = _query_rows(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                                 stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
-        best, arg = _chunk_maxima(q_ptr, q_offset, q_valid, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
+        best, arg = _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff, D,
                                   group_rq_ptr, group_rc_ptr, n_groups, stride_cb, stride_cj, stride_mcb,
                                   stride_mcj, M, BLOCK_C, RC_TILE, BLOCK_D, GROUPS_PAD, True,
                                   DOT_PRECISION, INTERPRET)
@@ -554,12 +603,17 @@ def _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi
                     W3 += tl.where(j3 == arg_g[:, :, None], w_g[:, :, None], 0.0)
             W = tl.reshape(W3, (M, N))
             hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
+            c_ok = _column_validity(b0, j0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj, BLOCK_C, RC_TILE)
             if WRITE_DQ:
-                _accumulate_product(dq_ptr, q_offset, q_valid, hi, mid, lo, unscale, c_ptr, c_offset, c_in, D,
+                _accumulate_product(dq_ptr, q_offset, q_valid, hi, mid, lo, unscale, c_ptr, c_offset, c_ok, D,
                                     M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
             if WRITE_DC:
-                _accumulate_product(dc_ptr, c_offset, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
-                                    q_ptr, q_offset, q_valid, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+                if DC_DIRECT:
+                    _write_product(dc_ptr, c_offset, c_ok, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale, q_ptr, q_offset, q_valid, D,
+                                   N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+                else:
+                    _accumulate_product(dc_ptr, c_offset, c_ok, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
+                                        q_ptr, q_offset, q_valid, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
             tl.debug_barrier()  # these dq / dc stores before the next chunk's loads
 
 
@@ -600,11 +654,11 @@ def maxsim_forward_kernel(
         out_in = (slot < n_groups)[:, None, None] & (a < n_q)[None, :, None] & (b < n_c)[None, None, :]
         tl.store(out_ptr + offset, scores, mask=out_in)
     else:
-        qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                                 stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
         c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
                                                         stride_cb, stride_cj, BLOCK_C, RC_TILE)
-        S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+        S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
                         INTERPRET)
         K3 = _max_keys(tl.reshape(S, (M, BLOCK_C, RC_TILE)), c_valid[None, :, :])
 
@@ -700,23 +754,24 @@ def grad_query_kernel(
             _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
                             c_ptr, c_mask_ptr, n_c, rc_eff, stride_cb, stride_cj, stride_mcb, stride_mcj, D,
                             group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, labels_ptr, scale, dq_ptr, dq_ptr,
-                            IS_LOSS, True, True, False, Q_CHUNKED, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE, BLOCK_D,
+                            IS_LOSS, True, True, False, False, Q_CHUNKED, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE, BLOCK_D,
                             BLOCK_DO, GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS, SCALE_TO_FP16_RANGE,
                             DOT_PRECISION, INTERPRET)
     else:
-        qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
-                                                stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
         a = a0 + tl.arange(0, BLOCK_Q)
         for b0 in range(0, n_c, BLOCK_C):
+            qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+                                                          stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
             c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
                                                             stride_cb, stride_cj, BLOCK_C, RC_TILE)
-            S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+            S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
                             INTERPRET)
             W = _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups, group_rq_ptr, group_rc_ptr,
                               grad_ptr, lse_ptr, labels_ptr, scale, IS_LOSS, True, BLOCK_Q, RQ_TILE, BLOCK_C,
                               RC_TILE)
             hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
-            _accumulate_product(dq_ptr, q_offset, q_valid, hi, mid, lo, unscale, c_ptr, c_offset, c_in, D,
+            c_ok = _column_validity(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj, BLOCK_C, RC_TILE)
+            _accumulate_product(dq_ptr, q_offset, q_valid, hi, mid, lo, unscale, c_ptr, c_offset, c_ok, D,
                                 M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
             tl.debug_barrier()  # this iteration's dq stores before the next iteration's loads
 
@@ -745,23 +800,24 @@ def grad_candidate_kernel(
             _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
                             c_ptr, c_mask_ptr, n_c, rc_eff, stride_cb, stride_cj, stride_mcb, stride_mcj, D,
                             group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, labels_ptr, scale, dc_ptr, dc_ptr,
-                            IS_LOSS, True, False, True, Q_CHUNKED, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE, BLOCK_D,
-                            BLOCK_DO, GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS, SCALE_TO_FP16_RANGE,
+                            IS_LOSS, True, False, True, False, Q_CHUNKED, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE,
+                            BLOCK_D, BLOCK_DO, GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS, SCALE_TO_FP16_RANGE,
                             DOT_PRECISION, INTERPRET)
     else:
         c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
                                                         stride_cb, stride_cj, BLOCK_C, RC_TILE)
         for a0 in range(0, n_q, BLOCK_Q):
-            qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+            qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                                     stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
             a = a0 + tl.arange(0, BLOCK_Q)
-            S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+            S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
                             INTERPRET)
             W = _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups, group_rq_ptr, group_rc_ptr,
                               grad_ptr, lse_ptr, labels_ptr, scale, IS_LOSS, True, BLOCK_Q, RQ_TILE, BLOCK_C,
                               RC_TILE)
             hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
-            _accumulate_product(dc_ptr, c_offset, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
+            c_ok = _column_validity(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj, BLOCK_C, RC_TILE)
+            _accumulate_product(dc_ptr, c_offset, c_ok, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
                                 q_ptr, q_offset, q_valid, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
             tl.debug_barrier()
 
@@ -801,12 +857,12 @@ def infonce_forward_kernel(
             logits = tl.where((b < n_c)[None, None, :], scores * scale, float("-inf"))
             m, l, pos = _online_lse_update_groups(m, l, pos, logits, b[None, :] == label[:, None])
     else:
-        qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                                 stride_qa, stride_qi, BLOCK_Q, RQ_TILE)
         for b0 in range(0, n_c, BLOCK_C):
             c_offset, c_in, b, c_valid = _candidate_columns(b0, 0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj,
                                                             stride_cb, stride_cj, BLOCK_C, RC_TILE)
-            S = _similarity(q_ptr, q_offset, q_valid, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
+            S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
                             INTERPRET)
             K3 = _max_keys(tl.reshape(S, (M, BLOCK_C, RC_TILE)), c_valid[None, :, :])
             is_positive = b[None, :] == label[:, None]
@@ -860,12 +916,12 @@ def infonce_hard_negatives_forward_kernel(
             logits = tl.where((k < n_k)[None, None, :], scores * scale, float("-inf"))
             m, l, pos = _online_lse_update_groups(m, l, pos, logits, no_positive)
     else:
-        qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                                 stride_qa, stride_qi, 1, RQ_TILE)
         for k0 in range(0, n_k, BLOCK_K):
             x_offset, x_in, k, x_valid = _candidate_columns(k0, 0, n_k, rc_eff, x_mask_base, stride_mxk,
                                                             stride_mxj, stride_xk, stride_xj, BLOCK_K, RC_TILE)
-            S = _similarity(q_ptr, q_offset, q_valid, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION,
+            S = _similarity(q_ptr, q_offset, q_in, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION,
                             INTERPRET)
             K3 = _max_keys(tl.reshape(S, (M, BLOCK_K, RC_TILE)), x_valid[None, :, :])
             for g in range(n_groups):
@@ -915,11 +971,11 @@ def maxsim_paired_forward_kernel(
         out_in = (slot < n_groups)[:, None, None] & (k < n_k)[None, None, :]
         tl.store(out_ptr + offset, scores, mask=out_in)
     else:
-        qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+        qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                                 stride_qa, stride_qi, 1, RQ_TILE)
         x_offset, x_in, k, x_valid = _candidate_columns(k0, 0, n_k, rc_eff, x_mask_base, stride_mxk, stride_mxj,
                                                         stride_xk, stride_xj, BLOCK_K, RC_TILE)
-        S = _similarity(q_ptr, q_offset, q_valid, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION,
+        S = _similarity(q_ptr, q_offset, q_in, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION,
                         INTERPRET)
         K3 = _max_keys(tl.reshape(S, (M, BLOCK_K, RC_TILE)), x_valid[None, :, :])
         out_offset = (tl.cast(a0, tl.int64) * n_k + k)[None, :]  # (1, BLOCK_K)
@@ -937,28 +993,33 @@ def maxsim_paired_forward_kernel(
 def _own_block_gradient(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
                         x_base, x_mask_base, n_k, rc_eff, stride_xk, stride_xj, stride_mxk, stride_mxj, D,
                         group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, scale, out_ptr,
-                        IS_LOSS: tl.constexpr, OUTPUT: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+                        IS_LOSS: tl.constexpr, OUTPUT: tl.constexpr, DIRECT: tl.constexpr,
+                        RQ_TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                         RC_TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                         PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
                         SCALE_TO_FP16_RANGE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """Query a0 against its candidates k0 + [0, BLOCK_K) in one tile: S, W, then
     dq[a0] += W @ x (OUTPUT "dq", out = dq) or dx[a0, k] += W^T @ q[a0] (OUTPUT "dx", out = the
-    query's dx base)."""
+    query's dx base; DIRECT: = instead of +=, in dx's dtype)."""
     M: tl.constexpr = RQ_TILE
     N: tl.constexpr = BLOCK_K * RC_TILE
-    qa, qi, q_offset, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
+    qa, qi, q_offset, q_in, q_valid = _query_rows(a0, 0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi,
                                             stride_qa, stride_qi, 1, RQ_TILE)
     x_offset, x_in, k, x_valid = _candidate_columns(k0, 0, n_k, rc_eff, x_mask_base, stride_mxk, stride_mxj,
                                                     stride_xk, stride_xj, BLOCK_K, RC_TILE)
-    S = _similarity(q_ptr, q_offset, q_valid, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
+    S = _similarity(q_ptr, q_offset, q_in, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION, INTERPRET)
     W = _weights_tile(S, qi, q_valid, x_valid, a0 + tl.arange(0, 1), k, n_q, n_k, n_groups, group_rq_ptr,
                       group_rc_ptr, grad_ptr, lse_ptr, lse_ptr, scale, IS_LOSS, False, 1, RQ_TILE, BLOCK_K, RC_TILE)
     hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
+    x_ok = _column_validity(k0, 0, n_k, rc_eff, x_mask_base, stride_mxk, stride_mxj, BLOCK_K, RC_TILE)
     if OUTPUT == "dq":
-        _accumulate_product(out_ptr, q_offset, q_valid, hi, mid, lo, unscale, x_base, x_offset, x_in, D,
+        _accumulate_product(out_ptr, q_offset, q_valid, hi, mid, lo, unscale, x_base, x_offset, x_ok, D,
                             M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+    elif DIRECT:
+        _write_product(out_ptr, x_offset, x_ok, x_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
+                       q_ptr, q_offset, q_valid, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
     else:
-        _accumulate_product(out_ptr, x_offset, x_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
+        _accumulate_product(out_ptr, x_offset, x_ok, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
                             q_ptr, q_offset, q_valid, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
 
 
@@ -969,7 +1030,7 @@ def own_candidates_backward_kernel(
     n_q, n_k, num_k_blocks, rq_eff, rc_eff, D, n_groups, scale,
     stride_qa, stride_qi, stride_xa, stride_xk, stride_xj,
     stride_mqa, stride_mqi, stride_mxa, stride_mxk, stride_mxj,
-    IS_LOSS: tl.constexpr, OUTPUT: tl.constexpr,
+    IS_LOSS: tl.constexpr, OUTPUT: tl.constexpr, DIRECT: tl.constexpr,
     RQ_TILE: tl.constexpr, BLOCK_K: tl.constexpr, RC_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PIECE_DTYPE: tl.constexpr, SPLIT_FP32_OPERANDS: tl.constexpr,
     SCALE_TO_FP16_RANGE: tl.constexpr, CHUNKED: tl.constexpr, Q_CHUNKED: tl.constexpr, GROUPS_PAD: tl.constexpr,
@@ -986,8 +1047,12 @@ def own_candidates_backward_kernel(
       "dq": one program per query walks all its candidate blocks, dq[a] += W @ x[a, k]
             (out = dq, fp32, q's layout): the only writer of dq[a]. The loss runs it after
             grad_query_kernel (stream order): both add into the same dq rows.
-      "dx": one program per (query, candidate block), dx[a, k] += W^T @ q[a] (out = dx, fp32,
-            x's layout): the only writer of those rows, and every block in parallel.
+      "dx": one program per (query, candidate block), dx[a, k] += W^T @ q[a] (out = dx, x's
+            layout): the only writer of those rows, and every block in parallel. DIRECT (one
+            row chunk, one launch: each dx row gets exactly one contribution): out is the
+            gradient itself, written once in x's dtype -- no fp32 accumulator to zero, read
+            back and convert, which would be ~4/5 of the pass's memory traffic -- else an fp32
+            accumulator.
     Deterministic, no atomics. Recomputing S in both passes costs one similarity tile per pair
     (S is 1/7 of the bf16 backward's MMA work); computing both products in one program spilled.
     """
@@ -1011,13 +1076,13 @@ def own_candidates_backward_kernel(
             _pair_gradients(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
                             x_base, x_mask_base, n_k, rc_eff, stride_xk, stride_xj, stride_mxk, stride_mxj, D,
                             group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, lse_ptr, scale, out_base,
-                            out_base, IS_LOSS, False, OUTPUT == "dq", OUTPUT == "dx", Q_CHUNKED, 1, RQ_TILE, BLOCK_K,
-                            RC_TILE, BLOCK_D, BLOCK_DO, GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS,
+                            out_base, IS_LOSS, False, OUTPUT == "dq", OUTPUT == "dx", DIRECT, Q_CHUNKED, 1, RQ_TILE,
+                            BLOCK_K, RC_TILE, BLOCK_D, BLOCK_DO, GROUPS_PAD, PIECE_DTYPE, SPLIT_FP32_OPERANDS,
                             SCALE_TO_FP16_RANGE, DOT_PRECISION, INTERPRET)
         else:
             _own_block_gradient(a0, k0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi, stride_mqa, stride_mqi,
                                 x_base, x_mask_base, n_k, rc_eff, stride_xk, stride_xj, stride_mxk, stride_mxj, D,
                                 group_rq_ptr, group_rc_ptr, n_groups, grad_ptr, lse_ptr, scale, out_base, IS_LOSS,
-                                OUTPUT, RQ_TILE, BLOCK_K, RC_TILE, BLOCK_D, BLOCK_DO, PIECE_DTYPE,
+                                OUTPUT, DIRECT, RQ_TILE, BLOCK_K, RC_TILE, BLOCK_D, BLOCK_DO, PIECE_DTYPE,
                                 SPLIT_FP32_OPERANDS, SCALE_TO_FP16_RANGE, DOT_PRECISION, INTERPRET)
             tl.debug_barrier()  # this block's stores before the next block's loads of the same rows

@@ -52,6 +52,24 @@ class LaunchPlan:
             self.kernel[self.grid](**self.args, **self.constexprs, **self.config.options())
 
 
+@dataclasses.dataclass(frozen=True)
+class UncappedTileConfig(H.TileConfig):
+    """A tile whose launch lets ptxas use every register a thread can have (maxnreg, as chunked
+    tiles get in TileConfig.options): left alone, ptxas capped the fp32 hard-negative forward
+    (an FMA tile looping over a query's candidate blocks, 8 warps) at 128 registers and
+    spilled, where it needs ~150."""
+
+    def options(self) -> dict:
+        return dict(super().options(), maxnreg=H.CHUNK_MAX_REGISTERS)
+
+    def describe(self) -> str:
+        return super().describe() + " r255"
+
+
+def _uncapped(cfg: H.TileConfig) -> UncappedTileConfig:
+    return UncappedTileConfig(**dataclasses.asdict(cfg))
+
+
 def _mask_view(mask: Optional[torch.Tensor], shape: Sequence[int], device) -> torch.Tensor:
     """uint8 view of a bool mask; None -> all-true, as a stride-0 view (no allocation)."""
     if mask is None:
@@ -211,27 +229,40 @@ def _own_constexprs(p: Problem, cfg: H.TileConfig, backward: bool, groups_pad: i
     return out
 
 
-def _own_gradient_plans(p: Problem, x: OwnCandidates, dq: Optional[torch.Tensor], dx: Optional[torch.Tensor],
+def _own_gradient_plans(p: Problem, x: OwnCandidates, dq: Optional[torch.Tensor], want_dx: bool,
                         grad: torch.Tensor, lse: torch.Tensor, scale: float, is_loss: bool,
-                        role: str, dx_name: str) -> List[LaunchPlan]:
-    """own_candidates_backward_kernel launches for the wanted (not None) gradients: a dq pass,
-    one program per query over all its candidate blocks (the only writer of dq[a]), and a dx
-    pass, one program per (query, candidate block)."""
-    if x.k == 0:
-        return []
+                        role: str, dx_name: str) -> Tuple[Optional[torch.Tensor], List[LaunchPlan]]:
+    """-> (dx or None, own_candidates_backward_kernel launches): a dq pass into the fp32
+    accumulator dq when given, one program per query over all its candidate blocks (the only
+    writer of dq[a]), and a dx pass when wanted, one program per (query, candidate block).
+
+    dx is the gradient itself, in x's dtype, written once by the kernel (DIRECT), when every dx
+    row gets exactly one contribution -- one row chunk (not q_chunked) and one group batch --
+    else an fp32 accumulator (several row chunks / launches add into it)."""
     cfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=True)
+    batches = p.group_batches(cfg)
+    direct = not cfg.q_chunked and len(batches) == 1
+    dx = None
+    if want_dx:
+        if direct:
+            dx = torch.empty(x.x.shape, dtype=x.x.dtype, device=x.x.device)
+            dx[:, :, p.rc_eff:].zero_()  # tokens past max r_c: never part of a tile
+        else:
+            dx = torch.zeros(x.x.shape, dtype=torch.float32, device=x.x.device)
+    if x.k == 0:
+        return dx, []
     num_k_blocks = _cdiv(x.k, cfg.block_c)
     constexprs = dict(_own_constexprs(p, cfg, True, H.CHUNK_GROUPS), IS_LOSS=is_loss)
     passes = [(output, name, out, grid) for output, name, out, grid in
               (("dq", "dq", dq, p.nq), ("dx", dx_name, dx, p.nq * num_k_blocks)) if out is not None]
     plans = []
     for output, name, out, grid in passes:
-        for g0, g1 in p.group_batches(cfg):
+        for g0, g1 in batches:
             args = dict(_own_args(p, x), **p.group_args(g0, g1), grad_ptr=grad[g0:g1], lse_ptr=lse[g0:g1],
                         out_ptr=out, scale=float(scale), num_k_blocks=num_k_blocks)
             plans.append(LaunchPlan(f"{role} {name}", K.own_candidates_backward_kernel, (grid,), args,
-                                    dict(constexprs, OUTPUT=output), cfg))
-    return plans
+                                    dict(constexprs, OUTPUT=output, DIRECT=direct and output == "dx"), cfg))
+    return dx, plans
 
 
 def _accumulator(like: torch.Tensor, wanted: bool) -> Optional[torch.Tensor]:
@@ -302,13 +333,14 @@ def plan_maxsim_paired_forward(p: Problem) -> Tuple[torch.Tensor, List[LaunchPla
 
 
 def plan_maxsim_paired_backward(p: Problem, grad: torch.Tensor, output_mask=(True, True)):
-    """grad (G, B, N) -> fp32 accumulators dq (B, Rq, D), dc (B, N, Rc, D) (None when not
-    wanted) and the launches."""
+    """grad (G, B, N) -> dq (B, Rq, D) (fp32 accumulator), dc (B, N, Rc, D) (fp32 accumulator
+    or, see _own_gradient_plans, the gradient in c's dtype), None when not wanted, and the
+    launches."""
     V.check_scores_grad(grad, p.q, p.c, p.num_groups, paired=True)
     grad = grad.to(torch.float32).contiguous()
-    dq, dc = _accumulator(p.q, output_mask[0]), _accumulator(p.c, output_mask[1])
-    plans = _own_gradient_plans(p, paired_candidates(p), dq, dc, grad, grad, 1.0, is_loss=False,
-                                role="paired backward", dx_name="dc")  # lse unused
+    dq = _accumulator(p.q, output_mask[0])
+    dc, plans = _own_gradient_plans(p, paired_candidates(p), dq, output_mask[1], grad, grad, 1.0, is_loss=False,
+                                    role="paired backward", dx_name="dc")  # lse unused
     return dq, dc, plans
 
 
@@ -349,6 +381,8 @@ def plan_infonce_forward(p: Problem, h: OwnCandidates, labels: torch.Tensor, sca
                                 constexprs, cfg))
     if h.k > 0:  # after the in-batch launches: it continues their lse
         hcfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=False)
+        if p.q.dtype == torch.float32 and not hcfg.chunked:
+            hcfg = _uncapped(hcfg)
         for g0, g1 in p.group_batches(hcfg, carries_state=True):
             plans.append(LaunchPlan(
                 "loss forward hard negatives", K.infonce_hard_negatives_forward_kernel, (p.nq,),
@@ -359,17 +393,18 @@ def plan_infonce_forward(p: Problem, h: OwnCandidates, labels: torch.Tensor, sca
 
 def plan_infonce_backward(p: Problem, h: OwnCandidates, labels: torch.Tensor, scale: float,
                           grad_terms: torch.Tensor, lse: torch.Tensor, output_mask=(True, True, True)):
-    """-> fp32 accumulators dq, dc, dhn (None when not wanted: not allocated, not computed)
-    and the launches, in the order they must run."""
+    """-> dq, dc (fp32 accumulators), dhn (fp32 accumulator or the gradient in hn's dtype: see
+    _own_gradient_plans), None when not wanted (not allocated, not computed), and the launches
+    in the order they must run."""
     V.check_infonce_grad(grad_terms, lse, p.num_groups, p.nq)
     grad_terms = grad_terms.to(torch.float32).contiguous()
     lse = lse.to(torch.float32).contiguous()
-    dq, dc, dhn = _accumulator(p.q, output_mask[0]), _accumulator(p.c, output_mask[1]), _accumulator(h.x, output_mask[2])
+    dq, dc = _accumulator(p.q, output_mask[0]), _accumulator(p.c, output_mask[1])
     plans = _gradient_plans(p, dq, dc, grad_terms, lse, labels, scale, is_loss=True)
     # after the dq pass: it adds into the same dq rows
-    plans += _own_gradient_plans(p, h, dq, dhn, grad_terms, lse, scale, is_loss=True,
-                                 role="loss backward hard negatives", dx_name="dhn")
-    return dq, dc, dhn, plans
+    dhn, own_plans = _own_gradient_plans(p, h, dq, output_mask[2], grad_terms, lse, scale, is_loss=True,
+                                         role="loss backward hard negatives", dx_name="dhn")
+    return dq, dc, dhn, plans + own_plans
 
 
 def run(plans: Sequence[LaunchPlan]) -> None:

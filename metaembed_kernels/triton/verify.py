@@ -108,8 +108,9 @@ def candidate_plans(dtype: torch.dtype, rq: int, rc: int, d: int):
 def own_candidate_plans(dtype: torch.dtype, rq: int, rc: int, d: int):
     """(workload label, LaunchPlan) of paired MaxSim (B = 384 queries x N = 4 candidates each;
     its tiles do not depend on B or N): the forward and both backward passes (dq, dc), which
-    are the per-query-candidate kernels the loss's hard negatives use, with IS_LOSS=False.
-    (An output_mask only drops passes: it selects no other compile.)"""
+    are the per-query-candidate kernels the loss's hard negatives use, with IS_LOSS=False; and
+    with more than 8 groups, for both (the accumulating dx pass of chunked budgets). An
+    output_mask only drops passes: it selects no other compile."""
     from . import launch as L
 
     meta = dict(dtype=dtype, device="meta")
@@ -121,6 +122,20 @@ def own_candidate_plans(dtype: torch.dtype, rq: int, rc: int, d: int):
     out = [(label, plan) for plan in L.plan_maxsim_paired_forward(paired)[1]]
     grad = torch.empty(len(groups), 384, 4, dtype=torch.float32, device="meta")
     out += [(label, plan) for plan in L.plan_maxsim_paired_backward(paired, grad)[2]]
+    # More than 8 groups: a chunked budget takes them in several launches, so the dx pass adds
+    # into an fp32 accumulator (not DIRECT) -- for paired MaxSim and the loss's hard negatives.
+    many = groups_for(rq, rc, many=True)
+    many_rq, many_rc, label = [g[0] for g in many], [g[1] for g in many], f"G={len(many)}"
+    paired = L.make_problem(q, torch.empty(384, 4, rc, d, **meta), many_rq, many_rc, None, None,
+                            interpret=False, paired=True)
+    grad = torch.empty(len(many), 384, 4, dtype=torch.float32, device="meta")
+    out += [(label, plan) for plan in L.plan_maxsim_paired_backward(paired, grad)[2]]
+    p = L.make_problem(q, torch.empty(384, rc, d, **meta), many_rq, many_rc, None, None, interpret=False)
+    hn = L.make_hard_negatives(p, torch.empty(384, 1, rc, d, **meta), None)
+    terms = torch.empty(len(many), 384, dtype=torch.float32, device="meta")
+    labels = torch.empty(384, dtype=torch.int64, device="meta")
+    out += [(label, plan) for plan in L.plan_infonce_backward(p, hn, labels, 1 / 0.03, terms, terms)[3]
+            if "hard negatives" in plan.role]
     return out
 
 
