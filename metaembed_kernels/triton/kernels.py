@@ -66,12 +66,16 @@ with the similarity tiles and held through S and W made ptxas spill. Validity co
 the masks only: -inf is an ordinary value. NaN follows torch.amax / torch.argmax: a NaN similarity is the maximum and the argmax
 is the lowest NaN index. A float max does not give that on the GPU (tl.max / tl.maximum
 lower to max.f32 / maxnum, which return the non-NaN operand; Triton 3.9's interpreter reduces
-with np.nanmax, likewise), so maxima are taken over int32 "max keys" instead (_max_keys):
-an order-preserving map of the fp32 bits in which every NaN is one key above +inf, -0.0 and
-+0.0 are one key, and masked / padding tokens get a key below -inf. Integer max and == are
-exact everywhere, so one reduction gives the NaN-sticky maximum, an equality test the lowest
-(NaN) argmax, and "no valid token in the prefix" is simply the invalid key. The same keys are
-carried across column chunks (a later chunk takes over iff its key is strictly larger).
+with np.nanmax, likewise), so NaN never relies on it: per tile, nan_j[r, b] = the lowest
+valid j with S[r, b, j] NaN (one integer min, shared by the groups); group g's maximum is NaN
+iff nan_j < r_c(g), and its argmax is then nan_j (no == finds a NaN). "No valid token in the
+prefix" comes from the masks, so a prefix of valid -inf similarities scores -inf and its
+argmax is its lowest valid j. Across column chunks the carried maxima are int32 "max keys"
+(_max_keys): an order-preserving map of the fp32 bits in which every NaN is one key above
++inf, -0.0 and +0.0 are one key, and "no valid token yet" is a key below -inf, so that a
+later chunk takes over iff its key is strictly larger -- NaN sticky, ties to the lowest j,
+the first valid token taken whatever its value -- in one integer compare. (Keys for whole
+tiles cost registers that several kernels did not have.)
 The online log-sum-exp never needs a NaN-aware max: a NaN logit makes its exp term, hence l,
 NaN for good (_lse_fold).
 
@@ -168,6 +172,19 @@ def _query_rows(a0, i0, n_q, rq_eff, mask_ptr, stride_mask_a, stride_mask_i, str
 
 
 @triton.jit
+def _row_validity(a0, i0, n_q, rq_eff, mask_ptr, stride_mask_a, stride_mask_i,
+                  BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr):
+    """_query_rows' valid, re-read next to the gradient products that need it (a few cached
+    bytes) rather than held in registers through the passes before them."""
+    rows = tl.arange(0, BLOCK_Q * RQ_TILE)
+    a = a0 + rows // RQ_TILE
+    i = i0 + rows % RQ_TILE
+    in_range = (a < n_q) & (i < rq_eff)
+    flags = tl.load(mask_ptr + a.to(tl.int64) * stride_mask_a + i * stride_mask_i, mask=in_range, other=0)
+    return in_range & (flags != 0)
+
+
+@triton.jit
 def _column_tokens(b0, j0, n_c, rc_eff, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
     """(candidate (int64), token, token exists) of each tile column (see _candidate_columns)."""
     cols = tl.arange(0, BLOCK_C * RC_TILE)
@@ -228,15 +245,66 @@ def _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D,
 
 
 @triton.jit
-def _max_keys(S, valid):
-    """int32 keys whose integer order is torch.amax's order of the similarities S:
-    a value with the sign bit set that is not NaN (bits <= bits(-inf)) -> -(bits & 0x7FFFFFFF),
-    anything else -> bits & 0x7FFFFFFF, capped at NAN_KEY. So -0.0 and +0.0 share key 0 (they
-    compare equal as floats), -inf is the lowest value, every NaN (either sign, any payload)
-    is NAN_KEY, above +inf, and invalid (masked, padding) tokens get INVALID_KEY, below every
-    value. An integer max / == over keys is then exact on the GPU and in the interpreter alike,
-    where a float max (max.f32, np.nanmax) drops NaN; its == finds the lowest NaN index."""
-    bits = S.to(tl.int32, bitcast=True)
+def _lowest_nan(S3, c_valid, RC_TILE: tl.constexpr):
+    """nan_j[r, b] = the lowest tile-local j of a valid token with S3[r, b, j] NaN, RC_TILE if
+    none: one integer min per tile, shared by every group (see "Non-finite values")."""
+    j3 = tl.arange(0, RC_TILE)[None, None, :]
+    return tl.min(tl.where(c_valid[None, :, :] & (S3 != S3), j3, RC_TILE), axis=2)
+
+
+@triton.jit
+def _group_best(S3, c_valid, r_c, nan_j, RC_TILE: tl.constexpr):
+    """best[r, b] = max_{j < r_c, valid} S3[r, b, j] -- NaN if one of them is NaN (nan_j < r_c:
+    the float max may drop it), -inf if none is valid; also the prefix mask and whether the
+    prefix holds a valid token (a query token facing none contributes 0)."""
+    j = tl.arange(0, RC_TILE)
+    in_prefix = c_valid & (j[None, :] < r_c)  # (BLOCK_C, RC_TILE)
+    best = tl.max(tl.where(in_prefix[None, :, :], S3, float("-inf")), axis=2)  # (M, BLOCK_C)
+    best = tl.where(nan_j < r_c, float("nan"), best)
+    has_valid = tl.max(in_prefix.to(tl.int32), axis=1) > 0  # (BLOCK_C,)
+    return best, in_prefix, has_valid
+
+
+@triton.jit
+def _group_scores(best, takes, BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """s_g(a, b) = sum over query a's rows of the kept maxima -> (BLOCK_Q, BLOCK_C)."""
+    contrib = tl.where(takes, best, 0.0)
+    return tl.sum(tl.reshape(contrib, (BLOCK_Q, RQ_TILE, BLOCK_C)), axis=1)
+
+
+@triton.jit
+def _lowest_argmax(S3, best, in_prefix, nan_j, RC_TILE: tl.constexpr):
+    """Lowest tile-local j in the prefix with S3[r, b, j] == best[r, b] (ties: the lowest index;
+    a valid -inf is found like any value); the lowest NaN j (nan_j) when best is NaN, which no
+    == finds; RC_TILE if the prefix holds no valid token."""
+    j3 = tl.arange(0, RC_TILE)[None, None, :]
+    is_max = in_prefix[None, :, :] & (S3 == best[:, :, None])
+    arg = tl.min(tl.where(is_max, j3, RC_TILE), axis=2)
+    return tl.where(best != best, nan_j, arg)
+
+
+@triton.jit
+def _add_argmax_weights(W3, S3, best, in_prefix, nan_j, takes, dS,
+                        BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr,
+                        RC_TILE: tl.constexpr):
+    """W3[r, b, j*] += dS(a, b) where j* is the lowest maximising index of row r against b."""
+    j3 = tl.arange(0, RC_TILE)[None, None, :]
+    argmax = _lowest_argmax(S3, best, in_prefix, nan_j, RC_TILE)
+    M: tl.constexpr = BLOCK_Q * RQ_TILE
+    w_rows = tl.reshape(tl.broadcast_to(dS[:, None, :], (BLOCK_Q, RQ_TILE, BLOCK_C)), (M, BLOCK_C))
+    w_rows = tl.where(takes, w_rows, 0.0)
+    return W3 + tl.where(j3 == argmax[:, :, None], w_rows[:, :, None], 0.0)
+
+
+@triton.jit
+def _max_keys(best, valid):
+    """int32 keys whose integer order is torch.amax's order of the values `best`: a value with
+    the sign bit set that is not NaN (bits <= bits(-inf)) -> -(bits & 0x7FFFFFFF), anything
+    else -> bits & 0x7FFFFFFF, capped at NAN_KEY. So -0.0 and +0.0 share key 0 (they compare
+    equal as floats), -inf is the lowest value, every NaN (either sign, any payload) is
+    NAN_KEY, above +inf, and invalid entries get INVALID_KEY, below every value. The carried
+    state of the column-chunk fold (_chunk_maxima): one integer compare does its rules."""
+    bits = best.to(tl.int32, bitcast=True)
     magnitude = bits & 0x7FFFFFFF
     key = tl.minimum(tl.where(bits <= -0x800000, -magnitude, magnitude), NAN_KEY)
     return tl.where(valid, key, INVALID_KEY)
@@ -244,47 +312,9 @@ def _max_keys(S, valid):
 
 @triton.jit
 def _key_values(key):
-    """The similarity a key stands for (NaN for NAN_KEY; INVALID_KEY is never used as a value)."""
+    """The value a max key stands for (NaN for NAN_KEY; INVALID_KEY is never used as a value)."""
     bits = tl.where(key < 0, (0 - key) | INVALID_KEY, key)  # INVALID_KEY is the sign bit
     return tl.where(key == NAN_KEY, float("nan"), bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _group_best(K3, r_c, RC_TILE: tl.constexpr):
-    """best[r, b] = the largest key over j < r_c (K3 = _max_keys of the (M, BLOCK_C, RC_TILE)
-    similarity tile): INVALID_KEY iff candidate b has no valid token in the prefix (a query
-    token facing none contributes 0), NAN_KEY if a valid similarity there is NaN."""
-    j = tl.arange(0, RC_TILE)
-    return tl.max(tl.where((j < r_c)[None, None, :], K3, INVALID_KEY), axis=2)  # (M, BLOCK_C)
-
-
-@triton.jit
-def _group_scores(best, takes, BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """s_g(a, b) = sum over query a's rows of the kept maxima -> (BLOCK_Q, BLOCK_C)."""
-    contrib = tl.where(takes, _key_values(best), 0.0)
-    return tl.sum(tl.reshape(contrib, (BLOCK_Q, RQ_TILE, BLOCK_C)), axis=1)
-
-
-@triton.jit
-def _lowest_argmax(K3, best, r_c, RC_TILE: tl.constexpr):
-    """Lowest tile-local j < r_c whose key equals best[r, b] (ties: the lowest index; a NaN
-    best: the lowest NaN; a valid -inf like any value); unused where best is INVALID_KEY."""
-    j3 = tl.arange(0, RC_TILE)[None, None, :]
-    is_max = (K3 == best[:, :, None]) & (j3 < r_c)
-    return tl.min(tl.where(is_max, j3, RC_TILE), axis=2)
-
-
-@triton.jit
-def _add_argmax_weights(W3, K3, best, r_c, takes, dS,
-                        BLOCK_Q: tl.constexpr, RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr,
-                        RC_TILE: tl.constexpr):
-    """W3[r, b, j*] += dS(a, b) where j* is the lowest maximising index of row r against b."""
-    j3 = tl.arange(0, RC_TILE)[None, None, :]
-    argmax = _lowest_argmax(K3, best, r_c, RC_TILE)
-    M: tl.constexpr = BLOCK_Q * RQ_TILE
-    w_rows = tl.reshape(tl.broadcast_to(dS[:, None, :], (BLOCK_Q, RQ_TILE, BLOCK_C)), (M, BLOCK_C))
-    w_rows = tl.where(takes, w_rows, 0.0)
-    return W3 + tl.where(j3 == argmax[:, :, None], w_rows[:, :, None], 0.0)
 
 
 @triton.jit
@@ -449,9 +479,10 @@ def _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff,
     """One row chunk (M rows starting at token i0) against candidates b0 + [0, BLOCK_C), over
     every column chunk j0 = 0, RC_TILE, 2 RC_TILE, ... < rc_eff, carrying per group g:
 
-        best[g, r, b] = max key over j < r_c(g) of S[r, (b, j)]   (INVALID_KEY: no valid token)
-        arg[g, r, b]  = lowest global j attaining it             (-1 if none; WITH_ARGMAX)
+        best[g, r, b] = max key (_max_keys) over j < r_c(g) of S[r, (b, j)]  (INVALID_KEY: none valid)
+        arg[g, r, b]  = lowest global j attaining it                        (-1 if none; WITH_ARGMAX)
 
+    Each chunk's maximum comes from the float path (_group_best: NaN-aware), as its key.
     Chunks are visited in increasing j and a later chunk takes over iff its key is strictly
     larger: ties resolve to the lowest global j, as within a chunk, a NaN (the largest key)
     sticks, and the prefix's first valid token wins over INVALID_KEY whatever its value (-inf
@@ -466,16 +497,18 @@ def _chunk_maxima(q_ptr, q_offset, q_in, i0, c_ptr, c_mask_ptr, b0, n_c, rc_eff,
                                                         stride_cb, stride_cj, BLOCK_C, RC_TILE)
         S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, BLOCK_C * RC_TILE, BLOCK_D,
                         DOT_PRECISION, INTERPRET)
-        K3 = _max_keys(tl.reshape(S, (M, BLOCK_C, RC_TILE)), c_valid[None, :, :])
+        S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+        nan_j = _lowest_nan(S3, c_valid, RC_TILE)
         for g in range(n_groups):
             r_q = tl.load(group_rq_ptr + g)
             r_c = tl.load(group_rc_ptr + g)
             if (r_c > j0) & (r_q > i0):
-                chunk_best = _group_best(K3, r_c - j0, RC_TILE)
-                wins = (slot == g)[:, None, None] & (chunk_best[None, :, :] > best)
-                best = tl.where(wins, chunk_best[None, :, :], best)
+                chunk_best, in_prefix, chunk_has = _group_best(S3, c_valid, r_c - j0, nan_j, RC_TILE)
+                chunk_key = _max_keys(chunk_best, chunk_has[None, :])
+                wins = (slot == g)[:, None, None] & (chunk_key[None, :, :] > best)
+                best = tl.where(wins, chunk_key[None, :, :], best)
                 if WITH_ARGMAX:
-                    chunk_arg = j0 + _lowest_argmax(K3, chunk_best, r_c - j0, RC_TILE)
+                    chunk_arg = j0 + _lowest_argmax(S3, chunk_best, in_prefix, nan_j, RC_TILE)
                     arg = tl.where(wins, chunk_arg[None, :, :], arg)
     return best, arg
 
@@ -604,16 +637,17 @@ def _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi
             W = tl.reshape(W3, (M, N))
             hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
             c_ok = _column_validity(b0, j0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj, BLOCK_C, RC_TILE)
+            q_ok = _row_validity(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi, BLOCK_Q, RQ_TILE)
             if WRITE_DQ:
-                _accumulate_product(dq_ptr, q_offset, q_valid, hi, mid, lo, unscale, c_ptr, c_offset, c_ok, D,
+                _accumulate_product(dq_ptr, q_offset, q_ok, hi, mid, lo, unscale, c_ptr, c_offset, c_ok, D,
                                     M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
             if WRITE_DC:
                 if DC_DIRECT:
-                    _write_product(dc_ptr, c_offset, c_ok, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale, q_ptr, q_offset, q_valid, D,
-                                   N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+                    _write_product(dc_ptr, c_offset, c_ok, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
+                                   q_ptr, q_offset, q_ok, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
                 else:
                     _accumulate_product(dc_ptr, c_offset, c_ok, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
-                                        q_ptr, q_offset, q_valid, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
+                                        q_ptr, q_offset, q_ok, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
             tl.debug_barrier()  # these dq / dc stores before the next chunk's loads
 
 
@@ -660,7 +694,8 @@ def maxsim_forward_kernel(
                                                         stride_cb, stride_cj, BLOCK_C, RC_TILE)
         S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
                         INTERPRET)
-        K3 = _max_keys(tl.reshape(S, (M, BLOCK_C, RC_TILE)), c_valid[None, :, :])
+        S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+        nan_j = _lowest_nan(S3, c_valid, RC_TILE)
 
         a = a0 + tl.arange(0, BLOCK_Q)
         out_offset = a.to(tl.int64)[:, None] * n_c + b[None, :]
@@ -668,8 +703,8 @@ def maxsim_forward_kernel(
         for g in range(n_groups):
             r_q = tl.load(group_rq_ptr + g)
             r_c = tl.load(group_rc_ptr + g)
-            best = _group_best(K3, r_c, RC_TILE)
-            takes = (q_valid & (qi < r_q))[:, None] & (best != INVALID_KEY)
+            best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, nan_j, RC_TILE)
+            takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
             scores = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C)
             tl.store(out_ptr + tl.cast(g, tl.int64) * n_q * n_c + out_offset, scores, mask=out_in)
 
@@ -678,7 +713,7 @@ def maxsim_forward_kernel(
 # Backward passes (shared by grouped MaxSim and the fused loss)
 # ---------------------------------------------------------------------------------------
 @triton.jit
-def _score_gradients(K3, qi, q_valid, a, b, n_q, n_c, g,
+def _score_gradients(S3, qi, q_valid, c_valid, nan_j, a, b, n_q, n_c, g,
                      group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr, labels_ptr, scale,
                      IS_LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_Q: tl.constexpr,
                      RQ_TILE: tl.constexpr, BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
@@ -692,8 +727,8 @@ def _score_gradients(K3, qi, q_valid, a, b, n_q, n_c, g,
     """
     r_q = tl.load(group_rq_ptr + g)
     r_c = tl.load(group_rc_ptr + g)
-    best = _group_best(K3, r_c, RC_TILE)
-    takes = (q_valid & (qi < r_q))[:, None] & (best != INVALID_KEY)
+    best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, nan_j, RC_TILE)
+    takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
     tile_in = (a < n_q)[:, None] & (b < n_c)[None, :]
     if IS_LOSS:
         scores = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C)
@@ -710,7 +745,7 @@ def _score_gradients(K3, qi, q_valid, a, b, n_q, n_c, g,
         offset = (tl.cast(g, tl.int64) * n_q + a.to(tl.int64))[:, None] * n_c + b[None, :]
         dS = tl.load(grad_ptr + offset, mask=tile_in, other=0.0)
     dS = tl.where(tile_in, dS, 0.0)
-    return dS, best, r_c, takes
+    return dS, best, in_prefix, takes
 
 
 @triton.jit
@@ -720,13 +755,14 @@ def _weights_tile(S, qi, q_valid, c_valid, a, b, n_q, n_c, n_groups,
                   BLOCK_C: tl.constexpr, RC_TILE: tl.constexpr):
     """W (M, N): every group's dS placed at that group's argmax, summed over groups."""
     M: tl.constexpr = BLOCK_Q * RQ_TILE
-    K3 = _max_keys(tl.reshape(S, (M, BLOCK_C, RC_TILE)), c_valid[None, :, :])
+    S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+    nan_j = _lowest_nan(S3, c_valid, RC_TILE)
     W3 = tl.zeros((M, BLOCK_C, RC_TILE), dtype=tl.float32)
     for g in range(n_groups):
-        dS, best, r_c, takes = _score_gradients(
-            K3, qi, q_valid, a, b, n_q, n_c, g, group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr,
+        dS, best, in_prefix, takes = _score_gradients(
+            S3, qi, q_valid, c_valid, nan_j, a, b, n_q, n_c, g, group_rq_ptr, group_rc_ptr, grad_ptr, lse_ptr,
             labels_ptr, scale, IS_LOSS, HAS_LABELS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
-        W3 = _add_argmax_weights(W3, K3, best, r_c, takes, dS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
+        W3 = _add_argmax_weights(W3, S3, best, in_prefix, nan_j, takes, dS, BLOCK_Q, RQ_TILE, BLOCK_C, RC_TILE)
     return tl.reshape(W3, (M, BLOCK_C * RC_TILE))
 
 
@@ -864,13 +900,14 @@ def infonce_forward_kernel(
                                                             stride_cb, stride_cj, BLOCK_C, RC_TILE)
             S = _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D, M, N, BLOCK_D, DOT_PRECISION,
                             INTERPRET)
-            K3 = _max_keys(tl.reshape(S, (M, BLOCK_C, RC_TILE)), c_valid[None, :, :])
+            S3 = tl.reshape(S, (M, BLOCK_C, RC_TILE))
+            nan_j = _lowest_nan(S3, c_valid, RC_TILE)
             is_positive = b[None, :] == label[:, None]
             for g in range(n_groups):
                 r_q = tl.load(group_rq_ptr + g)
                 r_c = tl.load(group_rc_ptr + g)
-                best = _group_best(K3, r_c, RC_TILE)
-                takes = (q_valid & (qi < r_q))[:, None] & (best != INVALID_KEY)
+                best, in_prefix, has_valid = _group_best(S3, c_valid, r_c, nan_j, RC_TILE)
+                takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
                 logits = _group_scores(best, takes, BLOCK_Q, RQ_TILE, BLOCK_C) * scale
                 logits = tl.where((b < n_c)[None, :], logits, float("-inf"))
                 m, l, pos = _online_lse_update(m, l, pos, logits, is_positive, g, GROUPS_PAD)
@@ -923,12 +960,13 @@ def infonce_hard_negatives_forward_kernel(
                                                             stride_mxj, stride_xk, stride_xj, BLOCK_K, RC_TILE)
             S = _similarity(q_ptr, q_offset, q_in, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION,
                             INTERPRET)
-            K3 = _max_keys(tl.reshape(S, (M, BLOCK_K, RC_TILE)), x_valid[None, :, :])
+            S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
+            nan_j = _lowest_nan(S3, x_valid, RC_TILE)
             for g in range(n_groups):
                 r_q = tl.load(group_rq_ptr + g)
                 r_c = tl.load(group_rc_ptr + g)
-                best = _group_best(K3, r_c, RC_TILE)
-                takes = (q_valid & (qi < r_q))[:, None] & (best != INVALID_KEY)
+                best, in_prefix, has_valid = _group_best(S3, x_valid, r_c, nan_j, RC_TILE)
+                takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
                 logits = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K) * scale
                 logits = tl.where((k < n_k)[None, :], logits, float("-inf"))
                 m, l, pos = _online_lse_update(m, l, pos, logits, no_positive, g, GROUPS_PAD)
@@ -977,14 +1015,15 @@ def maxsim_paired_forward_kernel(
                                                         stride_xk, stride_xj, BLOCK_K, RC_TILE)
         S = _similarity(q_ptr, q_offset, q_in, x_base, x_offset, x_in, D, M, N, BLOCK_D, DOT_PRECISION,
                         INTERPRET)
-        K3 = _max_keys(tl.reshape(S, (M, BLOCK_K, RC_TILE)), x_valid[None, :, :])
+        S3 = tl.reshape(S, (M, BLOCK_K, RC_TILE))
+        nan_j = _lowest_nan(S3, x_valid, RC_TILE)
         out_offset = (tl.cast(a0, tl.int64) * n_k + k)[None, :]  # (1, BLOCK_K)
         out_in = (k < n_k)[None, :]
         for g in range(n_groups):
             r_q = tl.load(group_rq_ptr + g)
             r_c = tl.load(group_rc_ptr + g)
-            best = _group_best(K3, r_c, RC_TILE)
-            takes = (q_valid & (qi < r_q))[:, None] & (best != INVALID_KEY)
+            best, in_prefix, has_valid = _group_best(S3, x_valid, r_c, nan_j, RC_TILE)
+            takes = (q_valid & (qi < r_q))[:, None] & has_valid[None, :]
             scores = _group_scores(best, takes, 1, RQ_TILE, BLOCK_K)
             tl.store(out_ptr + tl.cast(g, tl.int64) * n_q * n_k + out_offset, scores, mask=out_in)
 

@@ -55,9 +55,8 @@ class LaunchPlan:
 @dataclasses.dataclass(frozen=True)
 class UncappedTileConfig(H.TileConfig):
     """A tile whose launch lets ptxas use every register a thread can have (maxnreg, as chunked
-    tiles get in TileConfig.options): left alone, ptxas capped the fp32 hard-negative forward
-    (an FMA tile looping over a query's candidate blocks, 8 warps) at 128 registers and
-    spilled, where it needs ~150."""
+    tiles get in TileConfig.options): left alone, ptxas caps some 8-warp tiles at 128
+    registers and spills (see own_candidate_config)."""
 
     def options(self) -> dict:
         return dict(super().options(), maxnreg=H.CHUNK_MAX_REGISTERS)
@@ -68,6 +67,21 @@ class UncappedTileConfig(H.TileConfig):
 
 def _uncapped(cfg: H.TileConfig) -> UncappedTileConfig:
     return UncappedTileConfig(**dataclasses.asdict(cfg))
+
+
+def own_candidate_config(p: Problem, backward: bool) -> H.TileConfig:
+    """heuristics.hard_negative_config (one query against a block of its own candidates), with
+    what the compile gate needed for fp32 single-tile tiles, whose kernels loop over a query's
+    candidate blocks: the forward's FMA dot takes 16-wide D chunks (its operand chunks live
+    in registers; 32 spilled on sm_80, as heuristics found for chunked fp32 forward tiles), and
+    the backward passes may use every register (ptxas capped the paired dc pass at 128 and
+    spilled; it needs ~210)."""
+    cfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=backward)
+    if p.q.dtype != torch.float32 or cfg.chunked:
+        return cfg
+    if backward:
+        return _uncapped(cfg)
+    return dataclasses.replace(cfg, block_d=H.MIN_DOT)
 
 
 def _mask_view(mask: Optional[torch.Tensor], shape: Sequence[int], device) -> torch.Tensor:
@@ -239,7 +253,7 @@ def _own_gradient_plans(p: Problem, x: OwnCandidates, dq: Optional[torch.Tensor]
     dx is the gradient itself, in x's dtype, written once by the kernel (DIRECT), when every dx
     row gets exactly one contribution -- one row chunk (not q_chunked) and one group batch --
     else an fp32 accumulator (several row chunks / launches add into it)."""
-    cfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=True)
+    cfg = own_candidate_config(p, backward=True)
     batches = p.group_batches(cfg)
     direct = not cfg.q_chunked and len(batches) == 1
     dx = None
@@ -321,7 +335,7 @@ def plan_maxsim_paired_forward(p: Problem) -> Tuple[torch.Tensor, List[LaunchPla
     """scores (G, B, N) of a paired problem: one program per (query, block of its candidates)."""
     x = paired_candidates(p)
     out = torch.empty((p.num_groups, p.nq, x.k), dtype=torch.float32, device=p.q.device)
-    cfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=False)
+    cfg = own_candidate_config(p, backward=False)
     num_k_blocks = _cdiv(x.k, cfg.block_c)
     constexprs = _own_constexprs(p, cfg, False, H.CHUNK_GROUPS)  # GROUPS_PAD unused unless chunked
     plans = []
@@ -380,9 +394,7 @@ def plan_infonce_forward(p: Problem, h: OwnCandidates, labels: torch.Tensor, sca
         plans.append(LaunchPlan("loss forward", K.infonce_forward_kernel, (_cdiv(p.nq, cfg.block_q),), args,
                                 constexprs, cfg))
     if h.k > 0:  # after the in-batch launches: it continues their lse
-        hcfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=False)
-        if p.q.dtype == torch.float32 and not hcfg.chunked:
-            hcfg = _uncapped(hcfg)
+        hcfg = own_candidate_config(p, backward=False)
         for g0, g1 in p.group_batches(hcfg, carries_state=True):
             plans.append(LaunchPlan(
                 "loss forward hard negatives", K.infonce_hard_negatives_forward_kernel, (p.nq,),
