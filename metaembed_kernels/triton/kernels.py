@@ -135,6 +135,7 @@ GROUP_COUNT = ["n_groups"]
 # Max keys (see _max_keys): NaN above +inf (bits 0x7F800000), invalid tokens below -inf.
 NAN_KEY = tl.constexpr(0x7F800001)
 INVALID_KEY = tl.constexpr(-2**31)
+NO_NAN = tl.constexpr(2**30)  # "no NaN" token index: past every budget (heuristics.MAX_TOKENS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,10 +247,11 @@ def _similarity(q_ptr, q_offset, q_in, c_ptr, c_offset, c_in, D,
 
 @triton.jit
 def _lowest_nan(S3, c_valid, RC_TILE: tl.constexpr):
-    """nan_j[r, b] = the lowest tile-local j of a valid token with S3[r, b, j] NaN, RC_TILE if
-    none: one integer min per tile, shared by every group (see "Non-finite values")."""
+    """nan_j[r, b] = the lowest tile-local j of a valid token with S3[r, b, j] NaN, NO_NAN if
+    none: one integer min per tile, shared by every group (see "Non-finite values"). NO_NAN
+    exceeds every prefix end, also a chunk-local one past the chunk (r_c - j0 > RC_TILE)."""
     j3 = tl.arange(0, RC_TILE)[None, None, :]
-    return tl.min(tl.where(c_valid[None, :, :] & (S3 != S3), j3, RC_TILE), axis=2)
+    return tl.min(tl.where(c_valid[None, :, :] & (S3 != S3), j3, NO_NAN), axis=2)
 
 
 @triton.jit
