@@ -650,46 +650,22 @@ def test_autograd_asks_only_for_the_gradients_it_needs(runner):
 # Non-finite values (SEMANTICS.md): NaN / +-inf in valid tokens follow torch, masked
 # tokens are never read
 # ---------------------------------------------------------------------------------------
-def sparse_scores_backward(dS, q, c, groups, q_mask, c_mask, paired):
-    """The gradients as the contract reads them, in float64: every (query token, candidate)
-    pair sends its summed group weight W to its argmax token only,
-        dq[a, i] += W * c[b, j*],   dc[b, j*] += W * q[a, i],
-    over the entries with W != 0 (a NaN weight counts). This is what a gather does; the
-    reference's closed form (einsum) also forms 0 * NaN / 0 * inf for every other token,
-    which spreads a non-finite value to gradients that never read it. On finite inputs the
-    two agree (test_sparse_oracle_agrees_with_the_reference_on_finite_inputs)."""
-    qd, cd = q.double(), c.double()
-    rq, rc = max(g[0] for g in groups), max(g[1] for g in groups)
-    sim = reference._sim(qd, cd, rq, rc, q_mask, c_mask, paired)
-    masks = reference._masks(q_mask, c_mask, rq, rc, paired)
-    _, argmaxes = reference.grouped_scores_from_sim(sim, groups, *masks, return_argmax=True)
-    W = torch.zeros_like(sim)
-    for g, ((r_q, r_c), (idx, takes)) in enumerate(zip(groups, argmaxes)):
-        w_rows = torch.where(takes, dS[g].double().unsqueeze(-1), torch.zeros((), dtype=torch.float64))
-        W[..., :r_q, :r_c] += torch.zeros_like(sim[..., :r_q, :r_c]).scatter(-1, idx, w_rows.unsqueeze(-1))
-    a, b, i, j = (W != 0).nonzero(as_tuple=True)
-    w = W[a, b, i, j].unsqueeze(-1)
-    dq, dc = torch.zeros_like(qd), torch.zeros_like(cd)
-    c_index = (a, b, j) if paired else (b, j)
-    dq.index_put_((a, i), w * cd[c_index], accumulate=True)
-    dc.index_put_(c_index, w * qd[a, i], accumulate=True)
-    return dq, dc
+def dense_scores_backward(dS, q, c, groups, q_mask, c_mask, paired):
+    """The gradients as the reference forms them, in float64: dense products over the budget,
+    dq = W . c and dc = W^T . q, W = the group weights at each argmax and 0 elsewhere, so a
+    non-finite value also meets the zero weights (0 * NaN, 0 * inf = NaN): the contract of
+    csrc/common/nonfinite.h. test_dense_oracle_is_autograd_of_the_reference checks that this
+    closed form is autograd of the reference forward, non-finite values included."""
+    return reference.scores_backward(dS.double(), q.double(), c.double(), groups, q_mask, c_mask, paired)
 
 
-def sparse_infonce_backward(grad, q, c, hn, labels, groups, scale, q_mask, c_mask, hn_mask):
+def dense_infonce_backward(grad, q, c, hn, labels, groups, scale, q_mask, c_mask, hn_mask):
     """(dq, dc, dhn, terms, lse) of matryoshka_infonce in float64, gradients as above."""
-    s_in = reference.maxsim_grouped(q.double(), c.double(), groups, q_mask, c_mask)
-    s_hn = reference.maxsim_grouped_paired(q.double(), hn.double(), groups, q_mask, hn_mask)
-    logits = scale * torch.cat([s_in, s_hn], dim=-1)
-    lse = torch.logsumexp(logits, dim=-1)
-    terms = lse - logits.gather(-1, labels.view(1, -1, 1).expand(len(groups), -1, 1)).squeeze(-1)
-    p = torch.exp(logits - lse.unsqueeze(-1))
-    nc = c.shape[0]
-    onehot = torch.nn.functional.one_hot(labels, nc).double()
-    g = grad.double().unsqueeze(-1) * scale
-    dq, dc = sparse_scores_backward(g * (p[..., :nc] - onehot), q, c, groups, q_mask, c_mask, False)
-    dq_hn, dhn = sparse_scores_backward(g * p[..., nc:], q, hn, groups, q_mask, hn_mask, True)
-    return dq + dq_hn, dc, dhn, terms, lse
+    qd, cd, hd = q.double(), c.double(), hn.double()
+    terms, lse = reference.infonce_terms(qd, cd, hd, labels, groups, scale, q_mask, c_mask, hn_mask)
+    dq, dc, dhn = reference.infonce_backward(grad.double(), lse, qd, cd, hd, labels, groups, scale, q_mask, c_mask,
+                                             hn_mask)
+    return dq, dc, dhn, terms, lse
 
 
 def assert_same_nonfinite(actual, expected, atol, name):
@@ -780,7 +756,7 @@ def test_nonfinite_scores_and_gradients_follow_the_contract(runner, kind, paired
     qf, cf = finite_copy(q), finite_copy(c)
     tol = paired_tolerance(qf, cf, NF_GROUPS) if paired else score_tolerance(qf, cf, NF_GROUPS)
     assert_same_nonfinite(out, expected, tol, f"{kind} scores")
-    dq_r, dc_r = sparse_scores_backward(grad, q, c, NF_GROUPS, q_mask, c_mask, paired)
+    dq_r, dc_r = dense_scores_backward(grad, q, c, NF_GROUPS, q_mask, c_mask, paired)
     n_terms = 6 * len(NF_GROUPS) * 5
     assert_same_nonfinite(dq, dq_r, grad_tolerance(dq_r.nan_to_num(0, 0, 0), dtype, n_terms, torch.tensor(1.0)),
                           f"{kind} dq")
@@ -817,7 +793,7 @@ LOSS_NF_GROUPS = ((1, 1), (2, 3), (5, 40), (3, 35))
 @pytest.mark.parametrize("kind", list(LOSS_NONFINITE))
 def test_nonfinite_loss_follows_the_contract(runner, kind, dtype):
     """terms / lse match torch.logsumexp and cross-entropy on infinities and NaN; the
-    gradients read exactly what the contract says (sparse_infonce_backward)."""
+    gradients are NaN exactly where the reference's are (dense_infonce_backward)."""
     name, dev = runner
     gen = torch.Generator().manual_seed(43)
     q = exact_values((4, 5, 16), gen, dtype)
@@ -838,7 +814,7 @@ def test_nonfinite_loss_follows_the_contract(runner, kind, dtype):
     args = [*on(dev, q, c, hn, labels), *split(groups), scale, *on(dev, q_mask, c_mask, hn_mask)]
     terms, lse = ops.matryoshka_infonce(*args)
     dq, dc, dhn = ops.matryoshka_infonce_backward(grad.to(dev), lse, *args, [True, True, True])
-    dq_r, dc_r, dhn_r, terms_r, lse_r = sparse_infonce_backward(grad, q, c, hn, labels, groups, scale, q_mask,
+    dq_r, dc_r, dhn_r, terms_r, lse_r = dense_infonce_backward(grad, q, c, hn, labels, groups, scale, q_mask,
                                                                 c_mask, hn_mask)
     assert_same_nonfinite(lse, lse_r, 1e-5 * (1 + lse_r.nan_to_num(0, 0, 0).abs()), f"{kind} lse")
     assert_same_nonfinite(terms, terms_r, 1e-5 * (1 + terms_r.nan_to_num(0, 0, 0).abs()), f"{kind} terms")
@@ -854,16 +830,20 @@ def test_nonfinite_loss_follows_the_contract(runner, kind, dtype):
         assert not torch.isfinite(terms_r).all() and not torch.isfinite(terms).all()
 
 
-def test_sparse_oracle_agrees_with_the_reference_on_finite_inputs():
-    """Guards the oracle of the non-finite tests: on finite inputs it is the reference."""
+@pytest.mark.parametrize("kind", NONFINITE)
+def test_dense_oracle_is_autograd_of_the_reference(kind):
+    """Guards the oracle of the non-finite tests: the closed form equals autograd through the
+    reference forward (einsum, amax / argmax), NaN and infinities included."""
     for paired in (False, True):
-        q, c, q_mask, c_mask = nonfinite_inputs("masked-tokens-hold-nan-and-inf", paired, torch.float32)
-        q, c = finite_copy(q), finite_copy(c)
-        grad = torch.randn(len(NF_GROUPS), 4, c.shape[1] if paired else 6)
-        got = sparse_scores_backward(grad, q, c, NF_GROUPS, q_mask, c_mask, paired)
-        want = reference.scores_backward(grad.double(), q.double(), c.double(), NF_GROUPS, q_mask, c_mask, paired)
-        for a, b in zip(got, want):
-            assert_close(a, b, 1e-12, "oracle")
+        q, c, q_mask, c_mask = nonfinite_inputs(kind, paired, torch.float32)
+        grad = torch.randn(len(NF_GROUPS), 4, c.shape[1] if paired else 6, dtype=torch.float64)
+        got = dense_scores_backward(grad, q, c, NF_GROUPS, q_mask, c_mask, paired)
+        qd, cd = q.double().requires_grad_(), c.double().requires_grad_()
+        reference_scores(paired)(qd, cd, NF_GROUPS, q_mask, c_mask).backward(grad)
+        for a, b in zip(got, (qd.grad, cd.grad)):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+            finite = torch.isfinite(b)
+            assert_close(a[finite], b[finite], 1e-12, f"{kind} oracle")
 
 
 # ---------------------------------------------------------------------------------------

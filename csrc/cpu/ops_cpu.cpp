@@ -20,13 +20,16 @@
 #include <memory>
 
 #include "../common/checks.h"
+#include "../common/nonfinite.h"
 #include "isa_select.h"
 #include "kernels.h"
-#include "nonfinite.h"
 
 namespace metaembed {
 namespace cpu {
 namespace {
+
+using nonfinite::census;
+using nonfinite::poison_gradient;
 
 inline int64_t ceil_div_host(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -199,8 +202,8 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cpu(const at::Tensor&
                             want_dc ? dc.data_ptr() : nullptr);
   });
   at::Tensor dq = want_dq ? reduce_chunks(dq_partial) : at::Tensor();
-  if (want_dq) poison_gradient(dq, nonfinite_dims(c, c_mask, p.groups.rc_eff, 0), q_mask, p.groups.rq_eff);
-  if (want_dc) poison_gradient(dc, nonfinite_dims(q, q_mask, p.groups.rq_eff, 0), c_mask, p.groups.rc_eff);
+  if (want_dq) poison_gradient(dq, census(c, c_mask, p.groups.rc_eff, 0), q_mask, p.groups.rq_eff);
+  if (want_dc) poison_gradient(dc, census(q, q_mask, p.groups.rq_eff, 0), c_mask, p.groups.rc_eff);
   return {want_dq ? dq.to(q.scalar_type()) : not_wanted(q), want_dc ? dc.to(c.scalar_type()) : not_wanted(c)};
 }
 
@@ -263,8 +266,8 @@ std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_backward_cpu(
     P.ks->paired_backward(p, ct, N, g.data_ptr(), a0, a1, ws.get(), want_dq ? dq.data_ptr() : nullptr,
                           want_dc ? dc.data_ptr() : nullptr);
   });
-  if (want_dq) poison_gradient(dq, nonfinite_dims(c, c_mask, p.groups.rc_eff, 1), q_mask, p.groups.rq_eff);
-  if (want_dc) poison_gradient(dc, nonfinite_dims(q, q_mask, p.groups.rq_eff, 1), c_mask, p.groups.rc_eff);
+  if (want_dq) poison_gradient(dq, census(c, c_mask, p.groups.rc_eff, 1), q_mask, p.groups.rq_eff);
+  if (want_dc) poison_gradient(dc, census(q, q_mask, p.groups.rq_eff, 1), c_mask, p.groups.rc_eff);
   return {want_dq ? dq.to(q.scalar_type()) : not_wanted(q), want_dc ? dc.to(c.scalar_type()) : not_wanted(c)};
 }
 
@@ -357,9 +360,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cpu(
     });
     if (want_dq) {
       dq = reduce_chunks(dq_partial);
-      poison_gradient(dq, nonfinite_dims(c, c_mask, p.groups.rc_eff, 0), q_mask, p.groups.rq_eff);
+      poison_gradient(dq, census(c, c_mask, p.groups.rc_eff, 0), q_mask, p.groups.rq_eff);
     }
-    if (want_dc) poison_gradient(dc, nonfinite_dims(q, q_mask, p.groups.rq_eff, 0), c_mask, p.groups.rc_eff);
+    if (want_dc) poison_gradient(dc, census(q, q_mask, p.groups.rq_eff, 0), c_mask, p.groups.rc_eff);
   }
   // Hard negatives: only for dq or dhn.
   if (K > 0 && (want_dq || want_dhn)) {
@@ -373,9 +376,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cpu(
                                   want_dq ? dq.data_ptr() : nullptr, want_dhn ? dhn.data_ptr() : nullptr);
     });
     if (want_dq)
-      poison_gradient(dq, nonfinite_dims(hard_negatives, hn_mask, p.groups.rc_eff, 1), q_mask, p.groups.rq_eff);
+      poison_gradient(dq, census(hard_negatives, hn_mask, p.groups.rc_eff, 1), q_mask, p.groups.rq_eff);
     if (want_dhn)
-      poison_gradient(dhn, nonfinite_dims(q, q_mask, p.groups.rq_eff, 1), hn_mask, p.groups.rc_eff);
+      poison_gradient(dhn, census(q, q_mask, p.groups.rq_eff, 1), hn_mask, p.groups.rc_eff);
   }
   return result(dq, dc, dhn);
 }

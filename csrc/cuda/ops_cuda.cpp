@@ -40,6 +40,7 @@
 #endif
 
 #include "../common/checks.h"
+#include "../common/nonfinite.h"
 #include "../common/schemas.h"
 #include "kernels.h"
 
@@ -416,6 +417,10 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cuda(const at::Tensor
       if (want_dc) check_launch(launch_grad_c(g, ctx.stream()), "maxsim_grouped_backward (dc)");
     }
   }
+  const int64_t rq_eff = *std::max_element(group_rq.begin(), group_rq.end());
+  const int64_t rc_eff = *std::max_element(group_rc.begin(), group_rc.end());
+  if (want_dq) nonfinite::poison_gradient(dq, nonfinite::census(c, c_mask, rc_eff, 0), q_mask, rq_eff);
+  if (want_dc) nonfinite::poison_gradient(dc, nonfinite::census(q, q_mask, rq_eff, 0), c_mask, rc_eff);
   return {gradient_out(dq, q, want_dq), gradient_out(dc, c, want_dc)};
 }
 
@@ -478,6 +483,10 @@ std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_backward_cuda(
     per_query_backward(ctx, q, qt, ct, N, Rc, b, q_mask, /*with_scores=*/false, ds_of, ptr_or_null(dq),
                        ptr_or_null(dc), "maxsim_paired_grouped_backward");
   }
+  const int64_t rq_eff = *std::max_element(group_rq.begin(), group_rq.end());
+  const int64_t rc_eff = *std::max_element(group_rc.begin(), group_rc.end());
+  if (want_dq) nonfinite::poison_gradient(dq, nonfinite::census(c, c_mask, rc_eff, 1), q_mask, rq_eff);
+  if (want_dc) nonfinite::poison_gradient(dc, nonfinite::census(q, q_mask, rq_eff, 1), c_mask, rc_eff);
   return {gradient_out(dq, q, want_dq), gradient_out(dc, c, want_dc)};
 }
 
@@ -616,6 +625,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cuda(
     per_query_backward(ctx, q, qt, ht, K, Rc, b, q_mask, /*with_scores=*/true, ds_of, ptr_or_null(dq),
                        ptr_or_null(dhn), "matryoshka_infonce_backward (hard negatives)");
   }
+  // The NaNs of the dense formulation (common/nonfinite.h), as the CPU backend adds them.
+  const int64_t rq_eff = *std::max_element(group_rq.begin(), group_rq.end());
+  const int64_t rc_eff = *std::max_element(group_rc.begin(), group_rc.end());
+  if (nc > 0 && want_dq) nonfinite::poison_gradient(dq, nonfinite::census(c, c_mask, rc_eff, 0), q_mask, rq_eff);
+  if (nc > 0 && want_dc) nonfinite::poison_gradient(dc, nonfinite::census(q, q_mask, rq_eff, 0), c_mask, rc_eff);
+  if (K > 0 && want_dq)
+    nonfinite::poison_gradient(dq, nonfinite::census(hard_negatives, hn_mask, rc_eff, 1), q_mask, rq_eff);
+  if (K > 0 && want_dhn)
+    nonfinite::poison_gradient(dhn, nonfinite::census(q, q_mask, rq_eff, 1), hn_mask, rc_eff);
   return result();
 }
 
