@@ -59,14 +59,4 @@ def score(q, c, budget: Budget = None, q_mask=None, c_mask=None) -> torch.Tensor
 
 def score_paired(q, c, budget: Budget = None, q_mask=None, c_mask=None) -> torch.Tensor:
     """Per-query MaxSim: q (B, Lq, D) against its own c (B, N, Lc, D) -> (B, N) float32."""
-    paired = getattr(F, "maxsim_paired_grouped", None)
-    if paired is not None:
-        return paired(q, c, groups_of(budget), q_mask=q_mask, c_mask=c_mask)[0]
-    # TEMPORARY until the paired op lands on main: one fused in-batch call per query row.
-    rows = [
-        F.maxsim_grouped(q[b : b + 1], c[b], groups_of(budget),
-                         q_mask=None if q_mask is None else q_mask[b : b + 1],
-                         c_mask=None if c_mask is None else c_mask[b])[0, 0]
-        for b in range(q.shape[0])
-    ]
-    return torch.stack(rows) if rows else q.new_zeros((0, c.shape[1]), dtype=torch.float32)
+    return F.maxsim_paired_grouped(q, c, groups_of(budget), q_mask=q_mask, c_mask=c_mask)[0]
