@@ -93,7 +93,7 @@ EOF
   fi
 done
 if [ "$BENCH" = 1 ] && [ "$SETUP_ONLY" = 0 ]; then
-  "$PYTHON" benchmarks/test_bench_integrations.py --report .benchmarks/integrations/*.json
+  "$venv/bin/python" benchmarks/test_bench_integrations.py --report .benchmarks/integrations/*.json
 fi
 step "done"
 [ ${#failed[@]} -eq 0 ] || { echo "test-integrations: FAILED: ${failed[*]}" >&2; exit 1; }
