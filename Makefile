@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: all install test test-fast bench bench-deps bench-report cuda-gate clean
+.PHONY: all install test test-fast test-integrations bench bench-deps bench-report cuda-gate clean
 
 all: test
 
@@ -51,6 +51,12 @@ bench-deps: $(VENV)/.peers
 
 bench: install bench-deps
 	$(PY) -m pytest benchmarks --benchmark-only -q
+
+# The adapters inside PyLate 1.6.0, colpali-engine 0.3.18 and sentence-transformers 6.2.0, one
+# cached venv per host (~/.cache/metaembed-kernels/hosts), our in-tree build on PYTHONPATH
+# (scripts/test_integrations.sh; `--bench` adds benchmarks/test_bench_integrations.py).
+test-integrations: install
+	bash scripts/test_integrations.sh
 
 # CUDA backend gate, no GPU needed: builds csrc/cuda out of tree in a torch-CUDA venv cached
 # under ~/.cache/metaembed-kernels, checks registration and ptxas spills, and runs

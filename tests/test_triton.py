@@ -539,7 +539,8 @@ def test_opcheck_triton_ops(layout):
                           (grad, q.detach(), c.detach(), rq, rc, qm, cm, [True, False]))
     labels = torch.tensor([1, 3, 0])
     torch.library.opcheck(ops.triton_matryoshka_infonce.default, (q, c, hn, labels, rq, rc, 2.5, qm, cm, None))
-    terms, lse = ops.triton_matryoshka_infonce(q.detach(), c.detach(), hn.detach(), labels, rq, rc, 2.5, qm, cm, None)
+    terms, lse, _ = ops.triton_matryoshka_infonce(q.detach(), c.detach(), hn.detach(), labels, rq, rc, 2.5, qm, cm,
+                                                  None)
     torch.library.opcheck(ops.triton_matryoshka_infonce_backward.default,
                           (torch.randn(3, 3, generator=gen), lse, q.detach(), c.detach(), hn.detach(), labels,
                            rq, rc, 2.5, qm, cm, None, [False, True, True]))
@@ -877,7 +878,7 @@ def test_output_mask_returns_exactly_the_wanted_gradients(family):
     gen = x["gen"]
     if family == "loss":
         inputs = (x["q"], x["c"], x["hn"])
-        _, lse = ops.triton_matryoshka_infonce(x["q"], x["c"], x["hn"], x["labels"], rq, rc, 2.0, x["q_mask"],
+        _, lse, _ = ops.triton_matryoshka_infonce(x["q"], x["c"], x["hn"], x["labels"], rq, rc, 2.0, x["q_mask"],
                                                x["c_mask"], x["hn_mask"])
         grad = torch.randn(3, 3, generator=gen)
         call = lambda mask: ops.triton_matryoshka_infonce_backward(  # noqa: E731
@@ -1053,7 +1054,7 @@ def test_non_finite_loss_follows_the_reference(device, rq, rc, spots, groups, ch
     q, c, hn, labels, qm, cm, hm = _on(device, x["q"], x["c"], x["own_c"], x["labels"], x["q_mask"], x["c_mask"],
                                       x["own_mask"])
     scale = 0.5
-    terms, lse = torch.ops.metaembed.triton_matryoshka_infonce(q, c, hn, labels, rq_list, rc_list, scale, qm, cm, hm)
+    terms, lse, _ = torch.ops.metaembed.triton_matryoshka_infonce(q, c, hn, labels, rq_list, rc_list, scale, qm, cm, hm)
     terms_ref, lse_ref = reference.infonce_terms(x["q"], x["c"], x["own_c"], x["labels"], groups, scale,
                                                  x["q_mask"], x["c_mask"], x["own_mask"])
     assert lse_ref.isnan().any() and (lse_ref == float("inf")).any() and (terms_ref == float("inf")).any()
@@ -1088,7 +1089,7 @@ def test_loss_whose_logits_are_all_minus_inf(device):
     c = torch.tensor([[[0.5, -BIG]], [[-0.25, -BIG]], [[1.0, -BIG]]])  # S = -inf for query 0
     hn = torch.tensor([[[[0.75, -BIG]]], [[[0.25, -BIG]]]])
     labels = torch.tensor([1, 2])
-    terms, lse = torch.ops.metaembed.triton_matryoshka_infonce(*_on(device, q, c, hn, labels), [1], [1], 2.0,
+    terms, lse, _ = torch.ops.metaembed.triton_matryoshka_infonce(*_on(device, q, c, hn, labels), [1], [1], 2.0,
                                                                None, None, None)
     terms_ref, lse_ref = reference.infonce_terms(q, c, hn, labels, ((1, 1),), 2.0, None, None, None)
     assert lse_ref[0, 0] == float("-inf") and terms_ref[0, 0].isnan() and torch.isfinite(terms_ref[0, 1])
@@ -1126,7 +1127,7 @@ def test_masked_non_finite_tokens_change_nothing(device):
                                                   [True, True])
         out += ops.triton_maxsim_paired_grouped_backward(torch.randn(3, 3, 2, generator=gs).to(device), q, cp, rq, rc,
                                                          qm, cpm, [True, True])
-        terms, lse = ops.triton_matryoshka_infonce(q, c, hn, labels, rq, rc, 2.0, qm, cm, hm)
+        terms, lse, _ = ops.triton_matryoshka_infonce(q, c, hn, labels, rq, rc, 2.0, qm, cm, hm)
         out += [terms, lse]
         out += ops.triton_matryoshka_infonce_backward(torch.randn(3, 3, generator=gs).to(device), lse, q, c, hn,
                                                       labels, rq, rc, 2.0, qm, cm, hm, [True, True, True])

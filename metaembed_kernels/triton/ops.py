@@ -6,10 +6,10 @@
     metaembed::triton_maxsim_grouped_backward(grad, q, c, ..., output_mask) -> (dq, dc)
     metaembed::triton_maxsim_paired_grouped(q (B,Rq,D), c (B,N,Rc,D), ...) -> scores (G, B, N)
     metaembed::triton_maxsim_paired_grouped_backward(grad, q, c, ..., output_mask) -> (dq, dc)
-    metaembed::triton_matryoshka_infonce(q, c, hn, labels, group_rq, group_rc, scale, masks..)
-        -> (terms, lse)
-    metaembed::triton_matryoshka_infonce_backward(grad, lse, q, c, hn, labels, ..., output_mask)
-        -> (dq, dc, dhn)
+    metaembed::triton_matryoshka_infonce(q, c, hn, labels, group_rq, group_rc, scale, masks..,
+                                         query_gradient=False) -> (terms, lse, (0,) placeholder)
+    metaembed::triton_matryoshka_infonce_backward(grad, lse, q, c, hn, labels, ..., output_mask,
+                                                  query_gradient=None) -> (dq, dc, dhn)
 
 They are opaque custom ops (torch.compile calls them as units). They run CUDA tensors, and
 CPU tensors under TRITON_INTERPRET=1. Scores/terms/lse are float32; gradients have the
@@ -79,20 +79,21 @@ def _maxsim_paired_grouped_backward(grad: Tensor, q: Tensor, c: Tensor, group_rq
 @_define("matryoshka_infonce")
 def _matryoshka_infonce(q: Tensor, c: Tensor, hard_negatives: Tensor, labels: Tensor, group_rq: List[int],
                         group_rc: List[int], scale: float, q_mask: Optional[Tensor], c_mask: Optional[Tensor],
-                        hard_negatives_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                        hard_negatives_mask: Optional[Tensor],
+                        query_gradient: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     problem, negatives, labels = launch.make_infonce_problem(q, c, hard_negatives, labels, group_rq, group_rc,
                                                              scale, q_mask, c_mask, hard_negatives_mask)
     lse, positive, plans = launch.plan_infonce_forward(problem, negatives, labels, scale)
     launch.run(plans)
-    return lse - positive, lse
+    return lse - positive, lse, lse.new_empty((0,))  # query_gradient is not fused: dq comes from the backward
 
 
 @_define("matryoshka_infonce_backward")
 def _matryoshka_infonce_backward(grad: Tensor, lse: Tensor, q: Tensor, c: Tensor, hard_negatives: Tensor,
                                  labels: Tensor, group_rq: List[int], group_rc: List[int], scale: float,
                                  q_mask: Optional[Tensor], c_mask: Optional[Tensor],
-                                 hard_negatives_mask: Optional[Tensor],
-                                 output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+                                 hard_negatives_mask: Optional[Tensor], output_mask: List[bool],
+                                 query_gradient: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     problem, negatives, labels = launch.make_infonce_problem(q, c, hard_negatives, labels, group_rq, group_rc,
                                                              scale, q_mask, c_mask, hard_negatives_mask, grad, lse)
     dq, dc, dhn, plans = launch.plan_infonce_backward(problem, negatives, labels, scale, grad, lse, output_mask)
