@@ -639,11 +639,11 @@ def _pair_gradients(a0, b0, q_ptr, q_mask_ptr, n_q, rq_eff, stride_qa, stride_qi
             W = tl.reshape(W3, (M, N))
             hi, mid, lo, unscale = _split_weights(W, PIECE_DTYPE, SCALE_TO_FP16_RANGE)
             c_ok = _column_validity(b0, j0, n_c, rc_eff, c_mask_ptr, stride_mcb, stride_mcj, BLOCK_C, RC_TILE)
-            q_ok = _row_validity(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi, BLOCK_Q, RQ_TILE)
             if WRITE_DQ:
-                _accumulate_product(dq_ptr, q_offset, q_ok, hi, mid, lo, unscale, c_ptr, c_offset, c_ok, D,
+                _accumulate_product(dq_ptr, q_offset, q_valid, hi, mid, lo, unscale, c_ptr, c_offset, c_ok, D,
                                     M, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
-            if WRITE_DC:
+            if WRITE_DC:  # (the query flags re-read here: held from pass 1 they spilled, fp16 64 x 64)
+                q_ok = _row_validity(a0, i0, n_q, rq_eff, q_mask_ptr, stride_mqa, stride_mqi, BLOCK_Q, RQ_TILE)
                 if DC_DIRECT:
                     _write_product(dc_ptr, c_offset, c_ok, c_in, tl.trans(hi), tl.trans(mid), tl.trans(lo), unscale,
                                    q_ptr, q_offset, q_ok, D, N, BLOCK_DO, SPLIT_FP32_OPERANDS, INTERPRET)
