@@ -165,23 +165,27 @@ def test_heuristic_table_values_for_the_paper_shapes():
 
 def test_compile_gate_covers_every_config_the_heuristics_pick_on_its_grid():
     """The gate compiles a few Nq values; every Nq must map to one of their configs."""
-    from metaembed_kernels.triton import verify
+    from metaembed_kernels.triton import launch, verify
 
     h = H()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for rq, rc in verify.SHAPES:
             for d in verify.DIMS:
                 plans = verify.candidate_plans(dtype, rq, rc, d)
-                # (tile fields: a launcher may lift a tile's register cap, launch.UncappedTileConfig)
+                # (tile fields: the per-query-candidate launcher adjusts some fp32 tiles and may lift
+                # a tile's register cap: launch.own_candidate_config, launch.UncappedTileConfig)
                 compiled = {(plan.kernel.__name__, dataclasses.astuple(plan.config)) for _, plan in plans}
+                p = launch.make_problem(torch.empty(2, rq, d, dtype=dtype, device="meta"),
+                                        torch.empty(2, rc, d, dtype=dtype, device="meta"), [rq], [rc], None, None,
+                                        interpret=False)
                 picks = {("maxsim_forward_kernel", h.maxsim_forward_config(nq, rq, rc, d, dtype))
                          for nq in range(1, 1100)}
                 picks |= {("infonce_forward_kernel", h.infonce_forward_config(rq, rc, d, dtype)),
                           ("grad_query_kernel", h.gradient_config(rq, rc, d, dtype)),
                           ("grad_candidate_kernel", h.gradient_config(rq, rc, d, dtype)),
-                          ("infonce_hard_negatives_forward_kernel", h.hard_negative_config(rq, rc, d, dtype, False)),
-                          ("own_candidates_backward_kernel", h.hard_negative_config(rq, rc, d, dtype, True)),
-                          ("maxsim_paired_forward_kernel", h.hard_negative_config(rq, rc, d, dtype, False))}
+                          ("infonce_hard_negatives_forward_kernel", launch.own_candidate_config(p, False)),
+                          ("own_candidates_backward_kernel", launch.own_candidate_config(p, True)),
+                          ("maxsim_paired_forward_kernel", launch.own_candidate_config(p, False))}
                 picks = {(name, dataclasses.astuple(cfg)) for name, cfg in picks}
                 assert picks <= compiled, picks - compiled
                 # loss-forward state rows: 8 and 16 (more than 8 groups); chunked launches take 8 groups
