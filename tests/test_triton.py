@@ -33,6 +33,7 @@ import torch
 from helpers import (
     UNIT_ROUNDOFF,
     assert_close,
+    dtype_id,
     exact_values,
     grad_tolerance,
     normal_values,
@@ -995,12 +996,15 @@ def _assert_same_non_finite(got, expected, name, rtol, atol=None):
     assert_close(torch.where(finite, got, 0), torch.where(finite, expected, 0), atol + 1e-30, name, rtol=rtol)
 
 
-SPECIAL_SHAPES = [  # (Rq, Rc, spots, groups): one tile, and chunked across many 16 x 16 tiles
-    pytest.param(3, 7, dict(late_nan=5, first=3), ((1, 1), (3, 7), (2, 4), (3, 5), (1, 6), (2, 2)), False,
-                 id="single-tile"),
-    pytest.param(20, 40, dict(late_nan=20, first=17), ((1, 1), (20, 40), (17, 18), (3, 20), (18, 21), (20, 33)),
-                 True, id="chunked"),
-]
+SINGLE_TILE = (3, 7, dict(late_nan=5, first=3), ((1, 1), (3, 7), (2, 4), (3, 5), (1, 6), (2, 2)), False)
+# 16 x 16 tiles (small_chunks): 2 row chunks x 3 column chunks; prefixes ending in each of them
+CHUNKED = (17, 34, dict(late_nan=20, first=17), ((1, 1), (17, 34), (17, 18), (3, 20), (16, 21), (17, 33)), True)
+
+
+def _special_params(dtypes, dtypes_chunked):
+    """Single tile on `dtypes`; the chunked tiles (slow in the interpreter) on a subset."""
+    out = [pytest.param(*SINGLE_TILE, dtype, id=f"single-tile-{dtype_id(dtype)}") for dtype in dtypes]
+    return out + [pytest.param(*CHUNKED, dtype, id=f"chunked-{dtype_id(dtype)}") for dtype in dtypes_chunked]
 
 
 def _on(device, *tensors):
@@ -1008,8 +1012,8 @@ def _on(device, *tensors):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rq,rc,spots,groups,chunked", SPECIAL_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rq,rc,spots,groups,chunked,dtype", _special_params((torch.float32, torch.bfloat16, torch.float16),
+                                                                         (torch.float32, torch.bfloat16)))
 def test_non_finite_scores_and_gradients_follow_the_reference(device, rq, rc, spots, groups, chunked, dtype, request):
     """maxsim_grouped and maxsim_paired_grouped, forward and backward, against the reference
     (which implements the contract) at the input dtype (fp32 compute: BIG * BIG overflows as
@@ -1044,8 +1048,8 @@ def test_non_finite_scores_and_gradients_follow_the_reference(device, rq, rc, sp
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rq,rc,spots,groups,chunked", SPECIAL_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rq,rc,spots,groups,chunked,dtype", _special_params((torch.float32, torch.bfloat16),
+                                                                         (torch.float32,)))
 def test_non_finite_loss_follows_the_reference(device, rq, rc, spots, groups, chunked, dtype, request):
     """The fused loss with hard negatives on the same inputs: logits -inf (a prefix of -inf
     similarities; query 0's positive in short groups: terms = +inf), +inf (lse = +inf) and NaN
