@@ -29,8 +29,10 @@ except (ImportError, OSError) as err:  # pragma: no cover - depends on the build
         stacklevel=2,
     )
 else:
-    # The CPU kernels fuse the loss's query gradient into its forward; the CUDA ones do not.
-    _autograd.register_all(fuses_query_gradient=lambda device: device.type == "cpu")
+    # The CPU kernels fuse the loss's query gradient into its forward and save the maxsim
+    # forward's argmax for its backward; the CUDA ones do neither.
+    on_cpu = lambda device: device.type == "cpu"  # noqa: E731
+    _autograd.register_all(fuses_query_gradient=on_cpu, saves_argmax=on_cpu)
 
 
 def is_loaded() -> bool:

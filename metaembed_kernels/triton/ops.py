@@ -31,17 +31,17 @@ INFONCE_BACKWARD = "metaembed::triton_matryoshka_infonce_backward"
 
 @torch.library.custom_op(MAXSIM, mutates_args=(), schema=SCHEMAS["maxsim_grouped"])
 def _maxsim_grouped(q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
-                    q_mask: Optional[Tensor], c_mask: Optional[Tensor]) -> Tensor:
+                    q_mask: Optional[Tensor], c_mask: Optional[Tensor], save_argmax: bool = False) -> Tuple[Tensor, Tensor]:
     problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask)
     out, plans = launch.plan_maxsim_forward(problem)
     launch.run(plans)
-    return out
+    return out, q.new_empty((0,), dtype=_autograd.saved_argmax_dtype(group_rc))  # not saved: recomputed
 
 
 @torch.library.custom_op(MAXSIM_BACKWARD, mutates_args=(), schema=SCHEMAS["maxsim_grouped_backward"])
 def _maxsim_grouped_backward(grad: Tensor, q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
                              q_mask: Optional[Tensor], c_mask: Optional[Tensor],
-                             output_mask: List[bool]) -> Tuple[Tensor, Tensor]:
+                             output_mask: List[bool], argmax: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask)
     dq, dc, plans = launch.plan_maxsim_backward(problem, grad, output_mask)
     launch.run(plans)
