@@ -12,7 +12,7 @@ from .backends import BackendUnavailableError, available_backends, select_backen
 from .functional import DEFAULT_GROUPS, matryoshka_infonce, maxsim, maxsim_grouped
 from .loss import MatryoshkaInfoNCELoss
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402  (the one version number)
 
 __all__ = [
     "DEFAULT_GROUPS",

@@ -107,7 +107,7 @@ CUDA_SKIP = _cuda_skip()
 RUNNERS = {"cuda": ("cuda", CUDA_SKIP), "cuda-emu": ("cpu", EMU_SKIP)}
 
 
-@pytest.fixture(params=list(RUNNERS))
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.gpu) if name == "cuda" else name for name in RUNNERS])
 def runner(request):
     """(backend name, device) of each runner that can run here."""
     device, skip = RUNNERS[request.param]
@@ -463,6 +463,7 @@ def test_dispatch_keys_registered_when_built_with_cuda():
     assert _extension.has_kernel("cuda")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
 def test_gpu_memory_stays_small_for_a_large_forward():
     """maxsim_grouped (Nq=64, Nc=20000, Rq=16, Rc=64, D=128, bf16) allocates the output and
@@ -478,6 +479,7 @@ def test_gpu_memory_stays_small_for_a_large_forward():
     assert extra <= out.numel() * 4 + (8 << 20), extra
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
 def test_runs_on_the_current_stream():
     gen = torch.Generator().manual_seed(1)
@@ -492,6 +494,7 @@ def test_runs_on_the_current_stream():
 
 
 @pytest.mark.slow
+@pytest.mark.gpu
 @pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
 def test_more_than_2_pow_31_elements():
     nc, rc, d = 8200, 64, 4096
