@@ -43,6 +43,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             rows.append(dict(info, median=bench.stats.median))
     if not rows:
         return
+    # peaks measured again after the run: each is the best of before and after, so a busy
+    # machine at one of the two moments cannot push a "% of peak" past 100%
+    for dtype, after in measure_peaks(0.5).items():
+        if dtype in _PEAKS and after["gflops"] > _PEAKS[dtype]["gflops"]:
+            _PEAKS[dtype] = after
     terminalreporter.write_sep("=", "metaembed-kernels: the cpu backend in this run (medians)")
     terminalreporter.write_line(summary_table(rows, _PEAKS))
     wide = [ratio_table(rows, _PEAKS)]

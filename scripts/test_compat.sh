@@ -2,15 +2,16 @@
 # Compatibility job (`make test-compat`, run by .ci/run): the oldest torch / triton we claim
 # (scripts/pins.env: COMPAT_TORCH, COMPAT_TRITON; pyproject.toml's floors), no GPU needed:
 #   1. a venv with torch==$COMPAT_TORCH (PyPI's CUDA 13.0 build, ~4.7 GB) and
-#      triton==$COMPAT_TRITON, cached under ~/.cache/metaembed-kernels (see "cache" below);
+#      triton==$COMPAT_TRITON (numpy==$COMPAT_NUMPY for its interpreter), cached under
+#      ~/.cache/metaembed-kernels (scripts/cached_venv.sh);
 #   2. the extension built OUT OF TREE with METAEMBED_BUILD_CUDA=auto, no GPU visible and
 #      no TORCH_CUDA_ARCH_LIST (the Docker-build case that once crashed in torch's
 #      _get_cuda_arch_flags): it must build the CUDA part, for setup.py's default archs;
 #   3. the cpu-backend tests and the Triton interpreter tests on this torch / triton;
 #   4. the Triton compile gate for sm_80 and sm_90 on this triton (no spills, MMA, smem).
-# Cache: the venv is built in a temporary folder and renamed into place only once it is
-# complete and verified (an interrupted download never leaves a half venv to reuse), under
-# a lock (two jobs at once share it); a venv whose pins or imports no longer match is rebuilt.
+# Cache (scripts/cached_venv.sh): the venv is built in VENV.partial and renamed into place
+# only once complete and checked (an interrupted download never leaves a half venv to
+# reuse), under a lock; a venv whose pins or imports no longer match is rebuilt.
 # Environment: METAEMBED_COMPAT_VENV, METAEMBED_COMPAT_BUILD, CUDA_HOME (/usr/local/cuda),
 # MAX_JOBS (2).
 set -euo pipefail
@@ -31,9 +32,9 @@ step() { echo "== test-compat [$(($(date +%s) - T0))s] $*"; }
 
 # ---- 1. environment -------------------------------------------------------------------
 . scripts/cached_venv.sh
-step "torch==$COMPAT_TORCH (CUDA build, ~4.7 GB), triton==$COMPAT_TRITON, ninja, numpy, pytest in $VENV"
-cached_venv "$VENV" "import torch, triton, ninja, numpy, pytest; assert torch.__version__.split('+')[0] == '$COMPAT_TORCH' and torch.version.cuda and triton.__version__ == '$COMPAT_TRITON'" \
-  "torch==$COMPAT_TORCH" "triton==$COMPAT_TRITON" ninja numpy pytest \
+step "torch==$COMPAT_TORCH (CUDA build, ~4.7 GB), triton==$COMPAT_TRITON, numpy==$COMPAT_NUMPY, ninja, pytest in $VENV"
+cached_venv "$VENV" "import torch, triton, ninja, numpy, pytest; assert torch.__version__.split('+')[0] == '$COMPAT_TORCH' and torch.version.cuda and triton.__version__ == '$COMPAT_TRITON' and numpy.__version__ == '$COMPAT_NUMPY'" \
+  "torch==$COMPAT_TORCH" "triton==$COMPAT_TRITON" "numpy==$COMPAT_NUMPY" ninja pytest \
   || { echo "test-compat: no torch $COMPAT_TORCH (CUDA) + triton $COMPAT_TRITON in $VENV"; exit 1; }
 "$VENV/bin/python" -c "import torch, triton; print('   torch', torch.__version__, '| CUDA', torch.version.cuda, '| triton', triton.__version__, '| GPU visible:', torch.cuda.is_available())"
 
