@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from summary import measure_peaks  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WIDE_TABLES = os.path.join(REPO, "results", "bench", "per_provider.md")
+WIDE_TABLES = os.environ.get("METAEMBED_BENCH_TABLES", os.path.join(REPO, "results", "bench", "per_provider.md"))
 _PEAKS = {}
 
 

@@ -32,8 +32,8 @@ def peaks_line(peaks: Dict[str, dict]) -> str:
         return "Peaks: not measured (C++ extension not built)"
     seen = {}
     for v in peaks.values():
-        seen.setdefault(v["kind"], f"{v['kind']} {v['gflops']:.1f} GFLOP/s ({v['instruction']})")
-    return "Peaks measured in this run: " + ", ".join(seen.values())
+        seen.setdefault(v["kind"], f"{v['kind']} {v['gflops']:.1f} GFLOP/s, {v['instruction']}")
+    return "Peaks (this run): " + "; ".join(seen.values())
 
 
 def _fraction(peaks: Dict[str, dict], dtype: str, gflops: float) -> str:

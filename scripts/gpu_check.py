@@ -177,7 +177,7 @@ class Check:
         import torch
 
         info = dict(python=platform.python_version(), torch=torch.__version__, torch_cuda=torch.version.cuda,
-                    cores=os.cpu_count())
+                    cores=nproc())
         try:
             import triton
 
@@ -224,7 +224,7 @@ class Check:
         else:
             major, minor = torch.cuda.get_device_capability(0)
             arch = f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")  # wgmma needs sm_90a
-        env = dict(METAEMBED_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(os.cpu_count() or 1))
+        env = dict(METAEMBED_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(nproc()))
         return dict(env=env, dir=os.path.abspath(self.args.build_dir),
                     command=[sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--build-temp", "../temp"])
 
@@ -355,6 +355,14 @@ class Check:
         return 1 if bad else 0
 
 
+def nproc() -> int:
+    """Cores this process may use (what `nproc` prints)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def sync_sources(repo: str, dst: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from sync_sources import sync
@@ -419,13 +427,18 @@ def sig(x: float, digits: int = 4) -> float:
 
 
 def unit_tokens(shape, dtype, device, seed):
-    """L2-normalised random tokens (never zeros), generated on the device."""
+    """L2-normalised random tokens (never zeros), generated on the device in slices of at
+    most ~1 GB of fp32 (the paper index is 45.9 GB of bf16: an fp32 copy would not fit)."""
     import torch
 
     gen = torch.Generator(device=device).manual_seed(1000 + seed)
-    x = torch.randn(*shape, generator=gen, device=device, dtype=torch.float32 if device.type == "cpu" else dtype)
-    x = x.to(dtype)
-    return x / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-6).to(dtype)
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    per_item = max(1, math.prod(shape[1:]))
+    step = max(1, (1 << 28) // per_item)
+    for i in range(0, shape[0], step):
+        part = torch.randn(min(step, shape[0] - i), *shape[1:], generator=gen, device=device)
+        out[i:i + step] = (part / part.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(dtype)
+    return out
 
 
 def stage_ceilings(dev: Device, sizes: Sizes) -> Dict:

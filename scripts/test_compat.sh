@@ -12,6 +12,7 @@
 # Cache (scripts/cached_venv.sh): the venv is built in VENV.partial and renamed into place
 # only once complete and checked (an interrupted download never leaves a half venv to
 # reuse), under a lock; a venv whose pins or imports no longer match is rebuilt.
+# --venv-only: step 1 only (.ci/run downloads it while `make test` runs).
 # Environment: METAEMBED_COMPAT_VENV, METAEMBED_COMPAT_BUILD, CUDA_HOME (/usr/local/cuda),
 # MAX_JOBS (2).
 set -euo pipefail
@@ -36,6 +37,7 @@ step "torch==$COMPAT_TORCH (CUDA build, ~4.7 GB), triton==$COMPAT_TRITON, numpy=
 cached_venv "$VENV" "import torch, triton, ninja, numpy, pytest; assert torch.__version__.split('+')[0] == '$COMPAT_TORCH' and torch.version.cuda and triton.__version__ == '$COMPAT_TRITON' and numpy.__version__ == '$COMPAT_NUMPY'" \
   "torch==$COMPAT_TORCH" "triton==$COMPAT_TRITON" "numpy==$COMPAT_NUMPY" ninja pytest \
   || { echo "test-compat: no torch $COMPAT_TORCH (CUDA) + triton $COMPAT_TRITON in $VENV"; exit 1; }
+[ "${1:-}" = "--venv-only" ] && { step "venv ready"; return 0; }
 "$VENV/bin/python" -c "import torch, triton; print('   torch', torch.__version__, '| CUDA', torch.version.cuda, '| triton', triton.__version__, '| GPU visible:', torch.cuda.is_available())"
 
 # ---- 2. out-of-tree build, CUDA part included -----------------------------------------

@@ -140,7 +140,7 @@ const IsaKernels* avx2_kernels() {
     k.mr = Avx2Policy::MR;
     const DType reduced[] = {kF32, kF16, kBF16};
     for (DType d : reduced) k.by_dtype[d] = kernel_set_for<Avx2Policy>(d);
-    k.peak_fp32 = k.peak_bf16 = PeakLoop{fma256_peak_loop, "256-bit FMA (vfmadd ymm)"};  // bf16 is widened to fp32
+    k.peak_fp32 = k.peak_bf16 = PeakLoop{fma256_peak_loop, "256-bit FMA (ymm)"};  // bf16 is widened to fp32
     return k;
   }();
   return &kernels;

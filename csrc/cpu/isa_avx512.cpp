@@ -49,7 +49,7 @@ const IsaKernels* avx512_kernels() {
     k.mr = Avx512Policy::MR;
     const DType reduced[] = {kF32, kF16, kBF16};
     for (DType d : reduced) k.by_dtype[d] = kernel_set_for<Avx512Policy>(d);
-    k.peak_fp32 = k.peak_bf16 = PeakLoop{fma512_peak_loop, "512-bit FMA (vfmadd zmm)"};  // bf16 is widened to fp32
+    k.peak_fp32 = k.peak_bf16 = PeakLoop{fma512_peak_loop, "512-bit FMA (zmm)"};  // bf16 is widened to fp32
     return k;
   }();
   return &kernels;

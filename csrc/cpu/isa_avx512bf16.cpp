@@ -120,7 +120,7 @@ const IsaKernels* avx512bf16_kernels() {
     k.nr = Avx512Bf16Policy::NR;
     k.mr = Avx512Bf16Policy::MR;
     k.by_dtype[kBF16] = Engine<Avx512Bf16Policy, bf16_t>::kernel_set();
-    k.peak_bf16 = PeakLoop{dpbf16_peak_loop, "512-bit bf16 dot (vdpbf16ps zmm)"};  // fp32: avx512's FMA
+    k.peak_bf16 = PeakLoop{dpbf16_peak_loop, "512-bit vdpbf16ps (zmm)"};  // fp32: avx512's FMA
     return k;
   }();
   return &kernels;
