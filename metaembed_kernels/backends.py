@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from typing import Dict, Optional, Tuple
 
@@ -124,6 +125,11 @@ class ExtensionBackend(OpBackend):
         return None
 
 
+# Looked up once: dynamo (torch 2.11) refuses to trace importlib.util.find_spec, so a lookup
+# per call broke torch.compile(fullgraph=True) of any call that dispatches here.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 class TritonBackend(OpBackend):
     """Triton kernels (metaembed_kernels/triton), registered as ``metaembed::triton_*`` ops
     when that module is first imported."""
@@ -136,7 +142,7 @@ class TritonBackend(OpBackend):
         return importlib.import_module("metaembed_kernels.triton.ops")
 
     def unavailable_reason(self, device, dtype, groups=None):
-        if importlib.util.find_spec("triton") is None:
+        if not _TRITON_INSTALLED:
             return "triton is not installed"
         if device.type == "cpu" and not triton_interpret_enabled():
             return "triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"

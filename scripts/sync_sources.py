@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 
-PATHS = ("csrc", "metaembed_kernels", "tests", "setup.py", "pyproject.toml", "README.md")
+PATHS = ("csrc", "metaembed_kernels", "tests", "benchmarks", "setup.py", "pyproject.toml", "README.md")
 KEEP = (".so", "_build_info.json")
 
 

@@ -139,7 +139,7 @@ def test_heuristic_table_values_for_the_paper_shapes():
     # a query batch: 128 x 128 tiles (the wgmma shape on sm_90)
     batch = h.maxsim_forward_config(1000, 16, 64, 3584, torch.bfloat16)
     assert (batch.block_q, batch.block_c, batch.num_warps) == (8, 2, 8)
-    assert h.maxsim_forward_config(1000, 16, 64, 3584, torch.float32).m == 64  # fp32 FMA cap
+    assert h.maxsim_forward_config(1000, 16, 64, 3584, torch.float32).m == 32  # fp32 FMA cap (spills on triton 3.6)
     grad = h.gradient_config(16, 64, 3584, torch.bfloat16)
     assert (grad.m, grad.n, grad.num_warps) == (64, 64, 8)
     assert h.groups_pad(5) == 8 and h.groups_pad(9) == 16
