@@ -1,7 +1,7 @@
 """Fused kernels for MetaEmbed-style Matryoshka multi-vector retrieval (arXiv 2509.18095).
 
-    from metaembed_kernels import (maxsim, maxsim_grouped, matryoshka_infonce,
-                                   MatryoshkaInfoNCELoss, DEFAULT_GROUPS)
+    from metaembed_kernels import (maxsim, maxsim_grouped, maxsim_paired, maxsim_paired_grouped,
+                                   matryoshka_infonce, MatryoshkaInfoNCELoss, DEFAULT_GROUPS)
     from metaembed_kernels import MetaEmbed   # model wrapper on transformers backbones
 
 ``MetaEmbed`` is loaded on first access (module ``__getattr__``), so importing the kernels
@@ -9,7 +9,14 @@ never imports the model code or transformers.
 """
 from . import _extension  # loads the C++ ops (or warns and falls back)
 from .backends import BackendUnavailableError, available_backends, select_backend
-from .functional import DEFAULT_GROUPS, matryoshka_infonce, maxsim, maxsim_grouped
+from .functional import (
+    DEFAULT_GROUPS,
+    matryoshka_infonce,
+    maxsim,
+    maxsim_grouped,
+    maxsim_paired,
+    maxsim_paired_grouped,
+)
 from .loss import MatryoshkaInfoNCELoss
 
 from ._version import __version__  # noqa: E402  (the one version number)
@@ -23,6 +30,8 @@ __all__ = [
     "matryoshka_infonce",
     "maxsim",
     "maxsim_grouped",
+    "maxsim_paired",
+    "maxsim_paired_grouped",
     "select_backend",
 ]
 
