@@ -31,7 +31,7 @@ $(VENV)/.deps: requirements-dev.txt scripts/pins.env
 $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 	@echo "install: building the C++ extension (about 2 min on 2 cores, MAX_JOBS=$(MAX_JOBS); log: $(VENV)/build.log)"
 	@start=$$(date +%s); $(PIP) install -v --disable-pip-version-check --no-build-isolation -e . 2>&1 \
-	  | tee $(VENV)/build.log | grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] ' \
+	  | tee $(VENV)/build.log | { grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] ' || true; } \
 	  | sed -u -E 's#^ *(\[[0-9]+/[0-9]+\]) .* -c ([^ ]+) .*#  \1 \2#; s#^ *(\[[0-9]+/[0-9]+\]) ([^ ]+).*#  \1 \2#' \
 	  || { tail -40 $(VENV)/build.log; echo "install: build failed (log: $(VENV)/build.log)"; exit 1; }; \
 	  echo "install: built in $$(( $$(date +%s) - start )) s"
