@@ -16,7 +16,7 @@ CSRC := $(shell find csrc -type f 2>/dev/null)
 # pip notes about this machine's empty extra index folders: noise, never an error
 PIP_NOISE := is ignored: it is neither a file nor a directory
 
-.PHONY: all install test test-fast gate bench bench-deps bench-report cuda-gate test-compat gpu-check clean
+.PHONY: all install test test-fast test-integrations gate bench bench-deps bench-report cuda-gate test-compat gpu-check clean
 
 all: test
 
@@ -77,6 +77,12 @@ bench-deps: $(VENV)/.peers
 bench: install bench-deps
 	@mkdir -p results/bench
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-quiet --benchmark-json=results/bench/benchmarks.json -q -rs
+
+# The adapters inside PyLate 1.6.0, colpali-engine 0.3.18 and sentence-transformers 6.2.0, one
+# cached venv per host (~/.cache/metaembed-kernels/hosts), our in-tree build on PYTHONPATH
+# (scripts/test_integrations.sh; `--bench` adds benchmarks/test_bench_integrations.py).
+test-integrations: install
+	bash scripts/test_integrations.sh
 
 # CUDA backend gate, no GPU needed: builds csrc/cuda out of tree in a torch-CUDA venv cached
 # under ~/.cache/metaembed-kernels, checks registration and ptxas spills, and runs

@@ -8,11 +8,14 @@ are shared, so every backend has the same fake kernels, the same argument checks
     scores = maxsim_grouped(q, c, ...)                    (G, Nq, Nc)
     (dq, dc) = maxsim_grouped_backward(grad, q, c, ..., output_mask)
 
-    (terms, lse) = matryoshka_infonce(q, c, hn, labels, ...)      (G, Nq) each
-    (dq, dc, dhn) = matryoshka_infonce_backward(grad_terms, lse, q, c, hn, labels, ..., output_mask)
+    (terms, lse, jq) = matryoshka_infonce(q, c, hn, labels, ..., query_gradient)
+    (dq, dc, dhn) = matryoshka_infonce_backward(grad_terms, lse, q, c, hn, labels, ..., output_mask, jq)
 
 terms[g, a] = lse[g, a] - logit_g(a, labels[a]) is the per-query cross-entropy of group g;
-the backward recomputes similarity tiles instead of saving anything larger than lse.
+the backward recomputes similarity tiles instead of saving anything larger than lse. A
+backend that fuses the query gradient into the forward (cpu, when q needs a gradient) also
+returns jq = d terms_g(a) / d q[a] as (Nq, sum_g r_q(g), D); its backward then forms dq from
+it and runs the tiles only for dc / dhn.
 
 Real kernels allocate fresh contiguous outputs, so the fake kernels do too (never
 ``empty_like``, which would copy an input's strides). A gradient that autograd does not need
@@ -75,38 +78,52 @@ def register_scores(fwd: str, bwd: str, paired: bool = False) -> None:
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
 
-def register_infonce(fwd: str, bwd: str) -> None:
-    """Fake kernels for a matryoshka_infonce pair and autograd for ``fwd``."""
+def query_gradient_shape(q: torch.Tensor, group_rq) -> tuple:
+    """(Nq, sum_g r_q(g), D): the fused query gradient of matryoshka_infonce."""
+    return (q.shape[0], sum(int(r) for r in group_rq), q.shape[2])
+
+
+def _never(device: torch.device) -> bool:
+    return False
+
+
+def register_infonce(fwd: str, bwd: str, fuses_query_gradient=_never) -> None:
+    """Fake kernels for a matryoshka_infonce pair and autograd for ``fwd``.
+    ``fuses_query_gradient(device)``: whether the op's kernel for that device computes jq in
+    the forward when asked (the fake kernel must promise exactly what the real one returns)."""
     bwd_op = _op(bwd)
 
-    def fake_forward(q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask):
+    def fake_forward(q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask, query_gradient=False):
         V.check_infonce_op(q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask)
         shape = (len(group_rq), q.shape[0])
-        return q.new_empty(shape, dtype=score_dtype(q)), q.new_empty(shape, dtype=score_dtype(q))
+        fused = query_gradient and fuses_query_gradient(q.device)
+        jq_shape = query_gradient_shape(q, group_rq) if fused else (0,)
+        return (q.new_empty(shape, dtype=score_dtype(q)), q.new_empty(shape, dtype=score_dtype(q)),
+                q.new_empty(jq_shape, dtype=score_dtype(q)))
 
     def fake_backward(grad, lse, q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask,
-                      output_mask):
+                      output_mask, query_gradient=None):
         V.check_infonce_op(q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask)
         V.check_infonce_grad(grad, lse, len(group_rq), q.shape[0])
         return (gradient_like(q, output_mask[0]), gradient_like(c, output_mask[1]),
                 gradient_like(hn, output_mask[2]))
 
     def setup_context(ctx, inputs, output):
-        q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask = inputs
-        _terms, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(q, c, hn, labels, lse, q_mask, c_mask, hn_mask)
+        q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask = inputs[:10]
+        _terms, lse, jq = output
+        ctx.mark_non_differentiable(lse, jq)
+        ctx.save_for_backward(q, c, hn, labels, lse, q_mask, c_mask, hn_mask, jq)
         ctx.static = (group_rq, group_rc, scale)
 
-    def backward(ctx, grad_terms, _grad_lse):
+    def backward(ctx, grad_terms, _grad_lse, _grad_jq):
         wanted = [bool(ctx.needs_input_grad[k]) for k in range(3)]
-        none = (None,) * 7
+        none = (None,) * 8
         if not any(wanted):
             return (None, None, None) + none
-        q, c, hn, labels, lse, q_mask, c_mask, hn_mask = ctx.saved_tensors
+        q, c, hn, labels, lse, q_mask, c_mask, hn_mask, jq = ctx.saved_tensors
         group_rq, group_rc, scale = ctx.static
         grads = bwd_op(grad_terms.contiguous(), lse, q, c, hn, labels, group_rq, group_rc, scale,
-                       q_mask, c_mask, hn_mask, wanted)
+                       q_mask, c_mask, hn_mask, wanted, jq if jq.numel() > 0 else None)
         return tuple(g if w else None for g, w in zip(grads, wanted)) + none
 
     torch.library.register_fake(fwd)(fake_forward)
@@ -114,9 +131,9 @@ def register_infonce(fwd: str, bwd: str) -> None:
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
 
-def register_all(prefix: str = "", namespace: str = "metaembed") -> None:
+def register_all(prefix: str = "", namespace: str = "metaembed", fuses_query_gradient=_never) -> None:
     """Fake kernels and autograd for one backend's three op families."""
     name = lambda op: f"{namespace}::{prefix}{op}"  # noqa: E731
     register_scores(name("maxsim_grouped"), name("maxsim_grouped_backward"))
     register_scores(name("maxsim_paired_grouped"), name("maxsim_paired_grouped_backward"), paired=True)
-    register_infonce(name("matryoshka_infonce"), name("matryoshka_infonce_backward"))
+    register_infonce(name("matryoshka_infonce"), name("matryoshka_infonce_backward"), fuses_query_gradient)

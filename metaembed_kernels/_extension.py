@@ -63,7 +63,8 @@ except (ImportError, OSError) as err:  # pragma: no cover - depends on the build
         stacklevel=2,
     )
 else:
-    _autograd.register_all()
+    # The CPU kernels fuse the loss's query gradient into its forward; the CUDA ones do not.
+    _autograd.register_all(fuses_query_gradient=lambda device: device.type == "cpu")
 
 
 def is_loaded() -> bool:

@@ -77,21 +77,24 @@ def _maxsim_paired_grouped_backward(grad: Tensor, q: Tensor, c: Tensor, group_rq
 @_define("matryoshka_infonce")
 def _matryoshka_infonce(q: Tensor, c: Tensor, hard_negatives: Tensor, labels: Tensor, group_rq: List[int],
                         group_rc: List[int], scale: float, q_mask: Optional[Tensor], c_mask: Optional[Tensor],
-                        hard_negatives_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                        hard_negatives_mask: Optional[Tensor], query_gradient: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    # query_gradient is not fused here: the backward forms every gradient in closed form.
     V.check_infonce_op(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hard_negatives_mask)
     V.check_label_values(labels, c.shape[0])
     terms, lse = reference.infonce_terms(q, c, hard_negatives, labels, _groups(group_rq, group_rc), scale,
                                          q_mask, c_mask, hard_negatives_mask)
-    return terms.contiguous(), lse.contiguous()
+    return terms.contiguous(), lse.contiguous(), lse.new_empty((0,))
 
 
 @_define("matryoshka_infonce_backward")
 def _matryoshka_infonce_backward(grad: Tensor, lse: Tensor, q: Tensor, c: Tensor, hard_negatives: Tensor,
                                  labels: Tensor, group_rq: List[int], group_rc: List[int], scale: float,
                                  q_mask: Optional[Tensor], c_mask: Optional[Tensor],
-                                 hard_negatives_mask: Optional[Tensor],
-                                 output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+                                 hard_negatives_mask: Optional[Tensor], output_mask: List[bool],
+                                 query_gradient: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     V.check_infonce_op(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hard_negatives_mask)
+    torch._check_value(query_gradient is None or query_gradient.numel() == 0,
+                       lambda: "query_gradient: the reference backend's forward returns an empty one")
     V.check_infonce_grad(grad, lse, len(group_rq), q.shape[0])
     V.check_label_values(labels, c.shape[0])
     dq, dc, dhn = reference.infonce_backward(grad, lse, q, c, hard_negatives, labels, _groups(group_rq, group_rc),

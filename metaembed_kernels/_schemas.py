@@ -35,16 +35,20 @@ SCHEMAS: Dict[str, str] = {
         "(Tensor grad, Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask, Tensor? c_mask,"
         " bool[2] output_mask) -> (Tensor, Tensor)"
     ),
-    # (terms, lse), both (G, Nq): terms[g, a] = lse[g, a] - logit_g(a, labels[a]), with
-    # logits_g[a] = scale * concat(s_g(a, c[:]), s_g(a, hard_negatives[a, :])).
+    # (terms, lse, query_gradient): terms and lse (G, Nq), terms[g, a] = lse[g, a] -
+    # logit_g(a, labels[a]), logits_g[a] = scale * concat(s_g(a, c[:]), s_g(a, hard_negatives[a, :])).
+    # query_gradient=True asks a backend that can (cpu) to compute d terms_g(a) / d q[a] in the
+    # same pass: (Nq, sum_g r_q(g), D), group g's rows at offset sum_{g' < g} r_q(g'); the
+    # backward then needs no second pass for dq. Otherwise it is an empty (0,) tensor.
     "matryoshka_infonce": (
         "(Tensor q, Tensor c, Tensor hard_negatives, Tensor labels, int[] group_rq, int[] group_rc,"
-        " float scale, Tensor? q_mask, Tensor? c_mask, Tensor? hard_negatives_mask) -> (Tensor, Tensor)"
+        " float scale, Tensor? q_mask, Tensor? c_mask, Tensor? hard_negatives_mask, bool query_gradient=False)"
+        " -> (Tensor, Tensor, Tensor)"
     ),
     "matryoshka_infonce_backward": (
         "(Tensor grad, Tensor lse, Tensor q, Tensor c, Tensor hard_negatives, Tensor labels, int[] group_rq,"
         " int[] group_rc, float scale, Tensor? q_mask, Tensor? c_mask, Tensor? hard_negatives_mask,"
-        " bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
+        " bool[3] output_mask, Tensor? query_gradient=None) -> (Tensor, Tensor, Tensor)"
     ),
 }
 

@@ -78,9 +78,13 @@ class Backend:
     def maxsim_paired_grouped(self, q, c, groups, q_mask, c_mask):
         return self._op("maxsim_paired_grouped")(q, c, *_split(groups), q_mask, c_mask)
 
-    def infonce_terms(self, q, c, hard_negatives, labels, groups, scale, q_mask, c_mask, hn_mask):
+    def infonce_terms(self, q, c, hard_negatives, labels, groups, scale, q_mask, c_mask, hn_mask,
+                      query_gradient: bool = False):
+        """query_gradient: q will need a gradient, so a backend that can fuses it into the
+        forward (its backward then skips the second pass for dq)."""
         op = self._op("matryoshka_infonce")
-        terms, _lse = op(q, c, hard_negatives, labels, *_split(groups), float(scale), q_mask, c_mask, hn_mask)
+        terms, _lse, _jq = op(q, c, hard_negatives, labels, *_split(groups), float(scale), q_mask, c_mask, hn_mask,
+                              query_gradient)
         return terms
 
     def __repr__(self) -> str:

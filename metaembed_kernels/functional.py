@@ -199,8 +199,10 @@ def matryoshka_infonce(
     reduction = V.check_reduction(reduction)
 
     impl = select_backend(backend, q.device, q.dtype, groups)
+    # When q will need a gradient, a backend that can (cpu) computes it in the forward's pass.
+    fuse_dq = q.requires_grad and torch.is_grad_enabled()
     terms = impl.infonce_terms(
-        q, c, hard_negatives, labels, groups, 1.0 / temperature, q_mask, c_mask, hn_mask
+        q, c, hard_negatives, labels, groups, 1.0 / temperature, q_mask, c_mask, hn_mask, fuse_dq
     )  # (G, Nq)
     group_losses = terms.sum(dim=1)
     if reduction == "mean" and nq > 0:  # an empty batch has loss 0, not NaN

@@ -541,7 +541,7 @@ def test_chunked_workspaces_match_one_chunk(paired):
     def run():
         if paired:
             return ops.maxsim_paired_grouped_backward(grad, q, c, grq, grc, q_mask, c_mask, [True, True])
-        terms, lse = ops.matryoshka_infonce(q, c, hn, labels, grq, grc, 2.0, q_mask, c_mask, None)
+        terms, lse, _ = ops.matryoshka_infonce(q, c, hn, labels, grq, grc, 2.0, q_mask, c_mask, None)
         return (*ops.maxsim_grouped_backward(grad, q, c, grq, grc, q_mask, c_mask, [True, True]),
                 *ops.matryoshka_infonce_backward(torch.ones_like(terms), lse, q, c, hn, labels, grq, grc, 2.0,
                                                  q_mask, c_mask, None, [True, True, True]))
@@ -589,7 +589,7 @@ def backward_case(op, name, dev, seed=31):
     c = exact_values((6, 9, 24), gen, torch.bfloat16)
     hn = exact_values((4, 2, 9, 24), gen, torch.bfloat16)
     labels = torch.tensor([0, 2, 5, 1])
-    terms, lse = ops_of(name).matryoshka_infonce(*on(dev, q, c, hn, labels), grq, grc, 2.0, *on(dev, qm), None, None)
+    terms, lse, _ = ops_of(name).matryoshka_infonce(*on(dev, q, c, hn, labels), grq, grc, 2.0, *on(dev, qm), None, None)
     grad = torch.randn(4, 4, generator=gen)
     args = (grad, lse.cpu(), q, c, hn, labels, grq, grc, 2.0, qm, None, None)
 
@@ -812,7 +812,7 @@ def test_nonfinite_loss_follows_the_contract(runner, kind, dtype):
     grad = torch.tensor([[1.0, 0.5, -1.0, 2.0]]).expand(len(groups), 4).contiguous()
     ops = ops_of(name)
     args = [*on(dev, q, c, hn, labels), *split(groups), scale, *on(dev, q_mask, c_mask, hn_mask)]
-    terms, lse = ops.matryoshka_infonce(*args)
+    terms, lse, _ = ops.matryoshka_infonce(*args)
     dq, dc, dhn = ops.matryoshka_infonce_backward(grad.to(dev), lse, *args, [True, True, True])
     dq_r, dc_r, dhn_r, terms_r, lse_r = dense_infonce_backward(grad, q, c, hn, labels, groups, scale, q_mask,
                                                                 c_mask, hn_mask)
@@ -910,7 +910,7 @@ def test_labels_out_of_range_raise_value_error_naming_labels():
     ops = torch.ops.metaembed_emu
     gen = torch.Generator().manual_seed(44)
     q, c, hn = normal_values((2, 3, 8), gen), normal_values((4, 5, 8), gen), normal_values((2, 1, 5, 8), gen)
-    terms, lse = ops.matryoshka_infonce(q, c, hn, torch.tensor([0, 3]), [1], [1], 1.0, None, None, None)
+    terms, lse, _ = ops.matryoshka_infonce(q, c, hn, torch.tensor([0, 3]), [1], [1], 1.0, None, None, None)
     before = launches()
     for bad in ([0, 4], [-1, 0], [7, 9]):
         labels = torch.tensor(bad)

@@ -91,6 +91,8 @@ def test_opcheck_forward_ops(backend, layout):
     torch.library.opcheck(ops("maxsim_paired_grouped"), (q, cp, RQ, RC, qm, cpm))
     labels = torch.tensor([1, 4, 0])
     torch.library.opcheck(ops("matryoshka_infonce"), (q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm))
+    # with the query gradient fused into the forward where the backend can (cpu)
+    torch.library.opcheck(ops("matryoshka_infonce"), (q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm, True))
 
 
 @pytest.mark.parametrize("output_mask", [(True, True), (True, False), (False, True)], ids=str)
@@ -106,7 +108,7 @@ def test_opcheck_backward_ops(backend, output_mask):
     torch.library.opcheck(ops("maxsim_paired_grouped_backward"),
                           (torch.randn(3, 3, 2, generator=gen).to(sd), q, cp, RQ, RC, qm, cpm, mask2))
     labels = torch.tensor([1, 4, 0])
-    _, lse = ops("matryoshka_infonce")(q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm)
+    _, lse, _ = ops("matryoshka_infonce")(q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm)
     torch.library.opcheck(ops("matryoshka_infonce_backward"),
                           (torch.randn(3, 3, generator=gen).to(sd), lse, q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm,
                            mask2 + [not output_mask[1]]))
@@ -157,7 +159,7 @@ def test_backward_ops_skip_unwanted_gradients(backend):
     assert only_q[1].shape == (0,) and only_c[0].shape == (0,)
     assert torch.equal(only_q[0], full[0]) and torch.equal(only_c[1], full[1])
     labels = torch.tensor([1, 4, 0])
-    _, lse = ops("matryoshka_infonce")(q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm)
+    _, lse, _ = ops("matryoshka_infonce")(q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm)
     g = torch.randn(3, 3, dtype=real_dtype(q))
     full = ops("matryoshka_infonce_backward")(g, lse, q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm, [True] * 3)
     for mask in ([True, False, False], [False, True, False], [False, False, True], [False, False, False]):
@@ -178,7 +180,8 @@ class _RecordBackwardMasks(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "metaembed" and func.__name__.split(".")[0].endswith("_backward"):
-            self.masks.append(tuple(args[-1]))
+            names = [arg.name for arg in func._schema.arguments]
+            self.masks.append(tuple(args[names.index("output_mask")]))
         return func(*args, **(kwargs or {}))
 
 
@@ -206,3 +209,31 @@ def test_extension_registers_every_op_for_cpu():
     from metaembed_kernels import _extension
 
     assert _extension.has_kernel("cpu")
+
+
+@pytest.mark.parametrize("backend", op_backends())
+@pytest.mark.parametrize("masks", [False, True])
+def test_fused_query_gradient_equals_the_second_pass(backend, masks):
+    """query_gradient=True: a backend that fuses dq into the forward (cpu) returns
+    d terms_g(a) / d q[a] as (Nq, sum_g r_q(g), D); the backward's dq from it equals the dq of
+    the second pass over the tiles. Other backends return the (0,) placeholder."""
+    q, c, hn, _, qm, cm, hm, _ = inputs(_dtype_for(backend), nc=5, masks=masks, d=9)
+    ops = ops_of(backend)
+    labels = torch.tensor([1, 4, 0])
+    terms, lse, jq = ops("matryoshka_infonce")(q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm, True)
+    plain = ops("matryoshka_infonce")(q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm)
+    assert plain[2].shape == (0,)
+    torch.testing.assert_close(terms, plain[0])
+    torch.testing.assert_close(lse, plain[1])
+    if backend != "cpu":
+        assert jq.shape == (0,)
+        return
+    assert jq.shape == (3, sum(RQ), q.shape[2]) and jq.dtype == real_dtype(q)
+    grad = torch.randn(3, 3, dtype=real_dtype(q), generator=torch.Generator().manual_seed(2))
+    for mask in ([True, True, True], [True, False, False], [True, False, True]):
+        fused = ops("matryoshka_infonce_backward")(grad, lse, q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm, mask, jq)
+        second = ops("matryoshka_infonce_backward")(grad, lse, q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm, mask)
+        for k in range(3):
+            torch.testing.assert_close(fused[k], second[k], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"query_gradient must have shape"):
+        ops("matryoshka_infonce_backward")(grad, lse, q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm, [True] * 3, jq[:, 1:])

@@ -76,8 +76,11 @@ def test_one_torch_pin_per_purpose_each_in_one_place():
     offenders = [f for f in files if pinned.search(read(f))]
     assert offenders == [], f"torch pinned outside scripts/pins.env: {offenders}"
     assert "include scripts/pins.env" in read("Makefile")
-    for script in ("scripts/cuda_gate.sh", "scripts/test_compat.sh"):
-        assert ". scripts/pins.env" in read(script)
+    for script in os.listdir(os.path.join(REPO, "scripts")):
+        if script.endswith(".sh") and "TORCH" in read(os.path.join("scripts", script)):
+            assert ". scripts/pins.env" in read(os.path.join("scripts", script)), script
+        if script.endswith(".sh"):  # no default torch version of its own (`${TORCH_VERSION:-2.13.0}`)
+            assert not re.search(r"TORCH\w*:-[0-9]", read(os.path.join("scripts", script))), script
     # pyproject's floors are what make test-compat tests
     pyproject = read("pyproject.toml")
     assert f'"torch>={".".join(p["COMPAT_TORCH"].split(".")[:2])}"' in pyproject

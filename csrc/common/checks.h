@@ -152,6 +152,19 @@ inline void check_infonce_grad(const at::Tensor& grad, const at::Tensor& lse, in
                     "), got ", lse.sizes());
 }
 
+// The fused query gradient of matryoshka_infonce (nq, sum_g r_q(g), d), float32 (float64 for
+// float64 inputs), as the forward returned it.
+inline void check_query_gradient(const at::Tensor& jq, const GroupPlan& plan, const at::Tensor& q) {
+  int64_t rows = 0;
+  for (int64_t r : plan.rq) rows += r;
+  TORCH_CHECK_VALUE(jq.dim() == 3 && jq.size(0) == q.size(0) && jq.size(1) == rows && jq.size(2) == q.size(2),
+                    "query_gradient must have shape (Nq, sum_g r_q(g), D) = (", q.size(0), ", ", rows, ", ",
+                    q.size(2), "), got ", jq.sizes());
+  TORCH_CHECK_TYPE(jq.scalar_type() == (q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+                   "query_gradient must be float32 (float64 for float64 inputs), got ", jq.scalar_type());
+  TORCH_CHECK_VALUE(jq.device() == q.device(), "query_gradient must be on device ", q.device());
+}
+
 inline at::ScalarType score_type(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

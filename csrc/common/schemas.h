@@ -26,16 +26,18 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "maxsim_paired_grouped_backward(Tensor grad, Tensor q, Tensor c, int[] group_rq, int[] group_rc,"
       " Tensor? q_mask, Tensor? c_mask, bool[2] output_mask) -> (Tensor, Tensor)");
-  // (terms, lse), both (G, Nq): terms[g, a] = lse[g, a] - logit_g(a, labels[a]), with
-  // logits_g[a] = scale * concat(s_g(a, c[:]), s_g(a, hard_negatives[a, :])).
+  // (terms, lse, query_gradient): terms, lse (G, Nq), terms[g, a] = lse[g, a] - logit_g(a, labels[a]),
+  // logits_g[a] = scale * concat(s_g(a, c[:]), s_g(a, hard_negatives[a, :])); query_gradient:
+  // d terms_g(a) / d q[a] as (Nq, sum_g r_q(g), D) when asked for and fused (cpu), else (0,).
   m.def(
       "matryoshka_infonce(Tensor q, Tensor c, Tensor hard_negatives, Tensor labels, int[] group_rq,"
-      " int[] group_rc, float scale, Tensor? q_mask, Tensor? c_mask, Tensor? hard_negatives_mask)"
-      " -> (Tensor, Tensor)");
+      " int[] group_rc, float scale, Tensor? q_mask, Tensor? c_mask, Tensor? hard_negatives_mask,"
+      " bool query_gradient=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "matryoshka_infonce_backward(Tensor grad, Tensor lse, Tensor q, Tensor c, Tensor hard_negatives,"
       " Tensor labels, int[] group_rq, int[] group_rc, float scale, Tensor? q_mask, Tensor? c_mask,"
-      " Tensor? hard_negatives_mask, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      " Tensor? hard_negatives_mask, bool[3] output_mask, Tensor? query_gradient=None)"
+      " -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace metaembed

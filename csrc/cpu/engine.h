@@ -547,6 +547,107 @@ struct Engine {
     }
   }
 
+  // ---- fused loss forward with the query gradient --------------------------------------
+  // When q needs a gradient, the loss forward also produces it, in the same pass over the
+  // similarity tiles (the backward then needs no recompute for dq). For the queries of one
+  // block, owned by the calling thread, next to the online log-sum-exp (m, l) it keeps per
+  // group g the softmax-weighted sum of the score gradients, rescaled whenever the running
+  // max moves (as flash-attention rescales its output):
+  //
+  //   J[a, g] = sum_b exp(scale s_g(a, b) - m) ds_g(a, b)/dq[a]      (b: in-batch, then own negatives)
+  //   dterms_g(a)/dq[a] = scale * (J[a, g] / l - ds_g(a, labels[a])/dq[a])
+  //
+  // ds_g(a, b)/dq[a, i] = c[b, argmax_g(a, i, b)] for the valid tokens i < r_q(g) whose prefix
+  // holds a valid token. Group g's rows i < r_q(g) of query a are jq[a, goff[g] + i, :] (jq is
+  // (nq, sum_g r_q(g), d), zeroed by the host). The positive's term is folded in last, as
+  // -l times its gradient, before the rows are scaled by scale / l.
+
+  // jq rows += weight[al][g] * c[argmax_g] for every (token, group) of the view.
+  static void scatter_query_groups(const Problem& P, const QView& qv, const Work& w, const Acc* weight,
+                                   const T* cand, int64_t cs1, Acc* jq, const int64_t* goff, int64_t rows) {
+    const int64_t G = P.groups.num_groups, rq = P.groups.rq_eff, D = P.d, lanes = qv.panels * NR;
+    for (int64_t t = 0; t < qv.n * rq; ++t) {
+      const int64_t al = t / rq, i = t % rq, a = qv.a0 + al;
+      if (!query_token_valid(P, a, i)) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        const Acc wt = weight[al * G + g];
+        if (i >= P.groups.rq[g] || wt == Acc(0)) continue;
+        const int32_t j = w.bidx[P.groups.bound_index[g] * lanes + t];  // -1: no valid token in the prefix
+        if (j >= 0) Policy::axpy(wt, cand + j * cs1, jq + (a * rows + goff[g] + i) * D, D);
+      }
+    }
+  }
+
+  // Online update of (m, l) for logit x, rescaling group g's rows of query a; returns the
+  // weight exp(x - m) of x (1 when x sets the max).
+  static Acc lse_update_rows(Acc& m, Acc& l, Acc x, Acc* rows, int64_t n) {
+    if (x > m) {
+      const Acc f = std::exp(m - x);
+      if (l != Acc(0))
+        for (int64_t e = 0; e < n; ++e) rows[e] *= f;
+      l = l * f + Acc(1);
+      m = x;
+      return Acc(1);
+    }
+    const Acc weight = x == m ? Acc(1) : std::exp(x - m);
+    l += weight;
+    return weight;
+  }
+
+  static void infonce_forward_query_gradient(const Problem& P, const int64_t* labels, double scale,
+                                             const Tokens& hn, int64_t K, int64_t qblock, void* ws, void* m_,
+                                             void* l_, void* pos_, void* jq_, const int64_t* goff, int64_t rows) {
+    Work w = carve(P, ws);
+    Acc* m = static_cast<Acc*>(m_);
+    Acc* l = static_cast<Acc*>(l_);
+    Acc* pos = static_cast<Acc*>(pos_);
+    Acc* jq = static_cast<Acc*>(jq_);
+    const int64_t G = P.groups.num_groups, D = P.d;
+    const Acc sc = Acc(scale);
+    auto fold = [&](const QView& qv, int64_t b, bool in_batch) {  // w.scores -> (m, l), weights
+      for (int64_t al = 0; al < qv.n; ++al) {
+        const int64_t a = qv.a0 + al;
+        for (int64_t g = 0; g < G; ++g) {
+          const Acc x = sc * w.scores[al * G + g];
+          Acc* group_rows = jq + (a * rows + goff[g]) * D;
+          w.dscores[al * G + g] = lse_update_rows(m[g * P.nq + a], l[g * P.nq + a], x, group_rows, P.groups.rq[g] * D);
+          if (in_batch && labels[a] == b) pos[g * P.nq + a] = x;
+        }
+      }
+    };
+    // In-batch candidates, streamed past this block's packed queries.
+    const QView qv = block_view(P, qblock);
+    for (int64_t b = 0; b < P.nc; ++b) {
+      score_candidate<true>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w,
+                            next_candidate(P, b, P.nc));
+      block_scores(P, qv, w, w.scores);
+      fold(qv, b, true);
+      scatter_query_groups(P, qv, w, w.dscores, candidate(P, b), P.c.s1, jq, goff, rows);
+    }
+    // Each query's own hard negatives, then its positive (weight -l), then the scale / l.
+    for (int64_t a = qv.a0; a < qv.a0 + qv.n; ++a) {
+      pack_range(P, a, 1, w.qpack1);
+      const QView one{w.qpack1, a, 1, ceil_div(P.groups.rq_eff, NR)};
+      for (int64_t k = 0; k < K; ++k) {
+        const uint8_t* mask = hn.mask ? hn.mask + a * hn.m0 + k * hn.m1 : nullptr;
+        const T* cand = hard_negative(P, hn, a, k);
+        score_candidate<true>(P, one, cand, hn.s2, mask, hn.m2, w);
+        block_scores(P, one, w, w.scores);
+        fold(one, -1, false);
+        scatter_query_groups(P, one, w, w.dscores, cand, hn.s2, jq, goff, rows);
+      }
+      const int64_t b = labels[a];
+      score_candidate<true>(P, one, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w);
+      for (int64_t g = 0; g < G; ++g) w.dscores[g] = -l[g * P.nq + a];
+      scatter_query_groups(P, one, w, w.dscores, candidate(P, b), P.c.s1, jq, goff, rows);
+      for (int64_t g = 0; g < G; ++g) {
+        const Acc f = sc / l[g * P.nq + a];
+        Acc* group_rows = jq + (a * rows + goff[g]) * D;
+        for (int64_t e = 0; e < P.groups.rq[g] * D; ++e) group_rows[e] *= f;
+      }
+    }
+  }
+
   // ---- per-query candidates (maxsim_paired_grouped) ------------------------------------
   // Query a against its own candidates cand[a, n], n < N (the hard-negative layout):
   //   out[g, a, n] = s_g(q[a], cand[a, n]).
@@ -607,6 +708,7 @@ struct Engine {
     s.infonce_backward = &infonce_backward;
     s.infonce_backward_hard = &infonce_backward_hard;
     s.paired_forward = &paired_forward;
+    s.infonce_forward_query_gradient = &infonce_forward_query_gradient;
     s.paired_backward = &paired_backward;
     return s;
   }

@@ -80,6 +80,12 @@ struct KernelSet {
                          void* scores);
   void (*paired_backward)(const Problem&, const Tokens& cand, int64_t n, const void* grad, int64_t a0, int64_t a1,
                           void* ws, void* dq, void* dc);
+  // The loss forward of query block `qblock` (all in-batch candidates, then its queries'
+  // own k hard negatives) into m, l, pos (G, nq), with the query gradient of every group in
+  // jq (nq, rows, d): see Engine::infonce_forward_query_gradient.
+  void (*infonce_forward_query_gradient)(const Problem&, const int64_t* labels, double scale, const Tokens& hn,
+                                         int64_t k, int64_t qblock, void* ws, void* m, void* l, void* pos, void* jq,
+                                         const int64_t* goff, int64_t rows);
   // Gradient pointers (dq_partial, dq, dc, dhn) may be null: that gradient is not wanted.
 };
 

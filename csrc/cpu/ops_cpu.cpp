@@ -79,19 +79,22 @@ struct Prepared {
 // queries may fill 256 KiB of L2 per D chunk while every candidate streams past it; for
 // tiny budgets (r_c = 1, 2, ...) the loads would outrun L2, so the block shrinks to
 // 16 KiB (L1) and candidates are re-read per block from L2/L3 instead.
-void choose_blocking(Problem& p, const IsaKernels& isa, const KernelSet& ks) {
+// min_blocks > 1 caps the block size so that work split by query block has at least that
+// many blocks (the fused loss forward runs one thread per query block).
+void choose_blocking(Problem& p, const IsaKernels& isa, const KernelSet& ks, int64_t min_blocks = 1) {
   const int64_t D = p.d;
   p.kc = D <= 768 ? D : 8 * ceil_div_host(D, 8 * ceil_div_host(D, 512));
   const int64_t block_bytes = p.groups.rc_eff >= std::min(isa.mr, 4) ? (int64_t(256) << 10) : (int64_t(16) << 10);
   const int64_t target_tokens = std::max<int64_t>(isa.nr, block_bytes / (p.kc * ks.pack_elem_bytes));
   p.queries_per_block = std::max<int64_t>(1, std::min<int64_t>(p.nq, target_tokens / p.groups.rq_eff));
+  p.queries_per_block = std::min(p.queries_per_block, std::max<int64_t>(1, ceil_div_host(p.nq, min_blocks)));
   p.num_qblocks = ceil_div_host(p.nq, p.queries_per_block);
   p.panels_per_block = ceil_div_host(p.queries_per_block * p.groups.rq_eff, isa.nr);
 }
 
 // Fills P (P.plan must be set) and packs the queries.
 void prepare(Prepared& P, const at::Tensor& q, const at::Tensor& c, const c10::optional<at::Tensor>& q_mask,
-             const c10::optional<at::Tensor>& c_mask) {
+             const c10::optional<at::Tensor>& c_mask, int64_t min_blocks = 1) {
   P.q = last_dim_contiguous(q);
   P.c = last_dim_contiguous(c);
   P.q_mask = mask_of(q_mask);
@@ -111,7 +114,7 @@ void prepare(Prepared& P, const at::Tensor& q, const at::Tensor& c, const c10::o
   p.c = Tokens{P.c.data_ptr(), P.c.stride(0), P.c.stride(1), 0, P.c_mask.ptr, p.rc, 1, 0};
   p.groups = Groups{g.size(), g.rq.data(), g.bound_index.data(), int64_t(g.bounds.size()), g.bounds.data(),
                     g.rq_eff, g.rc_eff};
-  choose_blocking(p, *P.isa, *P.ks);
+  choose_blocking(p, *P.isa, *P.ks, min_blocks);
   P.qpack = at::empty({int64_t(P.ks->qpack_bytes(p)) + 64}, q.options().dtype(at::kByte));
   p.qpack = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(P.qpack.data_ptr()) + 63) & ~uintptr_t(63));
   at::parallel_for(0, p.num_qblocks, 1, [&](int64_t b, int64_t e) {
@@ -271,22 +274,63 @@ std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_backward_cpu(
   return {want_dq ? dq.to(q.scalar_type()) : not_wanted(q), want_dc ? dc.to(c.scalar_type()) : not_wanted(c)};
 }
 
-std::tuple<at::Tensor, at::Tensor> matryoshka_infonce_cpu(
+// Rows of the fused query gradient: group g's r_q(g) rows start at goff[g].
+std::vector<int64_t> query_gradient_offsets(const GroupPlan& plan, int64_t* rows) {
+  std::vector<int64_t> goff;
+  int64_t total = 0;
+  for (int64_t r : plan.rq) {
+    goff.push_back(total);
+    total += r;
+  }
+  *rows = total;
+  return goff;
+}
+
+// The loss forward fused with the query gradient (Engine::infonce_forward_query_gradient):
+// one thread per query block streams every candidate, so no state is merged across threads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_with_query_gradient(
+    Prepared& P, const at::Tensor& q, const at::Tensor& c, const at::Tensor& lab, const Tokens& hnt, int64_t K,
+    double scale, const c10::optional<at::Tensor>& q_mask, const c10::optional<at::Tensor>& c_mask) {
+  prepare(P, q, c, q_mask, c_mask, /*min_blocks=*/at::get_num_threads());
+  const Problem& p = P.p;
+  const auto acc = q.options().dtype(score_type(q));
+  const int64_t G = P.plan.size(), nq = q.size(0);
+  int64_t rows = 0;
+  const std::vector<int64_t> goff = query_gradient_offsets(P.plan, &rows);
+  at::Tensor m = at::full({G, nq}, -INFINITY, acc), l = at::zeros({G, nq}, acc), pos = at::zeros({G, nq}, acc);
+  at::Tensor jq = at::zeros({nq, rows, p.d}, acc);
+  at::parallel_for(0, p.num_qblocks, 1, [&](int64_t b0, int64_t b1) {
+    Workspace ws(P);
+    for (int64_t qb = b0; qb < b1; ++qb)
+      P.ks->infonce_forward_query_gradient(p, lab.data_ptr<int64_t>(), scale, hnt, K, qb, ws.get(), m.data_ptr(),
+                                           l.data_ptr(), pos.data_ptr(), jq.data_ptr(), goff.data(), rows);
+  });
+  at::Tensor lse = m + at::log(l);
+  return {lse - pos, lse, jq};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_cpu(
     const at::Tensor& q, const at::Tensor& c, const at::Tensor& hard_negatives, const at::Tensor& labels,
     at::IntArrayRef group_rq, at::IntArrayRef group_rc, double scale, const c10::optional<at::Tensor>& q_mask,
-    const c10::optional<at::Tensor>& c_mask, const c10::optional<at::Tensor>& hn_mask) {
+    const c10::optional<at::Tensor>& c_mask, const c10::optional<at::Tensor>& hn_mask, bool query_gradient) {
   Prepared P;
   P.plan = check_infonce_args(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask);
   const auto acc = q.options().dtype(score_type(q));
   const int64_t G = P.plan.size(), nq = q.size(0);
-  if (nq == 0) return {at::zeros({G, 0}, acc), at::zeros({G, 0}, acc)};
-  prepare(P, q, c, q_mask, c_mask);
-  const Problem& p = P.p;
+  if (nq == 0) {
+    int64_t rows = 0;
+    query_gradient_offsets(P.plan, &rows);
+    return {at::zeros({G, 0}, acc), at::zeros({G, 0}, acc),
+            query_gradient ? at::zeros({0, rows, q.size(2)}, acc) : at::empty({0}, acc)};
+  }
   const at::Tensor lab = labels.contiguous();
   const at::Tensor hn = last_dim_contiguous(hard_negatives);
   const Mask hm = mask_of(hn_mask);
   const Tokens hnt = hard_negative_tokens(hn, hm);
   const int64_t K = hn.size(1);
+  if (query_gradient) return infonce_with_query_gradient(P, q, c, lab, hnt, K, scale, q_mask, c_mask);
+  prepare(P, q, c, q_mask, c_mask);
+  const Problem& p = P.p;
 
   // In-batch candidates: per-chunk online log-sum-exp states, merged in chunk order.
   const int64_t chunks = num_candidate_chunks(p.nc);
@@ -318,20 +362,25 @@ std::tuple<at::Tensor, at::Tensor> matryoshka_infonce_cpu(
     });
   }
   at::Tensor lse = m_all + at::log(l_all);
-  return {lse - pos, lse};
+  return {lse - pos, lse, at::empty({0}, acc)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cpu(
     const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& q, const at::Tensor& c,
     const at::Tensor& hard_negatives, const at::Tensor& labels, at::IntArrayRef group_rq, at::IntArrayRef group_rc,
     double scale, const c10::optional<at::Tensor>& q_mask, const c10::optional<at::Tensor>& c_mask,
-    const c10::optional<at::Tensor>& hn_mask, std::array<bool, 3> output_mask) {
+    const c10::optional<at::Tensor>& hn_mask, std::array<bool, 3> output_mask,
+    const c10::optional<at::Tensor>& query_gradient) {
   Prepared P;
   P.plan = check_infonce_args(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask);
   const auto acc = q.options().dtype(score_type(q));
   const int64_t G = P.plan.size(), nq = q.size(0);
   check_infonce_grad(grad, lse, G, nq);
+  // dq from the forward's fused query gradient when it is there; else from the tiles here.
+  const bool fused_dq = query_gradient.has_value() && query_gradient->numel() > 0;
+  if (fused_dq) check_query_gradient(*query_gradient, P.plan, q);
   const auto [want_dq, want_dc, want_dhn] = output_mask;
+  const bool dq_pass = want_dq && !fused_dq;
   auto result = [&](at::Tensor dq, at::Tensor dc, at::Tensor dhn) {
     return std::make_tuple(want_dq ? dq.to(q.scalar_type()) : not_wanted(q),
                            want_dc ? dc.to(c.scalar_type()) : not_wanted(c),
@@ -342,44 +391,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cpu(
   at::Tensor dc = want_dc ? at::zeros({c.size(0), c.size(1), c.size(2)}, acc) : at::Tensor();
   at::Tensor dhn = want_dhn ? at::zeros({nq, K, c.size(1), q.size(2)}, acc) : at::Tensor();
   if (nq == 0 || !(want_dq || want_dc || want_dhn)) return result(dq, dc, dhn);
-  prepare(P, q, c, q_mask, c_mask);
-  const Problem& p = P.p;
-  const at::Tensor lab = labels.contiguous();
   const at::Tensor g = grad.to(acc.dtype()).contiguous(), ls = lse.to(acc.dtype()).contiguous();
-
-  // In-batch candidates: only for dq or dc.
-  if ((want_dq || want_dc) && p.nc > 0) {
-    const int64_t chunks = num_candidate_chunks(p.nc);
-    at::Tensor dq_partial = want_dq ? at::zeros({chunks, nq, p.rq, p.d}, acc) : at::Tensor();
-    at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
-      Workspace ws(P);
-      for (int64_t i = i0; i < i1; ++i)
-        P.ks->infonce_backward(p, lab.data_ptr<int64_t>(), scale, g.data_ptr(), ls.data_ptr(),
-                               chunk_begin(i, chunks, p.nc), chunk_begin(i + 1, chunks, p.nc), ws.get(),
-                               want_dq ? dq_partial[i].data_ptr() : nullptr, want_dc ? dc.data_ptr() : nullptr);
-    });
-    if (want_dq) {
-      dq = reduce_chunks(dq_partial);
-      poison_gradient(dq, census(c, c_mask, p.groups.rc_eff, 0), q_mask, p.groups.rq_eff);
+  if (fused_dq && want_dq) {  // dq[a, i] = sum_{g: i < r_q(g)} grad[g, a] * jq[a, goff[g] + i]
+    int64_t offset = 0;
+    for (int64_t k = 0; k < G; ++k) {
+      const int64_t r = P.plan.rq[k];
+      dq.narrow(1, 0, r).add_(query_gradient->narrow(1, offset, r) * g[k].view({nq, 1, 1}));
+      offset += r;
     }
-    if (want_dc) poison_gradient(dc, census(q, q_mask, p.groups.rq_eff, 0), c_mask, p.groups.rc_eff);
   }
-  // Hard negatives: only for dq or dhn.
-  if (K > 0 && (want_dq || want_dhn)) {
-    const at::Tensor hn = last_dim_contiguous(hard_negatives);
-    const Mask hm = mask_of(hn_mask);
-    const Tokens hnt = hard_negative_tokens(hn, hm);
-    const double item_flops = 2.0 * K * p.groups.rq_eff * p.groups.rc_eff * p.d;
-    at::parallel_for(0, nq, grain_for(item_flops), [&](int64_t a0, int64_t a1) {
-      Workspace ws(P);
-      P.ks->infonce_backward_hard(p, hnt, K, scale, g.data_ptr(), ls.data_ptr(), a0, a1, ws.get(),
-                                  want_dq ? dq.data_ptr() : nullptr, want_dhn ? dhn.data_ptr() : nullptr);
-    });
-    if (want_dq)
-      poison_gradient(dq, census(hard_negatives, hn_mask, p.groups.rc_eff, 1), q_mask, p.groups.rq_eff);
-    if (want_dhn)
-      poison_gradient(dhn, census(q, q_mask, p.groups.rq_eff, 1), hn_mask, p.groups.rc_eff);
+  const bool in_batch = (dq_pass || want_dc) && c.size(0) > 0;
+  const bool own_negatives = K > 0 && (dq_pass || want_dhn);
+  if (in_batch || own_negatives) {
+    prepare(P, q, c, q_mask, c_mask);
+    const Problem& p = P.p;
+    const at::Tensor lab = labels.contiguous();
+    if (in_batch) {  // in-batch candidates: dq (unless fused) and dc
+      const int64_t chunks = num_candidate_chunks(p.nc);
+      at::Tensor dq_partial = dq_pass ? at::zeros({chunks, nq, p.rq, p.d}, acc) : at::Tensor();
+      at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
+        Workspace ws(P);
+        for (int64_t i = i0; i < i1; ++i)
+          P.ks->infonce_backward(p, lab.data_ptr<int64_t>(), scale, g.data_ptr(), ls.data_ptr(),
+                                 chunk_begin(i, chunks, p.nc), chunk_begin(i + 1, chunks, p.nc), ws.get(),
+                                 dq_pass ? dq_partial[i].data_ptr() : nullptr, want_dc ? dc.data_ptr() : nullptr);
+      });
+      if (dq_pass) dq = reduce_chunks(dq_partial);
+    }
+    if (own_negatives) {  // each query's own hard negatives: dq (unless fused) and dhn
+      const at::Tensor hn = last_dim_contiguous(hard_negatives);
+      const Mask hm = mask_of(hn_mask);
+      const Tokens hnt = hard_negative_tokens(hn, hm);
+      const double item_flops = 2.0 * K * p.groups.rq_eff * p.groups.rc_eff * p.d;
+      at::parallel_for(0, nq, grain_for(item_flops), [&](int64_t a0, int64_t a1) {
+        Workspace ws(P);
+        P.ks->infonce_backward_hard(p, hnt, K, scale, g.data_ptr(), ls.data_ptr(), a0, a1, ws.get(),
+                                    dq_pass ? dq.data_ptr() : nullptr, want_dhn ? dhn.data_ptr() : nullptr);
+      });
+    }
   }
+  // The dense formulation's NaNs (common/nonfinite.h), once every contribution is in.
+  const int64_t rq_eff = P.plan.rq_eff, rc_eff = P.plan.rc_eff;
+  if (want_dq && c.size(0) > 0) poison_gradient(dq, census(c, c_mask, rc_eff, 0), q_mask, rq_eff);
+  if (want_dq && K > 0) poison_gradient(dq, census(hard_negatives, hn_mask, rc_eff, 1), q_mask, rq_eff);
+  if (want_dc) poison_gradient(dc, census(q, q_mask, rq_eff, 0), c_mask, rc_eff);
+  if (want_dhn && K > 0) poison_gradient(dhn, census(q, q_mask, rq_eff, 1), hn_mask, rc_eff);
   return result(dq, dc, dhn);
 }
 

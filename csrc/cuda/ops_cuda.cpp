@@ -496,10 +496,12 @@ void check_infonce_device(const at::Tensor& q, const at::Tensor& c, const at::Te
   TORCH_CHECK_VALUE(c.size(1) < kMaxTokens, "the CUDA backend needs Rc < 2^22, got ", c.size(1));
 }
 
-std::tuple<at::Tensor, at::Tensor> matryoshka_infonce_cuda(
+// query_gradient (the cpu backend's fused dq) is not fused here: the third output is the
+// empty (0,) placeholder and the backward computes dq from the tiles.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_cuda(
     const at::Tensor& q, const at::Tensor& c, const at::Tensor& hard_negatives, const at::Tensor& labels,
     at::IntArrayRef group_rq, at::IntArrayRef group_rc, double scale, const c10::optional<at::Tensor>& q_mask,
-    const c10::optional<at::Tensor>& c_mask, const c10::optional<at::Tensor>& hn_mask) {
+    const c10::optional<at::Tensor>& c_mask, const c10::optional<at::Tensor>& hn_mask, bool /*query_gradient*/) {
   // Label values: on the host for CPU tensors, by a device-side assert otherwise (no sync).
   check_infonce_args(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask);
   check_infonce_device(q, c, hard_negatives);
@@ -507,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor> matryoshka_infonce_cuda(
   Ctx ctx(q);
   const auto f32 = q.options().dtype(at::kFloat);
   const int64_t G = int64_t(group_rq.size()), nq = q.size(0), nc = c.size(0), K = hard_negatives.size(1);
-  if (nq == 0) return {at::zeros({G, 0}, f32), at::zeros({G, 0}, f32)};
+  if (nq == 0) return {at::zeros({G, 0}, f32), at::zeros({G, 0}, f32), at::empty({0}, f32)};
   const at::Tensor qc = last_dim_contiguous(q), cc = last_dim_contiguous(c);
   const at::Tensor hc = last_dim_contiguous(hard_negatives), lab = labels.contiguous();
   at::Tensor m_all = at::full({G, nq}, -INFINITY, f32), l_all = at::zeros({G, nq}, f32), pos = at::zeros({G, nq}, f32);
@@ -556,15 +558,19 @@ std::tuple<at::Tensor, at::Tensor> matryoshka_infonce_cuda(
     }
   }
   at::Tensor lse = m_all + at::log(l_all);
-  return {lse - pos, lse};
+  return {lse - pos, lse, at::empty({0}, f32)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cuda(
     const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& q, const at::Tensor& c,
     const at::Tensor& hard_negatives, const at::Tensor& labels, at::IntArrayRef group_rq, at::IntArrayRef group_rc,
     double scale, const c10::optional<at::Tensor>& q_mask, const c10::optional<at::Tensor>& c_mask,
-    const c10::optional<at::Tensor>& hn_mask, std::array<bool, 3> output_mask) {
+    const c10::optional<at::Tensor>& hn_mask, std::array<bool, 3> output_mask,
+    const c10::optional<at::Tensor>& query_gradient) {
   check_infonce_args(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask);
+  TORCH_CHECK_VALUE(!query_gradient.has_value() || query_gradient->numel() == 0,
+                    "query_gradient: the CUDA backend computes dq in the backward, so its forward returns an "
+                    "empty query_gradient; got shape ", query_gradient.has_value() ? query_gradient->sizes() : at::IntArrayRef{});
   check_infonce_device(q, c, hard_negatives);
   check_device_inputs(q, {&grad, &lse});
   const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(1));

@@ -55,20 +55,20 @@ def _gradient(acc: Tensor, like: Tensor, wanted: bool) -> Tensor:
 @torch.library.custom_op(INFONCE, mutates_args=(), schema=SCHEMAS["matryoshka_infonce"])
 def _matryoshka_infonce(q: Tensor, c: Tensor, hard_negatives: Tensor, labels: Tensor, group_rq: List[int],
                         group_rc: List[int], scale: float, q_mask: Optional[Tensor], c_mask: Optional[Tensor],
-                        hard_negatives_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                        hard_negatives_mask: Optional[Tensor], query_gradient: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask)
     negatives = launch.make_hard_negatives(problem, hard_negatives, hard_negatives_mask)
     lse, positive, plans = launch.plan_infonce_forward(problem, negatives, labels, scale)
     launch.run(plans)
-    return lse - positive, lse
+    return lse - positive, lse, lse.new_empty((0,))  # query_gradient is not fused: dq comes from the backward
 
 
 @torch.library.custom_op(INFONCE_BACKWARD, mutates_args=(), schema=SCHEMAS["matryoshka_infonce_backward"])
 def _matryoshka_infonce_backward(grad: Tensor, lse: Tensor, q: Tensor, c: Tensor, hard_negatives: Tensor,
                                  labels: Tensor, group_rq: List[int], group_rc: List[int], scale: float,
                                  q_mask: Optional[Tensor], c_mask: Optional[Tensor],
-                                 hard_negatives_mask: Optional[Tensor],
-                                 output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+                                 hard_negatives_mask: Optional[Tensor], output_mask: List[bool],
+                                 query_gradient: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask)
     negatives = launch.make_hard_negatives(problem, hard_negatives, hard_negatives_mask)
     dq, dc, dhn, plans = launch.plan_infonce_backward(problem, negatives, labels, scale, grad, lse, output_mask)
