@@ -80,7 +80,7 @@ def test_one_torch_pin_per_purpose_each_in_one_place():
         if script.endswith(".sh") and "TORCH" in read(os.path.join("scripts", script)):
             assert ". scripts/pins.env" in read(os.path.join("scripts", script)), script
         if script.endswith(".sh"):  # no default torch version of its own (`${TORCH_VERSION:-2.13.0}`)
-            assert not re.search(r"TORCH\w*:-[0-9]", read(os.path.join("scripts", script))), script
+            assert not re.search(r"TORCH_(VERSION|PIN)\w*:-[0-9]", read(os.path.join("scripts", script))), script
     # pyproject's floors are what make test-compat tests
     pyproject = read("pyproject.toml")
     assert f'"torch>={".".join(p["COMPAT_TORCH"].split(".")[:2])}"' in pyproject
