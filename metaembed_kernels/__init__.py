@@ -19,7 +19,7 @@ from .functional import (
 )
 from .loss import MatryoshkaInfoNCELoss
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402  (the one version number)
 
 __all__ = [
     "DEFAULT_GROUPS",

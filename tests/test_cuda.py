@@ -116,7 +116,7 @@ RUNNERS = {"cuda": ("cuda", CUDA_SKIP), "cuda-emu": ("cpu", EMU_SKIP)}
 requires_emulator = pytest.mark.skipif(EMU_SKIP is not None, reason=str(EMU_SKIP))
 
 
-@pytest.fixture(params=list(RUNNERS))
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.gpu) if name == "cuda" else name for name in RUNNERS])
 def runner(request):
     """(backend name, device) of each runner that can run here."""
     device, skip = RUNNERS[request.param]

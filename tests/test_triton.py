@@ -139,7 +139,7 @@ def test_heuristic_table_values_for_the_paper_shapes():
     # a query batch: 128 x 128 tiles (the wgmma shape on sm_90)
     batch = h.maxsim_forward_config(1000, 16, 64, 3584, torch.bfloat16)
     assert (batch.block_q, batch.block_c, batch.num_warps) == (8, 2, 8)
-    assert h.maxsim_forward_config(1000, 16, 64, 3584, torch.float32).m == 64  # fp32 FMA cap
+    assert h.maxsim_forward_config(1000, 16, 64, 3584, torch.float32).m == 32  # fp32 FMA cap (spills on triton 3.6)
     grad = h.gradient_config(16, 64, 3584, torch.bfloat16)
     assert (grad.m, grad.n, grad.num_warps) == (64, 64, 8)
     assert h.groups_pad(5) == 8 and h.groups_pad(9) == 16
@@ -184,6 +184,7 @@ def _gate_env():
     return env
 
 
+@pytest.mark.gate
 def test_compile_gate_passes_for_sm80_and_sm90():
     """`python -m metaembed_kernels.triton.verify`: every launchable configuration, bf16/fp16/
     fp32, D in {128, 3584}, (Rq, Rc) in {(16, 64), (32, 128), (64, 64)} and the chunked budgets
@@ -244,6 +245,7 @@ def test_gate_checks_can_fail():
     assert verify.mma_kind("fma.rn.f32") == "fma"
 
 
+@pytest.mark.gate
 def test_gate_detects_a_spilling_kernel():
     """A config the heuristics never pick -- fp32 maxsim forward at 128 x 256 with 4 warps, an
     accumulator of 256 fp32 registers per thread -- must be reported as spilling (ptxas 13.x

@@ -101,11 +101,23 @@ struct KernelSet {
   // Gradient pointers (dq_partial, dq, dc, dhn) may be null: that gradient is not wanted.
 };
 
+// Peak calibration: `iters` iterations of independent chains of the one instruction an
+// ISA's micro-kernel spends its time in (enough chains to cover latency x throughput);
+// returns the floating-point operations performed. Benchmarks report "% of peak" against
+// the loop of the ISA and dtype that ran, so no kernel can exceed it except by noise.
+struct PeakLoop {
+  double (*run)(int64_t iters);  // nullptr: no calibration for this ISA
+  const char* instruction;       // what it issues, for reports
+};
+
 struct IsaKernels {
   const char* name;
   int nr;  // lanes per query panel
   int mr;  // candidate tokens per register tile
   KernelSet by_dtype[kNumDTypes];
+  // fp32 (and fp16, converted to fp32): the FMA of the micro-kernel's width; bf16: the
+  // instruction that consumes bf16 (vdpbf16ps on avx512_bf16, else the fp32 FMA after conversion).
+  PeakLoop peak_fp32, peak_bf16;
 };
 
 // Defined in isa_generic.cpp / isa_avx2.cpp / isa_avx512.cpp / isa_avx512bf16.cpp. The
@@ -114,10 +126,6 @@ const IsaKernels* generic_kernels();
 const IsaKernels* avx2_kernels();
 const IsaKernels* avx512_kernels();
 const IsaKernels* avx512bf16_kernels();
-
-// Peak-FMA calibration loop (isa_avx2.cpp): runs `iters` iterations of independent
-// 8-wide FMA chains and returns the number of floating-point operations performed.
-double fma_peak_loop(int64_t iters);
 
 }  // namespace cpu
 }  // namespace metaembed
