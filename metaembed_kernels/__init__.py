@@ -3,9 +3,10 @@
     from metaembed_kernels import (maxsim, maxsim_grouped, matryoshka_infonce,
                                    MatryoshkaInfoNCELoss, DEFAULT_GROUPS)
     from metaembed_kernels import MetaEmbed   # model wrapper on transformers backbones
+    from metaembed_kernels import MultiVectorIndex, IndexCorruptedError   # retrieval index
 
-``MetaEmbed`` is loaded on first access (module ``__getattr__``), so importing the kernels
-never imports the model code or transformers.
+``MetaEmbed`` and the index are loaded on first access (module ``__getattr__``), so
+importing the kernels never imports the model code, transformers or the index.
 """
 from . import _extension  # loads the C++ ops (or warns and falls back)
 from .backends import BackendUnavailableError, available_backends, select_backend
@@ -17,8 +18,10 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_GROUPS",
     "BackendUnavailableError",
+    "IndexCorruptedError",
     "MatryoshkaInfoNCELoss",
     "MetaEmbed",
+    "MultiVectorIndex",
     "available_backends",
     "matryoshka_infonce",
     "maxsim",
@@ -33,4 +36,8 @@ def __getattr__(name):
         from .model import MetaEmbed
 
         return MetaEmbed
+    if name in ("MultiVectorIndex", "IndexCorruptedError"):
+        from . import index
+
+        return getattr(index, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
