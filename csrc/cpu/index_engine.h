@@ -4,7 +4,7 @@
 // everything has internal linkage, as in engine.h.
 //
 // Scoring reuses the engine (engine.h): queries are packed into its NR-lane panels, the
-// policy's register micro-kernel produces the similarity tile, and the running maxima are
+// policy's register micro-kernel produces the similarity tile, and running maxima are
 // snapshotted at every distinct r_c, so every group comes out of one pass. What is new:
 //
 // * Rows come from prefix slabs: token j of row b is read from slab tok_slab[j] (storage.py),
@@ -12,26 +12,28 @@
 // * Multi-candidate register tiles: when r_c < MR, one tile holds floor(MR / r_c) candidates
 //   (r_c rows each), so small budgets (r_c = 1: a plain GEMM) keep the micro-kernel's full
 //   MR x NR accumulator block busy instead of running 1-row tiles. A tail tile repeats its last
-//   real row, so a row's arithmetic never depends on its neighbours (scores are bitwise the
-//   same whatever the tiling, thread split or segment boundaries).
+//   real row: a row's arithmetic never depends on its neighbours, so scores are bitwise the
+//   same whatever the tiling, the thread split or the segment boundaries.
 // * Few query tokens (<= kDotTokens: one query at a small budget) take dot products along D
 //   (Ops::dots, vectorised per ISA), reading each candidate row once: a memory-bound GEMV.
-// * Fused top-k: per thread, per (group, query), a heap of k (TopK). Each finished score is
-//   compared with the heap's bar thr (its k-th score once full, -inf before); only scores
-//   that reach it touch the heap, so the working set is O(G Nq k + one tile).
+// * Fused top-k: per thread, per (group, query), a heap of k (TopK, index_order.h). The
+//   scores of a finished candidate are compared, a vector of queries at a time, with the
+//   heaps' bars thr (their k-th score once full, -inf before); only scores that reach the bar
+//   touch a heap, so the working set is O(G Nq k + one tile).
 //
 // int8 filter (kIndexInt8). An int8 index scores the dequantised vectors v = x * s exactly,
 // but scans with integer dot products first. Query token t (float32) is quantised per token,
-//   y_t = round(q_t / sq_t), sq_t = max|q_t| / 127, residual e_t = q_t - sq_t y_t,
-// and the approximate similarity is A_tj = sq_t * s_j * <y_t, x_j> (an exact integer dot,
-// VNNI vpdpbusd / AVX2 vpmaddubsw / scalar, then two float multiplies). Since |x_jd| <= 127,
-//   |<q_t, s_j x_j> - A_tj| <= s_j <|e_t|, |x_j|> <= 127 s_j ||e_t||_1,
-// and a max over j moves by at most the largest such bound, so the approximate score A of a
-// candidate is within  Bound = s_max * sum_t 127 (||e_t||_1 + rounding)  (+ float rounding of
-// both computations, accounted generously) of its exact score S. A candidate is rescored
-// exactly (exact_scores: float32 dots with x_jd * s_j, the dequantised values) only when
-// A + Bound >= thr: anything below cannot enter the top k. Every returned score is exact; the
-// integer scan only decides who gets rescored.
+//   y_t = round(q_t / sq_t),  sq_t = max|q_t| / 127,  residual e_t = q_t - sq_t y_t,
+// and the approximate similarity is A_tj = sq_t * s_j * <y_t, x_j> (an exact integer dot:
+// VNNI vpdpbusd, AVX2 vpmaddubsw or scalar, then two float multiplies). By Cauchy-Schwarz
+//   |<q_t, v_j> - A_tj| = |<e_t, v_j>| <= ||e_t||_2 ||v_j||_2,
+// and a max over j moves by at most the largest such term, so a candidate's approximate
+// score A is within  Bound = N_max * sum_t err_t  of its exact score S, where N_max is the
+// largest stored norm ||v_j||_2 (rounded up) among its first r_c vectors and err_t =
+// ||e_t||_2 plus an allowance for the float rounding of both computations (index_ops.cpp).
+// A candidate is rescored exactly (exact_scores: float32 dots with the dequantised values
+// x_jd * s_j) only when A + Bound >= thr; below, it cannot enter the top k. Every returned
+// score is exact; the integer scan only decides who is rescored.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -52,8 +54,7 @@ namespace {
 
 template <class Tc>
 inline const Tc* token_row(const IndexProblem& IP, const IndexSegment& seg, int64_t b, int64_t j) {
-  const int64_t s = IP.tok_slab[j];
-  return static_cast<const Tc*>(seg.data[s]) + (b * IP.tok_width[j] + IP.tok_off[j]) * IP.p.d;
+  return static_cast<const Tc*>(seg.data[IP.tok_slab[j]]) + (b * IP.tok_width[j] + IP.tok_off[j]) * IP.p.d;
 }
 
 inline int64_t token_slot(const IndexProblem& IP, int64_t b, int64_t j) {
@@ -64,8 +65,10 @@ inline bool token_valid(const IndexProblem& IP, const IndexSegment& seg, int64_t
   return !IP.masked || seg.masks[IP.tok_slab[j]][token_slot(IP, b, j)] != 0;
 }
 
-// ExactScan's Ops for ISAs without their own few-token dots: the engine's, row by row.
-struct UseEngineDots {};
+// int8: (scale, norm) of token j of row b.
+inline const float* token_scale(const IndexProblem& IP, const IndexSegment& seg, int64_t b, int64_t j) {
+  return seg.scales[IP.tok_slab[j]] + 2 * token_slot(IP, b, j);
+}
 
 // A candidate: segment and local row.
 struct Cand {
@@ -73,70 +76,8 @@ struct Cand {
   int64_t b;
 };
 
-// ---- folding a tile into group scores --------------------------------------------------
-//
-// tile: [panels][MR][NR] similarities (or approximations); rows [r0, r0 + count) of it are
-// candidate tokens j0 .. j0 + count - 1. runmax/bmax/bvalid are the candidate's state.
-template <class Acc, int NR, int MR>
-struct Fold {
-  static void reset(Acc* runmax, int64_t lanes, bool& any_valid) {
-    for (int64_t t = 0; t < lanes; ++t) runmax[t] = -INFINITY;
-    any_valid = false;
-  }
-
-  // L: lanes used per panel (NR for the micro-kernel's panels; the token count, <= NR, for
-  // the one panel of the few-token dots).
-  static void rows(const IndexProblem& IP, const Cand& c, const Acc* tile, int64_t panels, int L, int r0, int count,
-                   int64_t j0, Acc* runmax, bool& any_valid, Acc* bmax, uint8_t* bvalid, int64_t& kb) {
-    const Groups& G = IP.p.groups;
-    const int64_t lanes = panels * NR;
-    for (int r = 0; r < count; ++r) {
-      const int64_t j = j0 + r;
-      if (token_valid(IP, *c.seg, c.b, j)) {
-        any_valid = true;
-        if (L == NR) {
-          for (int64_t p = 0; p < panels; ++p) {
-            const Acc* row = tile + (p * MR + r0 + r) * NR;
-            Acc* m = runmax + p * NR;
-            for (int l = 0; l < NR; ++l) m[l] = row[l] > m[l] ? row[l] : m[l];
-          }
-        } else {
-          const Acc* row = tile + (r0 + r) * NR;
-          for (int l = 0; l < L; ++l) runmax[l] = row[l] > runmax[l] ? row[l] : runmax[l];
-        }
-      }
-      if (j + 1 == G.bounds[kb]) {
-        std::memcpy(bmax + kb * lanes, runmax, sizeof(Acc) * (L == NR ? lanes : L));
-        bvalid[kb] = any_valid;
-        ++kb;
-      }
-    }
-  }
-
-  // scores[al * G + g] = s_g(a, candidate) for the view's queries (tokens summed in order).
-  static void scores(const IndexProblem& IP, int64_t a0, int64_t n, int64_t panels, const Acc* bmax,
-                     const uint8_t* bvalid, Acc* out) {
-    const Problem& P = IP.p;
-    const int64_t G = P.groups.num_groups, rq = P.groups.rq_eff, lanes = panels * NR;
-    for (int64_t x = 0; x < n * G; ++x) out[x] = 0;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t k = P.groups.bound_index[g];
-      if (!bvalid[k]) continue;  // no valid candidate vector in the prefix: every token gives 0
-      const Acc* m = bmax + k * lanes;
-      const int64_t grq = P.groups.rq[g];
-      for (int64_t al = 0; al < n; ++al) {
-        const int64_t a = a0 + al;
-        Acc sum = 0;
-        for (int64_t i = 0; i < grq; ++i)
-          if (!P.q.mask || P.q.mask[a * P.q.m0 + i * P.q.m1]) sum += m[al * rq + i];
-        out[al * G + g] = sum;
-      }
-    }
-  }
-};
-
-// Candidates [b0, b1) of a segment that may be returned, in groups of up to m, handed to
-// `fn(const Cand* cands, int count)`.
+// Candidates of global rows [r0, r1) that may be returned, in groups of up to m (<= 64),
+// handed to fn(const Cand* cands, int count).
 template <class Fn>
 inline void for_candidate_groups(const IndexProblem& IP, int64_t r0, int64_t r1, int m, Fn&& fn) {
   Cand buf[64];
@@ -156,7 +97,7 @@ inline void for_candidate_groups(const IndexProblem& IP, int64_t r0, int64_t r1,
   }
 }
 
-// Global row -> candidate (binary search over the segments); false for row < 0.
+// Global row -> candidate (binary search over the segments); false for a row out of range.
 inline bool candidate_of_row(const IndexProblem& IP, int64_t row, Cand& out) {
   if (row < 0 || row >= IP.total_rows) return false;
   int64_t lo = 0, hi = IP.num_segs - 1;
@@ -169,24 +110,142 @@ inline bool candidate_of_row(const IndexProblem& IP, int64_t row, Cand& out) {
   return true;
 }
 
+// Candidates per register tile: floor(MR / r_c) when r_c < MR, else 1 (tiles along j).
+inline int tile_candidates(int64_t rc, int mr) { return rc >= mr ? 1 : int(mr / rc); }
+
+// ---- folding tiles into group scores, for one query block --------------------------------
+//
+// Tiles are [panels][MR][NR] (micro-kernel) or one panel whose first L lanes hold the tokens
+// (few-token dots). Query token t = al * rq_eff + i of the block is lane t.
+template <int NR, int MR>
+struct BlockFold {
+  const IndexProblem& IP;
+  int64_t a0, n, panels, lanes;
+  int L;                  // lanes used per panel: NR, or the token count of the dots
+  int64_t fold_lanes;     // lanes folded per row
+  const uint8_t* qvalid;  // [n * rq_eff] 0/1, or nullptr (every token valid)
+  float* runmax;          // [lanes]
+  float* bmax;            // [num_bounds][lanes]
+  uint8_t* bvalid;        // [num_bounds]
+  float* scores;          // [G][n]
+  bool any_valid = false;
+  int64_t kb = 0;
+
+  // Fold straight into the only snapshot when there is one bound (no copy).
+  float* run() const { return IP.p.groups.num_bounds == 1 ? bmax : runmax; }
+
+  void begin() {
+    float* m = run();
+    for (int64_t t = 0; t < fold_lanes; ++t) m[t] = -INFINITY;
+    any_valid = false;
+    kb = 0;
+  }
+
+  // Rows [r0, r0 + count) of `tile` are tokens j0 .. j0 + count - 1 of candidate c.
+  void fold(const Cand& c, const float* tile, int r0, int count, int64_t j0) {
+    const Groups& G = IP.p.groups;
+    float* m = run();
+    for (int r = 0; r < count; ++r) {
+      const int64_t j = j0 + r;
+      if (token_valid(IP, *c.seg, c.b, j)) {
+        any_valid = true;
+        if (L == NR) {
+          for (int64_t p = 0; p < panels; ++p) {
+            const float* row = tile + (p * MR + r0 + r) * NR;
+            float* mp = m + p * NR;
+            for (int l = 0; l < NR; ++l) mp[l] = row[l] > mp[l] ? row[l] : mp[l];
+          }
+        } else {
+          const float* row = tile + (r0 + r) * NR;
+          for (int l = 0; l < L; ++l) m[l] = row[l] > m[l] ? row[l] : m[l];
+        }
+      }
+      if (j + 1 == G.bounds[kb]) {
+        if (m != bmax) std::memcpy(bmax + kb * lanes, m, sizeof(float) * fold_lanes);
+        bvalid[kb] = any_valid;
+        ++kb;
+      }
+    }
+  }
+
+  // scores[g * n + al] = s_g(a0 + al, candidate): query tokens summed in order; a token facing
+  // no valid candidate vector in the prefix (bvalid 0) contributes 0, as a masked token does.
+  void finish() {
+    const Problem& P = IP.p;
+    const int64_t G = P.groups.num_groups, rq = P.groups.rq_eff;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k = P.groups.bound_index[g], grq = P.groups.rq[g];
+      float* out = scores + g * n;
+      if (!bvalid[k]) {
+        for (int64_t al = 0; al < n; ++al) out[al] = 0;
+        continue;
+      }
+      const float* m = bmax + k * lanes;
+      if (rq == 1) {
+        if (qvalid)
+          for (int64_t al = 0; al < n; ++al) out[al] = qvalid[al] ? m[al] : 0.f;
+        else
+          for (int64_t al = 0; al < n; ++al) out[al] = m[al];
+      } else {
+        for (int64_t al = 0; al < n; ++al) {
+          float sum = 0;
+          for (int64_t i = 0; i < grq; ++i)
+            if (!qvalid || qvalid[al * rq + i]) sum += m[al * rq + i];
+          out[al] = sum;
+        }
+      }
+    }
+  }
+};
+
+// Query-token validity of a block as 0/1 bytes (nullptr when q has no mask).
+inline const uint8_t* block_qvalid(const IndexProblem& IP, int64_t a0, int64_t n, uint8_t* buf) {
+  const Problem& P = IP.p;
+  if (!P.q.mask) return nullptr;
+  const int64_t rq = P.groups.rq_eff;
+  for (int64_t al = 0; al < n; ++al)
+    for (int64_t i = 0; i < rq; ++i) buf[al * rq + i] = P.q.mask[(a0 + al) * P.q.m0 + i * P.q.m1] ? 1 : 0;
+  return buf;
+}
+
+// The threshold test: offer the candidate to the heaps of the queries whose bar it reaches.
+inline void offer_scores(TopK& top, const IndexProblem& IP, int64_t a0, int64_t n, const float* scores, int64_t id,
+                         int64_t row) {
+  const int64_t G = IP.p.groups.num_groups, nq = IP.p.nq;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* s = scores + g * n;
+    const float* thr = top.thr + g * nq + a0;
+    bool any = false;
+    for (int64_t al = 0; al < n; ++al) any |= s[al] >= thr[al];
+    if (!any) continue;
+    for (int64_t al = 0; al < n; ++al)
+      if (s[al] >= thr[al]) heap_offer(top, g * nq + a0 + al, s[al], id, row);
+  }
+}
+
 // ---- float32 / bfloat16 index: exact scores from the engine's micro-kernel -----------------
+
+// ExactScan's Ops for ISAs without their own few-token dots: the engine's, row by row.
+struct UseEngineDots {};
 
 template <class Policy, class T, class Ops>
 struct ExactScan {
   using E = Engine<Policy, T>;
   using Acc = typename Policy::Acc;
   using RowT = typename E::RowT;
-  using F = Fold<Acc, Policy::NR, Policy::MR>;
   static constexpr int NR = Policy::NR;
   static constexpr int MR = Policy::MR;
+  static_assert(std::is_same_v<Acc, float>, "the index scores in float32");
 
   struct Extra {
-    Acc* scores;      // [qpb][G]
+    float* scores;    // [G][qpb]
     uint8_t* bvalid;  // [num_bounds]
+    uint8_t* qvalid;  // [qpb * rq_eff]
   };
 
   static size_t extra_bytes(const Problem& P) {
-    return align64(sizeof(Acc) * P.queries_per_block * P.groups.num_groups) + align64(P.groups.num_bounds) + 64;
+    return align64(sizeof(float) * P.queries_per_block * P.groups.num_groups) + align64(P.groups.num_bounds) +
+           align64(P.queries_per_block * P.groups.rq_eff) + 64;
   }
 
   static size_t workspace_bytes(const IndexProblem& IP) { return E::workspace_bytes(IP.p) + extra_bytes(IP.p); }
@@ -194,50 +253,43 @@ struct ExactScan {
   static Extra carve_extra(const Problem& P, void* ws) {
     uintptr_t p = (reinterpret_cast<uintptr_t>(ws) + E::workspace_bytes(P) + 63) & ~uintptr_t(63);
     Extra x;
-    x.scores = reinterpret_cast<Acc*>(p);
-    p += align64(sizeof(Acc) * P.queries_per_block * P.groups.num_groups);
+    x.scores = reinterpret_cast<float*>(p);
+    p += align64(sizeof(float) * P.queries_per_block * P.groups.num_groups);
     x.bvalid = reinterpret_cast<uint8_t*>(p);
+    p += align64(P.groups.num_bounds);
+    x.qvalid = reinterpret_cast<uint8_t*>(p);
     return x;
   }
 
   static size_t qpack_bytes(const IndexProblem& IP) { return E::qpack_bytes(IP.p); }
-
   static void pack_queries(const IndexProblem& IP, int64_t qblock) { E::pack_queries(IP.p, qblock); }
 
-  // Candidates per register tile: floor(MR / r_c) when r_c < MR, else 1.
-  static int tile_candidates(const IndexProblem& IP) {
-    const int64_t rc = IP.p.groups.rc_eff;
-    return rc >= MR ? 1 : int(MR / rc);
-  }
-
-  // Fills the tile rows [0, M) for tokens [j0, j0 + per) of candidates cands[0, count) (rows
-  // of missing candidates repeat the last real row) and runs the micro-kernel (or the dots).
+  // The similarity tile for tokens [j0, j0 + per) of candidates cands[0, count), tile rows
+  // r = ci * per + jj (m candidates; rows of missing candidates repeat the last real row).
   static void tile(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, const Cand* cands,
                    int count, int m, int64_t j0, int per, const Acc* const* qrows, int nt) {
     const Problem& P = IP.p;
     const int64_t D = P.d, KC = P.kc, pe = E::panel_elems(P);
     const int M = m * per;
     const T* src[MR];
-    for (int r = 0; r < M; ++r) {
-      const int ci = std::min(r / per, count - 1);
-      const int jj = ci == r / per ? r % per : per - 1;
-      src[r] = token_row<T>(IP, *cands[ci].seg, cands[ci].b, j0 + jj);
-    }
+    int r = 0;
+    for (int ci = 0; ci < count; ++ci)
+      for (int jj = 0; jj < per; ++jj) src[r++] = token_row<T>(IP, *cands[ci].seg, cands[ci].b, j0 + jj);
+    for (; r < MR; ++r) src[r] = src[count * per - 1];
     for (int64_t k0 = 0; k0 < D; k0 += KC) {
       const int64_t kc = min64(KC, D - k0);
       const RowT* rows[MR];
-      for (int r = 0; r < MR; ++r) {
-        const int rr = r < M ? r : M - 1;
+      for (int rr = 0; rr < MR; ++rr) {
         if constexpr (E::kDirectRows) {
-          rows[r] = src[rr] + k0;
+          rows[rr] = src[rr] + k0;
         } else {
-          if (r < M) Policy::convert(src[r] + k0, w.crows + r * KC, kc);
-          rows[r] = w.crows + rr * KC;
+          if (rr < count * per) Policy::convert(src[rr] + k0, w.crows + rr * KC, kc);
+          rows[rr] = w.crows + std::min(rr, count * per - 1) * KC;
         }
       }
       if (nt > 0) {
         if constexpr (std::is_same_v<Ops, UseEngineDots>) {
-          for (int r = 0; r < M; ++r) E::dots(rows[r], qrows, nt, k0, kc, w.tile + r * NR, k0 > 0);
+          for (int rr = 0; rr < M; ++rr) E::dots(rows[rr], qrows, nt, k0, kc, w.tile + rr * NR, k0 > 0);
         } else {
           Ops::dots(rows, M, qrows, nt, k0, kc, w.tile, NR, k0 > 0);
         }
@@ -248,39 +300,35 @@ struct ExactScan {
     }
   }
 
-  // Scores every candidate of [r0, r1) (or of a row list) against the view and hands
-  // (candidate, scores[al * G + g]) to `emit`.
-  template <class CandSource, class Emit>
+  // Scores every candidate the source hands out against the view; emit(cand, scores[G][n]).
+  template <class Source, class Emit>
   static void scan(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
-                   CandSource&& source, Emit&& emit) {
+                   Source&& source, Emit&& emit) {
     const Problem& P = IP.p;
     const int64_t rc = P.groups.rc_eff;
     const Acc* qrows[E::kDotTokens];
     const int nt = E::prepare_query_rows(P, qv, w, qrows);
-    const int L = nt > 0 ? nt : NR;
-    const int64_t fold_lanes = nt > 0 ? nt : qv.panels * NR;
-    const int m = tile_candidates(IP);
+    BlockFold<NR, MR> f{IP, qv.a0, qv.n, nt > 0 ? 1 : qv.panels, (nt > 0 ? 1 : qv.panels) * NR, nt > 0 ? nt : NR,
+                        nt > 0 ? nt : qv.panels * NR, block_qvalid(IP, qv.a0, qv.n, x.qvalid), w.runmax, w.bmax,
+                        x.bvalid, x.scores};
+    const int m = tile_candidates(rc, MR);
     source(m, [&](const Cand* cands, int count) {
       if (m > 1) {
         tile(IP, qv, w, cands, count, m, 0, int(rc), qrows, nt);
         for (int c = 0; c < count; ++c) {
-          bool any;
-          int64_t kb = 0;
-          F::reset(w.runmax, fold_lanes, any);
-          F::rows(IP, cands[c], w.tile, qv.panels, L, c * int(rc), int(rc), 0, w.runmax, any, w.bmax, x.bvalid, kb);
-          F::scores(IP, qv.a0, qv.n, qv.panels, w.bmax, x.bvalid, x.scores);
+          f.begin();
+          f.fold(cands[c], w.tile, c * int(rc), int(rc), 0);
+          f.finish();
           emit(cands[c], x.scores);
         }
       } else {
-        bool any;
-        int64_t kb = 0;
-        F::reset(w.runmax, fold_lanes, any);
+        f.begin();
         for (int64_t j0 = 0; j0 < rc; j0 += MR) {
           const int mr = int(min64(MR, rc - j0));
           tile(IP, qv, w, cands, 1, 1, j0, mr, qrows, nt);
-          F::rows(IP, cands[0], w.tile, qv.panels, L, 0, mr, j0, w.runmax, any, w.bmax, x.bvalid, kb);
+          f.fold(cands[0], w.tile, 0, mr, j0);
         }
-        F::scores(IP, qv.a0, qv.n, qv.panels, w.bmax, x.bvalid, x.scores);
+        f.finish();
         emit(cands[0], x.scores);
       }
     });
@@ -291,17 +339,9 @@ struct ExactScan {
     typename E::Work w = E::carve(P, ws);
     Extra x = carve_extra(P, ws);
     const typename E::QView qv = E::block_view(P, qblock);
-    const int64_t G = P.groups.num_groups;
-    scan(IP, qv, w, x,
-         [&](int m, auto&& fn) { for_candidate_groups(IP, r0, r1, m, fn); },
-         [&](const Cand& c, const Acc* scores) {
-           const int64_t id = c.seg->ids[c.b], row = c.seg->row0 + c.b;
-           for (int64_t al = 0; al < qv.n; ++al)
-             for (int64_t g = 0; g < G; ++g) {
-               const int64_t xi = g * P.nq + qv.a0 + al;
-               const float s = float(scores[al * G + g]);
-               if (s >= top.thr[xi]) heap_offer(top, xi, s, id, row);  // the threshold test
-             }
+    scan(IP, qv, w, x, [&](int m, auto&& fn) { for_candidate_groups(IP, r0, r1, m, fn); },
+         [&](const Cand& c, const float* scores) {
+           offer_scores(top, IP, qv.a0, qv.n, scores, c.seg->ids[c.b], c.seg->row0 + c.b);
          });
   }
 
@@ -325,8 +365,8 @@ struct ExactScan {
                }
              }
            },
-           [&](const Cand&, const Acc* scores) {
-             for (int64_t g = 0; g < G; ++g) out[(g * P.nq + a) * K + xk] = float(scores[g]);
+           [&](const Cand&, const float* scores) {
+             for (int64_t g = 0; g < G; ++g) out[(g * P.nq + a) * K + xk] = scores[g];
            });
     }
   }
@@ -346,67 +386,67 @@ struct ExactScan {
   }
 };
 
-
 // ---- int8 index: integer scan, exact rescoring of the candidates that can enter ------------
 
-// Per query token of the (nq x rq_eff) grid, computed once per search by the host glue.
+// Per query token t = a * rq_eff + i, computed by the host glue (index_ops.cpp).
 struct QInfo {
-  float scale;    // sq_t
-  float err;      // 127 * (||e_t||_1 + rounding allowance): Bound contribution per unit s_max
-  int32_t corr;   // what the integer kernel adds to <y_t, x> (Ops::kOffset * sum_d y_td)
+  float scale;   // sq_t
+  float err;     // err_t: the bound per unit N_max (see the file comment)
+  int32_t corr;  // what the integer kernels add to <y_t, x>: Ops::kOffset * sum_d y_td
   float unused;
 };
 
-// Ops: NR, MR lanes / rows of the integer micro-kernel; kOffset (128 when candidates are
-// biased to unsigned bytes, else 0); micro<M>(xrows, qp, groups4, int32 tile, accumulate),
-// prepare_rows(src rows, M, D, scratch) -> rows the micro-kernel reads; dots(...) for few
-// tokens; qpanel layout [ceil(D/4)][NR][4] int8.
+// Ops: NR lanes and MR rows of the integer micro-kernel; kOffset (128 when candidate bytes are
+// biased to unsigned, else 0); prepare_rows (row copies the micro-kernel reads, padded to
+// dpad bytes); micro(M, rows, panel, groups of 4 dims, int32 tile [M][NR]); dots for few
+// tokens. Query panels are [ceil(D/4)][NR][4] int8.
 template <class Ops>
 struct Int8Scan {
   static constexpr int NR = Ops::NR;
   static constexpr int MR = Ops::MR;
   static constexpr int kDotTokens = 4;
-  using F = Fold<float, NR, MR>;
+  static constexpr int kDotWidth = 16;  // partial sums of the exact dots (vectorised by lane)
 
   static int64_t groups4(int64_t d) { return (d + 3) / 4; }
   static int64_t dpad(int64_t d) { return (d + 63) / 64 * 64; }
   static int64_t panel_bytes(const Problem& P) { return groups4(P.d) * 4 * NR; }
+  static int64_t max_panels(const Problem& P) { return max64(P.panels_per_block, ceil_div(P.groups.rq_eff, NR)); }
 
   struct Work {
-    int32_t* itile;  // [panels][MR][NR]
-    float* tile;     // [panels][MR][NR] approximate similarities
-    float* runmax;   // [lanes]
-    float* bmax;     // [nb][lanes]
-    uint8_t* bvalid; // [nb]
-    float* scores;   // [qpb][G]
-    float* bound;    // [qpb][G]
-    uint8_t* xrows;  // [MR][dpad] biased candidate rows
-    int8_t* qrows8;  // [kDotTokens][dpad] few-token query rows
-    float* lane_scale;   // [lanes] sq per lane
-    int32_t* lane_corr;  // [lanes]
-    float* exact_max;    // [rq_eff * num_bounds] (exact rescoring)
-    float* vbuf;         // [dpad] one dequantised row
+    int32_t* itile;       // [panels][MR][NR]
+    float* tile;          // [panels][MR][NR] approximate similarities
+    float* runmax;        // [lanes]
+    float* bmax;          // [nb][lanes]
+    uint8_t* bvalid;      // [nb]
+    float* scores;        // [G][qpb] approximate
+    float* err_sum;       // [G][qpb] sum of err_t over each group's valid tokens
+    float* exact;         // [G]
+    uint8_t* xrows;       // [MR][dpad] candidate rows as the micro-kernel reads them
+    int8_t* qrows8;       // [kDotTokens][dpad] few-token query rows
+    float* lane_scale;    // [lanes] sq per lane
+    int32_t* lane_corr;   // [lanes]
+    uint8_t* qvalid;      // [qpb * rq_eff]
+    float* exact_max;     // [nb][rq_eff]
+    float* vbuf;          // [dpad] one dequantised row
   };
-
-  static int64_t max_panels(const Problem& P) { return max64(P.panels_per_block, ceil_div(P.groups.rq_eff, NR)); }
 
   static size_t workspace_bytes(const IndexProblem& IP) {
     const Problem& P = IP.p;
     const int64_t np = max_panels(P), lanes = np * NR, nb = P.groups.num_bounds, G = P.groups.num_groups;
-    const int64_t qpb = P.queries_per_block;
+    const int64_t qpb = P.queries_per_block, rq = P.groups.rq_eff;
     size_t n = 0;
     n += align64(sizeof(int32_t) * np * MR * NR) + align64(sizeof(float) * np * MR * NR);
     n += align64(sizeof(float) * lanes) + align64(sizeof(float) * nb * lanes) + align64(nb);
-    n += 2 * align64(sizeof(float) * qpb * G);
+    n += 2 * align64(sizeof(float) * qpb * G) + align64(sizeof(float) * G);
     n += align64(MR * dpad(P.d)) + align64(kDotTokens * dpad(P.d));
-    n += align64(sizeof(float) * lanes) + align64(sizeof(int32_t) * lanes);
-    n += align64(sizeof(float) * P.groups.rq_eff * nb) + align64(sizeof(float) * dpad(P.d));
+    n += align64(sizeof(float) * lanes) + align64(sizeof(int32_t) * lanes) + align64(qpb * rq);
+    n += align64(sizeof(float) * rq * nb) + align64(sizeof(float) * dpad(P.d));
     return n + 64;
   }
 
   static Work carve(const Problem& P, void* ws) {
     const int64_t np = max_panels(P), lanes = np * NR, nb = P.groups.num_bounds, G = P.groups.num_groups;
-    const int64_t qpb = P.queries_per_block;
+    const int64_t qpb = P.queries_per_block, rq = P.groups.rq_eff;
     uintptr_t p = (reinterpret_cast<uintptr_t>(ws) + 63) & ~uintptr_t(63);
     auto take = [&p](size_t bytes) {
       void* r = reinterpret_cast<void*>(p);
@@ -420,12 +460,14 @@ struct Int8Scan {
     w.bmax = static_cast<float*>(take(sizeof(float) * nb * lanes));
     w.bvalid = static_cast<uint8_t*>(take(nb));
     w.scores = static_cast<float*>(take(sizeof(float) * qpb * G));
-    w.bound = static_cast<float*>(take(sizeof(float) * qpb * G));
+    w.err_sum = static_cast<float*>(take(sizeof(float) * qpb * G));
+    w.exact = static_cast<float*>(take(sizeof(float) * G));
     w.xrows = static_cast<uint8_t*>(take(MR * dpad(P.d)));
     w.qrows8 = static_cast<int8_t*>(take(kDotTokens * dpad(P.d)));
     w.lane_scale = static_cast<float*>(take(sizeof(float) * lanes));
     w.lane_corr = static_cast<int32_t*>(take(sizeof(int32_t) * lanes));
-    w.exact_max = static_cast<float*>(take(sizeof(float) * P.groups.rq_eff * nb));
+    w.qvalid = static_cast<uint8_t*>(take(qpb * rq));
+    w.exact_max = static_cast<float*>(take(sizeof(float) * rq * nb));
     w.vbuf = static_cast<float*>(take(sizeof(float) * dpad(P.d)));
     return w;
   }
@@ -435,14 +477,10 @@ struct Int8Scan {
     return size_t(P.num_qblocks) * P.panels_per_block * panel_bytes(P);
   }
 
-  static const QInfo* qinfo(const IndexProblem& IP) { return static_cast<const QInfo*>(static_cast<const void*>(IP.qinfo)); }
-
-  // The quantised token t = (a, i) (computed by the host: y_td = round(q_td / sq_t)).
-  static int8_t quantised(const IndexProblem& IP, int64_t a, int64_t i, int64_t d) {
-    const Problem& P = IP.p;
-    return IP.qy[(a * P.groups.rq_eff + i) * P.d + d];
+  static const QInfo* qinfo(const IndexProblem& IP) { return static_cast<const QInfo*>(IP.qinfo); }
+  static const int8_t* qy_row(const IndexProblem& IP, int64_t a, int64_t i) {
+    return IP.qy + (a * IP.p.groups.rq_eff + i) * IP.p.d;
   }
-
   static const int8_t* block_pack(const IndexProblem& IP, int64_t qblock) {
     return static_cast<const int8_t*>(IP.p.qpack) + qblock * IP.p.panels_per_block * panel_bytes(IP.p);
   }
@@ -450,53 +488,63 @@ struct Int8Scan {
   static void pack_queries(const IndexProblem& IP, int64_t qblock) {
     const Problem& P = IP.p;
     const int64_t a0 = qblock * P.queries_per_block, n = min64(P.queries_per_block, P.nq - a0);
-    const int64_t rq = P.groups.rq_eff, ntok = n * rq, g4 = groups4(P.d), pb = panel_bytes(P);
+    const int64_t rq = P.groups.rq_eff, ntok = n * rq, pb = panel_bytes(P);
     int8_t* dst = const_cast<int8_t*>(block_pack(IP, qblock));
     std::memset(dst, 0, size_t(ceil_div(ntok, NR) * pb));
     for (int64_t t = 0; t < ntok; ++t) {
-      const int64_t a = a0 + t / rq, i = t % rq, lane = t % NR;
-      int8_t* panel = dst + (t / NR) * pb;
-      for (int64_t d = 0; d < P.d; ++d) panel[(d / 4) * 4 * NR + lane * 4 + (d & 3)] = quantised(IP, a, i, d);
+      const int8_t* y = qy_row(IP, a0 + t / rq, t % rq);
+      int8_t* panel = dst + (t / NR) * pb + (t % NR) * 4;
+      for (int64_t d = 0; d < P.d; ++d) panel[(d / 4) * 4 * NR + (d & 3)] = y[d];
     }
-    (void)g4;
   }
 
-  // The exact scores of one query against one candidate, every group: float32 dots of q with
-  // the dequantised vectors x_jd * s_j.
+  // <a, b> over n floats with kDotWidth independent partial sums (vectorised by lane).
+  static float dot(const float* a, const float* b, int64_t n) {
+    float part[kDotWidth] = {};
+    int64_t d = 0;
+    for (; d + kDotWidth <= n; d += kDotWidth)
+      for (int l = 0; l < kDotWidth; ++l) part[l] += a[d + l] * b[d + l];
+    float sum = 0;
+    for (int l = 0; l < kDotWidth; ++l) sum += part[l];
+    for (; d < n; ++d) sum += a[d] * b[d];
+    return sum;
+  }
+
+  // Exact scores of query a against candidate c for every group: float32 dots of q with the
+  // dequantised vectors x_jd * s_j; out[g].
   static void exact_scores(const IndexProblem& IP, int64_t a, const Cand& c, Work& w, float* out) {
     const Problem& P = IP.p;
     const int64_t D = P.d, rq = P.groups.rq_eff, rc = P.groups.rc_eff, nb = P.groups.num_bounds;
     const float* q = static_cast<const float*>(P.q.data);
-    for (int64_t x = 0; x < rq * nb; ++x) w.exact_max[x] = -INFINITY;
-    bool valid_at[64];
-    bool* bv = nb <= 64 ? valid_at : reinterpret_cast<bool*>(w.bvalid);
+    for (int64_t x = 0; x < rq; ++x) w.exact_max[x] = -INFINITY;
     bool any = false;
     int64_t kb = 0;
+    float* m = w.exact_max;  // the running max, snapshotted at bound k into row k
     for (int64_t j = 0; j < rc; ++j) {
       if (token_valid(IP, *c.seg, c.b, j)) {
         any = true;
         const int8_t* xr = token_row<int8_t>(IP, *c.seg, c.b, j);
-        const float s = c.seg->scales[IP.tok_slab[j]][token_slot(IP, c.b, j)];
+        const float s = token_scale(IP, *c.seg, c.b, j)[0];
         for (int64_t d = 0; d < D; ++d) w.vbuf[d] = float(xr[d]) * s;  // the dequantised vector
         for (int64_t i = 0; i < rq; ++i) {
-          const float* qi = q + a * P.q.s0 + i * P.q.s1;
-          float dot = 0;
-          for (int64_t d = 0; d < D; ++d) dot += qi[d] * w.vbuf[d];
-          float& m = w.exact_max[kb * rq + i];
-          m = dot > m ? dot : m;
+          if (P.q.mask && !P.q.mask[a * P.q.m0 + i * P.q.m1]) continue;
+          const float v = dot(q + a * P.q.s0 + i * P.q.s1, w.vbuf, D);
+          m[i] = v > m[i] ? v : m[i];
         }
       }
       if (j + 1 == P.groups.bounds[kb]) {
-        bv[kb] = any;
-        if (kb + 1 < nb)
-          for (int64_t i = 0; i < rq; ++i) w.exact_max[(kb + 1) * rq + i] = w.exact_max[kb * rq + i];
+        w.bvalid[kb] = any;
+        if (kb + 1 < nb) {
+          std::memcpy(m + rq, m, sizeof(float) * rq);
+          m += rq;
+        }
         ++kb;
       }
     }
     for (int64_t g = 0; g < P.groups.num_groups; ++g) {
       const int64_t k = P.groups.bound_index[g];
       float sum = 0;
-      if (bv[k])
+      if (w.bvalid[k])
         for (int64_t i = 0; i < P.groups.rq[g]; ++i)
           if (!P.q.mask || P.q.mask[a * P.q.m0 + i * P.q.m1]) sum += w.exact_max[k * rq + i];
       out[g] = sum;
@@ -507,120 +555,111 @@ struct Int8Scan {
     const Problem& P = IP.p;
     Work w = carve(P, ws);
     const int64_t a0 = qblock * P.queries_per_block, n = min64(P.queries_per_block, P.nq - a0);
-    const int64_t rq = P.groups.rq_eff, rc = P.groups.rc_eff, ntok = n * rq;
-    const int64_t panels = ceil_div(ntok, NR), lanes = panels * NR, G = P.groups.num_groups;
-    const int64_t D = P.d, g4 = groups4(D), pb = panel_bytes(P);
+    const int64_t rq = P.groups.rq_eff, rc = P.groups.rc_eff, ntok = n * rq, G = P.groups.num_groups;
+    const int64_t D = P.d, g4 = groups4(D), pb = panel_bytes(P), nq = P.nq;
+    const int nt = ntok <= kDotTokens ? int(ntok) : 0;
+    const int64_t panels = nt ? 1 : ceil_div(ntok, NR), lanes = panels * NR;
     const QInfo* info = qinfo(IP);
     for (int64_t t = 0; t < lanes; ++t) {
       w.lane_scale[t] = t < ntok ? info[a0 * rq + t].scale : 0.f;
       w.lane_corr[t] = t < ntok ? info[a0 * rq + t].corr : 0;
     }
-    // Bound per unit s_max: err summed over each group's valid tokens (fixed per block).
-    float* err_sum = w.bound;
-    for (int64_t al = 0; al < n; ++al)
-      for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* qvalid = block_qvalid(IP, a0, n, w.qvalid);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t al = 0; al < n; ++al) {
         float e = 0;
         for (int64_t i = 0; i < P.groups.rq[g]; ++i)
-          if (!P.q.mask || P.q.mask[(a0 + al) * P.q.m0 + i * P.q.m1]) e += info[(a0 + al) * rq + i].err;
-        err_sum[al * G + g] = e;
+          if (!qvalid || qvalid[al * rq + i]) e += info[(a0 + al) * rq + i].err;
+        w.err_sum[g * n + al] = e * (1 + 0x1p-16f);
       }
-    const int nt = ntok <= kDotTokens ? int(ntok) : 0;
-    if (nt) std::memset(w.itile, 0, sizeof(int32_t) * MR * NR);
-    if (nt)
-      for (int t = 0; t < nt; ++t)
-        for (int64_t d = 0; d < dpad(D); ++d)
-          w.qrows8[t * dpad(D) + d] = d < D ? quantised(IP, a0 + t / rq, t % rq, d) : 0;
-    const int8_t* qpack = block_pack(IP, qblock);
-    const int m = rc >= MR ? 1 : int(MR / rc);
-    float exact[256];
-    float* exact_out = G <= 256 ? exact : nullptr;
-    std::unique_ptr<float[]> exact_heap;
-    if (!exact_out) {
-      exact_heap.reset(new float[G]);
-      exact_out = exact_heap.get();
+    if (nt) {
+      std::memset(w.itile, 0, sizeof(int32_t) * MR * NR);
+      for (int t = 0; t < nt; ++t) {
+        const int8_t* y = qy_row(IP, a0 + t / rq, t % rq);
+        for (int64_t d = 0; d < dpad(D); ++d) w.qrows8[t * dpad(D) + d] = d < D ? y[d] : 0;
+      }
     }
+    const int8_t* qpack = block_pack(IP, qblock);
+    const int m = tile_candidates(rc, MR);
+    const int L = nt ? nt : NR;
+    BlockFold<NR, MR> f{IP, a0, n, panels, lanes, L, nt ? nt : lanes, qvalid, w.runmax, w.bmax, w.bvalid, w.scores};
 
     // Integer tile for tokens [j0, j0 + per) of candidates cands[0, count) -> approximate
-    // similarities in w.tile.
+    // similarities in w.tile (rows r = ci * per + jj).
     auto run_tile = [&](const Cand* cands, int count, int64_t j0, int per) {
       const int M = m * per;
       const int8_t* src[MR];
       float scl[MR];
-      for (int r = 0; r < M; ++r) {
-        const int ci = std::min(r / per, count - 1);
-        const int jj = ci == r / per ? r % per : per - 1;
-        src[r] = token_row<int8_t>(IP, *cands[ci].seg, cands[ci].b, j0 + jj);
-        scl[r] = cands[ci].seg->scales[IP.tok_slab[j0 + jj]][token_slot(IP, cands[ci].b, j0 + jj)];
+      int r = 0;
+      for (int ci = 0; ci < count; ++ci)
+        for (int jj = 0; jj < per; ++jj, ++r) {
+          src[r] = token_row<int8_t>(IP, *cands[ci].seg, cands[ci].b, j0 + jj);
+          scl[r] = token_scale(IP, *cands[ci].seg, cands[ci].b, j0 + jj)[0];
+        }
+      for (; r < M; ++r) {
+        src[r] = src[count * per - 1];
+        scl[r] = scl[count * per - 1];
       }
       if (nt) {
-        Ops::dots(src, M, w.qrows8, dpad(D), nt, D, w.itile, NR);
+        Ops::dots(src, count * per, w.qrows8, dpad(D), nt, D, w.itile, NR);
       } else {
         const uint8_t* rows[MR];
-        Ops::prepare_rows(src, M, D, w.xrows, dpad(D), rows);
-        for (int r = M; r < MR; ++r) rows[r] = rows[M - 1];
+        Ops::prepare_rows(src, count * per, D, w.xrows, dpad(D), rows);
+        for (int rr = count * per; rr < MR; ++rr) rows[rr] = rows[count * per - 1];
         for (int64_t p = 0; p < panels; ++p) Ops::micro(M, rows, qpack + p * pb, g4, w.itile + p * MR * NR);
       }
-      for (int64_t p = 0; p < (nt ? 1 : panels); ++p)
-        for (int r = 0; r < M; ++r) {
-          const int32_t* it = w.itile + (p * MR + r) * NR;
-          float* ft = w.tile + (p * MR + r) * NR;
+      for (int64_t p = 0; p < panels; ++p)
+        for (int rr = 0; rr < count * per; ++rr) {
+          const int32_t* it = w.itile + (p * MR + rr) * NR;
+          float* ft = w.tile + (p * MR + rr) * NR;
           const float* ls = w.lane_scale + p * NR;
           const int32_t* lc = w.lane_corr + p * NR;
-          for (int l = 0; l < (nt ? nt : NR); ++l) ft[l] = float(it[l] - lc[l]) * (ls[l] * scl[r]);
+          for (int l = 0; l < L; ++l) ft[l] = float(it[l] - lc[l]) * (ls[l] * scl[rr]);
         }
     };
 
-    auto finish = [&](const Cand& c, float smax) {
-      // Approximate scores, then the bar: A + Bound >= thr -> rescore exactly.
-      F::scores(IP, a0, n, nt ? 1 : panels, w.bmax, w.bvalid, w.scores);
+    // Approximate scores are in w.scores: rescore exactly where A + Bound reaches a bar.
+    auto finish = [&](const Cand& c) {
+      float nmax = 0;
+      for (int64_t j = 0; j < rc; ++j) nmax = std::max(nmax, token_scale(IP, *c.seg, c.b, j)[1]);
+      bool any = false;
+      for (int64_t x = 0; x < G * n; ++x) {
+        const int64_t g = x / n, al = x % n;
+        any |= w.scores[x] + nmax * w.err_sum[x] >= top.thr[g * nq + a0 + al];
+      }
+      if (!any) return;
       const int64_t id = c.seg->ids[c.b], row = c.seg->row0 + c.b;
       for (int64_t al = 0; al < n; ++al) {
         bool need = false;
-        for (int64_t g = 0; g < G && !need; ++g) {
-          const float A = w.scores[al * G + g];
-          // float rounding of both the approximation and the exact sum: a relative 2^-18 of
-          // |A| plus the token bound (already a generous upper bound)
-          const float bound = 2.f * (smax * err_sum[al * G + g]) + std::fabs(A) * 0x1p-18f + 1e-30f;
-          need = A + bound >= top.thr[g * P.nq + a0 + al];
-        }
+        for (int64_t g = 0; g < G && !need; ++g)
+          need = w.scores[g * n + al] + nmax * w.err_sum[g * n + al] >= top.thr[g * nq + a0 + al];
         if (!need) continue;
-        exact_scores(IP, a0 + al, c, w, exact_out);
+        exact_scores(IP, a0 + al, c, w, w.exact);
         for (int64_t g = 0; g < G; ++g) {
-          const int64_t xi = g * P.nq + a0 + al;
-          if (exact_out[g] >= top.thr[xi]) heap_offer(top, xi, exact_out[g], id, row);
+          const int64_t xi = g * nq + a0 + al;
+          if (w.exact[g] >= top.thr[xi]) heap_offer(top, xi, w.exact[g], id, row);
         }
       }
     };
 
-    auto scale_max = [&](const Cand& c) {
-      float s = 0;
-      for (int64_t j = 0; j < rc; ++j) s = std::max(s, c.seg->scales[IP.tok_slab[j]][token_slot(IP, c.b, j)]);
-      return s;
-    };
-
-    const int L = nt ? nt : NR;
     for_candidate_groups(IP, r0, r1, m, [&](const Cand* cands, int count) {
-      const int64_t fl = nt ? nt : lanes;
       if (m > 1) {
         run_tile(cands, count, 0, int(rc));
         for (int c = 0; c < count; ++c) {
-          bool any;
-          int64_t kb = 0;
-          F::reset(w.runmax, fl, any);
-          F::rows(IP, cands[c], w.tile, nt ? 1 : panels, L, c * int(rc), int(rc), 0, w.runmax, any, w.bmax,
-                  w.bvalid, kb);
-          finish(cands[c], scale_max(cands[c]));
+          f.begin();
+          f.fold(cands[c], w.tile, c * int(rc), int(rc), 0);
+          f.finish();
+          finish(cands[c]);
         }
       } else {
-        bool any;
-        int64_t kb = 0;
-        F::reset(w.runmax, fl, any);
+        f.begin();
         for (int64_t j0 = 0; j0 < rc; j0 += MR) {
           const int mr = int(min64(MR, rc - j0));
           run_tile(cands, 1, j0, mr);
-          F::rows(IP, cands[0], w.tile, nt ? 1 : panels, L, 0, mr, j0, w.runmax, any, w.bmax, w.bvalid, kb);
+          f.fold(cands[0], w.tile, 0, mr, j0);
         }
-        finish(cands[0], scale_max(cands[0]));
+        f.finish();
+        finish(cands[0]);
       }
     });
   }
@@ -630,19 +669,12 @@ struct Int8Scan {
     const Problem& P = IP.p;
     Work w = carve(P, ws);
     const int64_t G = P.groups.num_groups;
-    float exact[256];
-    std::unique_ptr<float[]> heap_buf;
-    float* ex = exact;
-    if (G > 256) {
-      heap_buf.reset(new float[G]);
-      ex = heap_buf.get();
-    }
     for (int64_t a = a0; a < a1; ++a)
       for (int64_t x = 0; x < K; ++x) {
         Cand c;
         if (!candidate_of_row(IP, rows[a * K + x], c)) continue;
-        exact_scores(IP, a, c, w, ex);
-        for (int64_t g = 0; g < G; ++g) out[(g * P.nq + a) * K + x] = ex[g];
+        exact_scores(IP, a, c, w, w.exact);
+        for (int64_t g = 0; g < G; ++g) out[(g * P.nq + a) * K + x] = w.exact[g];
       }
   }
 

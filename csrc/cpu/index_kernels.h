@@ -3,7 +3,7 @@
 //
 // A search scans rows of one or more segments (storage.py): segment s holds n rows; token
 // j < rc of row b lives in slab tok_slab[j] at element (b * tok_width[j] * D + tok_off[j]),
-// its mask byte (if any) and int8 scale at slot b * tok_width[j] + tok_off[j] of that slab
+// its mask byte (if any) and int8 (scale, norm) pair at slot b * tok_width[j] + tok_off[j]
 // (tok_off[j] = j - bounds[slab], in vectors).
 #pragma once
 #include <cstddef>
@@ -21,7 +21,7 @@ struct IndexSegment {
   int64_t n;     // rows
   int64_t row0;  // global row number of row 0
   const void* data[kIndexMaxSlabs];      // slab s: (n, w_s, D) elements of the stored dtype
-  const float* scales[kIndexMaxSlabs];   // int8: (n, w_s) per-vector scales
+  const float* scales[kIndexMaxSlabs];   // int8: (n, w_s, 2) per-vector (scale, norm) pairs
   const uint8_t* masks[kIndexMaxSlabs];  // (n, w_s) or all nullptr (every vector valid)
   const int64_t* ids;                    // (n,)
   const uint8_t* allowed;                // (n,) 1 = may be returned; nullptr = all rows

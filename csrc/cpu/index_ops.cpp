@@ -140,9 +140,10 @@ void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& 
       seg.data[s] = d.data_ptr();
       if (cdtype == kIndexInt8) {
         const at::Tensor& x = scales[size_t(g * S + s)];
-        TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.sizes() == at::IntArrayRef({n, w}) && x.is_contiguous()
-                          && x.device().is_cpu(), "scales[", g * S + s, "] must be contiguous float32 (", n, ", ", w,
-                          "), got ", x.sizes(), " ", x.scalar_type());
+        TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.sizes() == at::IntArrayRef({n, w, 2})
+                          && x.is_contiguous() && x.device().is_cpu(), "scales[", g * S + s,
+                          "] must be contiguous float32 (", n, ", ", w, ", 2) (scale, norm) pairs, got ", x.sizes(),
+                          " ", x.scalar_type());
         seg.scales[s] = x.data_ptr<float>();
       }
       if (masked) {
@@ -213,8 +214,11 @@ void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& 
   ip.masked = masked;
 
   if (cdtype == kIndexInt8 && nq > 0) {
-    // Per token (a, i < rq_eff): y = round(q / sq), sq = max|q| / 127; the bound terms in
-    // float64 (index_engine.h, "int8 filter").
+    // Per token (a, i < rq_eff): y = round(q / sq), sq = max|q| / 127, and the bound term
+    //   err = ||e||_2 (1 + 2^-10) + (4 D + 2 rq_eff + 32) 2^-24 (||q||_2 + ||e||_2)
+    // (e = q - sq y; index_engine.h, "int8 filter"): the rounding allowance covers the float32
+    // dequantisation, dot products and token sums of the exact scores, and the conversions and
+    // products of the approximate ones (each within (D + 2 rq + 8) u of ||q|| N_max).
     const int64_t rqe = g.rq_eff;
     P.qy = at::empty({nq, rqe, D}, q.options().dtype(at::kChar));
     P.qinfo = at::empty({nq * rqe, 4}, q.options().dtype(at::kFloat));
@@ -222,25 +226,26 @@ void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& 
     float* info = P.qinfo.data_ptr<float>();
     const float* qd = P.q.data_ptr<float>();
     const int32_t offset = P.ks->int8_offset;
+    const int64_t qs0 = P.q.stride(0), qs1 = P.q.stride(1);
     at::parallel_for(0, nq * rqe, 64, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t a = t / rqe, i = t % rqe;
-        const float* src = qd + a * P.q.stride(0) + i * P.q.stride(1);
+        const float* src = qd + (t / rqe) * qs0 + (t % rqe) * qs1;
         float amax = 0;
         for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(src[d]));
         const float sq = amax / 127.f;
-        double resid = 0, l1 = 0;
+        double e2 = 0, q2 = 0;
         int64_t ysum = 0;
         for (int64_t d = 0; d < D; ++d) {
           float v = sq > 0 ? std::nearbyint(src[d] / sq) : 0.f;
           v = std::min(127.f, std::max(-127.f, v));
           y[t * D + d] = int8_t(v);
           ysum += int64_t(v);
-          resid += std::fabs(double(src[d]) - double(sq) * double(v));
-          l1 += std::fabs(double(src[d]));
+          const double e = double(src[d]) - double(sq) * double(v);
+          e2 += e * e;
+          q2 += double(src[d]) * double(src[d]);
         }
-        // 127 (||e||_1 + rounding of both float32 computations), rounded up generously
-        const double err = 127.0 * (resid * (1 + 0x1p-10) + double(4 * D + rqe + 16) * 0x1p-23 * l1);
+        const double en = std::sqrt(e2), qn = std::sqrt(q2);
+        const double err = en * (1 + 0x1p-10) + double(4 * D + 2 * rqe + 32) * 0x1p-24 * (qn + en);
         info[t * 4 + 0] = sq;
         info[t * 4 + 1] = float(err * (1 + 0x1p-12));
         const int32_t corr = int32_t(int64_t(offset) * ysum);

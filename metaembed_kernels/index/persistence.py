@@ -7,7 +7,7 @@ Layout of a saved index (FORMAT_VERSION 1)::
                          sha256; plus the sha256 of the manifest itself (``manifest_sha256``,
                          of the canonical JSON without that field)
     data_<s>.bin         slab s of the vectors: count x w_s x dim elements (storage.py)
-    scales_<s>.bin       int8 only: count x w_s float32 scales
+    scales_<s>.bin       int8 only: count x w_s x 2 float32 (scale, norm) pairs
     mask_<s>.bin         masked indexes only: count x w_s bytes, 1 = valid
     ids.bin              count int64 ids, row order
     live.bin             count bytes, 1 = live, 0 = removed (tombstone)
@@ -257,7 +257,7 @@ def _expected_sizes(m: dict) -> Dict[str, int]:
         w = bounds[s + 1] - bounds[s]
         sizes[f"data_{s}.bin"] = n * w * dim * elem
         if dtype == "int8":
-            sizes[f"scales_{s}.bin"] = n * w * 4
+            sizes[f"scales_{s}.bin"] = n * w * 8
         if m["masked"]:
             sizes[f"mask_{s}.bin"] = n * w
     sizes["ids.bin"] = 8 * n
@@ -346,7 +346,7 @@ def load(path, *, mmap: bool = True, verify: bool = True, device="cpu") -> Store
         for s, w in enumerate(store.widths):
             data.append(_open_array(os.path.join(path, f"data_{s}.bin"), m["dtype"], (n, w, D), mapped))
             if scales is not None:
-                scales.append(_open_array(os.path.join(path, f"scales_{s}.bin"), "float32", (n, w), mapped))
+                scales.append(_open_array(os.path.join(path, f"scales_{s}.bin"), "float32", (n, w, 2), mapped))
             if masks is not None:
                 masks.append(_open_array(os.path.join(path, f"mask_{s}.bin"), "uint8", (n, w), mapped)
                              .view(torch.bool))

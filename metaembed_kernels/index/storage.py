@@ -23,8 +23,10 @@ hold exactly these bytes, see persistence.py):
     bfloat16  data:   N * w_s * D * 2 bytes, the upper 16 bits of the binary32 value
                       (round to nearest even from float32)
     int8      data:   N * w_s * D bytes, two's complement, values in [-127, 127]
-              scales: N * w_s * 4 bytes, binary32, one per vector, in a parallel array
-                      (N, w_s): the scale of data[b, t, :] is scales[b, t]
+              scales: N * w_s * 8 bytes, binary32 pairs, one pair per vector, in a
+                      parallel array (N, w_s, 2): scales[b, t, 0] is the scale of
+                      data[b, t, :], scales[b, t, 1] the L2 norm of its dequantised
+                      vector (rounded up; the int8 scan's error bound uses it)
     mask (optional, any dtype): N * w_s bytes, 1 = valid vector, 0 = masked
 
 int8 is per-vector symmetric quantisation: for a vector v (computed in float32),
@@ -85,15 +87,23 @@ def compute_dtype(dtype: str) -> torch.dtype:
 
 
 def quantize_int8(v: torch.Tensor):
-    """Per-vector symmetric int8 of v (..., D): (x int8 (..., D), scale float32 (...))."""
+    """Per-vector symmetric int8 of v (..., D): (x int8 (..., D), scales float32 (..., 2)),
+    scales[..., 0] the scale, scales[..., 1] the L2 norm of the dequantised vector, computed in
+    float64 and rounded up to float32."""
     v = v.to(torch.float32)
     scale = v.abs().amax(dim=-1) / INT8_MAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     x = torch.round(v / safe.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return x, scale
+    norm64 = dequantize_int8(x, scale).double().norm(dim=-1)
+    norm = norm64.float()
+    norm = torch.where(norm.double() < norm64, torch.nextafter(norm, torch.full_like(norm, float("inf"))), norm)
+    return x, torch.stack([scale, norm], dim=-1)
 
 
 def dequantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., D) int8 times its scale (...) (or the (..., 2) scale/norm pairs), in float32."""
+    if scale.dim() == x.dim():
+        scale = scale[..., 0]
     return x.to(torch.float32) * scale.unsqueeze(-1)
 
 
@@ -101,7 +111,7 @@ def bytes_per_candidate(num_vectors: int, dim: int, dtype: str, masked: bool = F
     """Stored bytes per candidate: vectors, int8 scales, id (8), tombstone (1), mask."""
     n = num_vectors * dim * ELEMENT_BYTES[dtype] + 8 + 1
     if dtype == "int8":
-        n += 4 * num_vectors
+        n += 8 * num_vectors
     if masked:
         n += num_vectors
     return n
@@ -109,13 +119,13 @@ def bytes_per_candidate(num_vectors: int, dim: int, dtype: str, masked: bool = F
 
 def budget_bytes_per_candidate(r_c: int, dim: int, dtype: str) -> int:
     """Bytes of vector data a budget with r_c reads per candidate (scales included)."""
-    return r_c * (dim * ELEMENT_BYTES[dtype] + (4 if dtype == "int8" else 0))
+    return r_c * (dim * ELEMENT_BYTES[dtype] + (8 if dtype == "int8" else 0))
 
 
 @dataclass
 class Segment:
-    """Rows [0, n) of capacity-sized arrays. ``data[s]`` (cap, w_s, D); ``scales[s]`` (cap, w_s)
-    float32 for int8; ``masks[s]`` (cap, w_s) bool or None; ``ids`` (cap,) int64; ``live``
+    """Rows [0, n) of capacity-sized arrays. ``data[s]`` (cap, w_s, D); ``scales[s]`` (cap, w_s, 2)
+    float32 (scale, norm) for int8; ``masks[s]`` (cap, w_s) bool or None; ``ids`` (cap,) int64; ``live``
     (cap,) bool. ``writable`` is False for memory-mapped segments."""
 
     data: List[torch.Tensor]
@@ -178,7 +188,7 @@ class Store:
         data = [torch.empty((capacity, w, D), dtype=INDEX_DTYPES[self.dtype], device=dev) for w in self.widths]
         scales = None
         if self.dtype == "int8":
-            scales = [torch.empty((capacity, w), dtype=torch.float32, device=dev) for w in self.widths]
+            scales = [torch.empty((capacity, w, 2), dtype=torch.float32, device=dev) for w in self.widths]
         masks = [torch.ones((capacity, w), dtype=torch.bool, device=dev) for w in self.widths] if self.masked else None
         ids = torch.empty(capacity, dtype=torch.int64, device=dev)
         live = torch.zeros(capacity, dtype=torch.bool, device=dev)
