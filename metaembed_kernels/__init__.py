@@ -1,7 +1,7 @@
 """Fused kernels for MetaEmbed-style Matryoshka multi-vector retrieval (arXiv 2509.18095).
 
-    from metaembed_kernels import (maxsim, maxsim_grouped, matryoshka_infonce,
-                                   MatryoshkaInfoNCELoss, DEFAULT_GROUPS)
+    from metaembed_kernels import (maxsim, maxsim_grouped, maxsim_paired, maxsim_paired_grouped,
+                                   matryoshka_infonce, MatryoshkaInfoNCELoss, DEFAULT_GROUPS)
     from metaembed_kernels import MetaEmbed   # model wrapper on transformers backbones
     from metaembed_kernels import MultiVectorIndex, IndexCorruptedError   # retrieval index
 
@@ -10,7 +10,14 @@ importing the kernels never imports the model code, transformers or the index.
 """
 from . import _extension  # loads the C++ ops (or warns and falls back)
 from .backends import BackendUnavailableError, available_backends, select_backend
-from .functional import DEFAULT_GROUPS, matryoshka_infonce, maxsim, maxsim_grouped
+from .functional import (
+    DEFAULT_GROUPS,
+    matryoshka_infonce,
+    maxsim,
+    maxsim_grouped,
+    maxsim_paired,
+    maxsim_paired_grouped,
+)
 from .loss import MatryoshkaInfoNCELoss
 
 __version__ = "0.1.0"
@@ -26,6 +33,8 @@ __all__ = [
     "matryoshka_infonce",
     "maxsim",
     "maxsim_grouped",
+    "maxsim_paired",
+    "maxsim_paired_grouped",
     "select_backend",
 ]
 

@@ -1,21 +1,29 @@
-"""Fake (meta) and autograd registrations shared by every kernel backend.
+"""Fake (meta) kernels and autograd for every backend's ops (schemas: ``_schemas.py``).
 
-Each backend provides two op pairs with the same schemas (see csrc/ops.cpp):
+Each backend registers the same op families under its own prefix (``metaembed::`` for the
+C++ extension, ``metaembed::reference_*``, ``metaembed::triton_*``); the registrations here
+are shared, so every backend has the same fake kernels, the same argument checks
+(``_validation.check_*_op``) and the same autograd formula:
 
-    maxsim_grouped(q, c, group_rq, group_rc, q_mask, c_mask) -> scores (G, Nq, Nc)
-    maxsim_grouped_backward(grad, q, c, group_rq, group_rc, q_mask, c_mask) -> (dq, dc)
+    scores = maxsim_grouped(q, c, ...)                    (G, Nq, Nc)
+    (dq, dc) = maxsim_grouped_backward(grad, q, c, ..., output_mask)
 
-    matryoshka_infonce(q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask)
-        -> (terms (G, Nq), lse (G, Nq))
-    matryoshka_infonce_backward(grad_terms, lse, q, c, hn, labels, group_rq, group_rc, scale,
-                                q_mask, c_mask, hn_mask) -> (dq, dc, dhn)
+    (terms, lse) = matryoshka_infonce(q, c, hn, labels, ...)      (G, Nq) each
+    (dq, dc, dhn) = matryoshka_infonce_backward(grad_terms, lse, q, c, hn, labels, ..., output_mask)
 
 terms[g, a] = lse[g, a] - logit_g(a, labels[a]) is the per-query cross-entropy of group g;
 the backward recomputes similarity tiles instead of saving anything larger than lse.
+
+Real kernels allocate fresh contiguous outputs, so the fake kernels do too (never
+``empty_like``, which would copy an input's strides). A gradient that autograd does not need
+(``ctx.needs_input_grad``) is not computed: its ``output_mask`` flag is False and the op
+returns an empty (0,) tensor in its place.
 """
 from __future__ import annotations
 
 import torch
+
+from . import _validation as V
 
 
 def score_dtype(t: torch.Tensor) -> torch.dtype:
@@ -28,15 +36,26 @@ def _op(qualname: str):
     return getattr(getattr(torch.ops, namespace), name).default
 
 
-def register_maxsim(fwd: str, bwd: str) -> None:
-    """Fake kernels for both ops and autograd for ``fwd`` (qualified op names)."""
+def gradient_like(x: torch.Tensor, wanted: bool) -> torch.Tensor:
+    """What a backward op returns for input x: a contiguous tensor of x's shape and dtype,
+    or the (0,) placeholder when the gradient was not asked for."""
+    return x.new_empty(x.shape if wanted else (0,))  # new_empty is always contiguous
+
+
+def register_scores(fwd: str, bwd: str, paired: bool = False) -> None:
+    """Fake kernels for ``fwd`` / ``bwd`` (qualified names of a maxsim_grouped or
+    maxsim_paired_grouped pair) and autograd for ``fwd``."""
     bwd_op = _op(bwd)
 
     def fake_forward(q, c, group_rq, group_rc, q_mask, c_mask):
-        return q.new_empty((len(group_rq), q.shape[0], c.shape[0]), dtype=score_dtype(q))
+        V.check_maxsim_op(q, c, group_rq, group_rc, q_mask, c_mask, paired)
+        n_cols = c.shape[1] if paired else c.shape[0]
+        return q.new_empty((len(group_rq), q.shape[0], n_cols), dtype=score_dtype(q))
 
-    def fake_backward(grad, q, c, group_rq, group_rc, q_mask, c_mask):
-        return torch.empty_like(q), torch.empty_like(c)
+    def fake_backward(grad, q, c, group_rq, group_rc, q_mask, c_mask, output_mask):
+        V.check_maxsim_op(q, c, group_rq, group_rc, q_mask, c_mask, paired)
+        V.check_scores_grad(grad, q, c, len(group_rq), paired)
+        return gradient_like(q, output_mask[0]), gradient_like(c, output_mask[1])
 
     def setup_context(ctx, inputs, output):
         q, c, group_rq, group_rc, q_mask, c_mask = inputs
@@ -44,9 +63,12 @@ def register_maxsim(fwd: str, bwd: str) -> None:
         ctx.groups = (group_rq, group_rc)
 
     def backward(ctx, grad):
+        want_q, want_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (want_q or want_c):
+            return None, None, None, None, None, None
         q, c, q_mask, c_mask = ctx.saved_tensors
-        dq, dc = bwd_op(grad.contiguous(), q, c, *ctx.groups, q_mask, c_mask)
-        return dq, dc, None, None, None, None
+        dq, dc = bwd_op(grad.contiguous(), q, c, *ctx.groups, q_mask, c_mask, [want_q, want_c])
+        return (dq if want_q else None), (dc if want_c else None), None, None, None, None
 
     torch.library.register_fake(fwd)(fake_forward)
     torch.library.register_fake(bwd)(fake_backward)
@@ -54,15 +76,20 @@ def register_maxsim(fwd: str, bwd: str) -> None:
 
 
 def register_infonce(fwd: str, bwd: str) -> None:
-    """Fake kernels for both ops and autograd for ``fwd`` (qualified op names)."""
+    """Fake kernels for a matryoshka_infonce pair and autograd for ``fwd``."""
     bwd_op = _op(bwd)
 
     def fake_forward(q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask):
+        V.check_infonce_op(q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask)
         shape = (len(group_rq), q.shape[0])
         return q.new_empty(shape, dtype=score_dtype(q)), q.new_empty(shape, dtype=score_dtype(q))
 
-    def fake_backward(grad, lse, q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask):
-        return torch.empty_like(q), torch.empty_like(c), torch.empty_like(hn)
+    def fake_backward(grad, lse, q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask,
+                      output_mask):
+        V.check_infonce_op(q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask)
+        V.check_infonce_grad(grad, lse, len(group_rq), q.shape[0])
+        return (gradient_like(q, output_mask[0]), gradient_like(c, output_mask[1]),
+                gradient_like(hn, output_mask[2]))
 
     def setup_context(ctx, inputs, output):
         q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask = inputs
@@ -72,13 +99,24 @@ def register_infonce(fwd: str, bwd: str) -> None:
         ctx.static = (group_rq, group_rc, scale)
 
     def backward(ctx, grad_terms, _grad_lse):
+        wanted = [bool(ctx.needs_input_grad[k]) for k in range(3)]
+        none = (None,) * 7
+        if not any(wanted):
+            return (None, None, None) + none
         q, c, hn, labels, lse, q_mask, c_mask, hn_mask = ctx.saved_tensors
         group_rq, group_rc, scale = ctx.static
-        dq, dc, dhn = bwd_op(
-            grad_terms.contiguous(), lse, q, c, hn, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask
-        )
-        return dq, dc, dhn, None, None, None, None, None, None, None
+        grads = bwd_op(grad_terms.contiguous(), lse, q, c, hn, labels, group_rq, group_rc, scale,
+                       q_mask, c_mask, hn_mask, wanted)
+        return tuple(g if w else None for g, w in zip(grads, wanted)) + none
 
     torch.library.register_fake(fwd)(fake_forward)
     torch.library.register_fake(bwd)(fake_backward)
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+def register_all(prefix: str = "", namespace: str = "metaembed") -> None:
+    """Fake kernels and autograd for one backend's three op families."""
+    name = lambda op: f"{namespace}::{prefix}{op}"  # noqa: E731
+    register_scores(name("maxsim_grouped"), name("maxsim_grouped_backward"))
+    register_scores(name("maxsim_paired_grouped"), name("maxsim_paired_grouped_backward"), paired=True)
+    register_infonce(name("matryoshka_infonce"), name("matryoshka_infonce_backward"))

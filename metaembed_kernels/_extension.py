@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import _autograd
+from ._schemas import OP_NAMES
 
 _C = None
 _LOAD_ERROR: Optional[str] = None
@@ -28,8 +29,7 @@ except (ImportError, OSError) as err:  # pragma: no cover - depends on the build
         stacklevel=2,
     )
 else:
-    _autograd.register_maxsim("metaembed::maxsim_grouped", "metaembed::maxsim_grouped_backward")
-    _autograd.register_infonce("metaembed::matryoshka_infonce", "metaembed::matryoshka_infonce_backward")
+    _autograd.register_all()
 
 
 def is_loaded() -> bool:
@@ -40,27 +40,19 @@ def load_error() -> Optional[str]:
     return _LOAD_ERROR
 
 
-_HAS_KERNEL = {}
+def _kernels_registered(device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"metaembed::{op}", key) for op in OP_NAMES)
+
+
+# Which device kernels this build registered, decided once at import: backend selection
+# reads this plain dict (torch.compile can trace a dict lookup, not the dispatcher query).
+_HAS_KERNEL = {d: _C is not None and _kernels_registered(d) for d in ("cpu", "cuda")}
 
 
 def has_kernel(device_type: str) -> bool:
     """Whether every extension op has a kernel registered for this device type."""
-    if _C is None:
-        return False
-    if device_type not in _HAS_KERNEL:
-        key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-        _HAS_KERNEL[device_type] = all(
-            torch._C._dispatch_has_kernel_for_dispatch_key(f"metaembed::{op}", key) for op in OP_NAMES
-        )
-    return _HAS_KERNEL[device_type]
-
-
-OP_NAMES = (
-    "maxsim_grouped",
-    "maxsim_grouped_backward",
-    "matryoshka_infonce",
-    "matryoshka_infonce_backward",
-)
+    return _HAS_KERNEL.get(device_type, False)
 
 
 def cpu_isa() -> str:

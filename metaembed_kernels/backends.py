@@ -11,28 +11,38 @@
     "triton"               ->  Triton kernels, CUDA tensors; CPU tensors too when
                                TRITON_INTERPRET=1 (the interpreter runs them on the CPU)
 
-Every backend exposes the same two primitives, and the public functions in
-``metaembed_kernels.functional`` do argument checking and loss assembly on top:
+Every backend is a set of torch.library custom ops with the schemas of ``_schemas.py``
+(``metaembed::<prefix><op>``), the fake kernels and autograd of ``_autograd.py``, and the
+argument checks of ``_validation.py``. The public functions in ``functional.py`` do argument
+checking and loss assembly on top of three primitives:
 
-    maxsim_grouped(q, c, groups, q_mask, c_mask)            -> scores (G, Nq, Nc)
-    infonce_terms(q, c, hn, labels, groups, scale, masks..) -> terms (G, Nq),
+    maxsim_grouped(q, c, groups, q_mask, c_mask)             -> scores (G, Nq, Nc)
+    maxsim_paired_grouped(q, c, groups, q_mask, c_mask)      -> scores (G, B, N)
+    infonce_terms(q, c, hn, labels, groups, scale, masks..)  -> terms (G, Nq),
         terms[g, a] = logsumexp_b(logits_g[a, b]) - logits_g[a, labels[a]]
+
+Selection is compile-safe: whether a backend can run a call depends only on Python
+constants (names, device type, dtype, budget), and is evaluated by ``_unavailable_reason``,
+which torch.compile treats as a constant (``assume_constant_result``), so a compiled
+function selects its backend on the first call without a graph break.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import _extension, reference
+from . import _extension, _reference_ops  # noqa: F401  (importing registers the reference ops)
 
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 # Triton on CPU tensors (the interpreter) is a test vehicle, never an automatic choice.
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ENV_VAR = "METAEMBED_BACKEND"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -43,65 +53,51 @@ def triton_interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-class Backend:
-    name = ""
-
-    def unavailable_reason(self, device: torch.device, dtype: torch.dtype, groups=None) -> Optional[str]:
-        """None if this backend can run tensors of this device and dtype (and, when given,
-        these groups), else the reason it cannot."""
-        raise NotImplementedError
-
-    def maxsim_grouped(self, q, c, groups, q_mask, c_mask) -> torch.Tensor:
-        raise NotImplementedError
-
-    def infonce_terms(self, q, c, hard_negatives, labels, groups, scale, q_mask, c_mask, hn_mask):
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<metaembed backend {self.name!r}>"
-
-
 def _split(groups) -> Tuple[list, list]:
     return [g[0] for g in groups], [g[1] for g in groups]
 
 
-class ReferenceBackend(Backend):
-    name = "reference"
+class Backend:
+    """A registered op family ``<op_namespace>::<op_prefix><op>`` (schemas: _schemas.py)."""
 
-    def unavailable_reason(self, device, dtype, groups=None):
-        return None
-
-    def maxsim_grouped(self, q, c, groups, q_mask, c_mask):
-        return reference.maxsim_grouped(q, c, groups, q_mask, c_mask)
-
-    def infonce_terms(self, q, c, hard_negatives, labels, groups, scale, q_mask, c_mask, hn_mask):
-        logits = reference.infonce_logits(q, c, groups, 1.0 / scale, hard_negatives, hn_mask, q_mask, c_mask)
-        positive = logits.gather(-1, labels.view(1, -1, 1).expand(len(groups), -1, 1)).squeeze(-1)
-        return torch.logsumexp(logits, dim=-1) - positive
-
-
-class OpBackend(Backend):
-    """A backend whose kernels are a registered op pair with the schemas of csrc/ops.cpp:
-    ``<op_namespace>::<op_prefix>maxsim_grouped`` and ``...matryoshka_infonce``."""
-
+    name = ""
     op_namespace = "metaembed"
     op_prefix = ""
+
+    def unavailable_reason(self, device_type: str, dtype: torch.dtype, max_rq: int = 1, max_rc: int = 1) -> Optional[str]:
+        """None if this backend can run tensors of this device type and dtype, and a budget
+        of max_rq x max_rc tokens; else the reason it cannot."""
+        raise NotImplementedError
 
     def _op(self, name: str):
         return getattr(getattr(torch.ops, self.op_namespace), self.op_prefix + name)
 
     def maxsim_grouped(self, q, c, groups, q_mask, c_mask):
-        rq, rc = _split(groups)
-        return self._op("maxsim_grouped")(q, c, rq, rc, q_mask, c_mask)
+        return self._op("maxsim_grouped")(q, c, *_split(groups), q_mask, c_mask)
+
+    def maxsim_paired_grouped(self, q, c, groups, q_mask, c_mask):
+        return self._op("maxsim_paired_grouped")(q, c, *_split(groups), q_mask, c_mask)
 
     def infonce_terms(self, q, c, hard_negatives, labels, groups, scale, q_mask, c_mask, hn_mask):
-        rq, rc = _split(groups)
         op = self._op("matryoshka_infonce")
-        terms, _lse = op(q, c, hard_negatives, labels, rq, rc, float(scale), q_mask, c_mask, hn_mask)
+        terms, _lse = op(q, c, hard_negatives, labels, *_split(groups), float(scale), q_mask, c_mask, hn_mask)
         return terms
 
+    def __repr__(self) -> str:
+        return f"<metaembed backend {self.name!r}>"
 
-class ExtensionBackend(OpBackend):
+
+class ReferenceBackend(Backend):
+    """Pure torch (``_reference_ops.py`` over ``reference.py``): any device, any float dtype."""
+
+    name = "reference"
+    op_prefix = "reference_"
+
+    def unavailable_reason(self, device_type, dtype, max_rq=1, max_rc=1):
+        return None
+
+
+class ExtensionBackend(Backend):
     """The compiled extension: csrc/cpu kernels for CPU tensors, csrc/cuda for CUDA tensors.
 
     Both register under the same op names; torch's dispatcher picks the device kernel.
@@ -111,9 +107,9 @@ class ExtensionBackend(OpBackend):
         self.name = device_type
         self.device_type = device_type
 
-    def unavailable_reason(self, device, dtype, groups=None):
-        if device.type != self.device_type:
-            return f"backend {self.name!r} runs {self.device_type} tensors, got tensors on {device}"
+    def unavailable_reason(self, device_type, dtype, max_rq=1, max_rc=1):
+        if device_type != self.device_type:
+            return f"backend {self.name!r} runs {self.device_type} tensors, got {device_type} tensors"
         if not _extension.is_loaded():
             return f"the C++ extension is not built ({_extension.load_error()})"
         if not _extension.has_kernel(self.device_type):
@@ -124,35 +120,37 @@ class ExtensionBackend(OpBackend):
         return None
 
 
-class TritonBackend(OpBackend):
+class TritonBackend(Backend):
     """Triton kernels (metaembed_kernels/triton), registered as ``metaembed::triton_*`` ops
-    when that module is first imported."""
+    when that module is first imported (on the first call that selects triton)."""
 
     name = "triton"
     op_prefix = "triton_"
 
     @functools.cached_property
+    def _triton_installed(self) -> bool:
+        return importlib.util.find_spec("triton") is not None
+
+    @functools.cached_property
     def _ops(self):
         return importlib.import_module("metaembed_kernels.triton.ops")
 
-    def unavailable_reason(self, device, dtype, groups=None):
-        if importlib.util.find_spec("triton") is None:
+    def unavailable_reason(self, device_type, dtype, max_rq=1, max_rc=1):
+        if not self._triton_installed:
             return "triton is not installed"
-        if device.type == "cpu" and not triton_interpret_enabled():
+        if device_type == "cpu" and not triton_interpret_enabled():
             return "triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-        if device.type not in ("cpu", "cuda"):
-            return f"triton does not run {device.type} tensors"
+        if device_type not in ("cpu", "cuda"):
+            return f"triton does not run {device_type} tensors"
         if dtype not in _KERNEL_DTYPES:
             return f"backend 'triton' does not support {dtype}"
         try:
             self._ops  # registers the ops
         except ImportError as err:  # pragma: no cover - depends on the install
             return f"the triton kernels failed to import: {err}"
-        if groups is not None:  # the verified tiles bound the largest group
-            from .triton.heuristics import unsupported_reason
+        from .triton.heuristics import unsupported_reason
 
-            return unsupported_reason(max(g[0] for g in groups), max(g[1] for g in groups))
-        return None
+        return unsupported_reason(max_rq, max_rc)
 
 
 _BACKENDS: Dict[str, Backend] = {
@@ -169,27 +167,47 @@ def get_backend(name: str) -> Backend:
     return _BACKENDS[name]
 
 
+@torch.compiler.assume_constant_result
+def _unavailable_reason(name: str, device_type: str, dtype: torch.dtype, max_rq: int, max_rc: int) -> str:
+    """"" if backend ``name`` can run the call, else why not. A pure function of constants:
+    torch.compile evaluates it while tracing and bakes the answer into the graph."""
+    return _BACKENDS[name].unavailable_reason(device_type, dtype, max_rq, max_rc) or ""
+
+
+def _requested_name(requested: Optional[str]) -> str:
+    if requested is not None:
+        if not isinstance(requested, str):
+            raise TypeError(f"backend must be a string or None, got {type(requested).__name__}")
+        if requested != "auto" and requested not in _BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES} or None, got {requested!r}")
+        return requested
+    name = os.environ.get(ENV_VAR, "") or "auto"
+    if name != "auto" and name not in _BACKENDS:
+        raise ValueError(
+            f"the {ENV_VAR} environment variable must be one of {('auto',) + BACKEND_NAMES} or unset, "
+            f"got {ENV_VAR}={name!r}"
+        )
+    return name
+
+
 def select_backend(requested: Optional[str], device: torch.device, dtype: torch.dtype, groups=None) -> Backend:
     """Resolve ``backend=`` (or METAEMBED_BACKEND) to a backend that can run these tensors
     (and, when given, these groups: auto skips a backend that cannot run them)."""
-    if requested is not None and not isinstance(requested, str):
-        raise TypeError(f"backend must be a string or None, got {type(requested).__name__}")
-    name = requested if requested is not None else os.environ.get("METAEMBED_BACKEND", "")
-    name = name or "auto"
+    name = _requested_name(requested)
+    max_rq = max(g[0] for g in groups) if groups else 1
+    max_rc = max(g[1] for g in groups) if groups else 1
     if name != "auto":
-        backend = get_backend(name)
-        reason = backend.unavailable_reason(device, dtype, groups)
-        if reason is not None:
+        reason = _unavailable_reason(name, device.type, dtype, max_rq, max_rc)
+        if reason:
             raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
-        return backend
+        return _BACKENDS[name]
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-        backend = _BACKENDS[candidate]
-        if backend.unavailable_reason(device, dtype, groups) is None:
-            return backend
+        if not _unavailable_reason(candidate, device.type, dtype, max_rq, max_rc):
+            return _BACKENDS[candidate]
     return _BACKENDS["reference"]
 
 
 def available_backends(device="cpu", dtype=torch.float32) -> Tuple[str, ...]:
     """Names of the backends that can run tensors of this device and dtype."""
     device = torch.device(device)
-    return tuple(n for n in BACKEND_NAMES if _BACKENDS[n].unavailable_reason(device, dtype) is None)
+    return tuple(n for n in BACKEND_NAMES if _BACKENDS[n].unavailable_reason(device.type, dtype) is None)

@@ -32,7 +32,8 @@ class MatryoshkaInfoNCELoss(nn.Module):
     """sum_g w_g * InfoNCE(s_g / temperature) / G over in-batch and hard negatives.
 
     Args:
-        groups: Matryoshka (r_q, r_c) budgets, default ``DEFAULT_GROUPS``.
+        groups: Matryoshka (r_q, r_c) budgets, default ``DEFAULT_GROUPS``; ``None`` means the
+            single full budget (Rq, Rc) of whatever the inputs hold, as in the functional API.
         weights: per-group weights, default 1.
         temperature: softmax temperature, default 0.03.
         gather_across_ranks: all-gather the candidates of every rank of the default
@@ -45,15 +46,15 @@ class MatryoshkaInfoNCELoss(nn.Module):
 
     def __init__(
         self,
-        groups: Sequence[Tuple[int, int]] = DEFAULT_GROUPS,
+        groups: Optional[Sequence[Tuple[int, int]]] = DEFAULT_GROUPS,
         weights: Optional[Sequence[float]] = None,
         temperature: float = 0.03,
         gather_across_ranks: bool = False,
         backend: Optional[str] = None,
     ):
         super().__init__()
-        self.groups = tuple((int(a), int(b)) for a, b in groups)
-        self.weights = V.check_weights(weights, len(self.groups))
+        self.groups = V.check_group_pairs(groups)
+        self.weights = V.check_weights(weights, 1 if self.groups is None else len(self.groups))
         self.temperature = V.check_temperature(temperature)
         self.gather_across_ranks = bool(gather_across_ranks)
         self.backend = backend
@@ -69,14 +70,22 @@ class MatryoshkaInfoNCELoss(nn.Module):
         hard_negatives_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """The loss of one batch (a 0-dim tensor; see ``matryoshka_infonce``).
+
+        Args:
+            q: (Nq, Rq, D) query embeddings.
+            c: (Nc, Rc, D) candidates: the positives (``labels``, default arange(Nq)) and
+                the in-batch negatives of every query.
+            hard_negatives: optional (Nq, K, Rc, D), query a's own K negatives.
+            q_mask, c_mask, hard_negatives_mask: optional bool masks, True = valid token.
+            labels: optional (Nq,) int64 index of each query's positive in ``c`` (local to
+                this rank when ``gather_across_ranks``).
+        """
         if self.gather_across_ranks and dist.is_available() and dist.is_initialized():
             if dist.get_world_size() > 1:
                 V.check_embeddings(q, c)
                 local_nc = c.shape[0]
-                if labels is None:
-                    labels = torch.arange(q.shape[0], device=q.device)
-                else:
-                    V.check_labels(labels, q.shape[0], local_nc, q.device)
+                labels = V.check_labels(labels, q.shape[0], local_nc, q.device)
                 labels = labels + dist.get_rank() * local_nc
                 c, c_mask = _gather_candidates(c, c_mask)
         return matryoshka_infonce(

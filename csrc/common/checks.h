@@ -1,11 +1,15 @@
 // Host-side argument checks and group analysis shared by the CPU and CUDA op
-// implementations. The Python API checks everything first with friendlier messages; these
-// checks make a direct torch.ops.metaembed.* call equally safe. TORCH_CHECK_VALUE and
-// TORCH_CHECK_TYPE surface in Python as ValueError and TypeError.
+// implementations: the C++ half of the one validator (metaembed_kernels/_validation.py,
+// "Op arguments", holds the same checks with the same messages for the Python-defined
+// backends and the fake kernels; tests/test_validation.py runs every bad case through every
+// backend). The public Python API checks first with friendlier messages; these make a
+// direct torch.ops.metaembed.* call equally safe. TORCH_CHECK_VALUE and TORCH_CHECK_TYPE
+// surface in Python as ValueError and TypeError. Nothing here synchronises with a device.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace metaembed {
@@ -40,12 +44,27 @@ inline void check_mask(const c10::optional<at::Tensor>& mask, const char* name, 
                     mask->device());
 }
 
-// All argument checks of the maxsim_grouped ops (forward and backward).
+// All argument checks of the maxsim_grouped ops (forward and backward); paired: c is
+// (B, N, Rc, D), one row of candidates per query (maxsim_paired_grouped).
 inline void check_maxsim_args(const at::Tensor& q, const at::Tensor& c, const c10::optional<at::Tensor>& q_mask,
-                              const c10::optional<at::Tensor>& c_mask) {
-  check_pair(q, c, "c", 3, "(Nc, Rc, D)");
+                              const c10::optional<at::Tensor>& c_mask, bool paired = false) {
+  if (paired) {
+    check_pair(q, c, "c", 4, "(B, N, Rc, D)");
+    TORCH_CHECK_VALUE(c.size(0) == q.size(0), "c must have shape (B, N, Rc, D) with B=", q.size(0), ", got ",
+                      c.sizes());
+  } else {
+    check_pair(q, c, "c", 3, "(Nc, Rc, D)");
+  }
   check_mask(q_mask, "q_mask", {q.size(0), q.size(1)}, q);
-  check_mask(c_mask, "c_mask", {c.size(0), c.size(1)}, q);
+  check_mask(c_mask, "c_mask", c.sizes().slice(0, c.dim() - 1), q);
+}
+
+// The (G, Nq, Nc) (or (G, B, N) paired) gradient of the scores.
+inline void check_scores_grad(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& c, int64_t G,
+                              bool paired = false) {
+  const int64_t cols = paired ? c.size(1) : c.size(0);
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({G, q.size(0), cols}), "grad must have shape (G, ",
+                    paired ? "B, N" : "Nq, Nc", ") = (", G, ", ", q.size(0), ", ", cols, "), got ", grad.sizes());
 }
 
 // Groups as the kernels consume them: distinct r_c boundaries in increasing order, each
@@ -77,14 +96,32 @@ inline GroupPlan make_group_plan(at::IntArrayRef group_rq, at::IntArrayRef group
   return plan;
 }
 
-inline void check_labels(const at::Tensor& labels, int64_t nq, int64_t nc) {
+// labels (Nq,) int64 with 0 <= labels < Nc. Values are read on the host only for CPU
+// tensors (free); for device tensors a device-side assert checks them without a sync (the
+// kernels compare labels with candidate indices and never use them as addresses, so a bad
+// label cannot cause an out-of-bounds access before the assert fires).
+inline void check_labels(const at::Tensor& labels, const at::Tensor& q, int64_t nc) {
+  const int64_t nq = q.size(0);
   TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == nq, "labels must have shape (Nq,) = (", nq, "), got ",
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == nq, "labels must have shape (Nq,) = (", nq, ",), got ",
                     labels.sizes());
+  TORCH_CHECK_VALUE(labels.device() == q.device(), "labels must be on device ", q.device(), ", got ",
+                    labels.device());
   if (nq == 0) return;
-  const auto lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
-  TORCH_CHECK_VALUE(lo >= 0 && hi < nc, "labels must index the candidates: need 0 <= labels < Nc=", nc,
-                    ", got values in [", lo, ", ", hi, "]");
+  if (labels.is_cpu()) {
+    const at::Tensor lab = labels.contiguous();
+    const int64_t* v = lab.data_ptr<int64_t>();
+    int64_t lo = v[0], hi = v[0];
+    for (int64_t a = 1; a < nq; ++a) {
+      lo = std::min(lo, v[a]);
+      hi = std::max(hi, v[a]);
+    }
+    TORCH_CHECK_VALUE(lo >= 0 && hi < nc, "labels must index the candidates c: need 0 <= labels < Nc=", nc,
+                      ", got values in [", lo, ", ", hi, "]");
+  } else {
+    at::_assert_async(((labels >= 0) & (labels < nc)).all(),
+                      "labels must index the candidates c: 0 <= labels < Nc");
+  }
 }
 
 // All argument checks of the matryoshka_infonce ops (forward and backward).
@@ -98,13 +135,21 @@ inline GroupPlan check_infonce_args(const at::Tensor& q, const at::Tensor& c, co
   TORCH_CHECK_VALUE(hn.size(0) == q.size(0) && hn.size(2) == c.size(1),
                     "hard_negatives must have shape (Nq, K, Rc, D) = (", q.size(0), ", K, ", c.size(1), ", ",
                     q.size(2), "), got ", hn.sizes());
-  TORCH_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale (1 / temperature) must be positive, got ", scale);
+  TORCH_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale must be finite and > 0 (1 / temperature), got ",
+                    scale);
   check_mask(q_mask, "q_mask", {q.size(0), q.size(1)}, q);
   check_mask(c_mask, "c_mask", {c.size(0), c.size(1)}, q);
   check_mask(hn_mask, "hard_negatives_mask", {hn.size(0), hn.size(1), hn.size(2)}, q);
-  TORCH_CHECK_VALUE(labels.device() == q.device(), "labels must be on device ", q.device());
-  check_labels(labels, q.size(0), c.size(0));
+  check_labels(labels, q, c.size(0));
   return make_group_plan(group_rq, group_rc, q.size(1), c.size(1));
+}
+
+// The (G, Nq) grad and lse of matryoshka_infonce_backward.
+inline void check_infonce_grad(const at::Tensor& grad, const at::Tensor& lse, int64_t G, int64_t nq) {
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({G, nq}), "grad must have shape (G, Nq) = (", G, ", ", nq,
+                    "), got ", grad.sizes());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({G, nq}), "lse must have shape (G, Nq) = (", G, ", ", nq,
+                    "), got ", lse.sizes());
 }
 
 inline at::ScalarType score_type(const at::Tensor& q) {

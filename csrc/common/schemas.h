@@ -1,6 +1,11 @@
-// The op schemas, declared once: csrc/ops.cpp defines them in TORCH_LIBRARY(metaembed, m),
-// and the CUDA emulator's test-only library (csrc/cuda/ops_cuda.cpp) under its own
-// namespace, so the emulated ops cannot drift from the real ones.
+// The op schemas, declared once for the C++ backends: csrc/ops.cpp defines them in
+// TORCH_LIBRARY(metaembed, m), and the CUDA emulator's test-only library
+// (csrc/cuda/ops_cuda.cpp) under its own namespace. The Python-defined backends (reference,
+// triton) register the same strings from metaembed_kernels/_schemas.py, and
+// tests/test_schemas.py checks the two tables are identical.
+//
+// Backward ops take output_mask (like ATen's convolution_backward): a gradient whose flag is
+// false is not computed and is returned as an empty tensor of shape (0,).
 #pragma once
 #include <torch/library.h>
 
@@ -13,7 +18,14 @@ inline void define_ops(torch::Library& m) {
       " -> Tensor");
   m.def(
       "maxsim_grouped_backward(Tensor grad, Tensor q, Tensor c, int[] group_rq, int[] group_rc,"
-      " Tensor? q_mask, Tensor? c_mask) -> (Tensor, Tensor)");
+      " Tensor? q_mask, Tensor? c_mask, bool[2] output_mask) -> (Tensor, Tensor)");
+  // scores[g, a, n] = the same, for query a against its own candidates c[a, n] (B, N, Rc, D)
+  m.def(
+      "maxsim_paired_grouped(Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask,"
+      " Tensor? c_mask) -> Tensor");
+  m.def(
+      "maxsim_paired_grouped_backward(Tensor grad, Tensor q, Tensor c, int[] group_rq, int[] group_rc,"
+      " Tensor? q_mask, Tensor? c_mask, bool[2] output_mask) -> (Tensor, Tensor)");
   // (terms, lse), both (G, Nq): terms[g, a] = lse[g, a] - logit_g(a, labels[a]), with
   // logits_g[a] = scale * concat(s_g(a, c[:]), s_g(a, hard_negatives[a, :])).
   m.def(
@@ -23,7 +35,7 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "matryoshka_infonce_backward(Tensor grad, Tensor lse, Tensor q, Tensor c, Tensor hard_negatives,"
       " Tensor labels, int[] group_rq, int[] group_rc, float scale, Tensor? q_mask, Tensor? c_mask,"
-      " Tensor? hard_negatives_mask) -> (Tensor, Tensor, Tensor)");
+      " Tensor? hard_negatives_mask, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace metaembed

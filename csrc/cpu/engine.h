@@ -84,6 +84,7 @@ struct Engine {
     int32_t* runidx;  // [panels * NR]
     Acc* bmax;        // [num_bounds][panels * NR]
     int32_t* bidx;    // [num_bounds][panels * NR]
+    uint8_t* bvalid;  // [num_bounds]        the prefix holds a valid candidate token
     Acc* crows;       // [MR][kc]           candidate rows converted to Acc
     Acc* scores;      // [queries_per_block][G]
     Acc* dscores;     // [queries_per_block][G]
@@ -107,7 +108,7 @@ struct Engine {
     size_t n = 0;
     n += align64(sizeof(Acc) * np * MR * NR);
     n += align64(sizeof(Acc) * lanes) + align64(sizeof(int32_t) * lanes);
-    n += align64(sizeof(Acc) * nb * lanes) + align64(sizeof(int32_t) * nb * lanes);
+    n += align64(sizeof(Acc) * nb * lanes) + align64(sizeof(int32_t) * nb * lanes) + align64(nb);
     n += align64(sizeof(Acc) * MR * P.kc);
     n += 2 * align64(sizeof(Acc) * qpb * G);
     n += align64(sizeof(Acc) * nb);
@@ -133,6 +134,7 @@ struct Engine {
     w.runidx = static_cast<int32_t*>(take(sizeof(int32_t) * lanes));
     w.bmax = static_cast<Acc*>(take(sizeof(Acc) * nb * lanes));
     w.bidx = static_cast<int32_t*>(take(sizeof(int32_t) * nb * lanes));
+    w.bvalid = static_cast<uint8_t*>(take(nb));
     w.crows = static_cast<Acc*>(take(sizeof(Acc) * MR * P.kc));
     w.scores = static_cast<Acc*>(take(sizeof(Acc) * qpb * G));
     w.dscores = static_cast<Acc*>(take(sizeof(Acc) * qpb * G));
@@ -231,8 +233,13 @@ struct Engine {
     return int(ntok);
   }
 
-  // Fills w.bmax[k][t] = max_{j < bounds[k], c valid} S[j][t] (-inf when none) and, when
-  // kArgmax, w.bidx[k][t] = the lowest maximising j (-1 when none).
+  // Fills w.bmax[k][t] = max_{j < bounds[k], c valid} S[j][t], w.bvalid[k] = whether any
+  // j < bounds[k] is valid (validity comes from the mask alone: -inf is an ordinary value)
+  // and, when kArgmax, w.bidx[k][t] = the lowest maximising valid j (-1 when none).
+  // NaN follows torch.amax / torch.argmax: a NaN similarity is the maximum, and the lowest
+  // NaN index is the argmax. The fold below is therefore
+  //   take row j  iff  S > m  or  (S is NaN and m is not)  [or no valid j seen yet, kArgmax]
+  // (strict '>' keeps the lowest index on ties; a NaN m stays: NaN is sticky).
   // `next` (nullable) is the candidate processed after this one: its rows are prefetched
   // one chunk at a time, so that candidates stream from DRAM behind the computation.
   template <bool kArgmax>
@@ -247,6 +254,7 @@ struct Engine {
     if (kArgmax)
       for (int64_t t = 0; t < lanes; ++t) w.runidx[t] = -1;
     int64_t kb = 0;  // next boundary to snapshot
+    bool seen_valid = false;
     for (int64_t j0 = 0; j0 < rc; j0 += MR) {
       const int mr = int(min64(MR, rc - j0));
       if (next) {
@@ -283,17 +291,26 @@ struct Engine {
             Acc* m = w.runmax + p * NR;
             if (kArgmax) {
               int32_t* ix = w.runidx + p * NR;
-              for (int l = 0; l < NR; ++l) {  // strict '>' keeps the lowest index on ties
-                const bool gt = row[l] > m[l];
-                m[l] = gt ? row[l] : m[l];
-                ix[l] = gt ? int32_t(j) : ix[l];
+              if (seen_valid) {
+                for (int l = 0; l < NR; ++l) {
+                  const bool take = row[l] > m[l] || (row[l] != row[l] && m[l] == m[l]);
+                  m[l] = take ? row[l] : m[l];
+                  ix[l] = take ? int32_t(j) : ix[l];
+                }
+              } else {  // the first valid row is the maximum so far, whatever its value
+                for (int l = 0; l < NR; ++l) {
+                  m[l] = row[l];
+                  ix[l] = int32_t(j);
+                }
               }
             } else {
-              for (int l = 0; l < NR; ++l) m[l] = row[l] > m[l] ? row[l] : m[l];
+              for (int l = 0; l < NR; ++l) m[l] = (row[l] > m[l] || row[l] != row[l]) ? row[l] : m[l];
             }
           }
+          seen_valid = true;
         }
         if (j + 1 == bounds[kb]) {
+          w.bvalid[kb] = seen_valid;
           std::memcpy(w.bmax + kb * lanes, w.runmax, sizeof(Acc) * lanes);
           if (kArgmax) std::memcpy(w.bidx + kb * lanes, w.runidx, sizeof(int32_t) * lanes);
           ++kb;
@@ -317,15 +334,15 @@ struct Engine {
       if (!query_token_valid(P, qv.a0 + al, i)) continue;
       for (int64_t g = 0; g < G; ++g) {
         if (i >= grq[g]) continue;
-        const Acc v = w.bmax[gbound[g] * lanes + t];
-        if (v != -INFINITY) scores[al * G + g] += v;  // no valid candidate token -> 0
+        if (w.bvalid[gbound[g]]) scores[al * G + g] += w.bmax[gbound[g] * lanes + t];  // none valid -> 0
       }
     }
   }
 
   // Backward of the scores for one candidate: with dS[a_local][g] = dL/ds_g(a, b),
   //   dq[a, i]  += w * c[b, j*],   dc[b, j*] += w * q[a, i]
-  // for each boundary's argmax j*, w summing dS over the groups that share it.
+  // for each boundary's argmax j*, w summing dS over the groups that share it. A null dq
+  // or dc_b is a gradient nobody asked for (output_mask): it is skipped.
   static void scatter(const Problem& P, const QView& qv, const Work& w, const Acc* dS, const T* cand,
                       int64_t cs1, Acc* dq, Acc* dc_b) {
     const int64_t G = P.groups.num_groups, rq = P.groups.rq_eff, D = P.d;
@@ -346,7 +363,7 @@ struct Engine {
       }
       if (!any) continue;
       const T* qrow = q + a * P.q.s0 + i * P.q.s1;
-      Acc* dqrow = dq + (a * P.rq + i) * D;
+      Acc* dqrow = dq ? dq + (a * P.rq + i) * D : nullptr;
       // Argmaxes are non-decreasing in k (a longer prefix keeps its max or finds a later
       // one), so equal ones are adjacent: merge them into one pair of axpys.
       int32_t cur = -1;
@@ -359,8 +376,8 @@ struct Engine {
           continue;
         }
         if (cur >= 0 && wcur != Acc(0)) {
-          Policy::axpy(wcur, cand + cur * cs1, dqrow, D);
-          Policy::axpy(wcur, qrow, dc_b + cur * D, D);
+          if (dq) Policy::axpy(wcur, cand + cur * cs1, dqrow, D);
+          if (dc_b) Policy::axpy(wcur, qrow, dc_b + cur * D, D);
         }
         cur = j;
         wcur = wk;
@@ -408,7 +425,7 @@ struct Engine {
     const Acc* grad = static_cast<const Acc*>(grad_);
     const int64_t G = P.groups.num_groups;
     for (int64_t b = b0; b < b1; ++b) {
-      Acc* dc_b = static_cast<Acc*>(dc_) + b * P.rc * P.d;
+      Acc* dc_b = dc_ ? static_cast<Acc*>(dc_) + b * P.rc * P.d : nullptr;
       for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
         const QView qv = block_view(P, qb);
         score_block_candidate<true>(P, qv, qb, b, b1, w);
@@ -419,13 +436,16 @@ struct Engine {
     }
   }
 
-  // Online log-sum-exp: (m, l) <- (max(m, x), l * exp(m - max) + exp(x - max)).
+  // Online log-sum-exp: (m, l) <- (max(m, x), l * exp(m - max) + exp(x - max)), with
+  // lse = m + log(l) at the end. x == m adds exactly 1, so equal infinite logits behave as
+  // in torch.logsumexp (all -inf -> -inf, any +inf -> +inf) instead of exp(inf - inf) = NaN;
+  // a NaN logit (or a NaN m) makes l NaN, so the loss is NaN, as in torch.
   static void lse_update(Acc& m, Acc& l, Acc x) {
     if (x > m) {
       l = l * std::exp(m - x) + Acc(1);
       m = x;
     } else {
-      l += std::exp(x - m);
+      l += x == m ? Acc(1) : std::exp(x - m);
     }
   }
 
@@ -483,7 +503,7 @@ struct Engine {
     const int64_t G = P.groups.num_groups;
     const Acc sc = Acc(scale);
     for (int64_t b = b0; b < b1; ++b) {
-      Acc* dc_b = static_cast<Acc*>(dc_) + b * P.rc * P.d;
+      Acc* dc_b = dc_ ? static_cast<Acc*>(dc_) + b * P.rc * P.d : nullptr;
       for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
         const QView qv = block_view(P, qb);
         score_block_candidate<true>(P, qv, qb, b, b1, w);
@@ -521,8 +541,55 @@ struct Engine {
           const int64_t x = g * P.nq + a;
           w.dscores[g] = grad[x] * sc * std::exp(sc * w.scores[g] - lse[x]);
         }
-        Acc* dhn_ak = static_cast<Acc*>(dhn_) + (a * K + k) * P.rc * P.d;
+        Acc* dhn_ak = dhn_ ? static_cast<Acc*>(dhn_) + (a * K + k) * P.rc * P.d : nullptr;
         scatter(P, qv, w, w.dscores, cand, hn.s2, static_cast<Acc*>(dq_), dhn_ak);
+      }
+    }
+  }
+
+  // ---- per-query candidates (maxsim_paired_grouped) ------------------------------------
+  // Query a against its own candidates cand[a, n], n < N (the hard-negative layout):
+  //   out[g, a, n] = s_g(q[a], cand[a, n]).
+  // Work is split by query; each query owns its dq rows and its candidates' dc rows.
+
+  static void paired_forward(const Problem& P, const Tokens& cand, int64_t N, int64_t a0, int64_t a1, void* ws,
+                             void* out_) {
+    Work w = carve(P, ws);
+    Acc* out = static_cast<Acc*>(out_);
+    const int64_t G = P.groups.num_groups;
+    for (int64_t a = a0; a < a1; ++a) {
+      pack_range(P, a, 1, w.qpack1);
+      const QView qv{w.qpack1, a, 1, ceil_div(P.groups.rq_eff, NR)};
+      for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* mask = cand.mask ? cand.mask + a * cand.m0 + n * cand.m1 : nullptr;
+        const T* next = n + 1 < N ? hard_negative(P, cand, a, n + 1) : nullptr;
+        score_candidate<false>(P, qv, hard_negative(P, cand, a, n), cand.s2, mask, cand.m2, w, next);
+        block_scores(P, qv, w, w.scores);
+        for (int64_t g = 0; g < G; ++g) out[(g * P.nq + a) * N + n] = w.scores[g];
+      }
+    }
+  }
+
+  static void paired_backward(const Problem& P, const Tokens& cand, int64_t N, const void* grad_, int64_t a0,
+                              int64_t a1, void* ws, void* dq_, void* dc_) {
+    Work w = carve(P, ws);
+    const Acc* grad = static_cast<const Acc*>(grad_);
+    const int64_t G = P.groups.num_groups;
+    for (int64_t a = a0; a < a1; ++a) {
+      pack_range(P, a, 1, w.qpack1);
+      const QView qv{w.qpack1, a, 1, ceil_div(P.groups.rq_eff, NR)};
+      for (int64_t n = 0; n < N; ++n) {
+        bool any = false;
+        for (int64_t g = 0; g < G; ++g) {
+          w.dscores[g] = grad[(g * P.nq + a) * N + n];
+          any = any || w.dscores[g] != Acc(0);
+        }
+        if (!any) continue;  // zero gradient for this pair: nothing to scatter
+        const uint8_t* mask = cand.mask ? cand.mask + a * cand.m0 + n * cand.m1 : nullptr;
+        const T* c_an = hard_negative(P, cand, a, n);
+        score_candidate<true>(P, qv, c_an, cand.s2, mask, cand.m2, w);
+        Acc* dc_an = dc_ ? static_cast<Acc*>(dc_) + (a * N + n) * P.rc * P.d : nullptr;
+        scatter(P, qv, w, w.dscores, c_an, cand.s2, static_cast<Acc*>(dq_), dc_an);
       }
     }
   }
@@ -539,6 +606,8 @@ struct Engine {
     s.infonce_forward_hard = &infonce_forward_hard;
     s.infonce_backward = &infonce_backward;
     s.infonce_backward_hard = &infonce_backward_hard;
+    s.paired_forward = &paired_forward;
+    s.paired_backward = &paired_backward;
     return s;
   }
 };

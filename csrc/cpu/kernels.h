@@ -74,6 +74,13 @@ struct KernelSet {
                            const void* lse, int64_t b0, int64_t b1, void* ws, void* dq_partial, void* dc);
   void (*infonce_backward_hard)(const Problem&, const Tokens& hn, int64_t k, double scale, const void* grad,
                                 const void* lse, int64_t a0, int64_t a1, void* ws, void* dq, void* dhn);
+  // Per-query candidates (B, N, Rc, D) in the hard-negative Tokens layout: queries [a0, a1).
+  // scores (G, nq, N); grad (G, nq, N) -> dq (nq, rq, d) rows of those queries, dc (nq, N, rc, d).
+  void (*paired_forward)(const Problem&, const Tokens& cand, int64_t n, int64_t a0, int64_t a1, void* ws,
+                         void* scores);
+  void (*paired_backward)(const Problem&, const Tokens& cand, int64_t n, const void* grad, int64_t a0, int64_t a1,
+                          void* ws, void* dq, void* dc);
+  // Gradient pointers (dq_partial, dq, dc, dhn) may be null: that gradient is not wanted.
 };
 
 struct IsaKernels {

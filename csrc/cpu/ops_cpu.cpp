@@ -6,12 +6,16 @@
 //    every output element is written by exactly one thread.
 //  * backward: candidates are split into one contiguous chunk per thread. A chunk owns the
 //    dc rows of its candidates and a private dq buffer; the dq buffers are summed in chunk
-//    order. Hard negatives are split by query, which owns its dq rows and dhn. Results are
-//    bitwise reproducible for a given thread count; no atomics anywhere.
+//    order. Hard negatives and per-query (paired) candidates are split by query, which owns
+//    its dq rows and its candidates' gradient rows. Results are bitwise reproducible for a
+//    given thread count; no atomics anywhere.
+//  * output_mask: a gradient that is not wanted is neither computed nor allocated (an empty
+//    (0,) tensor is returned in its place); with no gradient wanted nothing runs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <memory>
 
@@ -161,36 +165,102 @@ at::Tensor maxsim_grouped_cpu(const at::Tensor& q, const at::Tensor& c, at::IntA
   return out;
 }
 
+// An empty (0,) tensor of x's dtype: the placeholder for a gradient nobody asked for.
+at::Tensor not_wanted(const at::Tensor& x) { return at::empty({0}, x.options()); }
+
 std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cpu(const at::Tensor& grad, const at::Tensor& q,
                                                                const at::Tensor& c, at::IntArrayRef group_rq,
                                                                at::IntArrayRef group_rc,
                                                                const c10::optional<at::Tensor>& q_mask,
-                                                               const c10::optional<at::Tensor>& c_mask) {
+                                                               const c10::optional<at::Tensor>& c_mask,
+                                                               std::array<bool, 2> output_mask) {
   check_maxsim_args(q, c, q_mask, c_mask);
   Prepared P;
   P.plan = make_group_plan(group_rq, group_rc, q.size(1), c.size(1));
-  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({P.plan.size(), q.size(0), c.size(0)}),
-                    "grad must have shape (G, Nq, Nc), got ", grad.sizes());
+  check_scores_grad(grad, q, c, P.plan.size());
+  const auto [want_dq, want_dc] = output_mask;
   const auto acc = q.options().dtype(score_type(q));
-  if (q.size(0) == 0 || c.size(0) == 0) return {at::zeros_like(q), at::zeros_like(c)};
+  const bool empty = q.size(0) == 0 || c.size(0) == 0;
+  if (empty || !(want_dq || want_dc))
+    return {want_dq ? at::zeros_like(q, at::MemoryFormat::Contiguous) : not_wanted(q),
+            want_dc ? at::zeros_like(c, at::MemoryFormat::Contiguous) : not_wanted(c)};
   prepare(P, q, c, q_mask, c_mask);
   const Problem& p = P.p;
   const at::Tensor g = grad.to(acc.dtype()).contiguous();
   const int64_t chunks = num_candidate_chunks(p.nc);
-  at::Tensor dq_partial = at::zeros({chunks, p.nq, p.rq, p.d}, acc);
-  at::Tensor dc = at::zeros({p.nc, p.rc, p.d}, acc);
+  at::Tensor dq_partial = want_dq ? at::zeros({chunks, p.nq, p.rq, p.d}, acc) : at::Tensor();
+  at::Tensor dc = want_dc ? at::zeros({p.nc, p.rc, p.d}, acc) : at::Tensor();
   at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
     Workspace ws(P);
     for (int64_t i = i0; i < i1; ++i)
       P.ks->maxsim_backward(p, g.data_ptr(), chunk_begin(i, chunks, p.nc), chunk_begin(i + 1, chunks, p.nc),
-                            ws.get(), dq_partial[i].data_ptr(), dc.data_ptr());
+                            ws.get(), want_dq ? dq_partial[i].data_ptr() : nullptr,
+                            want_dc ? dc.data_ptr() : nullptr);
   });
-  return {reduce_chunks(dq_partial).to(q.scalar_type()), dc.to(c.scalar_type())};
+  return {want_dq ? reduce_chunks(dq_partial).to(q.scalar_type()) : not_wanted(q),
+          want_dc ? dc.to(c.scalar_type()) : not_wanted(c)};
 }
 
 Tokens hard_negative_tokens(const at::Tensor& hn, const Mask& m) {
   return Tokens{hn.data_ptr(), hn.stride(0), hn.stride(1), hn.stride(2), m.ptr, hn.size(1) * hn.size(2),
                 hn.size(2), 1};
+}
+
+// ---- per-query candidates: maxsim_paired_grouped ----------------------------------------
+// The engine's hard-negative path (one query packed alone against its own candidates),
+// parallel over queries: each query owns its output column, dq rows and dc rows.
+
+at::Tensor maxsim_paired_grouped_cpu(const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
+                                     at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask,
+                                     const c10::optional<at::Tensor>& c_mask) {
+  check_maxsim_args(q, c, q_mask, c_mask, /*paired=*/true);
+  Prepared P;
+  P.plan = make_group_plan(group_rq, group_rc, q.size(1), c.size(2));
+  const int64_t G = P.plan.size(), B = q.size(0), N = c.size(1);
+  at::Tensor out = at::zeros({G, B, N}, q.options().dtype(score_type(q)));
+  if (B == 0 || N == 0) return out;
+  const at::Tensor cc = last_dim_contiguous(c);
+  const Mask cm = mask_of(c_mask);
+  prepare(P, q, cc.select(1, 0), q_mask, c10::nullopt);  // queries, sizes (rc, d); candidates below
+  const Problem& p = P.p;
+  const Tokens ct = hard_negative_tokens(cc, cm);
+  const double item_flops = 2.0 * N * p.groups.rq_eff * p.groups.rc_eff * p.d;
+  at::parallel_for(0, B, grain_for(item_flops), [&](int64_t a0, int64_t a1) {
+    Workspace ws(P);
+    P.ks->paired_forward(p, ct, N, a0, a1, ws.get(), out.data_ptr());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
+    at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask, const c10::optional<at::Tensor>& c_mask,
+    std::array<bool, 2> output_mask) {
+  check_maxsim_args(q, c, q_mask, c_mask, /*paired=*/true);
+  Prepared P;
+  P.plan = make_group_plan(group_rq, group_rc, q.size(1), c.size(2));
+  check_scores_grad(grad, q, c, P.plan.size(), /*paired=*/true);
+  const auto [want_dq, want_dc] = output_mask;
+  const auto acc = q.options().dtype(score_type(q));
+  const int64_t B = q.size(0), N = c.size(1);
+  if (B == 0 || N == 0 || !(want_dq || want_dc))
+    return {want_dq ? at::zeros_like(q, at::MemoryFormat::Contiguous) : not_wanted(q),
+            want_dc ? at::zeros_like(c, at::MemoryFormat::Contiguous) : not_wanted(c)};
+  const at::Tensor cc = last_dim_contiguous(c);
+  const Mask cm = mask_of(c_mask);
+  prepare(P, q, cc.select(1, 0), q_mask, c10::nullopt);
+  const Problem& p = P.p;
+  const Tokens ct = hard_negative_tokens(cc, cm);
+  const at::Tensor g = grad.to(acc.dtype()).contiguous();
+  at::Tensor dq = want_dq ? at::zeros({B, p.rq, p.d}, acc) : at::Tensor();
+  at::Tensor dc = want_dc ? at::zeros({B, N, p.rc, p.d}, acc) : at::Tensor();
+  const double item_flops = 2.0 * N * p.groups.rq_eff * p.groups.rc_eff * p.d;
+  at::parallel_for(0, B, grain_for(item_flops), [&](int64_t a0, int64_t a1) {
+    Workspace ws(P);
+    P.ks->paired_backward(p, ct, N, g.data_ptr(), a0, a1, ws.get(), want_dq ? dq.data_ptr() : nullptr,
+                          want_dc ? dc.data_ptr() : nullptr);
+  });
+  return {want_dq ? dq.to(q.scalar_type()) : not_wanted(q), want_dc ? dc.to(c.scalar_type()) : not_wanted(c)};
 }
 
 std::tuple<at::Tensor, at::Tensor> matryoshka_infonce_cpu(
@@ -247,44 +317,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cpu(
     const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& q, const at::Tensor& c,
     const at::Tensor& hard_negatives, const at::Tensor& labels, at::IntArrayRef group_rq, at::IntArrayRef group_rc,
     double scale, const c10::optional<at::Tensor>& q_mask, const c10::optional<at::Tensor>& c_mask,
-    const c10::optional<at::Tensor>& hn_mask) {
+    const c10::optional<at::Tensor>& hn_mask, std::array<bool, 3> output_mask) {
   Prepared P;
   P.plan = check_infonce_args(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask);
   const auto acc = q.options().dtype(score_type(q));
   const int64_t G = P.plan.size(), nq = q.size(0);
-  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({G, nq}) && lse.sizes() == grad.sizes(),
-                    "grad and lse must have shape (G, Nq), got ", grad.sizes(), " and ", lse.sizes());
-  if (nq == 0) return {at::zeros_like(q), at::zeros_like(c), at::zeros_like(hard_negatives)};
+  check_infonce_grad(grad, lse, G, nq);
+  const auto [want_dq, want_dc, want_dhn] = output_mask;
+  auto result = [&](at::Tensor dq, at::Tensor dc, at::Tensor dhn) {
+    return std::make_tuple(want_dq ? dq.to(q.scalar_type()) : not_wanted(q),
+                           want_dc ? dc.to(c.scalar_type()) : not_wanted(c),
+                           want_dhn ? dhn.to(hard_negatives.scalar_type()) : not_wanted(hard_negatives));
+  };
+  const int64_t K = hard_negatives.size(1);
+  at::Tensor dq = want_dq ? at::zeros({nq, q.size(1), q.size(2)}, acc) : at::Tensor();
+  at::Tensor dc = want_dc ? at::zeros({c.size(0), c.size(1), c.size(2)}, acc) : at::Tensor();
+  at::Tensor dhn = want_dhn ? at::zeros({nq, K, c.size(1), q.size(2)}, acc) : at::Tensor();
+  if (nq == 0 || !(want_dq || want_dc || want_dhn)) return result(dq, dc, dhn);
   prepare(P, q, c, q_mask, c_mask);
   const Problem& p = P.p;
   const at::Tensor lab = labels.contiguous();
   const at::Tensor g = grad.to(acc.dtype()).contiguous(), ls = lse.to(acc.dtype()).contiguous();
-  const at::Tensor hn = last_dim_contiguous(hard_negatives);
-  const Mask hm = mask_of(hn_mask);
-  const Tokens hnt = hard_negative_tokens(hn, hm);
-  const int64_t K = hn.size(1);
 
-  const int64_t chunks = num_candidate_chunks(p.nc);
-  at::Tensor dq_partial = at::zeros({chunks, nq, p.rq, p.d}, acc);
-  at::Tensor dc = at::zeros({p.nc, p.rc, p.d}, acc);
-  at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
-    Workspace ws(P);
-    for (int64_t i = i0; i < i1; ++i)
-      P.ks->infonce_backward(p, lab.data_ptr<int64_t>(), scale, g.data_ptr(), ls.data_ptr(),
-                             chunk_begin(i, chunks, p.nc), chunk_begin(i + 1, chunks, p.nc), ws.get(),
-                             dq_partial[i].data_ptr(), dc.data_ptr());
-  });
-  at::Tensor dq = reduce_chunks(dq_partial);
-  at::Tensor dhn = at::zeros({nq, K, p.rc, p.d}, acc);
-  if (K > 0) {
+  // In-batch candidates: only for dq or dc.
+  if ((want_dq || want_dc) && p.nc > 0) {
+    const int64_t chunks = num_candidate_chunks(p.nc);
+    at::Tensor dq_partial = want_dq ? at::zeros({chunks, nq, p.rq, p.d}, acc) : at::Tensor();
+    at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
+      Workspace ws(P);
+      for (int64_t i = i0; i < i1; ++i)
+        P.ks->infonce_backward(p, lab.data_ptr<int64_t>(), scale, g.data_ptr(), ls.data_ptr(),
+                               chunk_begin(i, chunks, p.nc), chunk_begin(i + 1, chunks, p.nc), ws.get(),
+                               want_dq ? dq_partial[i].data_ptr() : nullptr, want_dc ? dc.data_ptr() : nullptr);
+    });
+    if (want_dq) dq = reduce_chunks(dq_partial);
+  }
+  // Hard negatives: only for dq or dhn.
+  if (K > 0 && (want_dq || want_dhn)) {
+    const at::Tensor hn = last_dim_contiguous(hard_negatives);
+    const Mask hm = mask_of(hn_mask);
+    const Tokens hnt = hard_negative_tokens(hn, hm);
     const double item_flops = 2.0 * K * p.groups.rq_eff * p.groups.rc_eff * p.d;
     at::parallel_for(0, nq, grain_for(item_flops), [&](int64_t a0, int64_t a1) {
       Workspace ws(P);
-      P.ks->infonce_backward_hard(p, hnt, K, scale, g.data_ptr(), ls.data_ptr(), a0, a1, ws.get(), dq.data_ptr(),
-                                  dhn.data_ptr());
+      P.ks->infonce_backward_hard(p, hnt, K, scale, g.data_ptr(), ls.data_ptr(), a0, a1, ws.get(),
+                                  want_dq ? dq.data_ptr() : nullptr, want_dhn ? dhn.data_ptr() : nullptr);
     });
   }
-  return {dq.to(q.scalar_type()), dc.to(c.scalar_type()), dhn.to(hard_negatives.scalar_type())};
+  return result(dq, dc, dhn);
 }
 
 }  // namespace
@@ -296,4 +376,6 @@ TORCH_LIBRARY_IMPL(metaembed, CPU, m) {
   m.impl("maxsim_grouped_backward", &metaembed::cpu::maxsim_grouped_backward_cpu);
   m.impl("matryoshka_infonce", &metaembed::cpu::matryoshka_infonce_cpu);
   m.impl("matryoshka_infonce_backward", &metaembed::cpu::matryoshka_infonce_backward_cpu);
+  m.impl("maxsim_paired_grouped", &metaembed::cpu::maxsim_paired_grouped_cpu);
+  m.impl("maxsim_paired_grouped_backward", &metaembed::cpu::maxsim_paired_grouped_backward_cpu);
 }

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _validation as V
 from . import heuristics as H
 from . import kernels as K
 
@@ -170,29 +171,35 @@ def plan_maxsim_forward(p: Problem) -> Tuple[torch.Tensor, List[LaunchPlan]]:
     return out, plans
 
 
-def _gradient_plans(p: Problem, dq, dc, grad, lse, labels, scale: float, is_loss: bool) -> List[LaunchPlan]:
-    """dq pass(es), then dc pass(es); grad and lse are per group (first dimension G)."""
+def _gradient_plans(p: Problem, dq, dc, grad, lse, labels, scale: float, is_loss: bool,
+                    output_mask=(True, True)) -> List[LaunchPlan]:
+    """dq pass(es), then dc pass(es), each only when wanted; grad and lse are per group
+    (first dimension G)."""
     cfg = H.gradient_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype)
     constexprs = dict(p.tile_constexprs(cfg, with_gradient_chunk=True), IS_LOSS=is_loss, GROUPS_PAD=H.CHUNK_GROUPS)
     kind = "loss" if is_loss else "maxsim"
     batches = p.group_batches(cfg)
     shared = [dict(p.common_args(), **p.group_args(g0, g1), grad_ptr=grad[g0:g1], lse_ptr=lse[g0:g1],
                    labels_ptr=labels, scale=float(scale)) for g0, g1 in batches]
-    plans = [LaunchPlan(f"{kind} backward dq", K.grad_query_kernel, (_cdiv(p.nq, cfg.block_q),),
-                        dict(args, dq_ptr=dq), constexprs, cfg) for args in shared]
-    plans += [LaunchPlan(f"{kind} backward dc", K.grad_candidate_kernel, (_cdiv(p.nc, cfg.block_c),),
-                         dict(args, dc_ptr=dc), constexprs, cfg) for args in shared]
+    plans = []
+    if output_mask[0]:
+        plans += [LaunchPlan(f"{kind} backward dq", K.grad_query_kernel, (_cdiv(p.nq, cfg.block_q),),
+                             dict(args, dq_ptr=dq), constexprs, cfg) for args in shared]
+    if output_mask[1]:
+        plans += [LaunchPlan(f"{kind} backward dc", K.grad_candidate_kernel, (_cdiv(p.nc, cfg.block_c),),
+                             dict(args, dc_ptr=dc), constexprs, cfg) for args in shared]
     return plans
 
 
-def plan_maxsim_backward(p: Problem, grad: torch.Tensor):
+def plan_maxsim_backward(p: Problem, grad: torch.Tensor, output_mask=(True, True)):
     """grad (G, Nq, Nc) float32 -> fp32 accumulators dq, dc (zeroed) and the launches."""
     grad = grad.to(torch.float32).contiguous()
     if tuple(grad.shape) != (p.num_groups, p.nq, p.nc):
         raise ValueError(f"grad must have shape (G, Nq, Nc) = {(p.num_groups, p.nq, p.nc)}, got {tuple(grad.shape)}")
     dq = torch.zeros(p.q.shape, dtype=torch.float32, device=p.q.device)
     dc = torch.zeros(p.c.shape, dtype=torch.float32, device=p.q.device)
-    plans = _gradient_plans(p, dq, dc, grad, grad, grad, 1.0, is_loss=False)  # lse/labels unused
+    plans = _gradient_plans(p, dq, dc, grad, grad, grad, 1.0, is_loss=False,
+                            output_mask=output_mask)  # lse/labels unused
     return dq, dc, plans
 
 
@@ -224,10 +231,12 @@ def make_hard_negatives(p: Problem, hn: torch.Tensor, hn_mask: Optional[torch.Te
 
 
 def _check_labels(p: Problem, labels: torch.Tensor) -> torch.Tensor:
-    # A label outside [0, Nc) is never used as an index: it just matches no candidate.
+    # Labels are compared with candidate indices, never used as addresses; their values are
+    # checked by the shared validator (host check for CPU tensors, device assert on GPUs).
     if labels.dtype != torch.int64 or tuple(labels.shape) != (p.nq,) or labels.device != p.q.device:
         raise ValueError(f"labels must be int64 of shape ({p.nq},) on {p.q.device}, got "
                          f"{labels.dtype} {tuple(labels.shape)} on {labels.device}")
+    V.check_label_values(labels, p.nc)
     return labels.contiguous()
 
 
@@ -277,7 +286,7 @@ def plan_infonce_forward(p: Problem, h: HardNegatives, labels: torch.Tensor, sca
 
 
 def plan_infonce_backward(p: Problem, h: HardNegatives, labels: torch.Tensor, scale: float,
-                          grad_terms: torch.Tensor, lse: torch.Tensor):
+                          grad_terms: torch.Tensor, lse: torch.Tensor, output_mask=(True, True, True)):
     """-> fp32 accumulators dq, dc, dhn and the launches, in the order they must run."""
     labels = _check_labels(p, labels)
     shape = (p.num_groups, p.nq)
@@ -289,8 +298,9 @@ def plan_infonce_backward(p: Problem, h: HardNegatives, labels: torch.Tensor, sc
     dq = torch.zeros(p.q.shape, dtype=torch.float32, device=p.q.device)
     dc = torch.zeros(p.c.shape, dtype=torch.float32, device=p.q.device)
     dhn = torch.zeros(h.hn.shape, dtype=torch.float32, device=p.q.device)
-    plans = _gradient_plans(p, dq, dc, grad_terms, lse, labels, scale, is_loss=True)
-    if h.k > 0:  # after the dq pass: it adds into the same dq rows
+    plans = _gradient_plans(p, dq, dc, grad_terms, lse, labels, scale, is_loss=True,
+                            output_mask=(output_mask[0], output_mask[1]))
+    if h.k > 0 and (output_mask[0] or output_mask[2]):  # after the dq pass: it adds into the same dq rows
         hcfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=True)
         for g0, g1 in p.group_batches(hcfg):
             plans.append(LaunchPlan(

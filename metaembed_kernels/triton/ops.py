@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import _autograd
+from .._schemas import SCHEMAS
 from . import launch
 
 Tensor = torch.Tensor
@@ -28,10 +29,7 @@ INFONCE = "metaembed::triton_matryoshka_infonce"
 INFONCE_BACKWARD = "metaembed::triton_matryoshka_infonce_backward"
 
 
-@torch.library.custom_op(
-    MAXSIM, mutates_args=(),
-    schema="(Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask, Tensor? c_mask) -> Tensor",
-)
+@torch.library.custom_op(MAXSIM, mutates_args=(), schema=SCHEMAS["maxsim_grouped"])
 def _maxsim_grouped(q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
                     q_mask: Optional[Tensor], c_mask: Optional[Tensor]) -> Tensor:
     problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask)
@@ -40,24 +38,21 @@ def _maxsim_grouped(q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[in
     return out
 
 
-@torch.library.custom_op(
-    MAXSIM_BACKWARD, mutates_args=(),
-    schema="(Tensor grad, Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask, Tensor? c_mask)"
-           " -> (Tensor, Tensor)",
-)
+@torch.library.custom_op(MAXSIM_BACKWARD, mutates_args=(), schema=SCHEMAS["maxsim_grouped_backward"])
 def _maxsim_grouped_backward(grad: Tensor, q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
-                             q_mask: Optional[Tensor], c_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                             q_mask: Optional[Tensor], c_mask: Optional[Tensor],
+                             output_mask: List[bool]) -> Tuple[Tensor, Tensor]:
     problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask)
-    dq, dc, plans = launch.plan_maxsim_backward(problem, grad)
+    dq, dc, plans = launch.plan_maxsim_backward(problem, grad, output_mask)
     launch.run(plans)
-    return dq.to(q.dtype), dc.to(c.dtype)
+    return _gradient(dq, q, output_mask[0]), _gradient(dc, c, output_mask[1])
 
 
-@torch.library.custom_op(
-    INFONCE, mutates_args=(),
-    schema="(Tensor q, Tensor c, Tensor hard_negatives, Tensor labels, int[] group_rq, int[] group_rc,"
-           " float scale, Tensor? q_mask, Tensor? c_mask, Tensor? hard_negatives_mask) -> (Tensor, Tensor)",
-)
+def _gradient(acc: Tensor, like: Tensor, wanted: bool) -> Tensor:
+    return acc.to(like.dtype) if wanted else like.new_empty((0,))
+
+
+@torch.library.custom_op(INFONCE, mutates_args=(), schema=SCHEMAS["matryoshka_infonce"])
 def _matryoshka_infonce(q: Tensor, c: Tensor, hard_negatives: Tensor, labels: Tensor, group_rq: List[int],
                         group_rc: List[int], scale: float, q_mask: Optional[Tensor], c_mask: Optional[Tensor],
                         hard_negatives_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -68,23 +63,20 @@ def _matryoshka_infonce(q: Tensor, c: Tensor, hard_negatives: Tensor, labels: Te
     return lse - positive, lse
 
 
-@torch.library.custom_op(
-    INFONCE_BACKWARD, mutates_args=(),
-    schema="(Tensor grad, Tensor lse, Tensor q, Tensor c, Tensor hard_negatives, Tensor labels, int[] group_rq,"
-           " int[] group_rc, float scale, Tensor? q_mask, Tensor? c_mask, Tensor? hard_negatives_mask)"
-           " -> (Tensor, Tensor, Tensor)",
-)
+@torch.library.custom_op(INFONCE_BACKWARD, mutates_args=(), schema=SCHEMAS["matryoshka_infonce_backward"])
 def _matryoshka_infonce_backward(grad: Tensor, lse: Tensor, q: Tensor, c: Tensor, hard_negatives: Tensor,
                                  labels: Tensor, group_rq: List[int], group_rc: List[int], scale: float,
                                  q_mask: Optional[Tensor], c_mask: Optional[Tensor],
-                                 hard_negatives_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+                                 hard_negatives_mask: Optional[Tensor],
+                                 output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask)
     negatives = launch.make_hard_negatives(problem, hard_negatives, hard_negatives_mask)
-    dq, dc, dhn, plans = launch.plan_infonce_backward(problem, negatives, labels, scale, grad, lse)
+    dq, dc, dhn, plans = launch.plan_infonce_backward(problem, negatives, labels, scale, grad, lse, output_mask)
     launch.run(plans)
-    return dq.to(q.dtype), dc.to(c.dtype), dhn.to(hard_negatives.dtype)
+    return (_gradient(dq, q, output_mask[0]), _gradient(dc, c, output_mask[1]),
+            _gradient(dhn, hard_negatives, output_mask[2]))
 
 
-_autograd.register_maxsim(MAXSIM, MAXSIM_BACKWARD)
+_autograd.register_scores(MAXSIM, MAXSIM_BACKWARD)
 _autograd.register_infonce(INFONCE, INFONCE_BACKWARD)
 
