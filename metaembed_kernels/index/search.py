@@ -137,9 +137,12 @@ def _blockwise_search(store: Store, q, q_mask, groups, k: int, allowed, scanner:
     r_c = max(g[1] for g in groups)
     best = empty_result(G, nq, k, q.device)
     block = _block_rows(store, nq, G, r_c)
+    fused = False
     if scanner == "triton":
         from ..triton import index_launch
 
+        fused = index_launch.supports(groups)
+    if fused:
         score_block = lambda seg, r0, r1: index_launch.score_block(store, seg, q, q_mask, groups, r0, r1)  # noqa: E731
     else:
         impl = select_backend(scanner, q.device, q.dtype, groups)
