@@ -223,6 +223,100 @@ inline void offer_scores(TopK& top, const IndexProblem& IP, int64_t a0, int64_t 
   }
 }
 
+// ---- few query tokens: 16 candidates at a time -------------------------------------------
+//
+// One query at a small budget (<= kDotTokens query tokens) is a memory-bound GEMV: the work per
+// candidate is a few dot products, so everything around them must cost a few instructions per
+// candidate too. Candidates go 16 at a time: for each token j, the dot products of the 16 rows
+// (Ops::dots) land in sims[t][c], and the fold, the snapshots, the group scores and the
+// threshold test are loops over the 16 candidate lanes (vectorised by the compiler).
+constexpr int kFewC = 16;
+constexpr int kFewT = 4;
+
+struct FewBuffers {
+  float* bm;      // [num_bounds][kFewT][kFewC]
+  uint8_t* bval;  // [num_bounds][kFewC]
+  float* sc;      // [G][n][kFewC]
+  static size_t bytes(const Problem& P) {
+    return align64(sizeof(float) * P.groups.num_bounds * kFewT * kFewC) + align64(P.groups.num_bounds * kFewC) +
+           align64(sizeof(float) * P.groups.num_groups * kFewT * kFewC) + 64;
+  }
+  static FewBuffers carve(const Problem& P, void* at) {
+    uintptr_t p = (reinterpret_cast<uintptr_t>(at) + 63) & ~uintptr_t(63);
+    FewBuffers f;
+    f.bm = reinterpret_cast<float*>(p);
+    p += align64(sizeof(float) * P.groups.num_bounds * kFewT * kFewC);
+    f.bval = reinterpret_cast<uint8_t*>(p);
+    p += align64(P.groups.num_bounds * kFewC);
+    f.sc = reinterpret_cast<float*>(p);
+    return f;
+  }
+};
+
+// dots(cands, count, j, sims[kFewT][kFewC]) fills token j's similarities of the group's
+// candidates (lanes >= count: anything finite); emit(cands, count, sc[G][n][kFewC]).
+template <class Dots, class Emit>
+inline void few_token_scan(const IndexProblem& IP, int64_t n, int nt, const uint8_t* qvalid, int64_t r0, int64_t r1,
+                           FewBuffers& fb, Dots&& dots, Emit&& emit) {
+  const Problem& P = IP.p;
+  const int64_t rc = P.groups.rc_eff, rq = P.groups.rq_eff, G = P.groups.num_groups;
+  const int64_t* bounds = P.groups.bounds;
+  for_candidate_groups(IP, r0, r1, kFewC, [&](const Cand* cands, int count) {
+    alignas(64) float run[kFewT][kFewC];
+    alignas(64) float sims[kFewT][kFewC];
+    alignas(64) uint8_t valid[kFewC];
+    alignas(64) uint8_t any[kFewC];
+    for (int t = 0; t < nt; ++t)
+      for (int c = 0; c < kFewC; ++c) run[t][c] = -INFINITY;
+    for (int c = 0; c < kFewC; ++c) any[c] = 0;
+    for (int c = 0; c < kFewC; ++c) valid[c] = c < count;
+    int64_t kb = 0;
+    for (int64_t j = 0; j < rc; ++j) {
+      dots(cands, count, j, sims);
+      if (IP.masked)
+        for (int c = 0; c < count; ++c) valid[c] = token_valid(IP, *cands[c].seg, cands[c].b, j);
+      for (int t = 0; t < nt; ++t)
+        for (int c = 0; c < kFewC; ++c) run[t][c] = (valid[c] && sims[t][c] > run[t][c]) ? sims[t][c] : run[t][c];
+      for (int c = 0; c < kFewC; ++c) any[c] |= valid[c];
+      if (j + 1 == bounds[kb]) {
+        std::memcpy(fb.bm + kb * kFewT * kFewC, run, sizeof(float) * nt * kFewC);
+        std::memcpy(fb.bval + kb * kFewC, any, kFewC);
+        ++kb;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k = P.groups.bound_index[g], grq = P.groups.rq[g];
+      const float* bm = fb.bm + k * kFewT * kFewC;
+      const uint8_t* bv = fb.bval + k * kFewC;
+      for (int64_t al = 0; al < n; ++al) {
+        float* o = fb.sc + (g * n + al) * kFewC;
+        for (int c = 0; c < kFewC; ++c) o[c] = 0.f;
+        for (int64_t i = 0; i < grq; ++i) {
+          if (qvalid && !qvalid[al * rq + i]) continue;
+          const float* m = bm + (al * rq + i) * kFewC;
+          for (int c = 0; c < kFewC; ++c) o[c] += m[c];
+        }
+        for (int c = 0; c < kFewC; ++c) o[c] = bv[c] ? o[c] : 0.f;
+      }
+    }
+    emit(cands, count, fb.sc);
+  });
+}
+
+// <row, q> over n elements with kW partial sums (vectorised by lane) for ISAs without Ops dots.
+template <class T>
+inline float few_dot(const T* row, const float* q, int64_t n) {
+  constexpr int kW = 16;
+  float part[kW] = {};
+  int64_t d = 0;
+  for (; d + kW <= n; d += kW)
+    for (int l = 0; l < kW; ++l) part[l] += scalar_to_float(row[d + l]) * q[d + l];
+  float sum = 0;
+  for (int l = 0; l < kW; ++l) sum += part[l];
+  for (; d < n; ++d) sum += scalar_to_float(row[d]) * q[d];
+  return sum;
+}
+
 // ---- float32 / bfloat16 index: exact scores from the engine's micro-kernel -----------------
 
 // ExactScan's Ops for ISAs without their own few-token dots: the engine's, row by row.
@@ -241,11 +335,12 @@ struct ExactScan {
     float* scores;    // [G][qpb]
     uint8_t* bvalid;  // [num_bounds]
     uint8_t* qvalid;  // [qpb * rq_eff]
+    FewBuffers few;
   };
 
   static size_t extra_bytes(const Problem& P) {
     return align64(sizeof(float) * P.queries_per_block * P.groups.num_groups) + align64(P.groups.num_bounds) +
-           align64(P.queries_per_block * P.groups.rq_eff) + 64;
+           align64(P.queries_per_block * P.groups.rq_eff) + FewBuffers::bytes(P) + 64;
   }
 
   static size_t workspace_bytes(const IndexProblem& IP) { return E::workspace_bytes(IP.p) + extra_bytes(IP.p); }
@@ -258,6 +353,8 @@ struct ExactScan {
     x.bvalid = reinterpret_cast<uint8_t*>(p);
     p += align64(P.groups.num_bounds);
     x.qvalid = reinterpret_cast<uint8_t*>(p);
+    p += align64(P.queries_per_block * P.groups.rq_eff);
+    x.few = FewBuffers::carve(P, reinterpret_cast<void*>(p));
     return x;
   }
 
@@ -339,6 +436,45 @@ struct ExactScan {
     typename E::Work w = E::carve(P, ws);
     Extra x = carve_extra(P, ws);
     const typename E::QView qv = E::block_view(P, qblock);
+    const Acc* qrows[E::kDotTokens];
+    const int nt = E::prepare_query_rows(P, qv, w, qrows);
+    if (nt > 0) {  // few query tokens: 16 candidates at a time
+      const int64_t D = P.d, nq = P.nq, G = P.groups.num_groups;
+      const uint8_t* qvalid = block_qvalid(IP, qv.a0, qv.n, x.qvalid);
+      few_token_scan(
+          IP, qv.n, nt, qvalid, r0, r1, x.few,
+          [&](const Cand* cands, int count, int64_t j, float (*sims)[kFewC]) {
+            const T* rows[kFewC];
+            for (int c = 0; c < kFewC; ++c) {
+              const Cand& cc = cands[c < count ? c : count - 1];
+              rows[c] = token_row<T>(IP, *cc.seg, cc.b, j);
+            }
+            if constexpr (std::is_same_v<Ops, UseEngineDots>) {
+              for (int c = 0; c < kFewC; ++c)
+                for (int t = 0; t < nt; ++t) sims[t][c] = few_dot(rows[c], qrows[t], D);
+            } else {
+              alignas(64) float tmp[kFewC * kFewT];
+              Ops::dots(rows, kFewC, qrows, nt, 0, D, tmp, kFewT, false);
+              for (int t = 0; t < nt; ++t)
+                for (int c = 0; c < kFewC; ++c) sims[t][c] = tmp[c * kFewT + t];
+            }
+          },
+          [&](const Cand* cands, int count, const float* sc) {
+            for (int64_t g = 0; g < G; ++g)
+              for (int64_t al = 0; al < qv.n; ++al) {
+                const float* s = sc + (g * qv.n + al) * kFewC;
+                const int64_t xi = g * nq + qv.a0 + al;
+                const float thr = top.thr[xi];
+                bool hit = false;
+                for (int c = 0; c < kFewC; ++c) hit |= s[c] >= thr;
+                if (!hit) continue;
+                for (int c = 0; c < count; ++c)
+                  if (s[c] >= top.thr[xi])
+                    heap_offer(top, xi, s[c], cands[c].seg->ids[cands[c].b], cands[c].seg->row0 + cands[c].b);
+              }
+          });
+      return;
+    }
     scan(IP, qv, w, x, [&](int m, auto&& fn) { for_candidate_groups(IP, r0, r1, m, fn); },
          [&](const Cand& c, const float* scores) {
            offer_scores(top, IP, qv.a0, qv.n, scores, c.seg->ids[c.b], c.seg->row0 + c.b);
@@ -428,6 +564,7 @@ struct Int8Scan {
     uint8_t* qvalid;      // [qpb * rq_eff]
     float* exact_max;     // [nb][rq_eff]
     float* vbuf;          // [dpad] one dequantised row
+    FewBuffers few;
   };
 
   static size_t workspace_bytes(const IndexProblem& IP) {
@@ -440,7 +577,7 @@ struct Int8Scan {
     n += 2 * align64(sizeof(float) * qpb * G) + align64(sizeof(float) * G);
     n += align64(MR * dpad(P.d)) + align64(kDotTokens * dpad(P.d));
     n += align64(sizeof(float) * lanes) + align64(sizeof(int32_t) * lanes) + align64(qpb * rq);
-    n += align64(sizeof(float) * rq * nb) + align64(sizeof(float) * dpad(P.d));
+    n += align64(sizeof(float) * rq * nb) + align64(sizeof(float) * dpad(P.d)) + FewBuffers::bytes(P);
     return n + 64;
   }
 
@@ -469,6 +606,7 @@ struct Int8Scan {
     w.qvalid = static_cast<uint8_t*>(take(qpb * rq));
     w.exact_max = static_cast<float*>(take(sizeof(float) * rq * nb));
     w.vbuf = static_cast<float*>(take(sizeof(float) * dpad(P.d)));
+    w.few = FewBuffers::carve(P, take(FewBuffers::bytes(P)));
     return w;
   }
 
@@ -578,6 +716,55 @@ struct Int8Scan {
         const int8_t* y = qy_row(IP, a0 + t / rq, t % rq);
         for (int64_t d = 0; d < dpad(D); ++d) w.qrows8[t * dpad(D) + d] = d < D ? y[d] : 0;
       }
+    }
+    if (nt) {  // few query tokens: 16 candidates at a time
+      const float* lscale = w.lane_scale;
+      const int32_t* lcorr = w.lane_corr;
+      few_token_scan(
+          IP, n, nt, qvalid, r0, r1, w.few,
+          [&](const Cand* cands, int count, int64_t j, float (*sims)[kFewC]) {
+            const int8_t* src[kFewC];
+            alignas(64) float scl[kFewC];
+            alignas(64) int32_t it[kFewC * kFewT];
+            for (int c = 0; c < kFewC; ++c) {
+              const Cand& cc = cands[c < count ? c : count - 1];
+              src[c] = token_row<int8_t>(IP, *cc.seg, cc.b, j);
+              scl[c] = token_scale(IP, *cc.seg, cc.b, j)[0];
+            }
+            Ops::dots(src, kFewC, w.qrows8, dpad(D), nt, D, it, kFewT);
+            for (int t = 0; t < nt; ++t)
+              for (int c = 0; c < kFewC; ++c) sims[t][c] = float(it[c * kFewT + t] - lcorr[t]) * (lscale[t] * scl[c]);
+          },
+          [&](const Cand* cands, int count, const float* sc) {
+            alignas(64) float nmax[kFewC] = {};
+            for (int c = 0; c < count; ++c)
+              for (int64_t j = 0; j < rc; ++j)
+                nmax[c] = std::max(nmax[c], token_scale(IP, *cands[c].seg, cands[c].b, j)[1]);
+            uint8_t need[kFewT][kFewC] = {};
+            bool any = false;
+            for (int64_t g = 0; g < G; ++g)
+              for (int64_t al = 0; al < n; ++al) {
+                const float* s = sc + (g * n + al) * kFewC;
+                const float thr = top.thr[g * nq + a0 + al], e = w.err_sum[g * n + al];
+                for (int c = 0; c < kFewC; ++c) {
+                  const bool h = s[c] + nmax[c] * e >= thr;
+                  need[al][c] |= h;
+                  any |= h;
+                }
+              }
+            if (!any) return;
+            for (int64_t al = 0; al < n; ++al)
+              for (int c = 0; c < count; ++c) {
+                if (!need[al][c]) continue;
+                exact_scores(IP, a0 + al, cands[c], w, w.exact);
+                const int64_t id = cands[c].seg->ids[cands[c].b], row = cands[c].seg->row0 + cands[c].b;
+                for (int64_t g = 0; g < G; ++g) {
+                  const int64_t xi = g * nq + a0 + al;
+                  if (w.exact[g] >= top.thr[xi]) heap_offer(top, xi, w.exact[g], id, row);
+                }
+              }
+          });
+      return;
     }
     const int8_t* qpack = block_pack(IP, qblock);
     const int m = tile_candidates(rc, MR);
