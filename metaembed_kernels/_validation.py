@@ -300,16 +300,22 @@ def check_infonce_grad(grad, lse, num_groups: int, nq) -> None:
 
 
 def check_label_values(labels: torch.Tensor, nc: int) -> None:
-    """0 <= labels < Nc, at run time inside an op: on the host for CPU tensors (free), with a
-    device-side assert for accelerator tensors (no host sync; a failure surfaces at the
-    next synchronisation as a device assert naming labels)."""
+    """0 <= labels < Nc, at run time inside an op, without a host-device sync.
+
+    ``torch._assert_async`` checks on the device: for CPU tensors it fails at once (re-raised
+    here as ValueError naming labels); for accelerator tensors it enqueues a device-side
+    assert that fires at the next synchronisation, so the step stays capturable in a CUDA
+    graph. Kernels compare labels with candidate indices and never use them as addresses.
+    """
     if labels.numel() == 0:
         return
-    if labels.device.type == "cpu":
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= nc:
-            raise ValueError(
-                f"labels must index the candidates c: need 0 <= labels < Nc={nc}, got values in [{lo}, {hi}]"
-            )
-    else:
-        torch._assert_async(((labels >= 0) & (labels < nc)).all(), "labels must index the candidates c: 0 <= labels < Nc")
+    in_range = ((labels >= 0) & (labels < nc)).all()
+    message = f"labels must index the candidates c: need 0 <= labels < Nc={nc}"
+    if labels.device.type != "cpu":
+        torch._assert_async(in_range, message)
+        return
+    try:
+        torch._assert_async(in_range, message)
+    except RuntimeError:
+        lo, hi = int(labels.min()), int(labels.max())  # the error path may read values
+        raise ValueError(f"{message}, got values in [{lo}, {hi}]") from None

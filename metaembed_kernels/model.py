@@ -89,6 +89,22 @@ def _check_tensor(name: str, value, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must have shape {layout}, got {tuple(value.shape)}")
 
 
+def _check_padding_mask_values(attention_mask: torch.Tensor) -> None:
+    """attention_mask holds only 0 and 1: checked on the host for CPU tensors, by a
+    device-side assert for accelerator tensors (no host sync inside a training step)."""
+    if attention_mask.dtype == torch.bool:
+        return
+    message = "attention_mask must hold only 0 and 1 (a padding mask)"
+    binary = ((attention_mask == 0) | (attention_mask == 1)).all()
+    if attention_mask.device.type != "cpu":
+        torch._assert_async(binary, message)
+        return
+    try:  # on CPU the assert fails at once
+        torch._assert_async(binary, message)
+    except RuntimeError:
+        raise ValueError(message) from None
+
+
 def _unwrap_peft(model: nn.Module) -> nn.Module:
     """The transformers model under a PEFT wrapper (LoRA layers are injected into it in place,
     so calling it runs the adapters). Duck-typed so that peft need not be installed."""
@@ -260,8 +276,7 @@ class MetaEmbed(nn.Module):
                     f"attention_mask must have shape (B, L) = ({batch}, {length}), "
                     f"got {tuple(attention_mask.shape)}"
                 )
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-                raise ValueError("attention_mask must hold only 0 and 1 (a padding mask)")
+            _check_padding_mask_values(attention_mask)
         valid = attention_mask.to(device=device, dtype=torch.bool)
 
         num_meta = self.num_query_tokens + self.num_candidate_tokens

@@ -139,5 +139,21 @@ def cpu_kernel_backends():
     return [b for b in available_backends("cpu") if b != "reference"]
 
 
+OP_PREFIX = {"cpu": "", "cuda": "", "reference": "reference_", "triton": "triton_"}
+
+
+def op_backends():
+    """Every backend whose ops run CPU tensors here (reference, cpu, triton when interpreted)."""
+    return list(available_backends("cpu"))
+
+
+def ops_of(backend: str):
+    """name -> the default overload of that backend's op, e.g. ops_of("triton")("maxsim_grouped")."""
+    from metaembed_kernels.backends import get_backend
+
+    b = get_backend(backend)
+    return lambda name: getattr(getattr(torch.ops, b.op_namespace), b.op_prefix + name).default
+
+
 requires_extension = pytest.mark.skipif(not _extension.is_loaded(), reason="C++ extension not built")
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -117,8 +117,10 @@ def test_forward_is_bitwise_identical_across_thread_counts_and_backward_is_deter
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_non_contiguous_and_sliced_inputs(dtype):
     gen = torch.Generator().manual_seed(3)
-    q_base = normal_values((5, 20, 48), gen, dtype)
-    c_base = normal_values((64, 9, 48), gen, dtype)
+    # Exact values (multiples of 1/4): every dot product is exact in fp32, so argmax decisions
+    # (ties included) are identical here and in the fp64 reference, and gradients compare tightly.
+    q_base = exact_values((5, 20, 48), gen, dtype)
+    c_base = exact_values((64, 9, 48), gen, dtype)
     cases = {
         "token-slice": (q_base[:, 2:18], c_base.transpose(0, 1)[:, :7]),  # strided token / item dims
         "strided-d": (q_base[:, :16, ::2], c_base.transpose(0, 1)[:, :, 1::2]),  # D not contiguous: copied
@@ -136,8 +138,11 @@ def test_non_contiguous_and_sliced_inputs(dtype):
         maxsim_grouped(qg, cg, groups, q_mask=qm, c_mask=cm, backend="cpu").sum().backward()
         qr, cr = q.double().requires_grad_(), c.double().requires_grad_()
         reference.maxsim_grouped(qr, cr, groups, qm, cm).sum().backward()
-        # normal values: compare gradients only where fp32 and fp64 agree on every argmax
-        torch.testing.assert_close(qg.grad.double(), qr.grad, rtol=2e-2, atol=2e-2)
+        n_terms = c.shape[0] * len(groups)  # dq[a, i] sums one selected row per candidate and group
+        assert_close(qg.grad, qr.grad, grad_tolerance(qr.grad, dtype, n_terms, torch.tensor(1.0)), f"{name} dq")
+        n_terms = q.shape[0] * q.shape[1] * len(groups)  # dc[b, j] sums over every query token and group
+        assert_close(cg.grad, cr.grad, grad_tolerance(cr.grad, dtype, n_terms, torch.tensor(1.0)), f"{name} dc")
+        assert (qg.grad[~qm] == 0).all() and (cg.grad[~cm] == 0).all(), f"{name}: masked gradients must be 0"
 
 
 def test_hard_negatives_with_strides():

@@ -1,40 +1,71 @@
-"""Custom-op plumbing: gradcheck in float64, torch.library.opcheck, torch.compile."""
+"""Custom-op plumbing on every backend that runs here: gradcheck in float64,
+torch.library.opcheck on contiguous / transposed / sliced / expanded inputs, fake kernels
+that return the real strides, and the output_mask contract of the backward ops."""
 import pytest
 import torch
 
-from helpers import requires_extension
-from metaembed_kernels import DEFAULT_GROUPS, matryoshka_infonce, maxsim_grouped, reference
+from helpers import op_backends, ops_of, requires_extension
+from metaembed_kernels import matryoshka_infonce, maxsim_grouped, maxsim_paired_grouped
 
-pytestmark = requires_extension
 GROUPS = ((1, 1), (3, 2), (2, 5))
+RQ, RC = [1, 3, 2], [1, 2, 5]
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
 
 
-def inputs(dtype=torch.float64, nq=3, nc=4, rq=3, rc=5, d=6, k=2, masks=True, seed=0):
+def laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values of x (n, r, ..., d) in a given memory layout (same shape)."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "transposed":  # dims 0 and 1 swapped in memory
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "sliced":  # every other element of a wider last dim (D stride 2)
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == "expanded":  # one row broadcast along dim 0 (stride 0)
+        return x[:1].expand(x.shape)
+    raise ValueError(layout)
+
+
+def inputs(dtype=torch.float64, nq=3, nc=4, rq=3, rc=5, d=6, k=2, masks=True, seed=0, layout="contiguous"):
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(nq, rq, d, generator=gen).to(dtype)
-    c = torch.randn(nc, rc, d, generator=gen).to(dtype)
-    hn = torch.randn(nq, k, rc, d, generator=gen).to(dtype)
-    qm = cm = hm = None
+    q = laid_out(torch.randn(nq, rq, d, generator=gen).to(dtype), layout)
+    c = laid_out(torch.randn(nc, rc, d, generator=gen).to(dtype), layout)
+    hn = laid_out(torch.randn(nq, k, rc, d, generator=gen).to(dtype), layout)
+    cp = laid_out(torch.randn(nq, 2, rc, d, generator=gen).to(dtype), layout)  # paired candidates
+    qm = cm = hm = cpm = None
     if masks:
         qm = torch.rand(nq, rq, generator=gen) > 0.2
         cm = torch.rand(nc, rc, generator=gen) > 0.2
         hm = torch.rand(nq, k, rc, generator=gen) > 0.2
+        cpm = torch.rand(nq, 2, rc, generator=gen) > 0.2
         cm[1, :2] = False
-    return q, c, hn, qm, cm, hm
+        cpm[0, 1] = False
+    return q, c, hn, cp, qm, cm, hm, cpm
 
 
-@pytest.mark.parametrize("masks", [False, True])
-def test_gradcheck_maxsim_grouped(masks):
-    q, c, _, qm, cm, _ = inputs(masks=masks)
+def _dtype_for(backend: str) -> torch.dtype:
+    return torch.float64 if backend in ("cpu", "reference") else torch.float32
+
+
+GRADCHECK_CASES = [("cpu", False), ("cpu", True), ("reference", True)]  # the reference is slow
+
+
+@pytest.mark.parametrize("backend,masks", GRADCHECK_CASES)
+def test_gradcheck_scores(backend, masks):
+    q, c, _, cp, qm, cm, _, cpm = inputs(masks=masks)
     q.requires_grad_()
     c.requires_grad_()
-    fn = lambda q, c: maxsim_grouped(q, c, GROUPS, q_mask=qm, c_mask=cm, backend="cpu")  # noqa: E731
+    cp.requires_grad_()
+    fn = lambda q, c: maxsim_grouped(q, c, GROUPS, q_mask=qm, c_mask=cm, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, c), eps=1e-6, atol=1e-7)
+    fn = lambda q, c: maxsim_paired_grouped(q, c, GROUPS, q_mask=qm, c_mask=cpm, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, cp), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("masks", [False, True])
-def test_gradcheck_matryoshka_infonce(masks):
-    q, c, hn, qm, cm, hm = inputs(masks=masks, nc=5)
+@pytest.mark.parametrize("backend,masks", GRADCHECK_CASES)
+def test_gradcheck_matryoshka_infonce(backend, masks):
+    q, c, hn, _, qm, cm, hm, _ = inputs(masks=masks, nc=5)
     for t in (q, c, hn):
         t.requires_grad_()
     labels = torch.tensor([4, 0, 2])
@@ -42,68 +73,136 @@ def test_gradcheck_matryoshka_infonce(masks):
     def fn(q, c, hn):
         return matryoshka_infonce(
             q, c, GROUPS, weights=(1.0, 0.5, 2.0), temperature=0.7, hard_negatives=hn, hard_negatives_mask=hm,
-            q_mask=qm, c_mask=cm, labels=labels, backend="cpu", return_group_losses=True,
+            q_mask=qm, c_mask=cm, labels=labels, backend=backend, return_group_losses=True,
         )
 
     assert torch.autograd.gradcheck(fn, (q, c, hn), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("masks", [False, True])
-def test_opcheck_maxsim_grouped(dtype, masks):
-    q, c, _, qm, cm, _ = inputs(dtype, masks=masks)
-    q.requires_grad_()
-    c.requires_grad_()
-    torch.library.opcheck(torch.ops.metaembed.maxsim_grouped.default, (q, c, [1, 3, 2], [1, 2, 5], qm, cm))
-    grad = torch.randn(3, q.shape[0], c.shape[0])
-    torch.library.opcheck(
-        torch.ops.metaembed.maxsim_grouped_backward.default,
-        (grad.to(torch.float64 if dtype == torch.float64 else torch.float32), q.detach(), c.detach(),
-         [1, 3, 2], [1, 2, 5], qm, cm),
-    )
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("masks", [False, True])
-def test_opcheck_matryoshka_infonce(dtype, masks):
-    q, c, hn, qm, cm, hm = inputs(dtype, masks=masks, nc=5)
-    for t in (q, c, hn):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", op_backends())
+def test_opcheck_forward_ops(backend, layout):
+    """Every forward op (with autograd, so its backward op runs too) on every memory layout."""
+    q, c, hn, cp, qm, cm, hm, cpm = inputs(_dtype_for(backend), nc=5, layout=layout)
+    for t in (q, c, hn, cp):
         t.requires_grad_()
+    ops = ops_of(backend)
+    torch.library.opcheck(ops("maxsim_grouped"), (q, c, RQ, RC, qm, cm))
+    torch.library.opcheck(ops("maxsim_paired_grouped"), (q, cp, RQ, RC, qm, cpm))
     labels = torch.tensor([1, 4, 0])
-    torch.library.opcheck(
-        torch.ops.metaembed.matryoshka_infonce.default,
-        (q, c, hn, labels, [1, 3, 2], [1, 2, 5], 2.5, qm, cm, hm),
-    )
+    torch.library.opcheck(ops("matryoshka_infonce"), (q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm))
 
 
-def test_torch_compile_fullgraph():
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randn(6, 16, 32, generator=gen, requires_grad=True)
-    c = torch.randn(6, 64, 32, generator=gen, requires_grad=True)
-    hn = torch.randn(6, 1, 64, 32, generator=gen, requires_grad=True)
-
-    def step(q, c, hn):
-        scores = maxsim_grouped(q, c, DEFAULT_GROUPS)
-        loss = matryoshka_infonce(q, c, DEFAULT_GROUPS, hard_negatives=hn, temperature=0.05)
-        return loss + 1e-3 * scores.mean()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager = step(q, c, hn)
-    eager_grads = torch.autograd.grad(eager, (q, c, hn))
-    out = compiled(q, c, hn)
-    grads = torch.autograd.grad(out, (q, c, hn))
-    torch.testing.assert_close(out, eager)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e)
-    ref = reference.matryoshka_infonce(q.double(), c.double(), DEFAULT_GROUPS, hard_negatives=hn.double(),
-                                       temperature=0.05)
-    assert abs((out - 1e-3 * maxsim_grouped(q, c, DEFAULT_GROUPS).mean()).item() - ref.item()) < 1e-3
+@pytest.mark.parametrize("output_mask", [(True, True), (True, False), (False, True)], ids=str)
+@pytest.mark.parametrize("backend", op_backends())
+def test_opcheck_backward_ops(backend, output_mask):
+    q, c, hn, cp, qm, cm, hm, cpm = inputs(_dtype_for(backend), nc=5, layout="transposed")
+    ops = ops_of(backend)
+    gen = torch.Generator().manual_seed(5)
+    sd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mask2 = list(output_mask)
+    torch.library.opcheck(ops("maxsim_grouped_backward"),
+                          (torch.randn(3, 3, 5, generator=gen).to(sd), q, c, RQ, RC, qm, cm, mask2))
+    torch.library.opcheck(ops("maxsim_paired_grouped_backward"),
+                          (torch.randn(3, 3, 2, generator=gen).to(sd), q, cp, RQ, RC, qm, cpm, mask2))
+    labels = torch.tensor([1, 4, 0])
+    _, lse = ops("matryoshka_infonce")(q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm)
+    torch.library.opcheck(ops("matryoshka_infonce_backward"),
+                          (torch.randn(3, 3, generator=gen).to(sd), lse, q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm,
+                           mask2 + [not output_mask[1]]))
 
 
-def test_torch_compile_inductor():
-    """The default inductor backend too (ops stay opaque calls inside the compiled graph)."""
-    gen = torch.Generator().manual_seed(2)
-    q = torch.randn(4, 16, 24, generator=gen)
-    c = torch.randn(5, 64, 24, generator=gen)
-    fn = torch.compile(lambda q, c: maxsim_grouped(q, c, DEFAULT_GROUPS).softmax(-1), fullgraph=True)
-    torch.testing.assert_close(fn(q, c), maxsim_grouped(q, c, DEFAULT_GROUPS).softmax(-1))
+@pytest.mark.parametrize("backend", op_backends())
+def test_fake_kernels_return_the_real_strides_and_check_shapes(backend):
+    """The real kernels allocate fresh contiguous outputs; the fake kernels promise exactly
+    that, whatever the input strides, and reject what the real kernels reject."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, c, hn, cp, qm, cm, hm, cpm = inputs(_dtype_for(backend), nc=5, layout="transposed")
+    ops = ops_of(backend)
+    labels = torch.tensor([1, 4, 0])
+    real = [ops("maxsim_grouped")(q, c, RQ, RC, qm, cm),
+            *ops("maxsim_grouped_backward")(torch.ones(3, 3, 5, dtype=real_dtype(q)), q, c, RQ, RC, qm, cm,
+                                             [True, True]),
+            *ops("matryoshka_infonce")(q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm)]
+    with FakeTensorMode() as mode:
+        f = [mode.from_tensor(t) if t is not None else None for t in (q, c, hn, qm, cm, hm, labels)]
+        fq, fc, fhn, fqm, fcm, fhm, flab = f
+        fake = [ops("maxsim_grouped")(fq, fc, RQ, RC, fqm, fcm),
+                *ops("maxsim_grouped_backward")(torch.ones(3, 3, 5, dtype=real_dtype(q)), fq, fc, RQ, RC, fqm, fcm,
+                                                 [True, True]),
+                *ops("matryoshka_infonce")(fq, fc, fhn, flab, RQ, RC, 2.5, fqm, fcm, fhm)]
+        for r, fk in zip(real, fake):
+            assert (tuple(fk.shape), fk.stride(), fk.dtype) == (tuple(r.shape), r.stride(), r.dtype)
+        with pytest.raises(ValueError, match="embedding dim"):
+            ops("maxsim_grouped")(fq, fc[..., :3], RQ, RC, None, None)
+        with pytest.raises(ValueError, match=r"groups\[0\]"):
+            ops("maxsim_grouped")(fq, fc, [9], [1], None, None)
+
+
+def real_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("backend", op_backends())
+def test_backward_ops_skip_unwanted_gradients(backend):
+    """output_mask: an unwanted gradient comes back as the (0,) placeholder, and the wanted
+    ones equal the full computation's."""
+    q, c, hn, cp, qm, cm, hm, cpm = inputs(_dtype_for(backend), nc=5)
+    ops = ops_of(backend)
+    grad = torch.randn(3, 3, 5, dtype=real_dtype(q))
+    full = ops("maxsim_grouped_backward")(grad, q, c, RQ, RC, qm, cm, [True, True])
+    only_q = ops("maxsim_grouped_backward")(grad, q, c, RQ, RC, qm, cm, [True, False])
+    only_c = ops("maxsim_grouped_backward")(grad, q, c, RQ, RC, qm, cm, [False, True])
+    assert only_q[1].shape == (0,) and only_c[0].shape == (0,)
+    assert torch.equal(only_q[0], full[0]) and torch.equal(only_c[1], full[1])
+    labels = torch.tensor([1, 4, 0])
+    _, lse = ops("matryoshka_infonce")(q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm)
+    g = torch.randn(3, 3, dtype=real_dtype(q))
+    full = ops("matryoshka_infonce_backward")(g, lse, q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm, [True] * 3)
+    for mask in ([True, False, False], [False, True, False], [False, False, True], [False, False, False]):
+        part = ops("matryoshka_infonce_backward")(g, lse, q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm, mask)
+        for k in range(3):
+            if mask[k]:
+                torch.testing.assert_close(part[k], full[k], rtol=0, atol=0)
+            else:
+                assert part[k].shape == (0,)
+
+
+class _RecordBackwardMasks(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output_mask argument of every metaembed backward op call."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "metaembed" and func.__name__.split(".")[0].endswith("_backward"):
+            self.masks.append(tuple(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", op_backends())
+def test_autograd_asks_only_for_the_gradients_it_needs(backend):
+    q, c, hn, cp, *_ = inputs(_dtype_for(backend), nc=5)
+    q.requires_grad_()  # c, hn and cp frozen (a frozen candidate encoder)
+    with _RecordBackwardMasks() as rec:
+        maxsim_grouped(q, c, GROUPS, backend=backend).sum().backward()
+        maxsim_paired_grouped(q, cp, GROUPS, backend=backend).sum().backward()
+        matryoshka_infonce(q, c, GROUPS, hard_negatives=hn, labels=torch.tensor([1, 4, 0]),
+                           backend=backend).backward()
+    assert rec.masks == [(True, False), (True, False), (True, False, False)]
+    q.requires_grad_(False)
+    hn.requires_grad_()
+    with _RecordBackwardMasks() as rec:
+        matryoshka_infonce(q, c, GROUPS, hard_negatives=hn, labels=torch.tensor([1, 4, 0]),
+                           backend=backend).backward()
+    assert rec.masks == [(False, False, True)]
+    assert hn.grad is not None and hn.grad.shape == hn.shape
+
+
+@requires_extension
+def test_extension_registers_every_op_for_cpu():
+    from metaembed_kernels import _extension
+
+    assert _extension.has_kernel("cpu")

@@ -20,12 +20,16 @@
 #include <memory>
 
 #include "../common/checks.h"
+#include "../common/nonfinite.h"
 #include "isa_select.h"
 #include "kernels.h"
 
 namespace metaembed {
 namespace cpu {
 namespace {
+
+using nonfinite::census;
+using nonfinite::poison_gradient;
 
 inline int64_t ceil_div_host(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -197,8 +201,10 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cpu(const at::Tensor&
                             ws.get(), want_dq ? dq_partial[i].data_ptr() : nullptr,
                             want_dc ? dc.data_ptr() : nullptr);
   });
-  return {want_dq ? reduce_chunks(dq_partial).to(q.scalar_type()) : not_wanted(q),
-          want_dc ? dc.to(c.scalar_type()) : not_wanted(c)};
+  at::Tensor dq = want_dq ? reduce_chunks(dq_partial) : at::Tensor();
+  if (want_dq) poison_gradient(dq, census(c, c_mask, p.groups.rc_eff, 0), q_mask, p.groups.rq_eff);
+  if (want_dc) poison_gradient(dc, census(q, q_mask, p.groups.rq_eff, 0), c_mask, p.groups.rc_eff);
+  return {want_dq ? dq.to(q.scalar_type()) : not_wanted(q), want_dc ? dc.to(c.scalar_type()) : not_wanted(c)};
 }
 
 Tokens hard_negative_tokens(const at::Tensor& hn, const Mask& m) {
@@ -260,6 +266,8 @@ std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_backward_cpu(
     P.ks->paired_backward(p, ct, N, g.data_ptr(), a0, a1, ws.get(), want_dq ? dq.data_ptr() : nullptr,
                           want_dc ? dc.data_ptr() : nullptr);
   });
+  if (want_dq) poison_gradient(dq, census(c, c_mask, p.groups.rc_eff, 1), q_mask, p.groups.rq_eff);
+  if (want_dc) poison_gradient(dc, census(q, q_mask, p.groups.rq_eff, 1), c_mask, p.groups.rc_eff);
   return {want_dq ? dq.to(q.scalar_type()) : not_wanted(q), want_dc ? dc.to(c.scalar_type()) : not_wanted(c)};
 }
 
@@ -350,7 +358,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cpu(
                                chunk_begin(i, chunks, p.nc), chunk_begin(i + 1, chunks, p.nc), ws.get(),
                                want_dq ? dq_partial[i].data_ptr() : nullptr, want_dc ? dc.data_ptr() : nullptr);
     });
-    if (want_dq) dq = reduce_chunks(dq_partial);
+    if (want_dq) {
+      dq = reduce_chunks(dq_partial);
+      poison_gradient(dq, census(c, c_mask, p.groups.rc_eff, 0), q_mask, p.groups.rq_eff);
+    }
+    if (want_dc) poison_gradient(dc, census(q, q_mask, p.groups.rq_eff, 0), c_mask, p.groups.rc_eff);
   }
   // Hard negatives: only for dq or dhn.
   if (K > 0 && (want_dq || want_dhn)) {
@@ -363,6 +375,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cpu(
       P.ks->infonce_backward_hard(p, hnt, K, scale, g.data_ptr(), ls.data_ptr(), a0, a1, ws.get(),
                                   want_dq ? dq.data_ptr() : nullptr, want_dhn ? dhn.data_ptr() : nullptr);
     });
+    if (want_dq)
+      poison_gradient(dq, census(hard_negatives, hn_mask, p.groups.rc_eff, 1), q_mask, p.groups.rq_eff);
+    if (want_dhn)
+      poison_gradient(dhn, census(q, q_mask, p.groups.rq_eff, 1), hn_mask, p.groups.rc_eff);
   }
   return result(dq, dc, dhn);
 }

@@ -15,11 +15,21 @@
 //   fp32:      FFMA on CUDA cores, 8x8 outputs per thread. TF32 tensor cores would round
 //              the inputs to 10-bit mantissas and lose fp32 parity, so they are not used.
 // The fp32 tile goes to shared memory transposed (S^T[col][row], conflict-free for the
-// scan), then each thread scans one row of one item in token order: running max (and
-// argmax, lowest index on ties via strict '>'), snapshotted at every distinct r_c bound
-// in place (slot s <= the column being read). Per group, the snapshots of the query's
-// rows i < r_q are summed (prefix sums over rows) and either written as scores or folded
-// into an online log-sum-exp. Nothing of size Nq*Nc*Rq*Rc exists anywhere.
+// scan), then each thread scans one row of one item in token order: running max and
+// argmax, snapshotted at every distinct r_c bound in place (slot s <= the column being
+// read). The fold follows torch.amax / torch.argmax over the valid tokens (validity comes
+// from the masks only; -inf is an ordinary value):
+//   take token j  iff  it is the first valid one, or S > m, or (S is NaN and m is not)
+// so ties go to the lowest index and a NaN is the (sticky) maximum at its lowest index.
+// A snapshot holds what the row contributes: the max, or 0 for a masked row or a prefix
+// without a valid token. Per group, the snapshots of the query's rows i < r_q are summed
+// (prefix sums over rows) and either written as scores or folded into an online
+// log-sum-exp that matches torch.logsumexp on infinities. Masked tokens are multiplied in
+// the tile product like any other (a NaN there only spoils its own row or column of S),
+// but never taken, so they change nothing. Nothing of size Nq*Nc*Rq*Rc exists anywhere.
+//
+// Per-query items (hard negatives, maxsim_paired_grouped): a CTA owns one query and a
+// range of that query's own items; everything else is the same code.
 //
 // Backward: score_kernel records, per (item, row, bound), the argmax token; the host turns
 // dL/ds into per-entry weights (weights_kernel), and two gather kernels apply them:
@@ -343,15 +353,28 @@ struct TileMMA<T, false> {
 
 // Sum of the snapshots in column `col` over the rows i in [0, rq_g) of one query whose
 // token 0 sits at tile row `base` (possibly outside the tile: only rows in [0, BM) count).
-// -inf means "no valid item token in the prefix" and contributes 0.
+// Masked rows and prefixes without a valid token hold 0; NaN and infinities add as usual.
 DEV float tile_prefix_sum(const float* st, int col, int base, int rq_g) {
   const int i_lo = imax(0, -base), i_hi = imin(rq_g, BM - base);
   float s = 0.f;
-  for (int i = i_lo; i < i_hi; ++i) {
-    const float v = st[col * LDS + base + i];
-    if (v != -INFINITY) s += v;
-  }
+  for (int i = i_lo; i < i_hi; ++i) s += st[col * LDS + base + i];
   return s;
+}
+
+// The running-max fold of the scan (see the file comment): whether valid token value v
+// replaces the running max m; `none` = no valid token seen yet.
+DEV bool takes_max(float v, float m, bool none) { return none || v > m || (v != v && m == m); }
+
+// Online log-sum-exp: (m, l) <- (max(m, x), l e^{m - max} + e^{x - max}), lse = m + log(l).
+// x == m adds exactly 1, so equal infinities behave as in torch.logsumexp (all -inf -> -inf,
+// any +inf -> +inf) instead of giving exp(inf - inf) = NaN; a NaN x makes l NaN for good.
+DEV void lse_update(float& m, float& l, float x) {
+  if (x > m) {
+    l = l * expf(m - x) + 1.f;
+    m = x;
+  } else {
+    l += x == m ? 1.f : expf(x - m);
+  }
 }
 
 // Number of bounds <= limit (bounds are strictly increasing).
@@ -468,13 +491,14 @@ __global__ void __launch_bounds__(NT) score_kernel(const ScoreArgs p) {
               const int col0 = bl * p.rct;
               for (int jl = 0; jl < ncol; ++jl) {
                 const float v = st[(col0 + jl) * LDS + tid];
-                if (rok && sm_colok[col0 + jl] && v > m) {  // strict: the lowest index wins ties
+                if (rok && sm_colok[col0 + jl] && takes_max(v, m, arg < 0)) {
                   m = v;
                   arg = jbase + jl;
                 }
                 if (jbase + jl + 1 == next) {  // prefix j < bounds[kb] complete
                   // In place: slot kb - kb_lo <= jl, a column this thread has already read.
-                  st[(col0 + kb - kb_lo) * LDS + tid] = m;
+                  // arg < 0: masked row or no valid token yet -> contributes 0.
+                  st[(col0 + kb - kb_lo) * LDS + tid] = arg >= 0 ? m : 0.f;
                   if (p.argmax)
                     gst(p.argmax + ((x_base + b0 + bl) * p.tb + trel_base + r0 + tid) * nb + kb, arg);
                   ++kb;
@@ -536,13 +560,8 @@ __global__ void __launch_bounds__(NT) score_kernel(const ScoreArgs p) {
                       continue;
                     }
                   }
-                  const float x = p.scale * s;  // (m, l) <- (max(m, x), l e^{m - max} + e^{x - max})
-                  if (x > m) {
-                    l = l * expf(m - x) + 1.f;
-                    m = x;
-                  } else {
-                    l += expf(x - m);
-                  }
+                  const float x = p.scale * s;
+                  lse_update(m, l, x);
                   if (label == b0 + bl) gst(p.pos + g * p.nq + a, x);
                 }
                 if (last) {

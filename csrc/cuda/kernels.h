@@ -42,11 +42,13 @@ struct TokenSet {
 // pass over each candidate's tokens with running maxima snapshotted at every bound.
 // Modes (runtime flags):
 //   scores != nullptr: scores[g*sc_gstride + a*sc_ld + x] = s_g(a, x)
-//   argmax != nullptr: argmax[(x*tb + t_rel)*nb + k] = lowest j maximising over j < bounds[k]
-//                      (-1 if no valid token), t_rel = row (in-batch) or token i (per query)
+//   argmax != nullptr: argmax[(x*tb + t_rel)*nb + k] = lowest valid j maximising over
+//                      j < bounds[k] (the lowest NaN if any, as torch.argmax; -1 if no valid
+//                      token or a masked query token), t_rel = row (in-batch) or token i
+//                      (per query)
 //   lse:               online log-sum-exp of scale*s_g(a, x) over the items, into
 //                      m/l[split*state_split_stride + g*nq + a]; pos[g*nq + a] = the logit of
-//                      item labels[a] (labels nullable).
+//                      item labels[a] (labels nullable; compared, never used as an address).
 struct ScoreArgs {
   DType dtype = kF32;
   int64_t D = 0;
@@ -92,7 +94,10 @@ struct WeightArgs {
 
 // Gradients from the (argmax, weight) entries:
 //   dq[a, i] += w * item_x[j],  dc_x[j] += w * q[a, i]      (fp32 buffers, added to)
-// dq is (Nq, Rq, D); dc holds item x's tokens at dc + (x*Rc + j)*D.
+// dq is (Nq, Rq, D); dc holds item x's tokens at dc + (x*Rc + j)*D. An entry with w == 0
+// (masked query token, no valid item token, merged run, zero gradient) is skipped, so a
+// masked token is never read. launch_grad_q needs dq, launch_grad_c needs dc; the host
+// leaves a gradient nobody asked for null and does not launch its kernel.
 struct GradArgs {
   DType dtype = kF32;
   int64_t D = 0, Rq = 0, Rc = 0;

@@ -1,20 +1,27 @@
 // CUDA implementations of the metaembed ops: argument checks, workspaces and the order of
 // kernel launches around kernels.cu. Compiled by the host compiler (no device code here).
+// Argument checks are csrc/common/checks.h (the messages of every other backend); label
+// values are checked there too, by a device-side assert for CUDA tensors (no host sync).
 //
 // Forward (maxsim_grouped): one launch of score_kernel writing (G, Nq, Nc) scores.
+// Forward (maxsim_paired_grouped): the same kernel in its per-query mode (the hard-negative
+//   machinery): each query against its own N candidates, writing (G, B, N).
 // Fused loss forward: score_kernel folds scale*s_g into an online log-sum-exp per
 //   (split, group, query); the splits are merged here in split order (like the CPU
 //   backend's chunks), then each query's hard negatives are folded in. Memory O(G*Nq).
-// Backward (both ops): per candidate chunk, score_kernel records the argmax token of every
-//   (candidate, query token, bound); dL/ds becomes per-entry weights (weights_kernel) and
-//   grad_q_kernel / grad_c_kernel gather them into fp32 dq / dc. For the loss, dL/ds needs
-//   the scores, so the chunk's scores (G x Nq x chunk) are kept and turned into
-//   grad * scale * (softmax - onehot) here. Chunks are sized so these buffers stay under
-//   kWorkspaceBytes (one chunk for training-sized batches); nothing of size
-//   Nq*Nc*Rq*Rc is ever allocated.
+// Backward (all ops): per candidate chunk (in-batch) or query chunk (per-query items),
+//   score_kernel records the argmax token of every (candidate, query token, bound); dL/ds
+//   becomes per-entry weights (weights_kernel) and grad_q_kernel / grad_c_kernel gather
+//   them into fp32 dq / dc. For the loss, dL/ds needs the scores, so the chunk's scores
+//   (G x Nq x chunk) are kept and turned into grad * scale * (softmax - onehot) here.
+//   Chunks are sized so these buffers stay under kWorkspaceBytes (one chunk for
+//   training-sized batches); nothing of size Nq*Nc*Rq*Rc is ever allocated.
+// output_mask: a gradient whose flag is false is neither allocated nor launched (its
+//   gather is skipped; the score/weight launches run only if another gradient needs them)
+//   and comes back as an empty (0,) tensor of the input's dtype.
 // Groups beyond kMaxGroups are processed in batches (each batch its own launches).
-// Everything runs on the current CUDA stream of the inputs' device; no atomics, so all
-// results are deterministic.
+// Everything runs on the current CUDA stream of the inputs' device, with no host sync;
+// no atomics, so all results are deterministic.
 //
 // With METAEMBED_CUDA_EMULATE this file builds the test-only extension that runs the same
 // kernels on the CPU (ops "metaembed_emu::*", CPU tensors).
@@ -22,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -32,6 +40,7 @@
 #endif
 
 #include "../common/checks.h"
+#include "../common/nonfinite.h"
 #include "../common/schemas.h"
 #include "kernels.h"
 
@@ -40,6 +49,12 @@ namespace cuda {
 namespace {
 
 constexpr int64_t kWorkspaceBytes = int64_t(256) << 20;
+#ifdef METAEMBED_CUDA_EMULATE
+int64_t g_workspace_bytes = kWorkspaceBytes;  // tests shrink it to reach the chunked paths
+int64_t workspace_bytes() { return g_workspace_bytes; }
+#else
+constexpr int64_t workspace_bytes() { return kWorkspaceBytes; }
+#endif
 constexpr int64_t kMaxTokens = int64_t(1) << 22;  // Rq, Rc: 32-bit tile indices, grid.y of grad_c
 constexpr int64_t kMaxDim = int64_t(1) << 23;     // D: grid.y / grid.z of the gradient kernels
 
@@ -179,7 +194,7 @@ std::vector<Batch> group_batches(at::IntArrayRef grq, at::IntArrayRef grc, int64
 // for the loss, scores / probabilities / dS (G*Nq floats, a few times) per candidate.
 int64_t chunk_size(int64_t nc, int64_t rows, int64_t nb, int64_t G, int64_t nq, bool loss) {
   const int64_t per = rows * nb * 8 + (loss ? 16 * G * nq : 0);
-  return std::max<int64_t>(1, std::min<int64_t>(nc, kWorkspaceBytes / std::max<int64_t>(per, 1)));
+  return std::max<int64_t>(1, std::min<int64_t>(nc, workspace_bytes() / std::max<int64_t>(per, 1)));
 }
 
 ScoreArgs score_args(const at::Tensor& q, const TokenSet& qt, const TokenSet& ct, int64_t ncand, bool per_query,
@@ -209,9 +224,18 @@ void set_argmax_output(ScoreArgs& a, at::Tensor& J, int64_t rows) {
   a.tb = rows;
 }
 
-GradArgs grad_args(const at::Tensor& q, const TokenSet& qt, const TokenSet& ct, int64_t Rc, int64_t ncand,
-                   bool per_query, const GroupBatch& gb, const at::Tensor& J, const at::Tensor& W, at::Tensor& dq,
-                   float* dc) {
+// Token set of per-query items advanced to query a0 (its data and mask pointers).
+TokenSet queries_from(const TokenSet& s, int64_t a0, int64_t elem_bytes) {
+  TokenSet r = s;
+  r.data = static_cast<const char*>(s.data) + a0 * s.s_q * elem_bytes;
+  if (s.mask) r.mask = s.mask + a0 * s.m_q;
+  return r;
+}
+
+// The gradient launches' arguments; a null dq / dc is a gradient nobody asked for.
+GradArgs grad_args(const at::Tensor& q, const TokenSet& qt, const TokenSet& ct, int64_t nq, int64_t Rc,
+                   int64_t ncand, bool per_query, const GroupBatch& gb, const at::Tensor& J, const at::Tensor& W,
+                   float* dq, float* dc) {
   GradArgs g;
   g.dtype = dtype_of(q);
   g.D = q.size(2);
@@ -220,7 +244,7 @@ GradArgs grad_args(const at::Tensor& q, const TokenSet& qt, const TokenSet& ct, 
   g.q = qt;
   g.c = ct;
   g.per_query = per_query;
-  g.nq = q.size(0);
+  g.nq = nq;
   g.ncand = ncand;
   g.tb = J.size(1);
   g.rq_eff = gb.rq_eff;
@@ -228,13 +252,16 @@ GradArgs grad_args(const at::Tensor& q, const TokenSet& qt, const TokenSet& ct, 
   g.nb = gb.nb;
   g.argmax = J.data_ptr<int32_t>();
   g.w = W.data_ptr<float>();
-  g.dq = dq.data_ptr<float>();
+  g.dq = dq;
   g.dc = dc;
   return g;
 }
 
-WeightArgs weight_args(const at::Tensor& J, const at::Tensor& W, const at::Tensor& ds, int64_t nq, int64_t K,
-                       bool per_query, const GroupBatch& gb, const c10::optional<at::Tensor>& q_mask) {
+// dS (G', nq, ncols) float, contiguous from `ds` on: row a of group g at ds + g*ds_gstride + a*ds_ld.
+// q_mask is advanced to query a0 (the first query of J's items).
+WeightArgs weight_args(const at::Tensor& J, const at::Tensor& W, const float* ds, int64_t ds_ld, int64_t ds_gstride,
+                       int64_t nq, int64_t K, bool per_query, const GroupBatch& gb,
+                       const c10::optional<at::Tensor>& q_mask, int64_t a0 = 0) {
   WeightArgs w;
   w.nitems = J.size(0);
   w.tb = J.size(1);
@@ -245,16 +272,77 @@ WeightArgs weight_args(const at::Tensor& J, const at::Tensor& W, const at::Tenso
   w.per_query = per_query;
   w.argmax = J.data_ptr<int32_t>();
   w.w = W.data_ptr<float>();
-  w.ds = ds.data_ptr<float>();
-  w.ds_ld = ds.size(2);
-  w.ds_gstride = ds.size(1) * ds.size(2);
+  w.ds = ds;
+  w.ds_ld = ds_ld;
+  w.ds_gstride = ds_gstride;
   w.qmask = mask_ptr(q_mask);
   if (q_mask.has_value()) {
     w.qm0 = stride_of(*q_mask, 0);
     w.qm1 = stride_of(*q_mask, 1);
+    w.qmask += a0 * w.qm0;
   }
   w.groups = gb;
   return w;
+}
+
+// The (0,) placeholder returned for a gradient whose output_mask flag is false.
+at::Tensor not_wanted(const at::Tensor& x) { return at::empty({0}, x.options()); }
+
+// A wanted gradient: the fp32 accumulation buffer converted to x's dtype (contiguous).
+at::Tensor gradient_out(const at::Tensor& acc, const at::Tensor& x, bool wanted) {
+  return wanted ? acc.to(x.scalar_type()) : not_wanted(x);
+}
+
+// fp32 zeros of x's shape when wanted (else undefined: nothing is allocated).
+at::Tensor accumulator(const at::Tensor& x, bool wanted) {
+  return wanted ? at::zeros(x.sizes(), x.options().dtype(at::kFloat)) : at::Tensor();
+}
+
+float* ptr_or_null(at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// ---- backward over per-query items (paired candidates, hard negatives) ------------------
+// Item k of query a is ct's (a, k), K per query; dq rows (Nq, Rq, D) and item gradients
+// (Nq, K, Rc, D), both fp32, either nullable. Queries go in chunks that keep the argmax /
+// weight buffers (and the chunk's scores) under kWorkspaceBytes; each chunk: one score
+// launch (argmax, and scores when with_scores), dS = ds_of(a0, n, S) as a contiguous
+// (Gb, n, K) float tensor, weights, then the wanted gradient gathers.
+template <class DsFn>
+void per_query_backward(const Ctx& ctx, const at::Tensor& q, const TokenSet& qt, const TokenSet& ct, int64_t K,
+                        int64_t Rc, const Batch& b, const c10::optional<at::Tensor>& q_mask, bool with_scores,
+                        const DsFn& ds_of, float* dq, float* dc, const char* what) {
+  const int64_t nq = q.size(0), Rq = q.size(1), D = q.size(2), esize = q.element_size();
+  const int64_t rows = b.gb.rq_eff, nb = b.gb.nb, Gb = b.gb.G;
+  if (nq == 0 || K == 0 || !(dq || dc)) return;
+  const int64_t per_query_bytes = K * rows * nb * 8 + (with_scores ? 16 * Gb * K : 0);
+  const int64_t qchunk = std::max<int64_t>(1, std::min<int64_t>(nq, workspace_bytes() / per_query_bytes));
+  const auto opts = q.options();
+  const std::string w = what;
+  for (int64_t a0 = 0; a0 < nq; a0 += qchunk) {
+    const int64_t n = std::min(qchunk, nq - a0);
+    const TokenSet qtc = chunk_of(qt, a0, esize), ctc = queries_from(ct, a0, esize);
+    at::Tensor J = at::empty({n * K, rows, nb}, opts.dtype(at::kInt)), W = at::empty({n * K, rows, nb}, opts.dtype(at::kFloat));
+    ctx.track_all(J, W);
+    ScoreArgs a = score_args(q, qtc, ctc, K, true, b.gb);
+    a.nq = n;
+    at::Tensor S;
+    if (with_scores) {
+      S = at::empty({Gb, n, K}, opts.dtype(at::kFloat));
+      ctx.track(S);
+      set_score_output(a, S.data_ptr<float>(), K);
+    }
+    set_argmax_output(a, J, rows);
+    plan_scores(a, ctx.num_sms());
+    check_launch(launch_scores(a, ctx.stream()), (w + " (scores)").c_str());
+    const at::Tensor ds = ds_of(a0, n, S);
+    ctx.track(ds);
+    check_launch(launch_weights(weight_args(J, W, ds.data_ptr<float>(), K, n * K, n, K, true, b.gb, q_mask, a0),
+                                ctx.stream()),
+                 (w + " (weights)").c_str());
+    const GradArgs g = grad_args(q, qtc, ctc, n, Rc, K, true, b.gb, J, W, dq ? dq + a0 * Rq * D : nullptr,
+                                 dc ? dc + a0 * K * Rc * D : nullptr);
+    if (dq) check_launch(launch_grad_q(g, ctx.stream()), (w + " (dq)").c_str());
+    if (dc) check_launch(launch_grad_c(g, ctx.stream()), (w + " (item gradients)").c_str());
+  }
 }
 
 // ---- maxsim_grouped -------------------------------------------------------------------
@@ -287,20 +375,20 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cuda(const at::Tensor
                                                                 const at::Tensor& c, at::IntArrayRef group_rq,
                                                                 at::IntArrayRef group_rc,
                                                                 const c10::optional<at::Tensor>& q_mask,
-                                                                const c10::optional<at::Tensor>& c_mask) {
+                                                                const c10::optional<at::Tensor>& c_mask,
+                                                                std::array<bool, 2> output_mask) {
   check_maxsim_args(q, c, q_mask, c_mask);
   check_device_inputs(q, {&c, &grad});
   TORCH_CHECK_VALUE(c.size(1) < kMaxTokens, "the CUDA backend needs Rc < 2^22, got ", c.size(1));
   const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(1));
   const int64_t G = int64_t(group_rq.size()), nq = q.size(0), nc = c.size(0), Rc = c.size(1), D = q.size(2);
-  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({G, nq, nc}), "grad must have shape (G, Nq, Nc), got ",
-                    grad.sizes());
+  check_scores_grad(grad, q, c, G);
+  const auto [want_dq, want_dc] = output_mask;
   Ctx ctx(q);
-  if (nq == 0 || nc == 0) return {at::zeros_like(q), at::zeros_like(c)};
+  at::Tensor dq = accumulator(q, want_dq), dc = accumulator(c, want_dc);
+  if (nq == 0 || nc == 0 || !(want_dq || want_dc)) return {gradient_out(dq, q, want_dq), gradient_out(dc, c, want_dc)};
   const at::Tensor qc = last_dim_contiguous(q), cc = last_dim_contiguous(c);
   const at::Tensor ds = grad.to(at::kFloat).contiguous();
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq = at::zeros({nq, q.size(1), D}, f32), dc = at::zeros({nc, Rc, D}, f32);
   ctx.track_all(qc, cc, ds, dq, dc);
   if (q_mask) ctx.track(*q_mask);
   if (c_mask) ctx.track(*c_mask);
@@ -309,28 +397,97 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cuda(const at::Tensor
   for (const Batch& b : batches) {
     const int64_t rows = nq * b.gb.rq_eff, nb = b.gb.nb;
     const int64_t chunk = chunk_size(nc, rows, nb, b.gb.G, nq, false);
-    const at::Tensor dsb = ds.narrow(0, b.g0, b.gb.G);
+    const float* dsb = ds.data_ptr<float>() + b.g0 * nq * nc;
     for (int64_t cb0 = 0; cb0 < nc; cb0 += chunk) {
       const int64_t n = std::min(chunk, nc - cb0);
       const TokenSet cht = chunk_of(ct, cb0, esize);
       at::Tensor J = at::empty({n, rows, nb}, q.options().dtype(at::kInt));
-      at::Tensor W = at::empty({n, rows, nb}, f32);
-      ctx.track(J);
-      ctx.track(W);
+      at::Tensor W = at::empty({n, rows, nb}, q.options().dtype(at::kFloat));
+      ctx.track_all(J, W);
       ScoreArgs a = score_args(q, qt, cht, n, false, b.gb);
       set_argmax_output(a, J, rows);
       plan_scores(a, ctx.num_sms());
       check_launch(launch_scores(a, ctx.stream()), "maxsim_grouped_backward (argmax)");
-      // dS of this chunk: a view of grad with row length Nc, advanced to column cb0.
-      WeightArgs w = weight_args(J, W, dsb, nq, 0, false, b.gb, q_mask);
-      w.ds = dsb.data_ptr<float>() + cb0;
-      check_launch(launch_weights(w, ctx.stream()), "maxsim_grouped_backward (weights)");
-      GradArgs g = grad_args(q, qt, cht, Rc, n, false, b.gb, J, W, dq, dc.data_ptr<float>() + cb0 * Rc * D);
-      check_launch(launch_grad_q(g, ctx.stream()), "maxsim_grouped_backward (dq)");
-      check_launch(launch_grad_c(g, ctx.stream()), "maxsim_grouped_backward (dc)");
+      // dS of this chunk: grad's rows (length Nc) from column cb0 on.
+      check_launch(launch_weights(weight_args(J, W, dsb + cb0, nc, nq * nc, nq, 0, false, b.gb, q_mask), ctx.stream()),
+                   "maxsim_grouped_backward (weights)");
+      const GradArgs g = grad_args(q, qt, cht, nq, Rc, n, false, b.gb, J, W, ptr_or_null(dq),
+                                   want_dc ? dc.data_ptr<float>() + cb0 * Rc * D : nullptr);
+      if (want_dq) check_launch(launch_grad_q(g, ctx.stream()), "maxsim_grouped_backward (dq)");
+      if (want_dc) check_launch(launch_grad_c(g, ctx.stream()), "maxsim_grouped_backward (dc)");
     }
   }
-  return {dq.to(q.scalar_type()), dc.to(c.scalar_type())};
+  const int64_t rq_eff = *std::max_element(group_rq.begin(), group_rq.end());
+  const int64_t rc_eff = *std::max_element(group_rc.begin(), group_rc.end());
+  if (want_dq) nonfinite::poison_gradient(dq, nonfinite::census(c, c_mask, rc_eff, 0), q_mask, rq_eff);
+  if (want_dc) nonfinite::poison_gradient(dc, nonfinite::census(q, q_mask, rq_eff, 0), c_mask, rc_eff);
+  return {gradient_out(dq, q, want_dq), gradient_out(dc, c, want_dc)};
+}
+
+// ---- maxsim_paired_grouped: each query against its own N candidates -------------------
+// score_kernel's per-query mode (the hard-negative machinery): a CTA owns one query and a
+// tile of its candidates, so scores (G, B, N) are written directly; the backward is
+// per_query_backward with dS = grad.
+void check_paired_device(const at::Tensor& q, const at::Tensor& c) {
+  check_device_inputs(q, {&c});
+  TORCH_CHECK_VALUE(c.size(2) < kMaxTokens, "the CUDA backend needs Rc < 2^22, got ", c.size(2));
+}
+
+at::Tensor maxsim_paired_grouped_cuda(const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
+                                      at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask,
+                                      const c10::optional<at::Tensor>& c_mask) {
+  check_maxsim_args(q, c, q_mask, c_mask, /*paired=*/true);
+  check_paired_device(q, c);
+  const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(2));
+  Ctx ctx(q);
+  const int64_t G = int64_t(group_rq.size()), B = q.size(0), N = c.size(1);
+  at::Tensor out = at::empty({G, B, N}, q.options().dtype(at::kFloat));
+  if (B == 0 || N == 0) return out.zero_();
+  const at::Tensor qc = last_dim_contiguous(q), cc = last_dim_contiguous(c);
+  ctx.track_all(qc, cc, out);
+  if (q_mask) ctx.track(*q_mask);
+  if (c_mask) ctx.track(*c_mask);
+  const TokenSet qt = tokens3(qc, q_mask), ct = tokens4(cc, c_mask);
+  for (const Batch& b : batches) {
+    ScoreArgs a = score_args(q, qt, ct, N, true, b.gb);
+    set_score_output(a, out.data_ptr<float>() + b.g0 * B * N, N);
+    plan_scores(a, ctx.num_sms());
+    check_launch(launch_scores(a, ctx.stream()), "maxsim_paired_grouped");
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
+    at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask, const c10::optional<at::Tensor>& c_mask,
+    std::array<bool, 2> output_mask) {
+  check_maxsim_args(q, c, q_mask, c_mask, /*paired=*/true);
+  check_paired_device(q, c);
+  check_device_inputs(q, {&grad});
+  const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(2));
+  const int64_t G = int64_t(group_rq.size()), B = q.size(0), N = c.size(1), Rc = c.size(2);
+  check_scores_grad(grad, q, c, G, /*paired=*/true);
+  const auto [want_dq, want_dc] = output_mask;
+  Ctx ctx(q);
+  at::Tensor dq = accumulator(q, want_dq), dc = accumulator(c, want_dc);
+  if (B == 0 || N == 0 || !(want_dq || want_dc)) return {gradient_out(dq, q, want_dq), gradient_out(dc, c, want_dc)};
+  const at::Tensor qc = last_dim_contiguous(q), cc = last_dim_contiguous(c);
+  const at::Tensor ds = grad.to(at::kFloat).contiguous();
+  ctx.track_all(qc, cc, dq, dc);
+  if (q_mask) ctx.track(*q_mask);
+  if (c_mask) ctx.track(*c_mask);
+  const TokenSet qt = tokens3(qc, q_mask), ct = tokens4(cc, c_mask);
+  for (const Batch& b : batches) {
+    const at::Tensor dsb = ds.narrow(0, b.g0, b.gb.G);
+    auto ds_of = [&](int64_t a0, int64_t n, const at::Tensor&) { return dsb.narrow(1, a0, n).contiguous(); };
+    per_query_backward(ctx, q, qt, ct, N, Rc, b, q_mask, /*with_scores=*/false, ds_of, ptr_or_null(dq),
+                       ptr_or_null(dc), "maxsim_paired_grouped_backward");
+  }
+  const int64_t rq_eff = *std::max_element(group_rq.begin(), group_rq.end());
+  const int64_t rc_eff = *std::max_element(group_rc.begin(), group_rc.end());
+  if (want_dq) nonfinite::poison_gradient(dq, nonfinite::census(c, c_mask, rc_eff, 1), q_mask, rq_eff);
+  if (want_dc) nonfinite::poison_gradient(dc, nonfinite::census(q, q_mask, rq_eff, 1), c_mask, rc_eff);
+  return {gradient_out(dq, q, want_dq), gradient_out(dc, c, want_dc)};
 }
 
 // ---- matryoshka_infonce ---------------------------------------------------------------
@@ -343,6 +500,7 @@ std::tuple<at::Tensor, at::Tensor> matryoshka_infonce_cuda(
     const at::Tensor& q, const at::Tensor& c, const at::Tensor& hard_negatives, const at::Tensor& labels,
     at::IntArrayRef group_rq, at::IntArrayRef group_rc, double scale, const c10::optional<at::Tensor>& q_mask,
     const c10::optional<at::Tensor>& c_mask, const c10::optional<at::Tensor>& hn_mask) {
+  // Label values: on the host for CPU tensors, by a device-side assert otherwise (no sync).
   check_infonce_args(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask);
   check_infonce_device(q, c, hard_negatives);
   const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(1));
@@ -352,36 +510,40 @@ std::tuple<at::Tensor, at::Tensor> matryoshka_infonce_cuda(
   if (nq == 0) return {at::zeros({G, 0}, f32), at::zeros({G, 0}, f32)};
   const at::Tensor qc = last_dim_contiguous(q), cc = last_dim_contiguous(c);
   const at::Tensor hc = last_dim_contiguous(hard_negatives), lab = labels.contiguous();
-  at::Tensor m_all = at::empty({G, nq}, f32), l_all = at::empty({G, nq}, f32), pos = at::zeros({G, nq}, f32);
+  at::Tensor m_all = at::full({G, nq}, -INFINITY, f32), l_all = at::zeros({G, nq}, f32), pos = at::zeros({G, nq}, f32);
   ctx.track_all(qc, cc, hc, lab, m_all, l_all, pos);
   for (const auto* m : {&q_mask, &c_mask, &hn_mask})
     if (m->has_value()) ctx.track(**m);
   const TokenSet qt = tokens3(qc, q_mask), ct = tokens3(cc, c_mask), ht = tokens4(hc, hn_mask);
   for (const Batch& b : batches) {
-    // In-batch candidates: per-split (m, l), merged in split order.
-    ScoreArgs a = score_args(q, qt, ct, nc, false, b.gb);
-    a.lse = true;
-    a.scale = float(scale);
-    plan_scores(a, ctx.num_sms());
-    const int64_t Gb = b.gb.G, splits = a.num_splits;
-    at::Tensor m = at::full({splits, Gb, nq}, -INFINITY, f32), l = at::zeros({splits, Gb, nq}, f32);
-    ctx.track(m);
-    ctx.track(l);
-    a.m = m.data_ptr<float>();
-    a.l = l.data_ptr<float>();
-    a.state_split_stride = Gb * nq;
-    a.pos = pos.data_ptr<float>() + b.g0 * nq;
-    a.labels = lab.data_ptr<int64_t>();
-    check_launch(launch_scores(a, ctx.stream()), "matryoshka_infonce");
-    at::Tensor mb = m[0].clone(), lb = l[0].clone();
-    for (int64_t i = 1; i < splits; ++i) {  // (m, l) (+) (m_i, l_i)
-      const at::Tensor mx = at::maximum(mb, m[i]);
-      const at::Tensor safe = at::where(at::isinf(mx), at::zeros_like(mx), mx);
-      lb = lb * at::exp(mb - safe) + l[i] * at::exp(m[i] - safe);
-      mb = mx;
+    const int64_t Gb = b.gb.G;
+    if (nc > 0) {
+      // In-batch candidates: per-split (m, l), merged in split order.
+      ScoreArgs a = score_args(q, qt, ct, nc, false, b.gb);
+      a.lse = true;
+      a.scale = float(scale);
+      plan_scores(a, ctx.num_sms());
+      const int64_t splits = a.num_splits;
+      at::Tensor m = at::full({splits, Gb, nq}, -INFINITY, f32), l = at::zeros({splits, Gb, nq}, f32);
+      ctx.track_all(m, l);
+      a.m = m.data_ptr<float>();
+      a.l = l.data_ptr<float>();
+      a.state_split_stride = Gb * nq;
+      a.pos = pos.data_ptr<float>() + b.g0 * nq;
+      a.labels = lab.data_ptr<int64_t>();
+      check_launch(launch_scores(a, ctx.stream()), "matryoshka_infonce");
+      // (m, l) (+) (m_i, l_i) with torch.logsumexp's guard: an infinite max is shifted by 0,
+      // so equal infinities do not produce exp(inf - inf) = NaN. NaN in l stays NaN.
+      at::Tensor mb = m[0].clone(), lb = l[0].clone();
+      for (int64_t i = 1; i < splits; ++i) {
+        const at::Tensor mx = at::maximum(mb, m[i]);
+        const at::Tensor safe = at::where(at::isinf(mx), at::zeros_like(mx), mx);
+        lb = lb * at::exp(mb - safe) + l[i] * at::exp(m[i] - safe);
+        mb = mx;
+      }
+      m_all.narrow(0, b.g0, Gb).copy_(mb);
+      l_all.narrow(0, b.g0, Gb).copy_(lb);
     }
-    m_all.narrow(0, b.g0, Gb).copy_(mb);
-    l_all.narrow(0, b.g0, Gb).copy_(lb);
     // Hard negatives: each query against its own K, folded into its merged state.
     if (K > 0) {
       ScoreArgs h = score_args(q, qt, ht, K, true, b.gb);
@@ -401,23 +563,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cuda(
     const at::Tensor& grad, const at::Tensor& lse, const at::Tensor& q, const at::Tensor& c,
     const at::Tensor& hard_negatives, const at::Tensor& labels, at::IntArrayRef group_rq, at::IntArrayRef group_rc,
     double scale, const c10::optional<at::Tensor>& q_mask, const c10::optional<at::Tensor>& c_mask,
-    const c10::optional<at::Tensor>& hn_mask) {
+    const c10::optional<at::Tensor>& hn_mask, std::array<bool, 3> output_mask) {
   check_infonce_args(q, c, hard_negatives, labels, group_rq, group_rc, scale, q_mask, c_mask, hn_mask);
   check_infonce_device(q, c, hard_negatives);
   check_device_inputs(q, {&grad, &lse});
   const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(1));
   const int64_t G = int64_t(group_rq.size()), nq = q.size(0), nc = c.size(0), K = hard_negatives.size(1);
   const int64_t Rc = c.size(1), D = q.size(2);
-  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({G, nq}) && lse.sizes() == grad.sizes(),
-                    "grad and lse must have shape (G, Nq), got ", grad.sizes(), " and ", lse.sizes());
+  check_infonce_grad(grad, lse, G, nq);
+  const auto [want_dq, want_dc, want_dhn] = output_mask;
   Ctx ctx(q);
-  if (nq == 0) return {at::zeros_like(q), at::zeros_like(c), at::zeros_like(hard_negatives)};
+  at::Tensor dq = accumulator(q, want_dq), dc = accumulator(c, want_dc), dhn = accumulator(hard_negatives, want_dhn);
+  auto result = [&] {
+    return std::make_tuple(gradient_out(dq, q, want_dq), gradient_out(dc, c, want_dc),
+                           gradient_out(dhn, hard_negatives, want_dhn));
+  };
+  if (nq == 0 || !(want_dq || want_dc || want_dhn)) return result();
   const auto f32 = q.options().dtype(at::kFloat);
   const at::Tensor qc = last_dim_contiguous(q), cc = last_dim_contiguous(c);
   const at::Tensor hc = last_dim_contiguous(hard_negatives), lab = labels.contiguous();
   const at::Tensor gr = grad.to(at::kFloat).contiguous(), ls = lse.to(at::kFloat).contiguous();
-  at::Tensor dq = at::zeros({nq, q.size(1), D}, f32), dc = at::zeros({nc, Rc, D}, f32);
-  at::Tensor dhn = at::zeros({nq, K, Rc, D}, f32);
   ctx.track_all(qc, cc, hc, dq, dc, dhn);
   for (const auto* m : {&q_mask, &c_mask, &hn_mask})
     if (m->has_value()) ctx.track(**m);
@@ -427,8 +592,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cuda(
     const int64_t Gb = b.gb.G, rows = nq * b.gb.rq_eff, nb = b.gb.nb;
     const at::Tensor gsl = gr.narrow(0, b.g0, Gb).unsqueeze(-1) * scale;  // (Gb, Nq, 1)
     const at::Tensor lsl = ls.narrow(0, b.g0, Gb).unsqueeze(-1);
-    const int64_t chunk = chunk_size(nc, rows, nb, Gb, nq, true);
-    for (int64_t cb0 = 0; cb0 < nc; cb0 += chunk) {
+    // In-batch candidates: only for dq or dc.
+    const int64_t chunk = (want_dq || want_dc) ? chunk_size(nc, rows, nb, Gb, nq, true) : nc;
+    for (int64_t cb0 = 0; (want_dq || want_dc) && cb0 < nc; cb0 += chunk) {
       const int64_t n = std::min(chunk, nc - cb0);
       const TokenSet cht = chunk_of(ct, cb0, esize);
       at::Tensor S = at::empty({Gb, nq, n}, f32);
@@ -444,51 +610,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cuda(
           (lab.view({1, nq, 1}) == at::arange(cb0, cb0 + n, lab.options()).view({1, 1, n})).to(at::kFloat);
       const at::Tensor ds = (gsl * (at::exp(S * scale - lsl) - onehot)).contiguous();
       ctx.track(ds);
-      check_launch(launch_weights(weight_args(J, W, ds, nq, 0, false, b.gb, q_mask), ctx.stream()),
+      check_launch(launch_weights(weight_args(J, W, ds.data_ptr<float>(), n, nq * n, nq, 0, false, b.gb, q_mask),
+                                  ctx.stream()),
                    "matryoshka_infonce_backward (weights)");
-      GradArgs g = grad_args(q, qt, cht, Rc, n, false, b.gb, J, W, dq, dc.data_ptr<float>() + cb0 * Rc * D);
-      check_launch(launch_grad_q(g, ctx.stream()), "matryoshka_infonce_backward (dq)");
-      check_launch(launch_grad_c(g, ctx.stream()), "matryoshka_infonce_backward (dc)");
+      const GradArgs g = grad_args(q, qt, cht, nq, Rc, n, false, b.gb, J, W, ptr_or_null(dq),
+                                   want_dc ? dc.data_ptr<float>() + cb0 * Rc * D : nullptr);
+      if (want_dq) check_launch(launch_grad_q(g, ctx.stream()), "matryoshka_infonce_backward (dq)");
+      if (want_dc) check_launch(launch_grad_c(g, ctx.stream()), "matryoshka_infonce_backward (dc)");
     }
-    if (K > 0) {  // hard negatives: never positives, dL/ds = grad * scale * softmax
-      const int64_t hrows = b.gb.rq_eff;
-      at::Tensor S = at::empty({Gb, nq, K}, f32);
-      at::Tensor J = at::empty({nq * K, hrows, nb}, q.options().dtype(at::kInt));
-      at::Tensor W = at::empty({nq * K, hrows, nb}, f32);
-      ctx.track_all(S, J, W);
-      ScoreArgs a = score_args(q, qt, ht, K, true, b.gb);
-      set_score_output(a, S.data_ptr<float>(), K);
-      set_argmax_output(a, J, hrows);
-      plan_scores(a, ctx.num_sms());
-      check_launch(launch_scores(a, ctx.stream()), "matryoshka_infonce_backward (hard negative scores)");
-      const at::Tensor ds = (gsl * at::exp(S * scale - lsl)).contiguous();
-      ctx.track(ds);
-      check_launch(launch_weights(weight_args(J, W, ds, nq, K, true, b.gb, q_mask), ctx.stream()),
-                   "matryoshka_infonce_backward (hard negative weights)");
-      GradArgs g = grad_args(q, qt, ht, Rc, K, true, b.gb, J, W, dq, dhn.data_ptr<float>());
-      check_launch(launch_grad_q(g, ctx.stream()), "matryoshka_infonce_backward (hard negative dq)");
-      check_launch(launch_grad_c(g, ctx.stream()), "matryoshka_infonce_backward (dhn)");
-    }
+    // Hard negatives (never positives): dL/ds = grad * scale * softmax; only for dq or dhn.
+    auto ds_of = [&](int64_t a0, int64_t n, const at::Tensor& S) {
+      return (gsl.narrow(1, a0, n) * at::exp(S * scale - lsl.narrow(1, a0, n))).contiguous();
+    };
+    per_query_backward(ctx, q, qt, ht, K, Rc, b, q_mask, /*with_scores=*/true, ds_of, ptr_or_null(dq),
+                       ptr_or_null(dhn), "matryoshka_infonce_backward (hard negatives)");
   }
-  return {dq.to(q.scalar_type()), dc.to(c.scalar_type()), dhn.to(hard_negatives.scalar_type())};
+  // The NaNs of the dense formulation (common/nonfinite.h), as the CPU backend adds them.
+  const int64_t rq_eff = *std::max_element(group_rq.begin(), group_rq.end());
+  const int64_t rc_eff = *std::max_element(group_rc.begin(), group_rc.end());
+  if (nc > 0 && want_dq) nonfinite::poison_gradient(dq, nonfinite::census(c, c_mask, rc_eff, 0), q_mask, rq_eff);
+  if (nc > 0 && want_dc) nonfinite::poison_gradient(dc, nonfinite::census(q, q_mask, rq_eff, 0), c_mask, rc_eff);
+  if (K > 0 && want_dq)
+    nonfinite::poison_gradient(dq, nonfinite::census(hard_negatives, hn_mask, rc_eff, 1), q_mask, rq_eff);
+  if (K > 0 && want_dhn)
+    nonfinite::poison_gradient(dhn, nonfinite::census(q, q_mask, rq_eff, 1), hn_mask, rc_eff);
+  return result();
 }
 
 #ifdef METAEMBED_CUDA_EMULATE
 int64_t emu_set_schedule_op(int64_t mode) { return emu_set_schedule(int(mode)); }
 int64_t emu_launch_count_op() { return emu_launch_count(); }
+int64_t emu_set_workspace_bytes_op(int64_t bytes) {
+  const int64_t prev = g_workspace_bytes;
+  g_workspace_bytes = bytes > 0 ? bytes : kWorkspaceBytes;
+  return prev;
+}
 #endif
 
 }  // namespace
 }  // namespace cuda
 }  // namespace metaembed
 
+#define METAEMBED_CUDA_IMPLS(m)                                                                      \
+  m.impl("maxsim_grouped", &metaembed::cuda::maxsim_grouped_cuda);                                   \
+  m.impl("maxsim_grouped_backward", &metaembed::cuda::maxsim_grouped_backward_cuda);                 \
+  m.impl("maxsim_paired_grouped", &metaembed::cuda::maxsim_paired_grouped_cuda);                     \
+  m.impl("maxsim_paired_grouped_backward", &metaembed::cuda::maxsim_paired_grouped_backward_cuda);   \
+  m.impl("matryoshka_infonce", &metaembed::cuda::matryoshka_infonce_cuda);                           \
+  m.impl("matryoshka_infonce_backward", &metaembed::cuda::matryoshka_infonce_backward_cuda)
+
 #ifndef METAEMBED_CUDA_EMULATE
-TORCH_LIBRARY_IMPL(metaembed, CUDA, m) {
-  m.impl("maxsim_grouped", &metaembed::cuda::maxsim_grouped_cuda);
-  m.impl("maxsim_grouped_backward", &metaembed::cuda::maxsim_grouped_backward_cuda);
-  m.impl("matryoshka_infonce", &metaembed::cuda::matryoshka_infonce_cuda);
-  m.impl("matryoshka_infonce_backward", &metaembed::cuda::matryoshka_infonce_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(metaembed, CUDA, m) { METAEMBED_CUDA_IMPLS(m); }
 #else
 // Test-only: the schemas of csrc/ops.cpp (common/schemas.h) under their own namespace,
 // with the emulated kernels as CPU implementations.
@@ -496,11 +668,7 @@ TORCH_LIBRARY(metaembed_emu, m) {
   metaembed::define_ops(m);
   m.def("set_schedule(int mode) -> int", &metaembed::cuda::emu_set_schedule_op);
   m.def("launch_count() -> int", &metaembed::cuda::emu_launch_count_op);
+  m.def("set_workspace_bytes(int bytes) -> int", &metaembed::cuda::emu_set_workspace_bytes_op);
 }
-TORCH_LIBRARY_IMPL(metaembed_emu, CPU, m) {
-  m.impl("maxsim_grouped", &metaembed::cuda::maxsim_grouped_cuda);
-  m.impl("maxsim_grouped_backward", &metaembed::cuda::maxsim_grouped_backward_cuda);
-  m.impl("matryoshka_infonce", &metaembed::cuda::matryoshka_infonce_cuda);
-  m.impl("matryoshka_infonce_backward", &metaembed::cuda::matryoshka_infonce_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(metaembed_emu, CPU, m) { METAEMBED_CUDA_IMPLS(m); }
 #endif
