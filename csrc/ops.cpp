@@ -15,10 +15,14 @@
 #include <vector>
 
 #include "common/schemas.h"
+#include "index_schemas.h"
 #include "cpu/isa_select.h"
 #include "cpu/kernels.h"
 
-TORCH_LIBRARY(metaembed, m) { metaembed::define_ops(m); }
+TORCH_LIBRARY(metaembed, m) {
+  metaembed::define_ops(m);
+  metaembed::define_index_ops(m);
+}
 
 namespace {
 
