@@ -3,17 +3,27 @@
 Install after torch, without build isolation (an isolated build would download a second,
 multi-GB torch just to compile):
 
-    pip install torch==2.13.0 && pip install --no-build-isolation -e .
+    pip install torch && pip install --no-build-isolation -e .
+
+The extension uses the Python limited API (one abi3 binary for every Python >= 3.10; it only
+has to match the torch it was built against, which it records in _build_info.json).
 
 Build switches (environment variables):
     METAEMBED_BUILD_CUDA   auto (default): build csrc/cuda when torch is a CUDA build and a
-                           CUDA toolkit is found; 1: require it; 0: never. The decision never
+                           CUDA toolkit matching its CUDA major version is found (else one
+                           line says why not); 1: require it; 0: never. The decision never
                            depends on a GPU being present.
+    TORCH_CUDA_ARCH_LIST   CUDA architectures. Unset: the visible GPUs' (torch's default), or
+                           DEFAULT_CUDA_ARCHS ("8.0;9.0+PTX": A100, H100/H200, PTX for newer
+                           GPUs) when no GPU is visible (a Docker build stage, a CPU CI box).
+    METAEMBED_PTXAS_VERBOSE 1: -Xptxas=-v (registers and spills per kernel; the CUDA gate).
     METAEMBED_DEBUG        1: -O0 -g, for debuggers and sanitizers.
     MAX_JOBS               parallel compile jobs (ninja), as for any torch extension.
 """
 import glob
+import json
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -22,21 +32,63 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+BUILD_INFO = "_build_info.json"
 
 
-def _build_cuda() -> bool:
-    flag = os.environ.get("METAEMBED_BUILD_CUDA", "auto").strip().lower()
-    available = torch.version.cuda is not None and CUDA_HOME is not None
+def _flag(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip().lower()
+
+
+def nvcc_version(cuda_home):
+    """(major, minor) of the toolkit's nvcc, or None."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+    if not nvcc or not os.path.exists(nvcc):
+        return None
+    import subprocess
+
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def cuda_decision(flag: str, torch_cuda, cuda_home, toolkit):
+    """(build CUDA?, reason): `toolkit` is nvcc's (major, minor) or None."""
     if flag in ("0", "false", "no", "off"):
-        return False
+        return False, "METAEMBED_BUILD_CUDA=0"
+    problem = None
+    if torch_cuda is None:
+        problem = f"torch {torch.__version__} is not a CUDA build"
+    elif cuda_home is None or toolkit is None:
+        problem = "no CUDA toolkit found (set CUDA_HOME)"
+    elif str(toolkit[0]) != str(torch_cuda).split(".")[0]:
+        # torch refuses to compile across CUDA major versions
+        problem = f"nvcc {toolkit[0]}.{toolkit[1]} does not match torch's CUDA {torch_cuda}"
     if flag in ("1", "true", "yes", "on"):
-        if not available:
-            raise RuntimeError(
-                "METAEMBED_BUILD_CUDA=1 but torch is not a CUDA build or no CUDA toolkit was found "
-                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
-            )
-        return True
-    return available
+        if problem:
+            raise RuntimeError(f"METAEMBED_BUILD_CUDA=1 but {problem} (torch.version.cuda={torch_cuda}, "
+                               f"CUDA_HOME={cuda_home})")
+        return True, "METAEMBED_BUILD_CUDA=1"
+    return (problem is None), (problem or "torch is a CUDA build and a matching toolkit was found")
+
+
+def cuda_arch_list(environ, gpu_visible: bool):
+    """TORCH_CUDA_ARCH_LIST to build with, or None to let torch take the visible GPUs'.
+
+    torch derives the list from the visible GPUs when it is unset; with none visible, some
+    versions (2.11) crash (IndexError in _get_cuda_arch_flags). Never crash: take the
+    documented default then."""
+    given = environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if given:
+        return given
+    return None if gpu_visible else DEFAULT_CUDA_ARCHS
+
+
+def nvcc_flags(opt, environ=os.environ):
+    flags = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
+    if environ.get("METAEMBED_PTXAS_VERBOSE", "0") == "1":
+        flags.append("-Xptxas=-v")  # the CUDA gate's register / spill report (scripts/ptxas_report.py)
+    return flags
 
 
 def _cuda_extra_includes():
@@ -65,21 +117,50 @@ def extensions():
     # chosen at run time (csrc/cpu/isa_select.cpp).
     cxx = opt + ["-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
-    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    if _build_cuda():
-        sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
-        nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-v"]
-        kwargs["extra_compile_args"]["nvcc"] = nvcc
-        kwargs["define_macros"] = [("METAEMBED_WITH_CUDA", "1")]
-        # After every other include dir, so the toolkit's own headers always win.
-        for d in _cuda_extra_includes():
-            kwargs["extra_compile_args"]["cxx"] += ["-idirafter", d]
-        return [CUDAExtension("metaembed_kernels._C", sources, **kwargs)]
-    return [CppExtension("metaembed_kernels._C", sources, **kwargs)]
+    kwargs = dict(
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+        define_macros=[],  # torch adds Py_LIMITED_API (its oldest supported Python) for py_limited_api
+        py_limited_api=True,
+    )
+    build_cuda, reason = cuda_decision(_flag("METAEMBED_BUILD_CUDA", "auto"), torch.version.cuda, CUDA_HOME,
+                                       nvcc_version(CUDA_HOME))
+    if not build_cuda:
+        if torch.version.cuda is not None:
+            print(f"metaembed-kernels: building without CUDA kernels: {reason}", file=sys.stderr)
+        return [CppExtension("metaembed_kernels._C", sources, **kwargs)]
+    archs = cuda_arch_list(os.environ, torch.cuda.is_available())
+    if archs and not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        print(f"metaembed-kernels: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for {archs}",
+              file=sys.stderr)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    kwargs["extra_compile_args"]["nvcc"] = nvcc_flags(opt)
+    kwargs["define_macros"].append(("METAEMBED_WITH_CUDA", "1"))
+    # After every other include dir, so the toolkit's own headers always win.
+    for d in _cuda_extra_includes():
+        kwargs["extra_compile_args"]["cxx"] += ["-idirafter", d]
+    return [CUDAExtension("metaembed_kernels._C", sources, **kwargs)]
 
 
-setup(
-    packages=find_packages(include=["metaembed_kernels", "metaembed_kernels.*"]),
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+class BuildWithInfo(BuildExtension.with_options(use_ninja=True)):
+    """Also writes _build_info.json next to the extension: the torch it was built against,
+    read by metaembed_kernels/_extension.py before it loads the binary."""
+
+    def run(self):
+        super().run()
+        for ext in self.extensions:
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), BUILD_INFO)
+            with open(path, "w") as f:
+                json.dump(dict(torch=torch.__version__, torch_cuda=torch.version.cuda,
+                               cuda=any("METAEMBED_WITH_CUDA" == m[0] for m in ext.define_macros)), f)
+                f.write("\n")
+
+
+if __name__ == "__main__":
+    setup(
+        packages=find_packages(include=["metaembed_kernels", "metaembed_kernels.*"]),
+        ext_modules=extensions(),
+        cmdclass={"build_ext": BuildWithInfo},
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    )

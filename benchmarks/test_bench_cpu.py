@@ -14,18 +14,22 @@ CASES = [
 ]
 
 
-def test_calibration_fma_peak(benchmark, fma_peak_gflops):
-    """The calibration provider: GFLOP/s of independent FMA chains on every torch thread."""
+@pytest.mark.parametrize("kind", ["fp32", "bf16"])
+def test_calibration_peak(benchmark, peaks, kind):
+    """The calibration providers: GFLOP/s of independent chains of the instruction our
+    kernels issue for fp32 / bf16 on this ISA, on every torch thread."""
     from metaembed_kernels import _extension
 
-    if not fma_peak_gflops:
-        pytest.skip("no AVX2 calibration loop in this build")
-    benchmark.extra_info.update(fma_peak_gflops=fma_peak_gflops, threads=torch.get_num_threads())
-    benchmark.pedantic(_extension._C.fma_peak_gflops, args=(0, 0.05), rounds=3, warmup_rounds=1)
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[kind]
+    if not peaks.get(dtype, {}).get("gflops"):
+        pytest.skip(f"no {kind} calibration loop for cpu isa {_extension.cpu_isa()}")
+    benchmark.extra_info.update(peak_gflops=peaks[dtype]["gflops"], instruction=peaks[dtype]["instruction"],
+                                threads=torch.get_num_threads())
+    benchmark.pedantic(_extension._C.peak_gflops, args=(kind, 0, 0.05), rounds=3, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("workload,dtype,provider", CASES)
-def test_bench(benchmark, fma_peak_gflops, workload, dtype, provider):
+def test_bench(benchmark, peaks, workload, dtype, provider):
     w = WORKLOADS[workload]
     x = make_inputs(w, DTYPES[dtype])
     try:
@@ -37,8 +41,9 @@ def test_bench(benchmark, fma_peak_gflops, workload, dtype, provider):
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
     median = benchmark.stats.stats.median
     benchmark.extra_info["gflops"] = w.flops / median / 1e9
-    if fma_peak_gflops:
-        benchmark.extra_info["fraction_of_fma_peak"] = w.flops / median / 1e9 / fma_peak_gflops
+    peak = peaks.get(dtype, {}).get("gflops")
+    if peak:
+        benchmark.extra_info["fraction_of_peak"] = w.flops / median / 1e9 / peak
     if w.kind == "loss":  # working memory of one forward+backward, in a fresh process
         benchmark.extra_info["peak_extra_memory_mb"] = peak_extra_memory_mb(
             provider, w, dtype, torch.get_num_threads()

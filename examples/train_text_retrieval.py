@@ -213,6 +213,8 @@ def main(argv=None) -> Dict:
     parser.add_argument("--candidate-length", type=int, default=64, help="max candidate tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--save", default=None, metavar="DIR",
+                        help="save the trained model there (MetaEmbed.save_pretrained; the index benchmarks use it)")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (4 if args.quick else 90)
     batch_size = args.batch_size if args.batch_size is not None else (16 if args.quick else 32)
@@ -284,6 +286,8 @@ def main(argv=None) -> Dict:
             print(f"step {step + 1:4d}/{steps}  loss {loss.item():.4f}  "
                   f"({time.perf_counter() - train_start:.0f} s)", flush=True)
     train_seconds = time.perf_counter() - train_start
+    if args.save:
+        model.save_pretrained(args.save)
 
     # Embed once at the full budget; every smaller budget is a prefix of the same vectors.
     q = encode(model, tokenizer, test_queries, "query", args.query_length, 64)

@@ -3,9 +3,10 @@
     from metaembed_kernels import (maxsim, maxsim_grouped, maxsim_paired, maxsim_paired_grouped,
                                    matryoshka_infonce, MatryoshkaInfoNCELoss, DEFAULT_GROUPS)
     from metaembed_kernels import MetaEmbed   # model wrapper on transformers backbones
+    from metaembed_kernels import MultiVectorIndex, IndexCorruptedError   # retrieval index
 
-``MetaEmbed`` is loaded on first access (module ``__getattr__``), so importing the kernels
-never imports the model code or transformers.
+``MetaEmbed`` and the index are loaded on first access (module ``__getattr__``), so
+importing the kernels never imports the model code, transformers or the index.
 """
 from . import _extension  # loads the C++ ops (or warns and falls back)
 from .backends import BackendUnavailableError, available_backends, select_backend
@@ -19,13 +20,15 @@ from .functional import (
 )
 from .loss import MatryoshkaInfoNCELoss
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402  (the one version number)
 
 __all__ = [
     "DEFAULT_GROUPS",
     "BackendUnavailableError",
+    "IndexCorruptedError",
     "MatryoshkaInfoNCELoss",
     "MetaEmbed",
+    "MultiVectorIndex",
     "available_backends",
     "matryoshka_infonce",
     "maxsim",
@@ -42,4 +45,8 @@ def __getattr__(name):
         from .model import MetaEmbed
 
         return MetaEmbed
+    if name in ("MultiVectorIndex", "IndexCorruptedError"):
+        from . import index
+
+        return getattr(index, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

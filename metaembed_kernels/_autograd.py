@@ -5,8 +5,8 @@ C++ extension, ``metaembed::reference_*``, ``metaembed::triton_*``); the registr
 are shared, so every backend has the same fake kernels, the same argument checks
 (``_validation.check_*_op``) and the same autograd formula:
 
-    scores = maxsim_grouped(q, c, ...)                    (G, Nq, Nc)
-    (dq, dc) = maxsim_grouped_backward(grad, q, c, ..., output_mask)
+    (scores, argmax) = maxsim_grouped(q, c, ..., save_argmax)     scores (G, Nq, Nc)
+    (dq, dc) = maxsim_grouped_backward(grad, q, c, ..., output_mask, argmax)
 
     (terms, lse, jq) = matryoshka_infonce(q, c, hn, labels, ..., query_gradient)
     (dq, dc, dhn) = matryoshka_infonce_backward(grad_terms, lse, q, c, hn, labels, ..., output_mask, jq)
@@ -45,33 +45,54 @@ def gradient_like(x: torch.Tensor, wanted: bool) -> torch.Tensor:
     return x.new_empty(x.shape if wanted else (0,))  # new_empty is always contiguous
 
 
-def register_scores(fwd: str, bwd: str, paired: bool = False) -> None:
+def saved_argmax_dtype(group_rc) -> torch.dtype:
+    """int16 tokens, or int32 once a prefix reaches 2^15 tokens (csrc/common/checks.h)."""
+    return torch.int16 if max(int(r) for r in group_rc) < 2**15 else torch.int32
+
+
+def saved_argmax_shape(group_rq, group_rc, rows, cols) -> tuple:
+    """(rows, cols, max r_q, distinct r_c): the argmax a forward saves for its backward."""
+    return (rows, cols, max(int(r) for r in group_rq), len({int(r) for r in group_rc}))
+
+
+def _never(device: torch.device) -> bool:
+    return False
+
+
+def register_scores(fwd: str, bwd: str, paired: bool = False, saves_argmax=_never) -> None:
     """Fake kernels for ``fwd`` / ``bwd`` (qualified names of a maxsim_grouped or
-    maxsim_paired_grouped pair) and autograd for ``fwd``."""
+    maxsim_paired_grouped pair) and autograd for ``fwd``. ``saves_argmax(device)``: whether
+    the op's kernel for that device returns the argmax when asked (save_argmax)."""
     bwd_op = _op(bwd)
 
-    def fake_forward(q, c, group_rq, group_rc, q_mask, c_mask):
+    def fake_forward(q, c, group_rq, group_rc, q_mask, c_mask, save_argmax=False):
         V.check_maxsim_op(q, c, group_rq, group_rc, q_mask, c_mask, paired)
         n_cols = c.shape[1] if paired else c.shape[0]
-        return q.new_empty((len(group_rq), q.shape[0], n_cols), dtype=score_dtype(q))
+        saved = save_argmax and saves_argmax(q.device)
+        shape = saved_argmax_shape(group_rq, group_rc, q.shape[0], n_cols) if saved else (0,)
+        return (q.new_empty((len(group_rq), q.shape[0], n_cols), dtype=score_dtype(q)),
+                q.new_empty(shape, dtype=saved_argmax_dtype(group_rc)))
 
-    def fake_backward(grad, q, c, group_rq, group_rc, q_mask, c_mask, output_mask):
+    def fake_backward(grad, q, c, group_rq, group_rc, q_mask, c_mask, output_mask, argmax=None):
         V.check_maxsim_op(q, c, group_rq, group_rc, q_mask, c_mask, paired)
         V.check_scores_grad(grad, q, c, len(group_rq), paired)
         return gradient_like(q, output_mask[0]), gradient_like(c, output_mask[1])
 
     def setup_context(ctx, inputs, output):
-        q, c, group_rq, group_rc, q_mask, c_mask = inputs
-        ctx.save_for_backward(q, c, q_mask, c_mask)
+        q, c, group_rq, group_rc, q_mask, c_mask = inputs[:6]
+        _scores, argmax = output
+        ctx.mark_non_differentiable(argmax)
+        ctx.save_for_backward(q, c, q_mask, c_mask, argmax)
         ctx.groups = (group_rq, group_rc)
 
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_argmax):
         want_q, want_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (want_q or want_c):
-            return None, None, None, None, None, None
-        q, c, q_mask, c_mask = ctx.saved_tensors
-        dq, dc = bwd_op(grad.contiguous(), q, c, *ctx.groups, q_mask, c_mask, [want_q, want_c])
-        return (dq if want_q else None), (dc if want_c else None), None, None, None, None
+            return (None,) * 7
+        q, c, q_mask, c_mask, argmax = ctx.saved_tensors
+        dq, dc = bwd_op(grad.contiguous(), q, c, *ctx.groups, q_mask, c_mask, [want_q, want_c],
+                        argmax if argmax.numel() > 0 else None)
+        return (dq if want_q else None), (dc if want_c else None), None, None, None, None, None
 
     torch.library.register_fake(fwd)(fake_forward)
     torch.library.register_fake(bwd)(fake_backward)
@@ -81,10 +102,6 @@ def register_scores(fwd: str, bwd: str, paired: bool = False) -> None:
 def query_gradient_shape(q: torch.Tensor, group_rq) -> tuple:
     """(Nq, sum_g r_q(g), D): the fused query gradient of matryoshka_infonce."""
     return (q.shape[0], sum(int(r) for r in group_rq), q.shape[2])
-
-
-def _never(device: torch.device) -> bool:
-    return False
 
 
 def register_infonce(fwd: str, bwd: str, fuses_query_gradient=_never) -> None:
@@ -131,9 +148,12 @@ def register_infonce(fwd: str, bwd: str, fuses_query_gradient=_never) -> None:
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
 
-def register_all(prefix: str = "", namespace: str = "metaembed", fuses_query_gradient=_never) -> None:
-    """Fake kernels and autograd for one backend's three op families."""
+def register_all(prefix: str = "", namespace: str = "metaembed", fuses_query_gradient=_never,
+                 saves_argmax=_never) -> None:
+    """Fake kernels and autograd for one backend's three op families; the predicates say, per
+    device, which optional outputs the backend's kernels produce (see the schemas)."""
     name = lambda op: f"{namespace}::{prefix}{op}"  # noqa: E731
-    register_scores(name("maxsim_grouped"), name("maxsim_grouped_backward"))
-    register_scores(name("maxsim_paired_grouped"), name("maxsim_paired_grouped_backward"), paired=True)
+    register_scores(name("maxsim_grouped"), name("maxsim_grouped_backward"), saves_argmax=saves_argmax)
+    register_scores(name("maxsim_paired_grouped"), name("maxsim_paired_grouped_backward"), paired=True,
+                    saves_argmax=saves_argmax)
     register_infonce(name("matryoshka_infonce"), name("matryoshka_infonce_backward"), fuses_query_gradient)

@@ -1,12 +1,18 @@
 """Loading the compiled extension (``metaembed_kernels._C``) and registering its ops.
 
 The extension declares the op schemas (csrc/ops.cpp, ``TORCH_LIBRARY(metaembed, m)``) and
-the CPU kernels (csrc/cpu), plus CUDA kernels (csrc/cuda) when built with CUDA. If it is
-missing or fails to load, the package still imports and every call falls back to the
-reference backend; one warning says why.
+the CPU kernels (csrc/cpu), plus CUDA kernels (csrc/cuda) when built with CUDA. It is an
+abi3 binary (any Python >= 3.10) tied to the torch it was built against, which the build
+records in ``_build_info.json`` beside it. If that torch is not the one installed, importing
+the package raises ``ExtensionBuildMismatch`` saying how to rebuild (loading a binary built
+against another torch can crash or misbehave; it never silently falls back). If the
+extension is missing or fails to load for another reason, the package still imports and
+every call falls back to the reference backend; one warning says why.
 """
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from typing import Optional
 
@@ -15,22 +21,52 @@ import torch
 from . import _autograd
 from ._schemas import OP_NAMES
 
+REBUILD = "pip install --no-build-isolation -e .  (in the source checkout; `make install` does it)"
+BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+
+
+class ExtensionBuildMismatch(ImportError):
+    """metaembed_kernels._C was built against a different torch than the one installed."""
+
+
+def build_info(path: str = BUILD_INFO) -> Optional[dict]:
+    """What the build recorded (torch version, CUDA), or None for a build that did not."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_build_matches(info: Optional[dict], installed: str = torch.__version__) -> None:
+    """Raise ExtensionBuildMismatch when the extension was built against another torch."""
+    if info is not None and info.get("torch") != installed:
+        raise ExtensionBuildMismatch(
+            f"metaembed_kernels._C was built against torch {info.get('torch')}, but torch {installed} is "
+            f"installed. Rebuild the extension for this torch: {REBUILD}. (Or install the torch it was "
+            f"built for: pip install torch=={str(info.get('torch')).split('+')[0]}.)"
+        )
+
+
 _C = None
 _LOAD_ERROR: Optional[str] = None
 
+check_build_matches(build_info())
 try:
     from . import _C  # noqa: F401  (importing registers the ops with torch)
 except (ImportError, OSError) as err:  # pragma: no cover - depends on the build
     _LOAD_ERROR = f"{type(err).__name__}: {err}"
     warnings.warn(
         f"metaembed_kernels: C++ extension not available ({_LOAD_ERROR}); "
-        "falling back to the pure-torch reference backend on CPU.",
+        f"falling back to the pure-torch reference backend on CPU. To build it: {REBUILD}",
         RuntimeWarning,
         stacklevel=2,
     )
 else:
-    # The CPU kernels fuse the loss's query gradient into its forward; the CUDA ones do not.
-    _autograd.register_all(fuses_query_gradient=lambda device: device.type == "cpu")
+    # The CPU kernels fuse the loss's query gradient into its forward and save the maxsim
+    # forward's argmax for its backward; the CUDA ones do neither.
+    on_cpu = lambda device: device.type == "cpu"  # noqa: E731
+    _autograd.register_all(fuses_query_gradient=on_cpu, saves_argmax=on_cpu)
 
 
 def is_loaded() -> bool:

@@ -35,14 +35,18 @@ def _gradient(g: Optional[Tensor], like: Tensor, wanted: bool) -> Tensor:
     return g.to(like.dtype).contiguous()
 
 
-def _scores(q, c, group_rq, group_rc, q_mask, c_mask, paired: bool) -> Tensor:
+def _scores(q, c, group_rq, group_rc, q_mask, c_mask, paired: bool) -> Tuple[Tensor, Tensor]:
+    # The argmax is not saved here (save_argmax is ignored): the backward recomputes.
     V.check_maxsim_op(q, c, group_rq, group_rc, q_mask, c_mask, paired)
     fn = reference.maxsim_grouped_paired if paired else reference.maxsim_grouped
-    return fn(q, c, _groups(group_rq, group_rc), q_mask, c_mask).contiguous()
+    scores = fn(q, c, _groups(group_rq, group_rc), q_mask, c_mask).contiguous()
+    return scores, q.new_empty((0,), dtype=_autograd.saved_argmax_dtype(group_rc))
 
 
-def _scores_backward(grad, q, c, group_rq, group_rc, q_mask, c_mask, output_mask, paired: bool):
+def _scores_backward(grad, q, c, group_rq, group_rc, q_mask, c_mask, output_mask, argmax, paired: bool):
     V.check_maxsim_op(q, c, group_rq, group_rc, q_mask, c_mask, paired)
+    torch._check_value(argmax is None or argmax.numel() == 0,
+                       lambda: "argmax: the reference backend's forward saves none")
     V.check_scores_grad(grad, q, c, len(group_rq), paired)
     dq, dc = reference.scores_backward(grad, q, c, _groups(group_rq, group_rc), q_mask, c_mask, paired, output_mask)
     return _gradient(dq, q, output_mask[0]), _gradient(dc, c, output_mask[1])
@@ -50,28 +54,31 @@ def _scores_backward(grad, q, c, group_rq, group_rc, q_mask, c_mask, output_mask
 
 @_define("maxsim_grouped")
 def _maxsim_grouped(q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
-                    q_mask: Optional[Tensor], c_mask: Optional[Tensor]) -> Tensor:
+                    q_mask: Optional[Tensor], c_mask: Optional[Tensor],
+                    save_argmax: bool = False) -> Tuple[Tensor, Tensor]:
     return _scores(q, c, group_rq, group_rc, q_mask, c_mask, paired=False)
 
 
 @_define("maxsim_grouped_backward")
 def _maxsim_grouped_backward(grad: Tensor, q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
                              q_mask: Optional[Tensor], c_mask: Optional[Tensor],
-                             output_mask: List[bool]) -> Tuple[Tensor, Tensor]:
-    return _scores_backward(grad, q, c, group_rq, group_rc, q_mask, c_mask, output_mask, paired=False)
+                             output_mask: List[bool], argmax: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return _scores_backward(grad, q, c, group_rq, group_rc, q_mask, c_mask, output_mask, argmax, paired=False)
 
 
 @_define("maxsim_paired_grouped")
 def _maxsim_paired_grouped(q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
-                           q_mask: Optional[Tensor], c_mask: Optional[Tensor]) -> Tensor:
+                           q_mask: Optional[Tensor], c_mask: Optional[Tensor],
+                           save_argmax: bool = False) -> Tuple[Tensor, Tensor]:
     return _scores(q, c, group_rq, group_rc, q_mask, c_mask, paired=True)
 
 
 @_define("maxsim_paired_grouped_backward")
 def _maxsim_paired_grouped_backward(grad: Tensor, q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
                                     q_mask: Optional[Tensor], c_mask: Optional[Tensor],
-                                    output_mask: List[bool]) -> Tuple[Tensor, Tensor]:
-    return _scores_backward(grad, q, c, group_rq, group_rc, q_mask, c_mask, output_mask, paired=True)
+                                    output_mask: List[bool],
+                                    argmax: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return _scores_backward(grad, q, c, group_rq, group_rc, q_mask, c_mask, output_mask, argmax, paired=True)
 
 
 @_define("matryoshka_infonce")

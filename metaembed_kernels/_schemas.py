@@ -19,21 +19,26 @@ from __future__ import annotations
 from typing import Dict
 
 SCHEMAS: Dict[str, str] = {
-    # scores[g, a, b] = sum_{i < group_rq[g], q valid} max_{j < group_rc[g], c valid} <q[a,i], c[b,j]>
+    # (scores, argmax): scores[g, a, b] = sum_{i < group_rq[g], q valid} max_{j < group_rc[g], c valid}
+    # <q[a,i], c[b,j]>. save_argmax=True asks a backend that can (cpu) to also return the
+    # maximising tokens, (Nq, Nc, max r_q, distinct r_c) int16 (int32 from r_c = 2^15), so that
+    # its backward (given argmax) scatters without recomputing any tile; else argmax is (0,).
     "maxsim_grouped": (
-        "(Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask, Tensor? c_mask) -> Tensor"
+        "(Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask, Tensor? c_mask,"
+        " bool save_argmax=False) -> (Tensor, Tensor)"
     ),
     "maxsim_grouped_backward": (
         "(Tensor grad, Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask, Tensor? c_mask,"
-        " bool[2] output_mask) -> (Tensor, Tensor)"
+        " bool[2] output_mask, Tensor? argmax=None) -> (Tensor, Tensor)"
     ),
-    # scores[g, a, n] = the same, for query a against its own candidates c[a, n]
+    # the same, for query a against its own candidates c[a, n]: (G, B, N), argmax (B, N, ..)
     "maxsim_paired_grouped": (
-        "(Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask, Tensor? c_mask) -> Tensor"
+        "(Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask, Tensor? c_mask,"
+        " bool save_argmax=False) -> (Tensor, Tensor)"
     ),
     "maxsim_paired_grouped_backward": (
         "(Tensor grad, Tensor q, Tensor c, int[] group_rq, int[] group_rc, Tensor? q_mask, Tensor? c_mask,"
-        " bool[2] output_mask) -> (Tensor, Tensor)"
+        " bool[2] output_mask, Tensor? argmax=None) -> (Tensor, Tensor)"
     ),
     # (terms, lse, query_gradient): terms and lse (G, Nq), terms[g, a] = lse[g, a] -
     # logit_g(a, labels[a]), logits_g[a] = scale * concat(s_g(a, c[:]), s_g(a, hard_negatives[a, :])).

@@ -72,11 +72,15 @@ class Backend:
     def _op(self, name: str):
         return getattr(getattr(torch.ops, self.op_namespace), self.op_prefix + name)
 
-    def maxsim_grouped(self, q, c, groups, q_mask, c_mask):
-        return self._op("maxsim_grouped")(q, c, *_split(groups), q_mask, c_mask)
+    # save_argmax: q or c will need a gradient, so a backend that can (cpu) keeps the forward's
+    # maximising tokens and its backward recomputes nothing.
+    def maxsim_grouped(self, q, c, groups, q_mask, c_mask, save_argmax: bool = False):
+        scores, _argmax = self._op("maxsim_grouped")(q, c, *_split(groups), q_mask, c_mask, save_argmax)
+        return scores
 
-    def maxsim_paired_grouped(self, q, c, groups, q_mask, c_mask):
-        return self._op("maxsim_paired_grouped")(q, c, *_split(groups), q_mask, c_mask)
+    def maxsim_paired_grouped(self, q, c, groups, q_mask, c_mask, save_argmax: bool = False):
+        scores, _argmax = self._op("maxsim_paired_grouped")(q, c, *_split(groups), q_mask, c_mask, save_argmax)
+        return scores
 
     def infonce_terms(self, q, c, hard_negatives, labels, groups, scale, q_mask, c_mask, hn_mask,
                       query_gradient: bool = False):

@@ -37,6 +37,12 @@ from .backends import select_backend
 DEFAULT_GROUPS: Tuple[Tuple[int, int], ...] = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
 
 
+def _needs_gradient(*tensors) -> bool:
+    """Whether autograd will differentiate through these inputs: a backend that can then
+    keeps what its backward needs (the cpu backend saves the maxsim argmax)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def maxsim_grouped(
     q: torch.Tensor,
     c: torch.Tensor,
@@ -70,7 +76,7 @@ def maxsim_grouped(
     q_mask = V.check_mask("q_mask", q_mask, q.shape[:2], "(Nq, Rq)", q.device)
     c_mask = V.check_mask("c_mask", c_mask, c.shape[:2], "(Nc, Rc)", q.device)
     impl = select_backend(backend, q.device, q.dtype, groups)
-    return impl.maxsim_grouped(q, c, groups, q_mask, c_mask)
+    return impl.maxsim_grouped(q, c, groups, q_mask, c_mask, _needs_gradient(q, c))
 
 
 def maxsim(
@@ -115,7 +121,7 @@ def maxsim_paired_grouped(
     q_mask = V.check_mask("q_mask", q_mask, q.shape[:2], "(B, Rq)", q.device)
     c_mask = V.check_mask("c_mask", c_mask, c.shape[:3], "(B, N, Rc)", q.device)
     impl = select_backend(backend, q.device, q.dtype, groups)
-    return impl.maxsim_paired_grouped(q, c, groups, q_mask, c_mask)
+    return impl.maxsim_paired_grouped(q, c, groups, q_mask, c_mask, _needs_gradient(q, c))
 
 
 def maxsim_paired(

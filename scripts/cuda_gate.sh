@@ -19,7 +19,8 @@ REPO=$PWD
 CACHE="$HOME/.cache/metaembed-kernels"
 VENV="${METAEMBED_CUDA_VENV:-$CACHE/cuda-venv}"
 BUILD="${METAEMBED_CUDA_BUILD:-$CACHE/cuda-build}"
-TORCH_PIN=2.14.1
+. scripts/pins.env
+TORCH_PIN=$CUDA_GATE_TORCH
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}"
 export MAX_JOBS="${MAX_JOBS:-2}"
@@ -31,23 +32,10 @@ step() { echo "== cuda-gate [$(($(date +%s) - T0))s] $*"; }
 
 # ---- 1. environment -------------------------------------------------------------------
 [ -x "$CUDA_HOME/bin/nvcc" ] || { echo "cuda-gate: no nvcc at $CUDA_HOME/bin/nvcc (set CUDA_HOME)"; exit 1; }
-venv_ok() {
-  "$VENV/bin/python" - "$TORCH_PIN" >/dev/null 2>&1 <<'EOF'
-import sys, torch, ninja, numpy, pytest
-assert torch.__version__.split("+")[0] == sys.argv[1] and torch.version.cuda, torch.__version__
-EOF
-}
-if venv_ok; then
-  step "reusing $VENV"
-else
-  step "creating $VENV: torch==$TORCH_PIN (CUDA build), ninja, numpy, pytest"
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  # (pip's notes about this machine's empty extra index folders are filtered out)
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_PIN" ninja numpy pytest \
-    </dev/null 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-  venv_ok || { echo "cuda-gate: $VENV does not hold a CUDA build of torch $TORCH_PIN"; exit 1; }
-fi
+. scripts/cached_venv.sh
+step "torch==$TORCH_PIN (CUDA build), ninja, numpy, pytest in $VENV"
+cached_venv "$VENV" "import torch, ninja, numpy, pytest; assert torch.__version__.split('+')[0] == '$TORCH_PIN' and torch.version.cuda" \
+  "torch==$TORCH_PIN" ninja numpy pytest || { echo "cuda-gate: no CUDA build of torch $TORCH_PIN in $VENV"; exit 1; }
 "$VENV/bin/python" -c "import torch; print('   torch', torch.__version__, '| CUDA', torch.version.cuda, '| GPU present:', torch.cuda.is_available())"
 
 # ---- 2. out-of-tree build -------------------------------------------------------------
@@ -55,28 +43,12 @@ fi
 # rebuilds only what changed, even from a fresh clone whose checkout touched every mtime.
 step "syncing sources to $BUILD/src"
 mkdir -p "$BUILD/src" "$BUILD/temp"
-SYNC_PY='
-import filecmp, os, shutil, sys
-dst_root = sys.argv[1]
-wanted = {p for p in sys.stdin.read().splitlines() if os.path.isfile(p) and not p.endswith(".so")}
-for p in wanted:
-    d = os.path.join(dst_root, p)
-    if not (os.path.exists(d) and filecmp.cmp(p, d, shallow=False)):
-        os.makedirs(os.path.dirname(d) or ".", exist_ok=True)
-        shutil.copy2(p, d)
-        os.utime(d)  # newer than any cached object
-for base, _, files in os.walk(dst_root):
-    for f in files:
-        rel = os.path.relpath(os.path.join(base, f), dst_root)
-        if rel not in wanted and not rel.endswith(".so") and "__pycache__" not in rel:
-            os.remove(os.path.join(base, f))
-'
-git ls-files -co --exclude-standard -- csrc metaembed_kernels tests setup.py pyproject.toml README.md \
-  | "$VENV/bin/python" -c "$SYNC_PY" "$BUILD/src"
+"$VENV/bin/python" scripts/sync_sources.py "$BUILD/src"
 # kernels.cu always recompiles (~1 min) so the ptxas report below is always this build's.
 find "$BUILD/temp" -name 'kernels.o' -delete
 step "building (CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS)"
-if ! (cd "$BUILD/src" && METAEMBED_BUILD_CUDA=1 "$VENV/bin/python" setup.py -q build_ext --inplace \
+# METAEMBED_PTXAS_VERBOSE=1: -Xptxas=-v, for the register / spill report below (this gate only)
+if ! (cd "$BUILD/src" && METAEMBED_BUILD_CUDA=1 METAEMBED_PTXAS_VERBOSE=1 "$VENV/bin/python" setup.py -q build_ext --inplace \
       --build-temp "$BUILD/temp") >"$BUILD/build.log" 2>&1; then
   grep -E "error|Error" "$BUILD/build.log" | head -40 || true
   tail -30 "$BUILD/build.log"

@@ -17,7 +17,7 @@
 #   --setup-only  only build (or validate) the cached environments.
 #   --bench  also run benchmarks/test_bench_integrations.py in each host environment and print
 #            the native-vs-adapted table (JSON in .benchmarks/integrations/).
-# Environment: PYTHON (python3), TORCH_VERSION (2.13.0), METAEMBED_HOSTS_CACHE
+# Environment: PYTHON (python3), TORCH_VERSION (scripts/pins.env DEV_TORCH), METAEMBED_HOSTS_CACHE
 # (~/.cache/metaembed-kernels/hosts), PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 
@@ -25,7 +25,8 @@ main() {
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PYTHON=${PYTHON:-python3}
-TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+. scripts/pins.env
+TORCH_VERSION=${TORCH_VERSION:-$DEV_TORCH}
 CACHE=${METAEMBED_HOSTS_CACHE:-$HOME/.cache/metaembed-kernels/hosts}
 REQ_DIR=tests/integrations/requirements
 BENCH=0

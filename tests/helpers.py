@@ -156,4 +156,4 @@ def ops_of(backend: str):
 
 
 requires_extension = pytest.mark.skipif(not _extension.is_loaded(), reason="C++ extension not built")
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+requires_gpu = pytest.mark.gpu  # skipped without a CUDA device (conftest.py); `pytest -m gpu` selects them

@@ -89,6 +89,9 @@ def test_opcheck_forward_ops(backend, layout):
     ops = ops_of(backend)
     torch.library.opcheck(ops("maxsim_grouped"), (q, c, RQ, RC, qm, cm))
     torch.library.opcheck(ops("maxsim_paired_grouped"), (q, cp, RQ, RC, qm, cpm))
+    # with the argmax saved for the backward where the backend does (cpu)
+    torch.library.opcheck(ops("maxsim_grouped"), (q, c, RQ, RC, qm, cm, True))
+    torch.library.opcheck(ops("maxsim_paired_grouped"), (q, cp, RQ, RC, qm, cpm, True))
     labels = torch.tensor([1, 4, 0])
     torch.library.opcheck(ops("matryoshka_infonce"), (q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm))
     # with the query gradient fused into the forward where the backend can (cpu)
@@ -123,14 +126,14 @@ def test_fake_kernels_return_the_real_strides_and_check_shapes(backend):
     q, c, hn, cp, qm, cm, hm, cpm = inputs(_dtype_for(backend), nc=5, layout="transposed")
     ops = ops_of(backend)
     labels = torch.tensor([1, 4, 0])
-    real = [ops("maxsim_grouped")(q, c, RQ, RC, qm, cm),
+    real = [*ops("maxsim_grouped")(q, c, RQ, RC, qm, cm, True),
             *ops("maxsim_grouped_backward")(torch.ones(3, 3, 5, dtype=real_dtype(q)), q, c, RQ, RC, qm, cm,
                                              [True, True]),
             *ops("matryoshka_infonce")(q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm)]
     with FakeTensorMode() as mode:
         f = [mode.from_tensor(t) if t is not None else None for t in (q, c, hn, qm, cm, hm, labels)]
         fq, fc, fhn, fqm, fcm, fhm, flab = f
-        fake = [ops("maxsim_grouped")(fq, fc, RQ, RC, fqm, fcm),
+        fake = [*ops("maxsim_grouped")(fq, fc, RQ, RC, fqm, fcm, True),
                 *ops("maxsim_grouped_backward")(torch.ones(3, 3, 5, dtype=real_dtype(q)), fq, fc, RQ, RC, fqm, fcm,
                                                  [True, True]),
                 *ops("matryoshka_infonce")(fq, fc, fhn, flab, RQ, RC, 2.5, fqm, fcm, fhm)]
@@ -237,3 +240,36 @@ def test_fused_query_gradient_equals_the_second_pass(backend, masks):
             torch.testing.assert_close(fused[k], second[k], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"query_gradient must have shape"):
         ops("matryoshka_infonce_backward")(grad, lse, q, c, hn, labels, RQ, RC, 2.5, qm, cm, hm, [True] * 3, jq[:, 1:])
+
+
+@pytest.mark.parametrize("backend", op_backends())
+@pytest.mark.parametrize("paired", [False, True], ids=["in-batch", "paired"])
+def test_saved_argmax_backward_equals_the_recompute(backend, paired):
+    """save_argmax=True: a backend that saves the forward's maximising tokens (cpu) returns
+    them, (rows, cols, max r_q, distinct r_c) int16, and its backward given them (no tile
+    recomputed) equals the recomputing backward bitwise. Others return the placeholder."""
+    q, c, _, cp, qm, cm, _, cpm = inputs(_dtype_for(backend), nc=5, d=9)
+    ops = ops_of(backend)
+    name = "maxsim_paired_grouped" if paired else "maxsim_grouped"
+    cand, mask = (cp, cpm) if paired else (c, cm)
+    scores, argmax = ops(name)(q, cand, RQ, RC, qm, mask, True)
+    plain, placeholder = ops(name)(q, cand, RQ, RC, qm, mask)
+    assert placeholder.shape == (0,) and placeholder.dtype == torch.int16
+    assert torch.equal(scores, plain)
+    if backend != "cpu":
+        assert argmax.shape == (0,)
+        return
+    cols = cand.shape[1] if paired else cand.shape[0]
+    assert argmax.shape == (3, cols, max(RQ), len(set(RC))) and argmax.dtype == torch.int16
+    grad = torch.randn(scores.shape, dtype=scores.dtype, generator=torch.Generator().manual_seed(3))
+    for mask2 in ([True, True], [True, False], [False, True]):
+        saved = ops(name + "_backward")(grad, q, cand, RQ, RC, qm, mask, mask2, argmax)
+        again = ops(name + "_backward")(grad, q, cand, RQ, RC, qm, mask, mask2)
+        for a, b in zip(saved, again):
+            assert torch.equal(a, b)
+    bad = argmax.clone()
+    bad.view(-1)[0] = max(RC)  # a token past the budget would be an out-of-bounds address
+    with pytest.raises(ValueError, match=r"argmax values must be candidate tokens in \[-1, 5\)"):
+        ops(name + "_backward")(grad, q, cand, RQ, RC, qm, mask, [True, True], bad)
+    with pytest.raises(ValueError, match=r"argmax must have shape"):
+        ops(name + "_backward")(grad, q, cand, RQ, RC, qm, mask, [True, True], argmax[:, :1])

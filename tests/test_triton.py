@@ -155,7 +155,7 @@ def test_heuristic_table_values_for_the_paper_shapes():
     # a query batch: 128 x 128 tiles (the wgmma shape on sm_90)
     batch = h.maxsim_forward_config(1000, 16, 64, 3584, torch.bfloat16)
     assert (batch.block_q, batch.block_c, batch.num_warps) == (8, 2, 8)
-    assert h.maxsim_forward_config(1000, 16, 64, 3584, torch.float32).m == 64  # fp32 FMA cap
+    assert h.maxsim_forward_config(1000, 16, 64, 3584, torch.float32).m == 32  # fp32 FMA cap (spills on triton 3.6)
     grad = h.gradient_config(16, 64, 3584, torch.bfloat16)
     assert (grad.m, grad.n, grad.num_warps) == (64, 64, 8)
     assert h.groups_pad(5) == 8 and h.groups_pad(9) == 16
@@ -173,8 +173,7 @@ def test_compile_gate_covers_every_config_the_heuristics_pick_on_its_grid():
         for rq, rc in verify.SHAPES:
             for d in verify.DIMS:
                 plans = verify.candidate_plans(dtype, rq, rc, d)
-                # (tile fields: the per-query-candidate launcher adjusts some fp32 tiles and may lift
-                # a tile's register cap: launch.own_candidate_config, launch.UncappedTileConfig)
+                # (the per-query-candidate launcher adjusts some fp32 tiles: launch.own_candidate_config)
                 compiled = {(plan.kernel.__name__, dataclasses.astuple(plan.config)) for _, plan in plans}
                 p = launch.make_problem(torch.empty(2, rq, d, dtype=dtype, device="meta"),
                                         torch.empty(2, rc, d, dtype=dtype, device="meta"), [rq], [rc], None, None,
@@ -207,6 +206,7 @@ def _gate_env():
     return env
 
 
+@pytest.mark.gate
 def test_compile_gate_passes_for_sm80_and_sm90():
     """`python -m metaembed_kernels.triton.verify`: every launchable configuration, bf16/fp16/
     fp32, D in {128, 3584}, (Rq, Rc) in {(16, 64), (32, 128), (64, 64)} and the chunked budgets
@@ -275,6 +275,7 @@ def test_gate_checks_can_fail():
     assert verify.mma_kind("fma.rn.f32") == "fma"
 
 
+@pytest.mark.gate
 def test_gate_detects_a_spilling_kernel():
     """A config the heuristics never pick -- fp32 maxsim forward at 128 x 256 with 4 warps, an
     accumulator of 256 fp32 registers per thread -- must be reported as spilling (ptxas 13.x
@@ -1031,7 +1032,7 @@ def test_non_finite_scores_and_gradients_follow_the_reference(device, rq, rc, sp
         bwd = ops.triton_maxsim_paired_grouped_backward if paired else ops.triton_maxsim_grouped_backward
         ref = reference.maxsim_grouped_paired if paired else reference.maxsim_grouped
         kind = "paired" if paired else "in-batch"
-        scores = fwd(q, cc, rq_list, rc_list, qm, cm)
+        scores = fwd(q, cc, rq_list, rc_list, qm, cm)[0]
         expected = ref(x["q"], c, groups, x["q_mask"], c_mask)
         assert expected.isnan().any() and (expected == float("-inf")).any() != (dtype == torch.float16)
         _assert_same_non_finite(scores, expected, f"{kind} scores", rtol=1e-6)
@@ -1130,7 +1131,7 @@ def test_masked_non_finite_tokens_change_nothing(device):
         q, c, cp, hn, qm, cm, cpm, hm, labels = _on(device, t["q"], t["c"], t["cp"], t["hn"], x["q_mask"],
                                                     x["c_mask"], x["cp_mask"], x["hn_mask"], x["labels"])
         gs = torch.Generator().manual_seed(20)
-        out = [ops.triton_maxsim_grouped(q, c, rq, rc, qm, cm), ops.triton_maxsim_paired_grouped(q, cp, rq, rc, qm, cpm)]
+        out = [ops.triton_maxsim_grouped(q, c, rq, rc, qm, cm)[0], ops.triton_maxsim_paired_grouped(q, cp, rq, rc, qm, cpm)[0]]
         out += ops.triton_maxsim_grouped_backward(torch.randn(3, 3, 4, generator=gs).to(device), q, c, rq, rc, qm, cm,
                                                   [True, True])
         out += ops.triton_maxsim_paired_grouped_backward(torch.randn(3, 3, 2, generator=gs).to(device), q, cp, rq, rc,

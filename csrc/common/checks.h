@@ -165,6 +165,38 @@ inline void check_query_gradient(const at::Tensor& jq, const GroupPlan& plan, co
   TORCH_CHECK_VALUE(jq.device() == q.device(), "query_gradient must be on device ", q.device());
 }
 
+// Argmax tokens saved by a maxsim forward for its backward (cpu/kernels.h SavedArgmax):
+// (rows, cols, rq_eff, num_bounds), int16 unless max r_c >= 2^15 (then int32).
+inline at::ScalarType saved_argmax_type(const GroupPlan& plan) {
+  return plan.rc_eff < (int64_t(1) << 15) ? at::kShort : at::kInt;
+}
+
+inline std::vector<int64_t> saved_argmax_shape(const GroupPlan& plan, int64_t rows, int64_t cols) {
+  return {rows, cols, plan.rq_eff, int64_t(plan.bounds.size())};
+}
+
+// A saved argmax handed back to a backward: its values become addresses, so they are all
+// checked (-1 <= j < max r_c) on the host. Only CPU tensors can hold one.
+inline void check_saved_argmax(const at::Tensor& argmax, const GroupPlan& plan, int64_t rows, int64_t cols) {
+  const auto shape = saved_argmax_shape(plan, rows, cols);
+  TORCH_CHECK_VALUE(argmax.sizes() == at::IntArrayRef(shape), "argmax must have shape (rows, cols, max r_q, ",
+                    "distinct r_c) = ", at::IntArrayRef(shape), ", got ", argmax.sizes());
+  TORCH_CHECK_TYPE(argmax.scalar_type() == saved_argmax_type(plan), "argmax must be ",
+                   saved_argmax_type(plan), ", got ", argmax.scalar_type());
+  TORCH_CHECK_VALUE(argmax.is_cpu(), "argmax: only the cpu backend saves an argmax, got a tensor on ",
+                    argmax.device());
+  TORCH_CHECK_VALUE(argmax.is_contiguous(), "argmax must be contiguous");
+  int64_t lo = 0, hi = -1;  // a plain loop: a host read of a CPU tensor, not a dispatched .item()
+  const int64_t n = argmax.numel();
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t v = argmax.scalar_type() == at::kShort ? argmax.data_ptr<int16_t>()[e] : argmax.data_ptr<int32_t>()[e];
+    lo = e == 0 ? v : std::min(lo, v);
+    hi = e == 0 ? v : std::max(hi, v);
+  }
+  TORCH_CHECK_VALUE(argmax.numel() == 0 || (lo >= -1 && hi < plan.rc_eff),
+                    "argmax values must be candidate tokens in [-1, ", plan.rc_eff, "), got [", lo, ", ", hi, "]");
+}
+
 inline at::ScalarType score_type(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -403,7 +403,38 @@ struct Engine {
                              qb + 1 == P.num_qblocks ? next_candidate(P, b, b1) : nullptr);
   }
 
-  static void maxsim_forward(const Problem& P, int64_t qblock, int64_t b0, int64_t b1, void* ws, void* out_) {
+  // ---- saved argmax (SavedArgmax in kernels.h) ------------------------------------------
+  // The view's queries against column `col` of `cols`: w.bidx <-> the saved elements.
+  static int64_t saved_index(const Problem& P, int64_t a, int64_t col, int64_t cols, int64_t i, int64_t k) {
+    return ((a * cols + col) * P.groups.rq_eff + i) * P.groups.num_bounds + k;
+  }
+
+  static void save_argmax(const Problem& P, const QView& qv, const Work& w, SavedArgmax sa, int64_t col,
+                          int64_t cols) {
+    const int64_t rq = P.groups.rq_eff, nb = P.groups.num_bounds, lanes = qv.panels * NR;
+    for (int64_t t = 0; t < qv.n * rq; ++t)
+      for (int64_t k = 0; k < nb; ++k) {
+        const int64_t e = saved_index(P, qv.a0 + t / rq, col, cols, t % rq, k);
+        const int32_t j = w.bidx[k * lanes + t];
+        if (sa.wide)
+          static_cast<int32_t*>(sa.data)[e] = j;
+        else
+          static_cast<int16_t*>(sa.data)[e] = int16_t(j);
+      }
+  }
+
+  static void load_argmax(const Problem& P, const QView& qv, Work& w, SavedArgmax sa, int64_t col, int64_t cols) {
+    const int64_t rq = P.groups.rq_eff, nb = P.groups.num_bounds, lanes = qv.panels * NR;
+    for (int64_t t = 0; t < qv.n * rq; ++t)
+      for (int64_t k = 0; k < nb; ++k) {
+        const int64_t e = saved_index(P, qv.a0 + t / rq, col, cols, t % rq, k);
+        w.bidx[k * lanes + t] = sa.wide ? static_cast<const int32_t*>(sa.data)[e]
+                                        : int32_t(static_cast<const int16_t*>(sa.data)[e]);
+      }
+  }
+
+  static void maxsim_forward(const Problem& P, int64_t qblock, int64_t b0, int64_t b1, void* ws, void* out_,
+                             SavedArgmax save) {
     Work w = carve(P, ws);
     const QView qv = block_view(P, qblock);
     const int64_t G = P.groups.num_groups;
@@ -411,16 +442,23 @@ struct Engine {
     const Acc* qrows[kDotTokens];
     const int nt = prepare_query_rows(P, qv, w, qrows);
     for (int64_t b = b0; b < b1; ++b) {
-      score_candidate<false>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w, next_candidate(P, b, b1),
-                             qrows, nt);
+      if (save.data) {
+        score_candidate<true>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w,
+                              next_candidate(P, b, b1), qrows, nt);
+        save_argmax(P, qv, w, save, b, P.nc);
+      } else {
+        score_candidate<false>(P, qv, candidate(P, b), P.c.s1, candidate_mask(P, b), P.c.m1, w,
+                               next_candidate(P, b, b1), qrows, nt);
+      }
       block_scores(P, qv, w, w.scores);
       for (int64_t al = 0; al < qv.n; ++al)
         for (int64_t g = 0; g < G; ++g) out[(g * P.nq + qv.a0 + al) * P.nc + b] = w.scores[al * G + g];
     }
   }
 
+  // With a saved argmax no similarity is recomputed: the backward is the scatter alone.
   static void maxsim_backward(const Problem& P, const void* grad_, int64_t b0, int64_t b1, void* ws,
-                              void* dq_, void* dc_) {
+                              void* dq_, void* dc_, SavedArgmax saved) {
     Work w = carve(P, ws);
     const Acc* grad = static_cast<const Acc*>(grad_);
     const int64_t G = P.groups.num_groups;
@@ -428,7 +466,10 @@ struct Engine {
       Acc* dc_b = dc_ ? static_cast<Acc*>(dc_) + b * P.rc * P.d : nullptr;
       for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
         const QView qv = block_view(P, qb);
-        score_block_candidate<true>(P, qv, qb, b, b1, w);
+        if (saved.data)
+          load_argmax(P, qv, w, saved, b, P.nc);
+        else
+          score_block_candidate<true>(P, qv, qb, b, b1, w);
         for (int64_t al = 0; al < qv.n; ++al)
           for (int64_t g = 0; g < G; ++g) w.dscores[al * G + g] = grad[(g * P.nq + qv.a0 + al) * P.nc + b];
         scatter(P, qv, w, w.dscores, candidate(P, b), P.c.s1, static_cast<Acc*>(dq_), dc_b);
@@ -654,7 +695,7 @@ struct Engine {
   // Work is split by query; each query owns its dq rows and its candidates' dc rows.
 
   static void paired_forward(const Problem& P, const Tokens& cand, int64_t N, int64_t a0, int64_t a1, void* ws,
-                             void* out_) {
+                             void* out_, SavedArgmax save) {
     Work w = carve(P, ws);
     Acc* out = static_cast<Acc*>(out_);
     const int64_t G = P.groups.num_groups;
@@ -664,7 +705,12 @@ struct Engine {
       for (int64_t n = 0; n < N; ++n) {
         const uint8_t* mask = cand.mask ? cand.mask + a * cand.m0 + n * cand.m1 : nullptr;
         const T* next = n + 1 < N ? hard_negative(P, cand, a, n + 1) : nullptr;
-        score_candidate<false>(P, qv, hard_negative(P, cand, a, n), cand.s2, mask, cand.m2, w, next);
+        if (save.data) {
+          score_candidate<true>(P, qv, hard_negative(P, cand, a, n), cand.s2, mask, cand.m2, w, next);
+          save_argmax(P, qv, w, save, n, N);
+        } else {
+          score_candidate<false>(P, qv, hard_negative(P, cand, a, n), cand.s2, mask, cand.m2, w, next);
+        }
         block_scores(P, qv, w, w.scores);
         for (int64_t g = 0; g < G; ++g) out[(g * P.nq + a) * N + n] = w.scores[g];
       }
@@ -672,7 +718,7 @@ struct Engine {
   }
 
   static void paired_backward(const Problem& P, const Tokens& cand, int64_t N, const void* grad_, int64_t a0,
-                              int64_t a1, void* ws, void* dq_, void* dc_) {
+                              int64_t a1, void* ws, void* dq_, void* dc_, SavedArgmax saved) {
     Work w = carve(P, ws);
     const Acc* grad = static_cast<const Acc*>(grad_);
     const int64_t G = P.groups.num_groups;
@@ -688,7 +734,10 @@ struct Engine {
         if (!any) continue;  // zero gradient for this pair: nothing to scatter
         const uint8_t* mask = cand.mask ? cand.mask + a * cand.m0 + n * cand.m1 : nullptr;
         const T* c_an = hard_negative(P, cand, a, n);
-        score_candidate<true>(P, qv, c_an, cand.s2, mask, cand.m2, w);
+        if (saved.data)
+          load_argmax(P, qv, w, saved, n, N);
+        else
+          score_candidate<true>(P, qv, c_an, cand.s2, mask, cand.m2, w);
         Acc* dc_an = dc_ ? static_cast<Acc*>(dc_) + (a * N + n) * P.rc * P.d : nullptr;
         scatter(P, qv, w, w.dscores, c_an, cand.s2, static_cast<Acc*>(dq_), dc_an);
       }

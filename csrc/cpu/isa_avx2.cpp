@@ -109,23 +109,9 @@ struct Avx2Policy : AccPacking<float, 16> {
   }
 };
 
-}  // namespace
-
-const IsaKernels* avx2_kernels() {
-  static const IsaKernels kernels = [] {
-    IsaKernels k{};
-    k.name = "avx2";
-    k.nr = Avx2Policy::NR;
-    k.mr = Avx2Policy::MR;
-    const DType reduced[] = {kF32, kF16, kBF16};
-    for (DType d : reduced) k.by_dtype[d] = kernel_set_for<Avx2Policy>(d);
-    return k;
-  }();
-  return &kernels;
-}
-
-// 12 independent 8-wide FMA chains: the throughput-bound peak of the FMA units.
-double fma_peak_loop(int64_t iters) {
+// 12 independent 8-wide FMA chains (vfmadd231ps ymm): the throughput-bound peak of the
+// instruction the micro-kernel issues (latency 4 x 2 pipes = 8 chains needed).
+double fma256_peak_loop(int64_t iters) {
   __m256 acc[12];
   const __m256 mul = _mm256_set1_ps(0.999999f), add = _mm256_set1_ps(1e-7f);
 #pragma GCC unroll 12
@@ -144,9 +130,24 @@ double fma_peak_loop(int64_t iters) {
   return double(iters) * 12 * 8 * 2;
 }
 
+}  // namespace
+
+const IsaKernels* avx2_kernels() {
+  static const IsaKernels kernels = [] {
+    IsaKernels k{};
+    k.name = "avx2";
+    k.nr = Avx2Policy::NR;
+    k.mr = Avx2Policy::MR;
+    const DType reduced[] = {kF32, kF16, kBF16};
+    for (DType d : reduced) k.by_dtype[d] = kernel_set_for<Avx2Policy>(d);
+    k.peak_fp32 = k.peak_bf16 = PeakLoop{fma256_peak_loop, "256-bit FMA (ymm)"};  // bf16 is widened to fp32
+    return k;
+  }();
+  return &kernels;
+}
+
 #else
 const IsaKernels* avx2_kernels() { return nullptr; }
-double fma_peak_loop(int64_t) { return 0.0; }
 #endif
 
 }  // namespace cpu

@@ -19,6 +19,28 @@ namespace metaembed {
 namespace cpu {
 
 #if METAEMBED_AVX512
+namespace {
+
+// 16 independent 16-wide FMA chains (vfmadd231ps zmm), the micro-kernel's instruction.
+double fma512_peak_loop(int64_t iters) {
+  __m512 acc[16];
+  const __m512 mul = _mm512_set1_ps(0.999999f), add = _mm512_set1_ps(1e-7f);
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_set1_ps(float(r));
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(acc[r], mul, add);
+  }
+  __m512 sum = acc[0];
+#pragma GCC unroll 16
+  for (int r = 1; r < 16; ++r) sum = _mm512_add_ps(sum, acc[r]);
+  volatile float sink = _mm512_reduce_add_ps(sum);
+  (void)sink;
+  return double(iters) * 16 * 16 * 2;
+}
+
+}  // namespace
+
 const IsaKernels* avx512_kernels() {
   static const IsaKernels kernels = [] {
     IsaKernels k{};
@@ -27,6 +49,7 @@ const IsaKernels* avx512_kernels() {
     k.mr = Avx512Policy::MR;
     const DType reduced[] = {kF32, kF16, kBF16};
     for (DType d : reduced) k.by_dtype[d] = kernel_set_for<Avx512Policy>(d);
+    k.peak_fp32 = k.peak_bf16 = PeakLoop{fma512_peak_loop, "512-bit FMA (zmm)"};  // bf16 is widened to fp32
     return k;
   }();
   return &kernels;

@@ -50,6 +50,17 @@ struct Problem {
   void* qpack;                // packed queries, see above
 };
 
+// Argmax tokens saved by a forward for its backward, which then scatters the gradient
+// without recomputing any similarity tile. Element ((row * cols + col) * rq_eff + i) *
+// num_bounds + k is the lowest maximising valid candidate token of query token i against
+// bound k (-1 when the prefix has no valid token); (row, col) = (query, candidate), or
+// (query, own candidate) for per-query candidates. int16 elements unless `wide` (int32,
+// needed when max r_c >= 2^15). A null `data`: nothing saved (the backward recomputes).
+struct SavedArgmax {
+  void* data = nullptr;
+  bool wide = false;
+};
+
 // Entry points of one ISA. "Acc" is float for fp32/fp16/bf16 inputs, double for fp64.
 // Gradient buffers are Acc-typed and zero-initialised by the host; the host converts them.
 struct KernelSet {
@@ -58,10 +69,11 @@ struct KernelSet {
   int pack_elem_bytes;                    // bytes per packed query element (blocking)
   void (*pack_queries)(const Problem&, int64_t qblock);
   // scores (G, nq, nc): candidates [b0, b1) against query block `qblock`.
-  void (*maxsim_forward)(const Problem&, int64_t qblock, int64_t b0, int64_t b1, void* ws, void* scores);
+  void (*maxsim_forward)(const Problem&, int64_t qblock, int64_t b0, int64_t b1, void* ws, void* scores,
+                         SavedArgmax save);
   // grad (G, nq, nc) -> dq_partial (nq, rq, d) += ..., dc (nc, rc, d) rows of [b0, b1).
   void (*maxsim_backward)(const Problem&, const void* grad, int64_t b0, int64_t b1, void* ws,
-                          void* dq_partial, void* dc);
+                          void* dq_partial, void* dc, SavedArgmax saved);
   // Online log-sum-exp over candidates [b0, b1): per (g, a) running max m and sum l of
   // exp(logit - m) (chunk-local arrays, G*nq), and the positive's logit (global array).
   void (*infonce_forward)(const Problem&, const int64_t* labels, double scale, int64_t b0, int64_t b1,
@@ -77,9 +89,9 @@ struct KernelSet {
   // Per-query candidates (B, N, Rc, D) in the hard-negative Tokens layout: queries [a0, a1).
   // scores (G, nq, N); grad (G, nq, N) -> dq (nq, rq, d) rows of those queries, dc (nq, N, rc, d).
   void (*paired_forward)(const Problem&, const Tokens& cand, int64_t n, int64_t a0, int64_t a1, void* ws,
-                         void* scores);
+                         void* scores, SavedArgmax save);
   void (*paired_backward)(const Problem&, const Tokens& cand, int64_t n, const void* grad, int64_t a0, int64_t a1,
-                          void* ws, void* dq, void* dc);
+                          void* ws, void* dq, void* dc, SavedArgmax saved);
   // The loss forward of query block `qblock` (all in-batch candidates, then its queries'
   // own k hard negatives) into m, l, pos (G, nq), with the query gradient of every group in
   // jq (nq, rows, d): see Engine::infonce_forward_query_gradient.
@@ -89,11 +101,23 @@ struct KernelSet {
   // Gradient pointers (dq_partial, dq, dc, dhn) may be null: that gradient is not wanted.
 };
 
+// Peak calibration: `iters` iterations of independent chains of the one instruction an
+// ISA's micro-kernel spends its time in (enough chains to cover latency x throughput);
+// returns the floating-point operations performed. Benchmarks report "% of peak" against
+// the loop of the ISA and dtype that ran, so no kernel can exceed it except by noise.
+struct PeakLoop {
+  double (*run)(int64_t iters);  // nullptr: no calibration for this ISA
+  const char* instruction;       // what it issues, for reports
+};
+
 struct IsaKernels {
   const char* name;
   int nr;  // lanes per query panel
   int mr;  // candidate tokens per register tile
   KernelSet by_dtype[kNumDTypes];
+  // fp32 (and fp16, converted to fp32): the FMA of the micro-kernel's width; bf16: the
+  // instruction that consumes bf16 (vdpbf16ps on avx512_bf16, else the fp32 FMA after conversion).
+  PeakLoop peak_fp32, peak_bf16;
 };
 
 // Defined in isa_generic.cpp / isa_avx2.cpp / isa_avx512.cpp / isa_avx512bf16.cpp. The
@@ -102,10 +126,6 @@ const IsaKernels* generic_kernels();
 const IsaKernels* avx2_kernels();
 const IsaKernels* avx512_kernels();
 const IsaKernels* avx512bf16_kernels();
-
-// Peak-FMA calibration loop (isa_avx2.cpp): runs `iters` iterations of independent
-// 8-wide FMA chains and returns the number of floating-point operations performed.
-double fma_peak_loop(int64_t iters);
 
 }  // namespace cpu
 }  // namespace metaembed

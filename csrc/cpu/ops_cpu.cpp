@@ -148,28 +148,54 @@ at::Tensor reduce_chunks(const at::Tensor& partial) {
   return out;
 }
 
-at::Tensor maxsim_grouped_cpu(const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
-                              at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask,
-                              const c10::optional<at::Tensor>& c_mask) {
+// The argmax a forward saves for its backward when asked (save_argmax), else the empty
+// placeholder; and the view the kernels write through.
+at::Tensor saved_argmax_output(const GroupPlan& plan, int64_t rows, int64_t cols, bool save, const at::Tensor& like) {
+  return save ? at::empty(saved_argmax_shape(plan, rows, cols), like.options().dtype(saved_argmax_type(plan)))
+              : at::empty({0}, like.options().dtype(saved_argmax_type(plan)));
+}
+
+SavedArgmax saved_view(const at::Tensor& argmax) {
+  SavedArgmax sa;
+  if (argmax.defined() && argmax.numel() > 0) {
+    sa.data = argmax.data_ptr();
+    sa.wide = argmax.scalar_type() == at::kInt;
+  }
+  return sa;
+}
+
+// The saved argmax handed to a backward (optional; empty means "recompute").
+SavedArgmax saved_input(const c10::optional<at::Tensor>& argmax, const GroupPlan& plan, int64_t rows, int64_t cols) {
+  if (!argmax.has_value() || argmax->numel() == 0) return SavedArgmax{};
+  check_saved_argmax(*argmax, plan, rows, cols);
+  return saved_view(*argmax);
+}
+
+std::tuple<at::Tensor, at::Tensor> maxsim_grouped_cpu(const at::Tensor& q, const at::Tensor& c,
+                                                      at::IntArrayRef group_rq, at::IntArrayRef group_rc,
+                                                      const c10::optional<at::Tensor>& q_mask,
+                                                      const c10::optional<at::Tensor>& c_mask, bool save_argmax) {
   check_maxsim_args(q, c, q_mask, c_mask);
   Prepared P;
   P.plan = make_group_plan(group_rq, group_rc, q.size(1), c.size(1));
   const int64_t G = P.plan.size();
   at::Tensor out = at::zeros({G, q.size(0), c.size(0)}, q.options().dtype(score_type(q)));
-  if (q.size(0) == 0 || c.size(0) == 0) return out;
+  at::Tensor argmax = saved_argmax_output(P.plan, q.size(0), c.size(0), save_argmax, q);
+  if (q.size(0) == 0 || c.size(0) == 0) return {out, argmax};
   prepare(P, q, c, q_mask, c_mask);
   const Problem& p = P.p;
+  const SavedArgmax save = saved_view(argmax);
   const int64_t items = p.num_qblocks * p.nc;  // item x = (query block x / nc, candidate x % nc)
   const double item_flops = 2.0 * p.queries_per_block * p.groups.rq_eff * p.groups.rc_eff * p.d;
   at::parallel_for(0, items, grain_for(item_flops), [&](int64_t x0, int64_t x1) {
     Workspace ws(P);
     for (int64_t x = x0; x < x1;) {
       const int64_t qb = x / p.nc, b0 = x % p.nc, b1 = std::min(p.nc, b0 + (x1 - x));
-      P.ks->maxsim_forward(p, qb, b0, b1, ws.get(), out.data_ptr());
+      P.ks->maxsim_forward(p, qb, b0, b1, ws.get(), out.data_ptr(), save);
       x += b1 - b0;
     }
   });
-  return out;
+  return {out, argmax};
 }
 
 // An empty (0,) tensor of x's dtype: the placeholder for a gradient nobody asked for.
@@ -180,11 +206,13 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cpu(const at::Tensor&
                                                                at::IntArrayRef group_rc,
                                                                const c10::optional<at::Tensor>& q_mask,
                                                                const c10::optional<at::Tensor>& c_mask,
-                                                               std::array<bool, 2> output_mask) {
+                                                               std::array<bool, 2> output_mask,
+                                                               const c10::optional<at::Tensor>& argmax) {
   check_maxsim_args(q, c, q_mask, c_mask);
   Prepared P;
   P.plan = make_group_plan(group_rq, group_rc, q.size(1), c.size(1));
   check_scores_grad(grad, q, c, P.plan.size());
+  const SavedArgmax saved = saved_input(argmax, P.plan, q.size(0), c.size(0));
   const auto [want_dq, want_dc] = output_mask;
   const auto acc = q.options().dtype(score_type(q));
   const bool empty = q.size(0) == 0 || c.size(0) == 0;
@@ -202,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cpu(const at::Tensor&
     for (int64_t i = i0; i < i1; ++i)
       P.ks->maxsim_backward(p, g.data_ptr(), chunk_begin(i, chunks, p.nc), chunk_begin(i + 1, chunks, p.nc),
                             ws.get(), want_dq ? dq_partial[i].data_ptr() : nullptr,
-                            want_dc ? dc.data_ptr() : nullptr);
+                            want_dc ? dc.data_ptr() : nullptr, saved);
   });
   at::Tensor dq = want_dq ? reduce_chunks(dq_partial) : at::Tensor();
   if (want_dq) poison_gradient(dq, census(c, c_mask, p.groups.rc_eff, 0), q_mask, p.groups.rq_eff);
@@ -219,15 +247,19 @@ Tokens hard_negative_tokens(const at::Tensor& hn, const Mask& m) {
 // The engine's hard-negative path (one query packed alone against its own candidates),
 // parallel over queries: each query owns its output column, dq rows and dc rows.
 
-at::Tensor maxsim_paired_grouped_cpu(const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
-                                     at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask,
-                                     const c10::optional<at::Tensor>& c_mask) {
+std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_cpu(const at::Tensor& q, const at::Tensor& c,
+                                                             at::IntArrayRef group_rq, at::IntArrayRef group_rc,
+                                                             const c10::optional<at::Tensor>& q_mask,
+                                                             const c10::optional<at::Tensor>& c_mask,
+                                                             bool save_argmax) {
   check_maxsim_args(q, c, q_mask, c_mask, /*paired=*/true);
   Prepared P;
   P.plan = make_group_plan(group_rq, group_rc, q.size(1), c.size(2));
   const int64_t G = P.plan.size(), B = q.size(0), N = c.size(1);
   at::Tensor out = at::zeros({G, B, N}, q.options().dtype(score_type(q)));
-  if (B == 0 || N == 0) return out;
+  at::Tensor argmax = saved_argmax_output(P.plan, B, N, save_argmax, q);
+  if (B == 0 || N == 0) return {out, argmax};
+  const SavedArgmax save = saved_view(argmax);
   const at::Tensor cc = last_dim_contiguous(c);
   const Mask cm = mask_of(c_mask);
   prepare(P, q, cc.select(1, 0), q_mask, c10::nullopt);  // queries, sizes (rc, d); candidates below
@@ -236,19 +268,20 @@ at::Tensor maxsim_paired_grouped_cpu(const at::Tensor& q, const at::Tensor& c, a
   const double item_flops = 2.0 * N * p.groups.rq_eff * p.groups.rc_eff * p.d;
   at::parallel_for(0, B, grain_for(item_flops), [&](int64_t a0, int64_t a1) {
     Workspace ws(P);
-    P.ks->paired_forward(p, ct, N, a0, a1, ws.get(), out.data_ptr());
+    P.ks->paired_forward(p, ct, N, a0, a1, ws.get(), out.data_ptr(), save);
   });
-  return out;
+  return {out, argmax};
 }
 
 std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_backward_cpu(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
     at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask, const c10::optional<at::Tensor>& c_mask,
-    std::array<bool, 2> output_mask) {
+    std::array<bool, 2> output_mask, const c10::optional<at::Tensor>& argmax) {
   check_maxsim_args(q, c, q_mask, c_mask, /*paired=*/true);
   Prepared P;
   P.plan = make_group_plan(group_rq, group_rc, q.size(1), c.size(2));
   check_scores_grad(grad, q, c, P.plan.size(), /*paired=*/true);
+  const SavedArgmax saved = saved_input(argmax, P.plan, q.size(0), c.size(1));
   const auto [want_dq, want_dc] = output_mask;
   const auto acc = q.options().dtype(score_type(q));
   const int64_t B = q.size(0), N = c.size(1);
@@ -267,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_backward_cpu(
   at::parallel_for(0, B, grain_for(item_flops), [&](int64_t a0, int64_t a1) {
     Workspace ws(P);
     P.ks->paired_backward(p, ct, N, g.data_ptr(), a0, a1, ws.get(), want_dq ? dq.data_ptr() : nullptr,
-                          want_dc ? dc.data_ptr() : nullptr);
+                          want_dc ? dc.data_ptr() : nullptr, saved);
   });
   if (want_dq) poison_gradient(dq, census(c, c_mask, p.groups.rc_eff, 1), q_mask, p.groups.rq_eff);
   if (want_dc) poison_gradient(dc, census(q, q_mask, p.groups.rq_eff, 1), c_mask, p.groups.rc_eff);

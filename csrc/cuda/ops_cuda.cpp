@@ -346,9 +346,21 @@ void per_query_backward(const Ctx& ctx, const at::Tensor& q, const TokenSet& qt,
 }
 
 // ---- maxsim_grouped -------------------------------------------------------------------
-at::Tensor maxsim_grouped_cuda(const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
-                               at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask,
-                               const c10::optional<at::Tensor>& c_mask) {
+// The argmax is not saved on CUDA (save_argmax is ignored): the backward recomputes the
+// tiles; the second output is the empty placeholder of the schema's dtype.
+at::Tensor no_saved_argmax(at::IntArrayRef group_rc, const at::Tensor& like) {
+  const int64_t rc_max = *std::max_element(group_rc.begin(), group_rc.end());
+  return at::empty({0}, like.options().dtype(rc_max < (int64_t(1) << 15) ? at::kShort : at::kInt));
+}
+
+void check_no_saved_argmax(const c10::optional<at::Tensor>& argmax) {
+  TORCH_CHECK_VALUE(!argmax.has_value() || argmax->numel() == 0,
+                    "argmax: the CUDA backend's forward saves none (the backward recomputes the tiles)");
+}
+
+at::Tensor maxsim_grouped_scores_cuda(const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
+                                      at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask,
+                                      const c10::optional<at::Tensor>& c_mask) {
   check_maxsim_args(q, c, q_mask, c_mask);
   check_device_inputs(q, {&c});
   TORCH_CHECK_VALUE(c.size(1) < kMaxTokens, "the CUDA backend needs Rc < 2^22, got ", c.size(1));
@@ -371,13 +383,23 @@ at::Tensor maxsim_grouped_cuda(const at::Tensor& q, const at::Tensor& c, at::Int
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> maxsim_grouped_cuda(const at::Tensor& q, const at::Tensor& c,
+                                                       at::IntArrayRef group_rq, at::IntArrayRef group_rc,
+                                                       const c10::optional<at::Tensor>& q_mask,
+                                                       const c10::optional<at::Tensor>& c_mask, bool /*save_argmax*/) {
+  at::Tensor scores = maxsim_grouped_scores_cuda(q, c, group_rq, group_rc, q_mask, c_mask);
+  return {scores, no_saved_argmax(group_rc, q)};
+}
+
 std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cuda(const at::Tensor& grad, const at::Tensor& q,
                                                                 const at::Tensor& c, at::IntArrayRef group_rq,
                                                                 at::IntArrayRef group_rc,
                                                                 const c10::optional<at::Tensor>& q_mask,
                                                                 const c10::optional<at::Tensor>& c_mask,
-                                                                std::array<bool, 2> output_mask) {
+                                                                std::array<bool, 2> output_mask,
+                                                                const c10::optional<at::Tensor>& argmax) {
   check_maxsim_args(q, c, q_mask, c_mask);
+  check_no_saved_argmax(argmax);
   check_device_inputs(q, {&c, &grad});
   TORCH_CHECK_VALUE(c.size(1) < kMaxTokens, "the CUDA backend needs Rc < 2^22, got ", c.size(1));
   const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(1));
@@ -433,9 +455,9 @@ void check_paired_device(const at::Tensor& q, const at::Tensor& c) {
   TORCH_CHECK_VALUE(c.size(2) < kMaxTokens, "the CUDA backend needs Rc < 2^22, got ", c.size(2));
 }
 
-at::Tensor maxsim_paired_grouped_cuda(const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
-                                      at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask,
-                                      const c10::optional<at::Tensor>& c_mask) {
+at::Tensor maxsim_paired_grouped_scores_cuda(const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
+                                             at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask,
+                                             const c10::optional<at::Tensor>& c_mask) {
   check_maxsim_args(q, c, q_mask, c_mask, /*paired=*/true);
   check_paired_device(q, c);
   const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(2));
@@ -457,11 +479,21 @@ at::Tensor maxsim_paired_grouped_cuda(const at::Tensor& q, const at::Tensor& c, 
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_cuda(const at::Tensor& q, const at::Tensor& c,
+                                                              at::IntArrayRef group_rq, at::IntArrayRef group_rc,
+                                                              const c10::optional<at::Tensor>& q_mask,
+                                                              const c10::optional<at::Tensor>& c_mask,
+                                                              bool /*save_argmax*/) {
+  at::Tensor scores = maxsim_paired_grouped_scores_cuda(q, c, group_rq, group_rc, q_mask, c_mask);
+  return {scores, no_saved_argmax(group_rc, q)};
+}
+
 std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_backward_cuda(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& c, at::IntArrayRef group_rq,
     at::IntArrayRef group_rc, const c10::optional<at::Tensor>& q_mask, const c10::optional<at::Tensor>& c_mask,
-    std::array<bool, 2> output_mask) {
+    std::array<bool, 2> output_mask, const c10::optional<at::Tensor>& argmax) {
   check_maxsim_args(q, c, q_mask, c_mask, /*paired=*/true);
+  check_no_saved_argmax(argmax);
   check_paired_device(q, c);
   check_device_inputs(q, {&grad});
   const auto batches = group_batches(group_rq, group_rc, q.size(1), c.size(2));

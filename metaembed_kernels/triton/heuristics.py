@@ -42,7 +42,7 @@ carried state's updates, which are skipped for groups whose prefix has ended.
 
 | kernel            | M (query-token rows)         | N (cand.-token cols) | M*N cap        | 8 warps if M*N >= | stages |
 |-------------------|------------------------------|----------------------|----------------|-------------------|--------|
-| maxsim forward    | pow2(Nq*RQ_TILE) in 16..128  | max(128, RC_TILE)    | 128*128 (fp32: 64*128) | 128*128 (fp32: 32*128) | 3 |
+| maxsim forward    | pow2(Nq*RQ_TILE) in 16..128  | max(128, RC_TILE)    | 128*128 (fp32: 32*128) | 128*128 (fp32: 32*128) | 3 |
 | loss forward      | 64                           | max(128, RC_TILE)    | 64*128         | 32*128            | 3      |
 | dq pass, dc pass  | 64                           | max(64, RC_TILE)     | 64*64          | always            | 2      |
 | hard negatives    | max(16, RQ_TILE), one query  | max(64, RC_TILE)     | -              | 32*128            | 3 fwd, 2 bwd |
@@ -67,8 +67,10 @@ for sm_80 and sm_90: no spills, <= 163 KiB shared memory, tensor-core MMA):
 * Backward passes hold S, the weight tile W and W's three 16-bit pieces at once, so their
   tiles are half the size; at 64 x 128 ptxas spilled (sm_80, Rc=128).
 * fp32 similarity tiles are CUDA-core FMA dots whose operands live in registers: the
-  forward tile is capped at 64 x 128 (128 x 128 spilled), and the backward uses 16-wide D
-  chunks (its bf16x6 gradient products spilled with 32).
+  MaxSim forward tile is capped at 32 x 128 (128 x 128 spilled; 64 x 128 spilled with
+  triton 3.6), and the backward uses 16-wide D chunks (its bf16x6 gradient products spilled
+  with 32) with the full register file (maxnreg 255: triton 3.6 spilled the 32 x 128 dc pass
+  at 128). Every triton in the tested range (README, "Versions") passes the compile gate.
 * Where 4 vs 8 warps is written per kernel it is what compiled without spills: ptxas picks
   its own register target from the CTA size (e.g. 128 registers + spills for the 64 x 128
   bf16 forward at 8 warps, 186 registers and none at 4).
@@ -107,6 +109,7 @@ class TileConfig:
     num_stages: int
     q_chunked: bool = False  # max r_q > rq_tile: queries span several row chunks
     c_chunked: bool = False  # max r_c > rc_tile: candidates span several column chunks
+    max_registers: int = 0  # ptxas register limit (maxnreg) when set; see options()
 
     @property
     def chunked(self) -> bool:
@@ -121,17 +124,20 @@ class TileConfig:
         return self.block_c * self.rc_tile
 
     def options(self) -> dict:
-        """Launch / compile options. Chunked tiles let ptxas use every register a thread can
-        have (255 at 8 warps): left alone, it capped some at 128 and spilled."""
+        """Launch / compile options. Chunked tiles and the fp32 gradient passes let ptxas use
+        every register a thread can have (255 at 8 warps): left alone, it capped some at 128
+        and spilled."""
         options = dict(num_warps=self.num_warps, num_stages=self.num_stages)
-        if self.chunked:
-            options["maxnreg"] = CHUNK_MAX_REGISTERS
+        limit = self.max_registers or (CHUNK_MAX_REGISTERS if self.chunked else 0)
+        if limit:
+            options["maxnreg"] = limit
         return options
 
     def describe(self) -> str:
         chunks = "+".join(name for name, on in (("rq", self.q_chunked), ("rc", self.c_chunked)) if on)
         return (f"{self.m}x{self.n} (q {self.block_q}x{self.rq_tile}, c {self.block_c}x{self.rc_tile}) "
-                f"BD{self.block_d} w{self.num_warps} s{self.num_stages}" + (f" chunks:{chunks}" if chunks else ""))
+                f"BD{self.block_d} w{self.num_warps} s{self.num_stages}" + (f" chunks:{chunks}" if chunks else "")
+                + (f" r{self.max_registers}" if self.max_registers else ""))
 
 
 def _block_d(d: int, dtype: torch.dtype) -> int:
@@ -172,6 +178,12 @@ CHUNK_MIN_RC = 64  # candidate columns per chunked tile: BLOCK_C <= 2 (pads only
 CHUNK_BACKWARD_RC = 64  # backward column chunks (32 x 128 spilled on sm_90, and with both hn products)
 CHUNK_FP32_RQ = 32  # fp32 backward and hard-negative row chunks (64-row fp32 tiles spilled)
 CHUNK_FP32_TILE = 32 * 128  # fp32 forward M x N (64 x 128 FMA tiles spilled)
+# Single-tile fp32 MaxSim forward M x N: 64 x 128 (BD32, 8 warps) compiled without spills
+# with triton 3.9 but spilled with triton 3.6 (STACK 24 on sm_80); 32 x 128 passes both.
+FP32_FORWARD_TILE = 32 * 128
+# fp32 gradient passes: ptxas register limit. Left to choose, triton 3.6's ptxas held the
+# 32 x 128 dc pass (Rc = 128, BD16, 8 warps) to 128 registers and spilled (STACK 16).
+FP32_GRADIENT_REGISTERS = 255
 CHUNK_MAX_REGISTERS = 255  # ptxas register limit of chunked launches (TileConfig.options)
 
 
@@ -215,7 +227,7 @@ def _fit_columns(block_c: int, m: int, rc_tile: int, cap: int, chunked: bool) ->
 def maxsim_forward_config(nq: int, rq_eff: int, rc_eff: int, d: int, dtype: torch.dtype) -> TileConfig:
     rq_tile, rc_tile, chunks = _tiles(rq_eff, rc_eff)
     chunked, sixteen_bit = any(chunks.values()), dtype in SIXTEEN_BIT
-    cap = 128 * 128 if sixteen_bit else (CHUNK_FP32_TILE if chunked else 64 * 128)
+    cap = 128 * 128 if sixteen_bit else (CHUNK_FP32_TILE if chunked else FP32_FORWARD_TILE)
     block_c = _per_block(rc_tile, 128)
     m_want = min(128, next_power_of_two(max(nq, 1) * rq_tile))
     block_q = _fit_rows(rq_tile, m_want, block_c * rc_tile, cap)
@@ -250,7 +262,8 @@ def gradient_config(rq_eff: int, rc_eff: int, d: int, dtype: torch.dtype) -> Til
     block_c = _per_block(rc_tile, 64)
     block_q = _fit_rows(rq_tile, 64, block_c * rc_tile, cap)
     block_d = _backward_block_d(d, dtype)
-    return TileConfig(block_q, rq_tile, block_c, rc_tile, block_d, block_d, 8, 2, **chunks)
+    return TileConfig(block_q, rq_tile, block_c, rc_tile, block_d, block_d, 8, 2, **chunks,
+                      max_registers=FP32_GRADIENT_REGISTERS if fp32 else 0)
 
 
 def hard_negative_config(rq_eff: int, rc_eff: int, d: int, dtype: torch.dtype, backward: bool) -> TileConfig:

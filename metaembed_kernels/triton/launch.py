@@ -52,35 +52,19 @@ class LaunchPlan:
             self.kernel[self.grid](**self.args, **self.constexprs, **self.config.options())
 
 
-@dataclasses.dataclass(frozen=True)
-class UncappedTileConfig(H.TileConfig):
-    """A tile whose launch lets ptxas use every register a thread can have (maxnreg, as chunked
-    tiles get in TileConfig.options): left alone, ptxas caps some 8-warp tiles at 128
-    registers and spills (see own_candidate_config)."""
-
-    def options(self) -> dict:
-        return dict(super().options(), maxnreg=H.CHUNK_MAX_REGISTERS)
-
-    def describe(self) -> str:
-        return super().describe() + " r255"
-
-
-def _uncapped(cfg: H.TileConfig) -> UncappedTileConfig:
-    return UncappedTileConfig(**dataclasses.asdict(cfg))
-
-
 def own_candidate_config(p: Problem, backward: bool) -> H.TileConfig:
     """heuristics.hard_negative_config (one query against a block of its own candidates), with
     what the compile gate needed for fp32 single-tile tiles, whose kernels loop over a query's
     candidate blocks: the forward's FMA dot takes 16-wide D chunks (its operand chunks live
     in registers; 32 spilled on sm_80, as heuristics found for chunked fp32 forward tiles), and
     the backward passes may use every register (ptxas capped the paired dc pass at 128 and
-    spilled; it needs ~210)."""
+    spilled; it needs ~210), like heuristics' fp32 gradient passes. (Tile policy: it could
+    live in heuristics.hard_negative_config.)"""
     cfg = H.hard_negative_config(p.rq_eff, p.rc_eff, p.d, p.q.dtype, backward=backward)
     if p.q.dtype != torch.float32 or cfg.chunked:
         return cfg
     if backward:
-        return _uncapped(cfg)
+        return dataclasses.replace(cfg, max_registers=H.FP32_GRADIENT_REGISTERS)
     return dataclasses.replace(cfg, block_d=H.MIN_DOT)
 
 

@@ -2,10 +2,11 @@
 (``_schemas.SCHEMAS``, prefixed ``triton_``), with the shared fake kernels and autograd
 (``_autograd.register_all``):
 
-    metaembed::triton_maxsim_grouped(q, c, group_rq, group_rc, q_mask, c_mask) -> scores
-    metaembed::triton_maxsim_grouped_backward(grad, q, c, ..., output_mask) -> (dq, dc)
-    metaembed::triton_maxsim_paired_grouped(q (B,Rq,D), c (B,N,Rc,D), ...) -> scores (G, B, N)
-    metaembed::triton_maxsim_paired_grouped_backward(grad, q, c, ..., output_mask) -> (dq, dc)
+    metaembed::triton_maxsim_grouped(q, c, group_rq, group_rc, q_mask, c_mask, save_argmax=False)
+        -> (scores (G, Nq, Nc), (0,) argmax placeholder: the backward recomputes the tiles)
+    metaembed::triton_maxsim_grouped_backward(grad, q, c, ..., output_mask, argmax=None) -> (dq, dc)
+    metaembed::triton_maxsim_paired_grouped(q (B,Rq,D), c (B,N,Rc,D), ...) -> (scores (G, B, N), placeholder)
+    metaembed::triton_maxsim_paired_grouped_backward(grad, q, c, ..., output_mask, argmax=None) -> (dq, dc)
     metaembed::triton_matryoshka_infonce(q, c, hn, labels, group_rq, group_rc, scale, masks..,
                                          query_gradient=False) -> (terms, lse, (0,) placeholder)
     metaembed::triton_matryoshka_infonce_backward(grad, lse, q, c, hn, labels, ..., output_mask,
@@ -38,19 +39,25 @@ def _gradient(acc: Optional[Tensor], like: Tensor, wanted: bool) -> Tensor:
     return acc.to(like.dtype) if wanted else like.new_empty((0,))
 
 
+def _no_argmax(q: Tensor, group_rc: List[int]) -> Tensor:
+    """The argmax placeholder: the triton backward recomputes the tiles instead of saving them."""
+    return q.new_empty((0,), dtype=_autograd.saved_argmax_dtype(group_rc))
+
+
 @_define("maxsim_grouped")
 def _maxsim_grouped(q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
-                    q_mask: Optional[Tensor], c_mask: Optional[Tensor]) -> Tensor:
+                    q_mask: Optional[Tensor], c_mask: Optional[Tensor],
+                    save_argmax: bool = False) -> Tuple[Tensor, Tensor]:
     problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask)
     out, plans = launch.plan_maxsim_forward(problem)
     launch.run(plans)
-    return out
+    return out, _no_argmax(q, group_rc)
 
 
 @_define("maxsim_grouped_backward")
 def _maxsim_grouped_backward(grad: Tensor, q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
                              q_mask: Optional[Tensor], c_mask: Optional[Tensor],
-                             output_mask: List[bool]) -> Tuple[Tensor, Tensor]:
+                             output_mask: List[bool], argmax: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask)
     dq, dc, plans = launch.plan_maxsim_backward(problem, grad, output_mask)
     launch.run(plans)
@@ -59,17 +66,18 @@ def _maxsim_grouped_backward(grad: Tensor, q: Tensor, c: Tensor, group_rq: List[
 
 @_define("maxsim_paired_grouped")
 def _maxsim_paired_grouped(q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
-                           q_mask: Optional[Tensor], c_mask: Optional[Tensor]) -> Tensor:
+                           q_mask: Optional[Tensor], c_mask: Optional[Tensor],
+                           save_argmax: bool = False) -> Tuple[Tensor, Tensor]:
     problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask, paired=True)
     out, plans = launch.plan_maxsim_paired_forward(problem)
     launch.run(plans)
-    return out
+    return out, _no_argmax(q, group_rc)
 
 
 @_define("maxsim_paired_grouped_backward")
 def _maxsim_paired_grouped_backward(grad: Tensor, q: Tensor, c: Tensor, group_rq: List[int], group_rc: List[int],
-                                    q_mask: Optional[Tensor], c_mask: Optional[Tensor],
-                                    output_mask: List[bool]) -> Tuple[Tensor, Tensor]:
+                                    q_mask: Optional[Tensor], c_mask: Optional[Tensor], output_mask: List[bool],
+                                    argmax: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     problem = launch.make_problem(q, c, group_rq, group_rc, q_mask, c_mask, paired=True)
     dq, dc, plans = launch.plan_maxsim_paired_backward(problem, grad, output_mask)
     launch.run(plans)

@@ -11,8 +11,10 @@ and (96, 300) (both) -- it builds the launch plans the ops would build (launch.p
 tensors, so the paper's sizes cost nothing): the MaxSim forward at every query-count bucket
 of the heuristic table, both backward passes, the fused loss forward/backward with hard
 negatives, with the MetaEmbed groups and with more than 8 groups (the unchunked loss state's
-16-row padding; chunked launches take groups 8 at a time), and the per-query-candidate kernels
-(own_candidate_plans): paired MaxSim's forward and backward passes. Runtime arguments get the specialisation a real launch gets (Triton's own specialize
+16-row padding; chunked launches take groups 8 at a time), the per-query-candidate kernels
+(own_candidate_plans: paired MaxSim's forward and backward passes), and the retrieval index's scoring
+kernel (index_launch.py: float32, bfloat16 and int8 indexes, every tile some Nq picks, with and
+without candidate masks; single-tile shapes). Runtime arguments get the specialisation a real launch gets (Triton's own specialize
 function: ints equal to 1 become constants, multiples of 16 and aligned pointers get
 divisibility hints; n_groups is never specialised). Identical compiles are done once: the
 kernels are D-agnostic (D=128 and D=3584 specialise identically, so they share a row).
@@ -101,6 +103,10 @@ def candidate_plans(dtype: torch.dtype, rq: int, rc: int, d: int):
             terms = torch.empty(len(groups), 384, dtype=torch.float32, device="meta")
             for plan in L.plan_infonce_backward(p, hn, labels, 1 / 0.03, terms, terms)[3]:
                 out.append((label, plan))
+    # The retrieval index's scoring kernel (index_launch.py): single-tile budgets only.
+    from . import index_launch
+
+    out += index_launch.gate_plans(dtype, rq, rc, d)
     out += own_candidate_plans(dtype, rq, rc, d)
     return out
 

@@ -1,0 +1,181 @@
+"""One table of the index's targets (issue 12), every ratio measured in this run.
+
+    python benchmarks/index_report.py [--out docs/benchmarks/index_report.md] [--rounds 5]
+                                      [--skip quality,peers,floor,fusion,batched,int8,grouped]
+
+Cases and targets: index_workloads.py. Quality (recall@10 against exact float32 search at
+(16, 64) on real MetaEmbed vectors, int8, the cascade's k1 and the test-time scaling table) runs
+when benchmarks/index_data.py has cached the vectors. Times are the fastest of --rounds runs
+after a warm-up (the least disturbed on a shared 2-core machine), torch's default threads.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import index_workloads as W  # noqa: E402
+from metaembed_kernels import DEFAULT_GROUPS, MultiVectorIndex, maxsim_grouped  # noqa: E402
+from metaembed_kernels.index.storage import budget_bytes_per_candidate  # noqa: E402
+
+
+def row(rows, case, measured, baseline, ratio, target, note=""):
+    rows.append((case, measured, baseline, ratio, target, note))
+    print(f"| {case} | {measured} | {baseline} | {ratio} | {target} | {note} |", flush=True)
+
+
+def speed(rows, args, skip):
+    R = args.rounds
+    bw = W.bandwidth_gbs(R)
+    row(rows, "memory bandwidth (torch.sum, 1 GiB)", f"{bw:.1f} GB/s", "-", "-", "-", "the floor's yardstick")
+    idx = {dt: W.synthetic_index(dt) for dt in ("bfloat16", "int8")}
+    q = W.queries(256)
+    if "floor" not in skip:
+        for dt in ("bfloat16", "int8"):
+            t = W.best_seconds(lambda: idx[dt].search(q[:1], W.K, budget=(1, 1)), R)
+            gbs = W.slab_bytes(idx[dt], 1) / t / 1e9
+            row(rows, f"floor: {dt} search (1, 1), Nq = 1, N = 200k", f"{t * 1e3:.2f} ms = {gbs:.1f} GB/s",
+                f"{bw:.1f} GB/s", f"{gbs / bw:.2f}", ">= 0.70")
+    if "int8" not in skip:
+        for budget in ((1, 1), (2, 4), (4, 8)):
+            for nq in (1, 16):
+                t16 = W.best_seconds(lambda: idx["bfloat16"].search(q[:nq], W.K, budget=budget), R)
+                t8 = W.best_seconds(lambda: idx["int8"].search(q[:nq], W.K, budget=budget), R)
+                row(rows, f"int8 vs bf16 search {budget}, Nq = {nq}, N = 200k", f"{t8 * 1e3:.1f} ms",
+                    f"{t16 * 1e3:.1f} ms", f"{t16 / t8:.2f}x", ">= 1.6x")
+        ratio = idx["int8"].nbytes / idx["bfloat16"].nbytes
+        row(rows, "int8 nbytes / bf16 nbytes", f"{idx['int8'].nbytes / 1e9:.2f} GB",
+            f"{idx['bfloat16'].nbytes / 1e9:.2f} GB", f"{ratio:.3f}", "<= 0.55")
+    del idx
+    small = {dt: W.synthetic_index(dt, W.N_SMALL) for dt in ("float32", "bfloat16", "int8")}
+    if "grouped" not in skip:
+        for dt in ("bfloat16", "int8"):
+            qq = q[:16]
+            tg = W.best_seconds(lambda: small[dt].search_grouped(qq, W.K, DEFAULT_GROUPS), max(1, R // 2))
+            t5 = W.best_seconds(lambda: [small[dt].search(qq, W.K, budget=g) for g in DEFAULT_GROUPS],
+                                max(1, R // 2))
+            row(rows, f"search_grouped (5 budgets) vs 5 searches, {dt}, Nq = 16, N = 20k", f"{tg * 1e3:.0f} ms",
+                f"{t5 * 1e3:.0f} ms", f"{t5 / tg:.2f}x", ">= 2x")
+    if "fusion" not in skip:
+        for dt, tdt in (("bfloat16", torch.bfloat16),):
+            c = W.synthetic_candidates(W.N_SMALL, tdt)
+            qq = q[:16].to(tdt)
+            ts = W.best_seconds(lambda: small[dt].search(qq, W.K), max(1, R // 2))
+            tm = W.best_seconds(lambda: maxsim_grouped(qq, c), max(1, R // 2))
+            row(rows, f"fusion: search (16, 64) {dt}, Nq = 16, N = 20k", f"{ts * 1e3:.0f} ms",
+                f"{tm * 1e3:.0f} ms (maxsim_grouped)", f"{ts / tm:.2f}", "<= 1.15")
+            del c
+    if "batched" not in skip:
+        nq = 256
+        for dt, tdt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            c = W.synthetic_candidates(W.N_SMALL, tdt)
+            qq = q[:nq].to(tdt)
+            for budget in ((1, 1), (2, 4)):
+                rq, rc = budget
+                tmm = W.best_seconds(W.matmul_same_flops(nq, rq, W.N_SMALL, rc, tdt), R)
+                cs = c[:, :rc].contiguous()
+                qs = qq[:, :rq].contiguous()
+                tms = W.best_seconds(lambda: maxsim_grouped(qs, cs), R)
+                tse = W.best_seconds(lambda: small[dt].search(qq, W.K, budget=budget), R)
+                row(rows, f"batched maxsim_grouped {budget} {dt}, Nq = {nq}, N = 20k", f"{tms * 1e3:.1f} ms",
+                    f"{tmm * 1e3:.1f} ms (matmul)", f"{tmm / tms:.2f}x", ">= 1.0x")
+                row(rows, f"batched search {budget} {dt}, Nq = {nq}, N = 20k", f"{tse * 1e3:.1f} ms",
+                    f"{tmm * 1e3:.1f} ms (matmul)", f"{tmm / tse:.2f}x", ">= 1.0x")
+            del c
+    if "peers" not in skip:
+        try:
+            c = W.synthetic_candidates(W.N_SMALL, torch.float32)
+            qq = q[:4]
+            fn = W.pylate_rerank_callable(qq, c)
+            tp = W.best_seconds(fn, 1, warmup=0)
+            ts = W.best_seconds(lambda: small["float32"].search(qq, W.K), max(1, R // 2))
+            row(rows, "peer: PyLate rank.rerank (exact) vs search, (16, 64) fp32, Nq = 4, N = 20k",
+                f"{4 / ts:.2f} QPS", f"{4 / tp:.2f} QPS (PyLate)", f"{tp / ts:.2f}x", "> 1x at equal recall",
+                "both exact: recall@10 = 1")
+        except ImportError as err:
+            row(rows, "peer: PyLate rank.rerank", "-", "-", "-", "> 1x", f"not installed ({err})")
+        row(rows, "peer: fast-plaid (CPU)", "-", "-", "-", "> 1x at equal recall",
+            "not run: needs torch 2.11 in its own venv (see notes)")
+
+
+def quality(rows, args):
+    import index_data
+
+    data = index_data.load()
+    if data is None:
+        row(rows, "quality (real MetaEmbed vectors)", "-", "-", "-", "-",
+            "no cached vectors: run benchmarks/index_data.py")
+        return []
+    q, c = data["q"].float(), data["c"].float()
+    nq, n = q.shape[0], c.shape[0]
+    exact = MultiVectorIndex(c.shape[2], c.shape[1], dtype="float32")
+    exact.add(c)
+    truth = exact.search(q, W.K)[1]
+    R = args.rounds
+    scaling = []
+    for dt in ("bfloat16", "int8"):
+        index = MultiVectorIndex(c.shape[2], c.shape[1], dtype=dt)
+        index.add(c)
+        for budget in DEFAULT_GROUPS:
+            ids = index.search(q, W.K, budget=budget)[1]
+            t = W.best_seconds(lambda: index.search(q, W.K, budget=budget), max(1, R // 2))
+            scaling.append((dt, budget, budget_bytes_per_candidate(budget[1], index.dim, dt), nq / t,
+                            W.recall_at(ids, truth)))
+        if dt == "int8":
+            rec = W.recall_at(index.search(q, W.K)[1], truth)
+            row(rows, f"int8 recall@10 at (16, 64), {n} real candidates", f"{rec:.4f}", "exact fp32", "-", ">= 0.99")
+    bf16 = MultiVectorIndex(c.shape[2], c.shape[1], dtype="bfloat16")
+    bf16.add(c)
+    t_exact = W.best_seconds(lambda: bf16.search(q, W.K), max(1, R // 2))
+    chosen = None
+    for k1 in (10, 20, 50, 100, 200, 500, 1000, 2000):
+        ids = bf16.search(q, W.K, shortlist=((1, 1), k1))[1]
+        rec = W.recall_at(ids, truth)
+        if rec >= 0.99:
+            chosen = (k1, rec)
+            break
+    if chosen:
+        k1, rec = chosen
+        t = W.best_seconds(lambda: bf16.search(q, W.K, shortlist=((1, 1), k1)), max(1, R // 2))
+        row(rows, f"cascade (1, 1) -> (16, 64), bf16, {n} real candidates", f"k1 = {k1}: recall {rec:.4f}, "
+            f"{t * 1e3:.0f} ms", f"{t_exact * 1e3:.0f} ms (exact)", f"{t_exact / t:.2f}x", "recall >= 0.99")
+    else:
+        row(rows, "cascade (1, 1) -> (16, 64)", "-", "-", "-", "recall >= 0.99", "no k1 <= 2000 reached 0.99")
+    return scaling
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                      "docs", "benchmarks", "index_report.md"))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip", default="")
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    start = time.perf_counter()
+    rows = []
+    print("| case | measured | baseline (same run) | ratio | target | note |\n|---|---|---|---|---|---|")
+    scaling = [] if "quality" in skip else quality(rows, args)
+    speed(rows, args, skip)
+    lines = [f"# Index benchmark report\n\n`python benchmarks/index_report.py --rounds {args.rounds}"
+             + (f" --skip {args.skip}" if args.skip else "") + f"` ({torch.get_num_threads()} threads, "
+             f"{time.perf_counter() - start:.0f} s)\n",
+             "| case | measured | baseline (same run) | ratio | target | note |", "|---|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(r)} |" for r in rows]
+    if scaling:
+        lines += ["", "## Test-time scaling (real MetaEmbed vectors, recall@10 against exact float32 at (16, 64))",
+                  "", "| index | budget | bytes / candidate | QPS | recall@10 |", "|---|---|---|---|---|"]
+        lines += [f"| {dt} | {b} | {nb:,} | {qps:.1f} | {rec:.3f} |" for dt, b, nb, qps, rec in scaling]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

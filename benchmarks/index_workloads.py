@@ -1,0 +1,109 @@
+"""Index benchmark cases, shared by the pytest-benchmark suite (test_bench_index.py) and the
+report (index_report.py). Every speed figure is a ratio against a baseline timed in the same run.
+
+Synthetic data: N = 200,000 candidates, D = 128, Rc = 64, unit vectors from a fixed seed; the
+indexes are built once and cached on disk ($METAEMBED_INDEX_BENCH, default
+~/.cache/metaembed-kernels/index_bench), then memory-mapped. Queries: 16 unit vectors each.
+
+Cases (name -> what is compared with what):
+  floor-<dtype>     search at (1, 1), Nq = 1, N = 200k: GB/s of the slab read against the
+                    bandwidth of torch.sum over 1 GiB (target >= 0.70)
+  fusion            exact search at (16, 64), Nq = 16, against maxsim_grouped scoring alone on
+                    the same data (N = 20,000: 2.7 s of scoring per call here) (target <= 1.15)
+  batched-<b>-<dt>  Nq = 256 at budget b over 20,000 candidates: maxsim_grouped and search
+                    against torch.matmul of the same FLOPs (target >= 1.0)
+  int8-<b>-<nq>     int8 search against bfloat16 search, N = 200k (target >= 1.6 for r_c <= 8)
+  grouped           search_grouped over the five default budgets against five searches,
+                    Nq = 16, N = 20,000 (target >= 2)
+  peer-pylate       pylate.rank.rerank over every candidate (exact, like our search) at
+                    (16, 64), against our search; recall@10 is 1 for both
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from metaembed_kernels import DEFAULT_GROUPS, MultiVectorIndex, maxsim_grouped
+
+CACHE = os.environ.get("METAEMBED_INDEX_BENCH", os.path.expanduser("~/.cache/metaembed-kernels/index_bench"))
+N, D, RC, RQ = 200_000, 128, 64, 16
+N_SMALL = 20_000
+K = 10
+
+
+def unit(shape, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def _batches(n: int, seed: int, rows: int = 10_000):
+    for start in range(0, n, rows):
+        yield unit((min(rows, n - start), RC, D), seed + start)
+
+
+def synthetic_index(dtype: str, n: int = N) -> MultiVectorIndex:
+    """The synthetic index, built once (tqdm bar) and cached on disk, memory-mapped."""
+    path = os.path.join(CACHE, f"synthetic_{dtype}_{n}")
+    if not os.path.isdir(path):
+        os.makedirs(CACHE, exist_ok=True)
+        index = MultiVectorIndex(D, RC, dtype=dtype)
+        index.add(_batches(n, 1), progress=True)
+        index.save(path)
+    return MultiVectorIndex.load(path, mmap=True, verify=False)
+
+
+def synthetic_candidates(n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(list(_batches(n, 1))).to(dtype)
+
+
+def queries(nq: int, seed: int = 7) -> torch.Tensor:
+    return unit((nq, RQ, D), seed)
+
+
+def best_seconds(fn: Callable, rounds: int = 5, warmup: int = 1) -> float:
+    """The fastest of `rounds` runs (the least disturbed on a shared machine)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bandwidth_gbs(rounds: int = 5) -> float:
+    big = torch.ones((1 << 30) // 4)
+    return big.numel() * 4 / best_seconds(big.sum, rounds) / 1e9
+
+
+def slab_bytes(index: MultiVectorIndex, r_c: int) -> int:
+    from metaembed_kernels.index.storage import budget_bytes_per_candidate
+
+    return len(index) * budget_bytes_per_candidate(r_c, index.dim, index.dtype)
+
+
+def matmul_same_flops(nq: int, rq: int, nc: int, rc: int, dtype: torch.dtype) -> Callable:
+    a = torch.randn(nq * rq, D).to(dtype)
+    b = torch.randn(D, nc * rc).to(dtype)
+    return lambda: torch.matmul(a, b)
+
+
+def recall_at(ids: torch.Tensor, truth: torch.Tensor, k: int = K) -> float:
+    """Mean over queries of |top-k ∩ true top-k| / k."""
+    hits = [len(set(a[:k].tolist()) & set(b[:k].tolist())) / k for a, b in zip(ids, truth)]
+    return sum(hits) / len(hits)
+
+
+def pylate_rerank_callable(q: torch.Tensor, c: torch.Tensor):
+    """pylate.rank.rerank over every candidate (exact scoring, then sort), as PyLate's retrieve
+    does after its first stage; raises ImportError when PyLate is not installed."""
+    from pylate import rank
+
+    ids = [list(range(c.shape[0]))] * q.shape[0]
+    docs = [list(c)] * q.shape[0]
+    qs = list(q)
+    return lambda: rank.rerank(documents_ids=ids, queries_embeddings=qs, documents_embeddings=docs)

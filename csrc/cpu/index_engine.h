@@ -1,0 +1,924 @@
+// The index scan: grouped MaxSim scoring fused with top-k selection, over prefix slabs.
+//
+// Included by the index ISA translation units (index_isa_*.cpp) after their target pragmas;
+// everything has internal linkage, as in engine.h.
+//
+// Scoring reuses the engine (engine.h): queries are packed into its NR-lane panels, the
+// policy's register micro-kernel produces the similarity tile, and running maxima are
+// snapshotted at every distinct r_c, so every group comes out of one pass. What is new:
+//
+// * Rows come from prefix slabs: token j of row b is read from slab tok_slab[j] (storage.py),
+//   so a budget reads only its first r_c vectors of each candidate.
+// * Multi-candidate register tiles: when r_c < MR, one tile holds floor(MR / r_c) candidates
+//   (r_c rows each), so small budgets (r_c = 1: a plain GEMM) keep the micro-kernel's full
+//   MR x NR accumulator block busy instead of running 1-row tiles. A tail tile repeats its last
+//   real row: a row's arithmetic never depends on its neighbours, so scores are bitwise the
+//   same whatever the tiling, the thread split or the segment boundaries.
+// * Few query tokens (<= kDotTokens: one query at a small budget) take dot products along D
+//   (Ops::dots, vectorised per ISA), reading each candidate row once: a memory-bound GEMV.
+// * Fused top-k: per thread, per (group, query), a heap of k (TopK, index_order.h). The
+//   scores of a finished candidate are compared, a vector of queries at a time, with the
+//   heaps' bars thr (their k-th score once full, -inf before); only scores that reach the bar
+//   touch a heap, so the working set is O(G Nq k + one tile).
+//
+// int8 filter (kIndexInt8). An int8 index scores the dequantised vectors v = x * s exactly,
+// but scans with integer dot products first. Query token t (float32) is quantised per token,
+//   y_t = round(q_t / sq_t),  sq_t = max|q_t| / 127,  residual e_t = q_t - sq_t y_t,
+// and the approximate similarity is A_tj = sq_t * s_j * <y_t, x_j> (an exact integer dot:
+// VNNI vpdpbusd, AVX2 vpmaddubsw or scalar, then two float multiplies). By Cauchy-Schwarz
+//   |<q_t, v_j> - A_tj| = |<e_t, v_j>| <= ||e_t||_2 ||v_j||_2,
+// and a max over j moves by at most the largest such term, so a candidate's approximate
+// score A is within  Bound = N_max * sum_t err_t  of its exact score S, where N_max is the
+// largest stored norm ||v_j||_2 (rounded up) among its first r_c vectors and err_t =
+// ||e_t||_2 plus an allowance for the float rounding of both computations (index_ops.cpp).
+// A candidate is rescored exactly (exact_scores: float32 dots with the dequantised values
+// x_jd * s_j) only when A + Bound >= thr; below, it cannot enter the top k. Every returned
+// score is exact; the integer scan only decides who is rescored.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+
+#include "engine.h"
+#include "index_kernels.h"
+#include "index_order.h"
+
+namespace metaembed {
+namespace cpu {
+namespace {
+
+// ---- slab addressing -------------------------------------------------------------------
+
+template <class Tc>
+inline const Tc* token_row(const IndexProblem& IP, const IndexSegment& seg, int64_t b, int64_t j) {
+  return static_cast<const Tc*>(seg.data[IP.tok_slab[j]]) + (b * IP.tok_width[j] + IP.tok_off[j]) * IP.p.d;
+}
+
+inline int64_t token_slot(const IndexProblem& IP, int64_t b, int64_t j) {
+  return b * IP.tok_width[j] + IP.tok_off[j];
+}
+
+inline bool token_valid(const IndexProblem& IP, const IndexSegment& seg, int64_t b, int64_t j) {
+  return !IP.masked || seg.masks[IP.tok_slab[j]][token_slot(IP, b, j)] != 0;
+}
+
+// int8: (scale, norm) of token j of row b.
+inline const float* token_scale(const IndexProblem& IP, const IndexSegment& seg, int64_t b, int64_t j) {
+  return seg.scales[IP.tok_slab[j]] + 2 * token_slot(IP, b, j);
+}
+
+// A candidate: segment and local row.
+struct Cand {
+  const IndexSegment* seg;
+  int64_t b;
+};
+
+// Candidates of global rows [r0, r1) that may be returned, in groups of up to m (<= 64),
+// handed to fn(const Cand* cands, int count).
+template <class Fn>
+inline void for_candidate_groups(const IndexProblem& IP, int64_t r0, int64_t r1, int m, Fn&& fn) {
+  Cand buf[64];
+  for (int64_t s = 0; s < IP.num_segs; ++s) {
+    const IndexSegment& seg = IP.segs[s];
+    const int64_t b0 = std::max<int64_t>(r0 - seg.row0, 0), b1 = std::min<int64_t>(r1 - seg.row0, seg.n);
+    int count = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      if (seg.allowed && !seg.allowed[b]) continue;
+      buf[count++] = Cand{&seg, b};
+      if (count == m) {
+        fn(buf, count);
+        count = 0;
+      }
+    }
+    if (count) fn(buf, count);
+  }
+}
+
+// Global row -> candidate (binary search over the segments); false for a row out of range.
+inline bool candidate_of_row(const IndexProblem& IP, int64_t row, Cand& out) {
+  if (row < 0 || row >= IP.total_rows) return false;
+  int64_t lo = 0, hi = IP.num_segs - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (IP.segs[mid].row0 <= row) lo = mid;
+    else hi = mid - 1;
+  }
+  out = Cand{&IP.segs[lo], row - IP.segs[lo].row0};
+  return true;
+}
+
+// Candidates per register tile: floor(MR / r_c) when r_c < MR, else 1 (tiles along j).
+inline int tile_candidates(int64_t rc, int mr) { return rc >= mr ? 1 : int(mr / rc); }
+
+// ---- folding tiles into group scores, for one query block --------------------------------
+//
+// Tiles are [panels][MR][NR] (micro-kernel) or one panel whose first L lanes hold the tokens
+// (few-token dots). Query token t = al * rq_eff + i of the block is lane t.
+template <int NR, int MR>
+struct BlockFold {
+  const IndexProblem& IP;
+  int64_t a0, n, panels, lanes;
+  int L;                  // lanes used per panel: NR, or the token count of the dots
+  int64_t fold_lanes;     // lanes folded per row
+  const uint8_t* qvalid;  // [n * rq_eff] 0/1, or nullptr (every token valid)
+  float* runmax;          // [lanes]
+  float* bmax;            // [num_bounds][lanes]
+  uint8_t* bvalid;        // [num_bounds]
+  float* scores;          // [G][n]
+  bool any_valid = false;
+  int64_t kb = 0;
+
+  // Fold straight into the only snapshot when there is one bound (no copy).
+  float* run() const { return IP.p.groups.num_bounds == 1 ? bmax : runmax; }
+
+  void begin() {
+    float* m = run();
+    for (int64_t t = 0; t < fold_lanes; ++t) m[t] = -INFINITY;
+    any_valid = false;
+    kb = 0;
+  }
+
+  // Rows [r0, r0 + count) of `tile` are tokens j0 .. j0 + count - 1 of candidate c.
+  void fold(const Cand& c, const float* tile, int r0, int count, int64_t j0) {
+    const Groups& G = IP.p.groups;
+    float* m = run();
+    for (int r = 0; r < count; ++r) {
+      const int64_t j = j0 + r;
+      if (token_valid(IP, *c.seg, c.b, j)) {
+        any_valid = true;
+        if (L == NR) {
+          for (int64_t p = 0; p < panels; ++p) {
+            const float* row = tile + (p * MR + r0 + r) * NR;
+            float* mp = m + p * NR;
+            for (int l = 0; l < NR; ++l) mp[l] = row[l] > mp[l] ? row[l] : mp[l];
+          }
+        } else {
+          const float* row = tile + (r0 + r) * NR;
+          for (int l = 0; l < L; ++l) m[l] = row[l] > m[l] ? row[l] : m[l];
+        }
+      }
+      if (j + 1 == G.bounds[kb]) {
+        if (m != bmax) std::memcpy(bmax + kb * lanes, m, sizeof(float) * fold_lanes);
+        bvalid[kb] = any_valid;
+        ++kb;
+      }
+    }
+  }
+
+  // scores[g * n + al] = s_g(a0 + al, candidate): query tokens summed in order; a token facing
+  // no valid candidate vector in the prefix (bvalid 0) contributes 0, as a masked token does.
+  void finish() {
+    const Problem& P = IP.p;
+    const int64_t G = P.groups.num_groups, rq = P.groups.rq_eff;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k = P.groups.bound_index[g], grq = P.groups.rq[g];
+      float* out = scores + g * n;
+      if (!bvalid[k]) {
+        for (int64_t al = 0; al < n; ++al) out[al] = 0;
+        continue;
+      }
+      const float* m = bmax + k * lanes;
+      if (rq == 1) {
+        if (qvalid)
+          for (int64_t al = 0; al < n; ++al) out[al] = qvalid[al] ? m[al] : 0.f;
+        else
+          for (int64_t al = 0; al < n; ++al) out[al] = m[al];
+      } else {
+        for (int64_t al = 0; al < n; ++al) {
+          float sum = 0;
+          for (int64_t i = 0; i < grq; ++i)
+            if (!qvalid || qvalid[al * rq + i]) sum += m[al * rq + i];
+          out[al] = sum;
+        }
+      }
+    }
+  }
+};
+
+// Query-token validity of a block as 0/1 bytes (nullptr when q has no mask).
+inline const uint8_t* block_qvalid(const IndexProblem& IP, int64_t a0, int64_t n, uint8_t* buf) {
+  const Problem& P = IP.p;
+  if (!P.q.mask) return nullptr;
+  const int64_t rq = P.groups.rq_eff;
+  for (int64_t al = 0; al < n; ++al)
+    for (int64_t i = 0; i < rq; ++i) buf[al * rq + i] = P.q.mask[(a0 + al) * P.q.m0 + i * P.q.m1] ? 1 : 0;
+  return buf;
+}
+
+// The threshold test: offer the candidate to the heaps of the queries whose bar it reaches.
+inline void offer_scores(TopK& top, const IndexProblem& IP, int64_t a0, int64_t n, const float* scores, int64_t id,
+                         int64_t row) {
+  const int64_t G = IP.p.groups.num_groups, nq = IP.p.nq;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* s = scores + g * n;
+    const float* thr = top.thr + g * nq + a0;
+    bool any = false;
+    for (int64_t al = 0; al < n; ++al) any |= s[al] >= thr[al];
+    if (!any) continue;
+    for (int64_t al = 0; al < n; ++al)
+      if (s[al] >= thr[al]) heap_offer(top, g * nq + a0 + al, s[al], id, row);
+  }
+}
+
+// ---- few query tokens: 16 candidates at a time -------------------------------------------
+//
+// One query at a small budget (<= kDotTokens query tokens) is a memory-bound GEMV: the work per
+// candidate is a few dot products, so everything around them must cost a few instructions per
+// candidate too. Candidates go 16 at a time: for each token j, the dot products of the 16 rows
+// (Ops::dots) land in sims[t][c], and the fold, the snapshots, the group scores and the
+// threshold test are loops over the 16 candidate lanes (vectorised by the compiler).
+constexpr int kFewC = 16;
+constexpr int kFewT = 4;
+
+struct FewBuffers {
+  float* bm;      // [num_bounds][kFewT][kFewC]
+  uint8_t* bval;  // [num_bounds][kFewC]
+  float* sc;      // [G][n][kFewC]
+  static size_t bytes(const Problem& P) {
+    return align64(sizeof(float) * P.groups.num_bounds * kFewT * kFewC) + align64(P.groups.num_bounds * kFewC) +
+           align64(sizeof(float) * P.groups.num_groups * kFewT * kFewC) + 64;
+  }
+  static FewBuffers carve(const Problem& P, void* at) {
+    uintptr_t p = (reinterpret_cast<uintptr_t>(at) + 63) & ~uintptr_t(63);
+    FewBuffers f;
+    f.bm = reinterpret_cast<float*>(p);
+    p += align64(sizeof(float) * P.groups.num_bounds * kFewT * kFewC);
+    f.bval = reinterpret_cast<uint8_t*>(p);
+    p += align64(P.groups.num_bounds * kFewC);
+    f.sc = reinterpret_cast<float*>(p);
+    return f;
+  }
+};
+
+// dots(cands, count, j, sims[kFewT][kFewC]) fills token j's similarities of the group's
+// candidates (lanes >= count: anything finite); emit(cands, count, sc[G][n][kFewC]).
+template <class Dots, class Emit>
+inline void few_token_scan(const IndexProblem& IP, int64_t n, int nt, const uint8_t* qvalid, int64_t r0, int64_t r1,
+                           FewBuffers& fb, Dots&& dots, Emit&& emit) {
+  const Problem& P = IP.p;
+  const int64_t rc = P.groups.rc_eff, rq = P.groups.rq_eff, G = P.groups.num_groups;
+  const int64_t* bounds = P.groups.bounds;
+  for_candidate_groups(IP, r0, r1, kFewC, [&](const Cand* cands, int count) {
+    alignas(64) float run[kFewT][kFewC];
+    alignas(64) float sims[kFewT][kFewC];
+    alignas(64) uint8_t valid[kFewC];
+    alignas(64) uint8_t any[kFewC];
+    for (int t = 0; t < nt; ++t)
+      for (int c = 0; c < kFewC; ++c) run[t][c] = -INFINITY;
+    for (int c = 0; c < kFewC; ++c) any[c] = 0;
+    for (int c = 0; c < kFewC; ++c) valid[c] = c < count;
+    int64_t kb = 0;
+    for (int64_t j = 0; j < rc; ++j) {
+      dots(cands, count, j, sims);
+      if (IP.masked)
+        for (int c = 0; c < count; ++c) valid[c] = token_valid(IP, *cands[c].seg, cands[c].b, j);
+      for (int t = 0; t < nt; ++t)
+        for (int c = 0; c < kFewC; ++c) run[t][c] = (valid[c] && sims[t][c] > run[t][c]) ? sims[t][c] : run[t][c];
+      for (int c = 0; c < kFewC; ++c) any[c] |= valid[c];
+      if (j + 1 == bounds[kb]) {
+        std::memcpy(fb.bm + kb * kFewT * kFewC, run, sizeof(float) * nt * kFewC);
+        std::memcpy(fb.bval + kb * kFewC, any, kFewC);
+        ++kb;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k = P.groups.bound_index[g], grq = P.groups.rq[g];
+      const float* bm = fb.bm + k * kFewT * kFewC;
+      const uint8_t* bv = fb.bval + k * kFewC;
+      for (int64_t al = 0; al < n; ++al) {
+        float* o = fb.sc + (g * n + al) * kFewC;
+        for (int c = 0; c < kFewC; ++c) o[c] = 0.f;
+        for (int64_t i = 0; i < grq; ++i) {
+          if (qvalid && !qvalid[al * rq + i]) continue;
+          const float* m = bm + (al * rq + i) * kFewC;
+          for (int c = 0; c < kFewC; ++c) o[c] += m[c];
+        }
+        for (int c = 0; c < kFewC; ++c) o[c] = bv[c] ? o[c] : 0.f;
+      }
+    }
+    emit(cands, count, fb.sc);
+  });
+}
+
+// <row, q> over n elements with kW partial sums (vectorised by lane) for ISAs without Ops dots.
+template <class T>
+inline float few_dot(const T* row, const float* q, int64_t n) {
+  constexpr int kW = 16;
+  float part[kW] = {};
+  int64_t d = 0;
+  for (; d + kW <= n; d += kW)
+    for (int l = 0; l < kW; ++l) part[l] += scalar_to_float(row[d + l]) * q[d + l];
+  float sum = 0;
+  for (int l = 0; l < kW; ++l) sum += part[l];
+  for (; d < n; ++d) sum += scalar_to_float(row[d]) * q[d];
+  return sum;
+}
+
+// ---- float32 / bfloat16 index: exact scores from the engine's micro-kernel -----------------
+
+// ExactScan's Ops for ISAs without their own few-token dots: the engine's, row by row.
+struct UseEngineDots {};
+
+template <class Policy, class T, class Ops>
+struct ExactScan {
+  using E = Engine<Policy, T>;
+  using Acc = typename Policy::Acc;
+  using RowT = typename E::RowT;
+  static constexpr int NR = Policy::NR;
+  static constexpr int MR = Policy::MR;
+  static_assert(std::is_same_v<Acc, float>, "the index scores in float32");
+
+  struct Extra {
+    float* scores;    // [G][qpb]
+    uint8_t* bvalid;  // [num_bounds]
+    uint8_t* qvalid;  // [qpb * rq_eff]
+    FewBuffers few;
+  };
+
+  static size_t extra_bytes(const Problem& P) {
+    return align64(sizeof(float) * P.queries_per_block * P.groups.num_groups) + align64(P.groups.num_bounds) +
+           align64(P.queries_per_block * P.groups.rq_eff) + FewBuffers::bytes(P) + 64;
+  }
+
+  static size_t workspace_bytes(const IndexProblem& IP) { return E::workspace_bytes(IP.p) + extra_bytes(IP.p); }
+
+  static Extra carve_extra(const Problem& P, void* ws) {
+    uintptr_t p = (reinterpret_cast<uintptr_t>(ws) + E::workspace_bytes(P) + 63) & ~uintptr_t(63);
+    Extra x;
+    x.scores = reinterpret_cast<float*>(p);
+    p += align64(sizeof(float) * P.queries_per_block * P.groups.num_groups);
+    x.bvalid = reinterpret_cast<uint8_t*>(p);
+    p += align64(P.groups.num_bounds);
+    x.qvalid = reinterpret_cast<uint8_t*>(p);
+    p += align64(P.queries_per_block * P.groups.rq_eff);
+    x.few = FewBuffers::carve(P, reinterpret_cast<void*>(p));
+    return x;
+  }
+
+  static size_t qpack_bytes(const IndexProblem& IP) { return E::qpack_bytes(IP.p); }
+  static void pack_queries(const IndexProblem& IP, int64_t qblock) { E::pack_queries(IP.p, qblock); }
+
+  // The similarity tile for tokens [j0, j0 + per) of candidates cands[0, count), tile rows
+  // r = ci * per + jj (m candidates; rows of missing candidates repeat the last real row).
+  static void tile(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, const Cand* cands,
+                   int count, int m, int64_t j0, int per, const Acc* const* qrows, int nt) {
+    const Problem& P = IP.p;
+    const int64_t D = P.d, KC = P.kc, pe = E::panel_elems(P);
+    const int M = m * per;
+    const T* src[MR];
+    int r = 0;
+    for (int ci = 0; ci < count; ++ci)
+      for (int jj = 0; jj < per; ++jj) src[r++] = token_row<T>(IP, *cands[ci].seg, cands[ci].b, j0 + jj);
+    for (; r < MR; ++r) src[r] = src[count * per - 1];
+    for (int64_t k0 = 0; k0 < D; k0 += KC) {
+      const int64_t kc = min64(KC, D - k0);
+      const RowT* rows[MR];
+      for (int rr = 0; rr < MR; ++rr) {
+        if constexpr (E::kDirectRows) {
+          rows[rr] = src[rr] + k0;
+        } else {
+          if (rr < count * per) Policy::convert(src[rr] + k0, w.crows + rr * KC, kc);
+          rows[rr] = w.crows + std::min(rr, count * per - 1) * KC;
+        }
+      }
+      if (nt > 0) {
+        if constexpr (std::is_same_v<Ops, UseEngineDots>) {
+          for (int rr = 0; rr < M; ++rr) E::dots(rows[rr], qrows, nt, k0, kc, w.tile + rr * NR, k0 > 0);
+        } else {
+          Ops::dots(rows, M, qrows, nt, k0, kc, w.tile, NR, k0 > 0);
+        }
+      } else {
+        for (int64_t p = 0; p < qv.panels; ++p)
+          E::template micro_dispatch<MR>(M, rows, qv.pack + p * pe + k0 * NR, kc, w.tile + p * MR * NR, k0 > 0);
+      }
+    }
+  }
+
+  // Scores every candidate the source hands out against the view; emit(cand, scores[G][n]).
+  template <class Source, class Emit>
+  static void scan(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
+                   Source&& source, Emit&& emit) {
+    const Problem& P = IP.p;
+    const int64_t rc = P.groups.rc_eff;
+    const Acc* qrows[E::kDotTokens];
+    const int nt = E::prepare_query_rows(P, qv, w, qrows);
+    BlockFold<NR, MR> f{IP, qv.a0, qv.n, nt > 0 ? 1 : qv.panels, (nt > 0 ? 1 : qv.panels) * NR, nt > 0 ? nt : NR,
+                        nt > 0 ? nt : qv.panels * NR, block_qvalid(IP, qv.a0, qv.n, x.qvalid), w.runmax, w.bmax,
+                        x.bvalid, x.scores};
+    const int m = tile_candidates(rc, MR);
+    source(m, [&](const Cand* cands, int count) {
+      if (m > 1) {
+        tile(IP, qv, w, cands, count, m, 0, int(rc), qrows, nt);
+        for (int c = 0; c < count; ++c) {
+          f.begin();
+          f.fold(cands[c], w.tile, c * int(rc), int(rc), 0);
+          f.finish();
+          emit(cands[c], x.scores);
+        }
+      } else {
+        f.begin();
+        for (int64_t j0 = 0; j0 < rc; j0 += MR) {
+          const int mr = int(min64(MR, rc - j0));
+          tile(IP, qv, w, cands, 1, 1, j0, mr, qrows, nt);
+          f.fold(cands[0], w.tile, 0, mr, j0);
+        }
+        f.finish();
+        emit(cands[0], x.scores);
+      }
+    });
+  }
+
+  static void search(const IndexProblem& IP, int64_t qblock, int64_t r0, int64_t r1, void* ws, TopK& top) {
+    const Problem& P = IP.p;
+    typename E::Work w = E::carve(P, ws);
+    Extra x = carve_extra(P, ws);
+    const typename E::QView qv = E::block_view(P, qblock);
+    const Acc* qrows[E::kDotTokens];
+    const int nt = E::prepare_query_rows(P, qv, w, qrows);
+    if (nt > 0) {  // few query tokens: 16 candidates at a time
+      const int64_t D = P.d, nq = P.nq, G = P.groups.num_groups;
+      const uint8_t* qvalid = block_qvalid(IP, qv.a0, qv.n, x.qvalid);
+      few_token_scan(
+          IP, qv.n, nt, qvalid, r0, r1, x.few,
+          [&](const Cand* cands, int count, int64_t j, float (*sims)[kFewC]) {
+            const T* rows[kFewC];
+            for (int c = 0; c < kFewC; ++c) {
+              const Cand& cc = cands[c < count ? c : count - 1];
+              rows[c] = token_row<T>(IP, *cc.seg, cc.b, j);
+            }
+            if constexpr (std::is_same_v<Ops, UseEngineDots>) {
+              for (int c = 0; c < kFewC; ++c)
+                for (int t = 0; t < nt; ++t) sims[t][c] = few_dot(rows[c], qrows[t], D);
+            } else {
+              alignas(64) float tmp[kFewC * kFewT];
+              Ops::dots(rows, kFewC, qrows, nt, 0, D, tmp, kFewT, false);
+              for (int t = 0; t < nt; ++t)
+                for (int c = 0; c < kFewC; ++c) sims[t][c] = tmp[c * kFewT + t];
+            }
+          },
+          [&](const Cand* cands, int count, const float* sc) {
+            for (int64_t g = 0; g < G; ++g)
+              for (int64_t al = 0; al < qv.n; ++al) {
+                const float* s = sc + (g * qv.n + al) * kFewC;
+                const int64_t xi = g * nq + qv.a0 + al;
+                const float thr = top.thr[xi];
+                bool hit = false;
+                for (int c = 0; c < kFewC; ++c) hit |= s[c] >= thr;
+                if (!hit) continue;
+                for (int c = 0; c < count; ++c)
+                  if (s[c] >= top.thr[xi])
+                    heap_offer(top, xi, s[c], cands[c].seg->ids[cands[c].b], cands[c].seg->row0 + cands[c].b);
+              }
+          });
+      return;
+    }
+    scan(IP, qv, w, x, [&](int m, auto&& fn) { for_candidate_groups(IP, r0, r1, m, fn); },
+         [&](const Cand& c, const float* scores) {
+           offer_scores(top, IP, qv.a0, qv.n, scores, c.seg->ids[c.b], c.seg->row0 + c.b);
+         });
+  }
+
+  static void score_rows(const IndexProblem& IP, const int64_t* rows, int64_t K, int64_t a0, int64_t a1, void* ws,
+                         float* out) {
+    const Problem& P = IP.p;
+    typename E::Work w = E::carve(P, ws);
+    Extra x = carve_extra(P, ws);
+    const int64_t G = P.groups.num_groups;
+    for (int64_t a = a0; a < a1; ++a) {
+      E::pack_range(P, a, 1, w.qpack1);
+      const typename E::QView qv{w.qpack1, a, 1, ceil_div(P.groups.rq_eff, NR)};
+      int64_t xk = 0;
+      scan(IP, qv, w, x,
+           [&](int, auto&& fn) {
+             for (int64_t xx = 0; xx < K; ++xx) {
+               Cand c;
+               if (candidate_of_row(IP, rows[a * K + xx], c)) {
+                 xk = xx;
+                 fn(&c, 1);
+               }
+             }
+           },
+           [&](const Cand&, const float* scores) {
+             for (int64_t g = 0; g < G; ++g) out[(g * P.nq + a) * K + xk] = scores[g];
+           });
+    }
+  }
+
+  static IndexKernelSet kernel_set() {
+    IndexKernelSet s;
+    s.nr = NR;
+    s.mr = MR;
+    s.pack_elem_bytes = int(sizeof(typename E::PackT));
+    s.int8_offset = 0;
+    s.workspace_bytes = &workspace_bytes;
+    s.qpack_bytes = &qpack_bytes;
+    s.pack_queries = &pack_queries;
+    s.search = &search;
+    s.score_rows = &score_rows;
+    return s;
+  }
+};
+
+// ---- int8 index: integer scan, exact rescoring of the candidates that can enter ------------
+
+// Per query token t = a * rq_eff + i, computed by the host glue (index_ops.cpp).
+struct QInfo {
+  float scale;   // sq_t
+  float err;     // err_t: the bound per unit N_max (see the file comment)
+  int32_t corr;  // what the integer kernels add to <y_t, x>: Ops::kOffset * sum_d y_td
+  float unused;
+};
+
+// Ops: NR lanes and MR rows of the integer micro-kernel; kOffset (128 when candidate bytes are
+// biased to unsigned, else 0); prepare_rows (row copies the micro-kernel reads, padded to
+// dpad bytes); micro(M, rows, panel, groups of 4 dims, int32 tile [M][NR]); dots for few
+// tokens. Query panels are [ceil(D/4)][NR][4] int8.
+template <class Ops>
+struct Int8Scan {
+  static constexpr int NR = Ops::NR;
+  static constexpr int MR = Ops::MR;
+  static constexpr int kDotTokens = 4;
+  static constexpr int kDotWidth = 16;  // partial sums of the exact dots (vectorised by lane)
+
+  static int64_t groups4(int64_t d) { return (d + 3) / 4; }
+  static int64_t dpad(int64_t d) { return (d + 63) / 64 * 64; }
+  static int64_t panel_bytes(const Problem& P) { return groups4(P.d) * 4 * NR; }
+  static int64_t max_panels(const Problem& P) { return max64(P.panels_per_block, ceil_div(P.groups.rq_eff, NR)); }
+
+  struct Work {
+    int32_t* itile;       // [panels][MR][NR]
+    float* tile;          // [panels][MR][NR] approximate similarities
+    float* runmax;        // [lanes]
+    float* bmax;          // [nb][lanes]
+    uint8_t* bvalid;      // [nb]
+    float* scores;        // [G][qpb] approximate
+    float* err_sum;       // [G][qpb] sum of err_t over each group's valid tokens
+    float* exact;         // [G]
+    uint8_t* xrows;       // [MR][dpad] candidate rows as the micro-kernel reads them
+    int8_t* qrows8;       // [kDotTokens][dpad] few-token query rows
+    float* lane_scale;    // [lanes] sq per lane
+    int32_t* lane_corr;   // [lanes]
+    uint8_t* qvalid;      // [qpb * rq_eff]
+    float* exact_max;     // [nb][rq_eff]
+    float* vbuf;          // [dpad] one dequantised row
+    FewBuffers few;
+  };
+
+  static size_t workspace_bytes(const IndexProblem& IP) {
+    const Problem& P = IP.p;
+    const int64_t np = max_panels(P), lanes = np * NR, nb = P.groups.num_bounds, G = P.groups.num_groups;
+    const int64_t qpb = P.queries_per_block, rq = P.groups.rq_eff;
+    size_t n = 0;
+    n += align64(sizeof(int32_t) * np * MR * NR) + align64(sizeof(float) * np * MR * NR);
+    n += align64(sizeof(float) * lanes) + align64(sizeof(float) * nb * lanes) + align64(nb);
+    n += 2 * align64(sizeof(float) * qpb * G) + align64(sizeof(float) * G);
+    n += align64(MR * dpad(P.d)) + align64(kDotTokens * dpad(P.d));
+    n += align64(sizeof(float) * lanes) + align64(sizeof(int32_t) * lanes) + align64(qpb * rq);
+    n += align64(sizeof(float) * rq * nb) + align64(sizeof(float) * dpad(P.d)) + FewBuffers::bytes(P);
+    return n + 64;
+  }
+
+  static Work carve(const Problem& P, void* ws) {
+    const int64_t np = max_panels(P), lanes = np * NR, nb = P.groups.num_bounds, G = P.groups.num_groups;
+    const int64_t qpb = P.queries_per_block, rq = P.groups.rq_eff;
+    uintptr_t p = (reinterpret_cast<uintptr_t>(ws) + 63) & ~uintptr_t(63);
+    auto take = [&p](size_t bytes) {
+      void* r = reinterpret_cast<void*>(p);
+      p += align64(bytes);
+      return r;
+    };
+    Work w;
+    w.itile = static_cast<int32_t*>(take(sizeof(int32_t) * np * MR * NR));
+    w.tile = static_cast<float*>(take(sizeof(float) * np * MR * NR));
+    w.runmax = static_cast<float*>(take(sizeof(float) * lanes));
+    w.bmax = static_cast<float*>(take(sizeof(float) * nb * lanes));
+    w.bvalid = static_cast<uint8_t*>(take(nb));
+    w.scores = static_cast<float*>(take(sizeof(float) * qpb * G));
+    w.err_sum = static_cast<float*>(take(sizeof(float) * qpb * G));
+    w.exact = static_cast<float*>(take(sizeof(float) * G));
+    w.xrows = static_cast<uint8_t*>(take(MR * dpad(P.d)));
+    w.qrows8 = static_cast<int8_t*>(take(kDotTokens * dpad(P.d)));
+    w.lane_scale = static_cast<float*>(take(sizeof(float) * lanes));
+    w.lane_corr = static_cast<int32_t*>(take(sizeof(int32_t) * lanes));
+    w.qvalid = static_cast<uint8_t*>(take(qpb * rq));
+    w.exact_max = static_cast<float*>(take(sizeof(float) * rq * nb));
+    w.vbuf = static_cast<float*>(take(sizeof(float) * dpad(P.d)));
+    w.few = FewBuffers::carve(P, take(FewBuffers::bytes(P)));
+    return w;
+  }
+
+  static size_t qpack_bytes(const IndexProblem& IP) {
+    const Problem& P = IP.p;
+    return size_t(P.num_qblocks) * P.panels_per_block * panel_bytes(P);
+  }
+
+  static const QInfo* qinfo(const IndexProblem& IP) { return static_cast<const QInfo*>(IP.qinfo); }
+  static const int8_t* qy_row(const IndexProblem& IP, int64_t a, int64_t i) {
+    return IP.qy + (a * IP.p.groups.rq_eff + i) * IP.p.d;
+  }
+  static const int8_t* block_pack(const IndexProblem& IP, int64_t qblock) {
+    return static_cast<const int8_t*>(IP.p.qpack) + qblock * IP.p.panels_per_block * panel_bytes(IP.p);
+  }
+
+  static void pack_queries(const IndexProblem& IP, int64_t qblock) {
+    const Problem& P = IP.p;
+    const int64_t a0 = qblock * P.queries_per_block, n = min64(P.queries_per_block, P.nq - a0);
+    const int64_t rq = P.groups.rq_eff, ntok = n * rq, pb = panel_bytes(P);
+    int8_t* dst = const_cast<int8_t*>(block_pack(IP, qblock));
+    std::memset(dst, 0, size_t(ceil_div(ntok, NR) * pb));
+    for (int64_t t = 0; t < ntok; ++t) {
+      const int8_t* y = qy_row(IP, a0 + t / rq, t % rq);
+      int8_t* panel = dst + (t / NR) * pb + (t % NR) * 4;
+      for (int64_t d = 0; d < P.d; ++d) panel[(d / 4) * 4 * NR + (d & 3)] = y[d];
+    }
+  }
+
+  // <a, b> over n floats with kDotWidth independent partial sums (vectorised by lane).
+  static float dot(const float* a, const float* b, int64_t n) {
+    float part[kDotWidth] = {};
+    int64_t d = 0;
+    for (; d + kDotWidth <= n; d += kDotWidth)
+      for (int l = 0; l < kDotWidth; ++l) part[l] += a[d + l] * b[d + l];
+    float sum = 0;
+    for (int l = 0; l < kDotWidth; ++l) sum += part[l];
+    for (; d < n; ++d) sum += a[d] * b[d];
+    return sum;
+  }
+
+  // Exact scores of query a against candidate c for every group: float32 dots of q with the
+  // dequantised vectors x_jd * s_j; out[g].
+  static void exact_scores(const IndexProblem& IP, int64_t a, const Cand& c, Work& w, float* out) {
+    const Problem& P = IP.p;
+    const int64_t D = P.d, rq = P.groups.rq_eff, rc = P.groups.rc_eff, nb = P.groups.num_bounds;
+    const float* q = static_cast<const float*>(P.q.data);
+    for (int64_t x = 0; x < rq; ++x) w.exact_max[x] = -INFINITY;
+    bool any = false;
+    int64_t kb = 0;
+    float* m = w.exact_max;  // the running max, snapshotted at bound k into row k
+    for (int64_t j = 0; j < rc; ++j) {
+      if (token_valid(IP, *c.seg, c.b, j)) {
+        any = true;
+        const int8_t* xr = token_row<int8_t>(IP, *c.seg, c.b, j);
+        const float s = token_scale(IP, *c.seg, c.b, j)[0];
+        for (int64_t d = 0; d < D; ++d) w.vbuf[d] = float(xr[d]) * s;  // the dequantised vector
+        for (int64_t i = 0; i < rq; ++i) {
+          if (P.q.mask && !P.q.mask[a * P.q.m0 + i * P.q.m1]) continue;
+          const float v = dot(q + a * P.q.s0 + i * P.q.s1, w.vbuf, D);
+          m[i] = v > m[i] ? v : m[i];
+        }
+      }
+      if (j + 1 == P.groups.bounds[kb]) {
+        w.bvalid[kb] = any;
+        if (kb + 1 < nb) {
+          std::memcpy(m + rq, m, sizeof(float) * rq);
+          m += rq;
+        }
+        ++kb;
+      }
+    }
+    for (int64_t g = 0; g < P.groups.num_groups; ++g) {
+      const int64_t k = P.groups.bound_index[g];
+      float sum = 0;
+      if (w.bvalid[k])
+        for (int64_t i = 0; i < P.groups.rq[g]; ++i)
+          if (!P.q.mask || P.q.mask[a * P.q.m0 + i * P.q.m1]) sum += w.exact_max[k * rq + i];
+      out[g] = sum;
+    }
+  }
+
+  static void search(const IndexProblem& IP, int64_t qblock, int64_t r0, int64_t r1, void* ws, TopK& top) {
+    const Problem& P = IP.p;
+    Work w = carve(P, ws);
+    const int64_t a0 = qblock * P.queries_per_block, n = min64(P.queries_per_block, P.nq - a0);
+    const int64_t rq = P.groups.rq_eff, rc = P.groups.rc_eff, ntok = n * rq, G = P.groups.num_groups;
+    const int64_t D = P.d, g4 = groups4(D), pb = panel_bytes(P), nq = P.nq;
+    const int nt = ntok <= kDotTokens ? int(ntok) : 0;
+    const int64_t panels = nt ? 1 : ceil_div(ntok, NR), lanes = panels * NR;
+    const QInfo* info = qinfo(IP);
+    for (int64_t t = 0; t < lanes; ++t) {
+      w.lane_scale[t] = t < ntok ? info[a0 * rq + t].scale : 0.f;
+      w.lane_corr[t] = t < ntok ? info[a0 * rq + t].corr : 0;
+    }
+    const uint8_t* qvalid = block_qvalid(IP, a0, n, w.qvalid);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t al = 0; al < n; ++al) {
+        float e = 0;
+        for (int64_t i = 0; i < P.groups.rq[g]; ++i)
+          if (!qvalid || qvalid[al * rq + i]) e += info[(a0 + al) * rq + i].err;
+        w.err_sum[g * n + al] = e * (1 + 0x1p-16f);
+      }
+    if (nt) {
+      std::memset(w.itile, 0, sizeof(int32_t) * MR * NR);
+      for (int t = 0; t < nt; ++t) {
+        const int8_t* y = qy_row(IP, a0 + t / rq, t % rq);
+        for (int64_t d = 0; d < dpad(D); ++d) w.qrows8[t * dpad(D) + d] = d < D ? y[d] : 0;
+      }
+    }
+    if (nt) {  // few query tokens: 16 candidates at a time
+      const float* lscale = w.lane_scale;
+      const int32_t* lcorr = w.lane_corr;
+      few_token_scan(
+          IP, n, nt, qvalid, r0, r1, w.few,
+          [&](const Cand* cands, int count, int64_t j, float (*sims)[kFewC]) {
+            const int8_t* src[kFewC];
+            alignas(64) float scl[kFewC];
+            alignas(64) int32_t it[kFewC * kFewT];
+            for (int c = 0; c < kFewC; ++c) {
+              const Cand& cc = cands[c < count ? c : count - 1];
+              src[c] = token_row<int8_t>(IP, *cc.seg, cc.b, j);
+              scl[c] = token_scale(IP, *cc.seg, cc.b, j)[0];
+            }
+            Ops::dots(src, kFewC, w.qrows8, dpad(D), nt, D, it, kFewT);
+            for (int t = 0; t < nt; ++t)
+              for (int c = 0; c < kFewC; ++c) sims[t][c] = float(it[c * kFewT + t] - lcorr[t]) * (lscale[t] * scl[c]);
+          },
+          [&](const Cand* cands, int count, const float* sc) {
+            alignas(64) float nmax[kFewC] = {};
+            for (int c = 0; c < count; ++c)
+              for (int64_t j = 0; j < rc; ++j)
+                nmax[c] = std::max(nmax[c], token_scale(IP, *cands[c].seg, cands[c].b, j)[1]);
+            uint8_t need[kFewT][kFewC] = {};
+            bool any = false;
+            for (int64_t g = 0; g < G; ++g)
+              for (int64_t al = 0; al < n; ++al) {
+                const float* s = sc + (g * n + al) * kFewC;
+                const float thr = top.thr[g * nq + a0 + al], e = w.err_sum[g * n + al];
+                for (int c = 0; c < kFewC; ++c) {
+                  const bool h = s[c] + nmax[c] * e >= thr;
+                  need[al][c] |= h;
+                  any |= h;
+                }
+              }
+            if (!any) return;
+            for (int64_t al = 0; al < n; ++al)
+              for (int c = 0; c < count; ++c) {
+                if (!need[al][c]) continue;
+                exact_scores(IP, a0 + al, cands[c], w, w.exact);
+                const int64_t id = cands[c].seg->ids[cands[c].b], row = cands[c].seg->row0 + cands[c].b;
+                for (int64_t g = 0; g < G; ++g) {
+                  const int64_t xi = g * nq + a0 + al;
+                  if (w.exact[g] >= top.thr[xi]) heap_offer(top, xi, w.exact[g], id, row);
+                }
+              }
+          });
+      return;
+    }
+    const int8_t* qpack = block_pack(IP, qblock);
+    const int m = tile_candidates(rc, MR);
+    const int L = nt ? nt : NR;
+    BlockFold<NR, MR> f{IP, a0, n, panels, lanes, L, nt ? nt : lanes, qvalid, w.runmax, w.bmax, w.bvalid, w.scores};
+
+    // Integer tile for tokens [j0, j0 + per) of candidates cands[0, count) -> approximate
+    // similarities in w.tile (rows r = ci * per + jj).
+    auto run_tile = [&](const Cand* cands, int count, int64_t j0, int per) {
+      const int M = m * per;
+      const int8_t* src[MR];
+      float scl[MR];
+      int r = 0;
+      for (int ci = 0; ci < count; ++ci)
+        for (int jj = 0; jj < per; ++jj, ++r) {
+          src[r] = token_row<int8_t>(IP, *cands[ci].seg, cands[ci].b, j0 + jj);
+          scl[r] = token_scale(IP, *cands[ci].seg, cands[ci].b, j0 + jj)[0];
+        }
+      for (; r < M; ++r) {
+        src[r] = src[count * per - 1];
+        scl[r] = scl[count * per - 1];
+      }
+      if (nt) {
+        Ops::dots(src, count * per, w.qrows8, dpad(D), nt, D, w.itile, NR);
+      } else {
+        const uint8_t* rows[MR];
+        Ops::prepare_rows(src, count * per, D, w.xrows, dpad(D), rows);
+        for (int rr = count * per; rr < MR; ++rr) rows[rr] = rows[count * per - 1];
+        for (int64_t p = 0; p < panels; ++p) Ops::micro(M, rows, qpack + p * pb, g4, w.itile + p * MR * NR);
+      }
+      for (int64_t p = 0; p < panels; ++p)
+        for (int rr = 0; rr < count * per; ++rr) {
+          const int32_t* it = w.itile + (p * MR + rr) * NR;
+          float* ft = w.tile + (p * MR + rr) * NR;
+          const float* ls = w.lane_scale + p * NR;
+          const int32_t* lc = w.lane_corr + p * NR;
+          for (int l = 0; l < L; ++l) ft[l] = float(it[l] - lc[l]) * (ls[l] * scl[rr]);
+        }
+    };
+
+    // Approximate scores are in w.scores: rescore exactly where A + Bound reaches a bar.
+    auto finish = [&](const Cand& c) {
+      float nmax = 0;
+      for (int64_t j = 0; j < rc; ++j) nmax = std::max(nmax, token_scale(IP, *c.seg, c.b, j)[1]);
+      bool any = false;
+      for (int64_t x = 0; x < G * n; ++x) {
+        const int64_t g = x / n, al = x % n;
+        any |= w.scores[x] + nmax * w.err_sum[x] >= top.thr[g * nq + a0 + al];
+      }
+      if (!any) return;
+      const int64_t id = c.seg->ids[c.b], row = c.seg->row0 + c.b;
+      for (int64_t al = 0; al < n; ++al) {
+        bool need = false;
+        for (int64_t g = 0; g < G && !need; ++g)
+          need = w.scores[g * n + al] + nmax * w.err_sum[g * n + al] >= top.thr[g * nq + a0 + al];
+        if (!need) continue;
+        exact_scores(IP, a0 + al, c, w, w.exact);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t xi = g * nq + a0 + al;
+          if (w.exact[g] >= top.thr[xi]) heap_offer(top, xi, w.exact[g], id, row);
+        }
+      }
+    };
+
+    for_candidate_groups(IP, r0, r1, m, [&](const Cand* cands, int count) {
+      if (m > 1) {
+        run_tile(cands, count, 0, int(rc));
+        for (int c = 0; c < count; ++c) {
+          f.begin();
+          f.fold(cands[c], w.tile, c * int(rc), int(rc), 0);
+          f.finish();
+          finish(cands[c]);
+        }
+      } else {
+        f.begin();
+        for (int64_t j0 = 0; j0 < rc; j0 += MR) {
+          const int mr = int(min64(MR, rc - j0));
+          run_tile(cands, 1, j0, mr);
+          f.fold(cands[0], w.tile, 0, mr, j0);
+        }
+        f.finish();
+        finish(cands[0]);
+      }
+    });
+  }
+
+  static void score_rows(const IndexProblem& IP, const int64_t* rows, int64_t K, int64_t a0, int64_t a1, void* ws,
+                         float* out) {
+    const Problem& P = IP.p;
+    Work w = carve(P, ws);
+    const int64_t G = P.groups.num_groups;
+    for (int64_t a = a0; a < a1; ++a)
+      for (int64_t x = 0; x < K; ++x) {
+        Cand c;
+        if (!candidate_of_row(IP, rows[a * K + x], c)) continue;
+        exact_scores(IP, a, c, w, w.exact);
+        for (int64_t g = 0; g < G; ++g) out[(g * P.nq + a) * K + x] = w.exact[g];
+      }
+  }
+
+  static IndexKernelSet kernel_set() {
+    IndexKernelSet s;
+    s.nr = NR;
+    s.mr = MR;
+    s.pack_elem_bytes = 1;
+    s.int8_offset = Ops::kOffset;
+    s.workspace_bytes = &workspace_bytes;
+    s.qpack_bytes = &qpack_bytes;
+    s.pack_queries = &pack_queries;
+    s.search = &search;
+    s.score_rows = &score_rows;
+    return s;
+  }
+};
+
+// Scalar integer kernels: the portable int8 scan (and the reference for the SIMD ones).
+struct GenericInt8Ops {
+  static constexpr int NR = 16;
+  static constexpr int MR = 4;
+  static constexpr int32_t kOffset = 0;
+
+  static void prepare_rows(const int8_t* const* src, int M, int64_t D, uint8_t* scratch, int64_t dpad,
+                           const uint8_t** rows) {
+    for (int r = 0; r < M; ++r) {
+      uint8_t* dst = scratch + r * dpad;
+      std::memcpy(dst, src[r], size_t(D));
+      std::memset(dst + D, 0, size_t(dpad - D));
+      rows[r] = dst;
+    }
+  }
+
+  // tile[r][l] = sum_d x_r[d] * y_l[d]  (panel [g4][NR][4]).
+  static void micro(int M, const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
+    for (int r = 0; r < M; ++r) {
+      const int8_t* x = reinterpret_cast<const int8_t*>(rows[r]);
+      int32_t acc[NR] = {};
+      for (int64_t p = 0; p < g4; ++p)
+        for (int l = 0; l < NR; ++l)
+          for (int e = 0; e < 4; ++e) acc[l] += int32_t(x[4 * p + e]) * int32_t(qp[(p * NR + l) * 4 + e]);
+      for (int l = 0; l < NR; ++l) tile[r * NR + l] = acc[l];
+    }
+  }
+
+  static void dots(const int8_t* const* src, int M, const int8_t* qrows, int64_t dpad, int nt, int64_t D,
+                   int32_t* tile, int nr) {
+    for (int r = 0; r < M; ++r)
+      for (int t = 0; t < nt; ++t) {
+        int32_t acc = 0;
+        for (int64_t d = 0; d < D; ++d) acc += int32_t(src[r][d]) * int32_t(qrows[t * dpad + d]);
+        tile[r * nr + t] = acc;
+      }
+  }
+};
+
+}  // namespace
+}  // namespace cpu
+}  // namespace metaembed

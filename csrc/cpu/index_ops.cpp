@@ -1,0 +1,367 @@
+// CPU implementation of the index ops (csrc/index_schemas.h): argument checks, query
+// packing (and int8 quantisation), threading and the final merge of the per-thread top-k
+// heaps, around the kernels of index_engine.h.
+//
+// Threading and determinism: the rows are cut into one contiguous chunk per thread; a chunk
+// scans every query block and keeps its own heaps. The chunks' heaps are merged by
+// (score desc, id asc), a total order, and every candidate's score is computed by the same
+// arithmetic whatever chunk, tile or segment it falls in, so the result is the same for any
+// thread count. No atomics.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <vector>
+
+#include "../common/checks.h"
+#include "index_kernels.h"
+#include "index_order.h"
+#include "isa_select.h"
+
+namespace metaembed {
+namespace cpu {
+namespace {
+
+bool cpu_has_vnni() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+// The index kernels for the engine's active instruction set (METAEMBED_CPU_ISA applies).
+const IndexKernelSet& index_kernels_for(int32_t cdtype) {
+  const std::string isa = active_kernels()->name;
+  const IndexIsaKernels* k = index_generic_kernels();
+  if (isa == "avx2" && index_avx2_kernels()) k = index_avx2_kernels();
+  if (isa == "avx512" || isa == "avx512_bf16") {
+    const bool vnni = cpu_has_vnni() && index_avx512_kernels();
+    if (cdtype == kIndexInt8) {
+      k = vnni ? index_avx512_kernels() : (index_avx2_kernels() ? index_avx2_kernels() : k);
+    } else if (cdtype == kBF16 && isa == "avx512_bf16" && index_avx512bf16_kernels()) {
+      k = index_avx512bf16_kernels();
+    } else if (vnni) {
+      k = index_avx512_kernels();
+    } else if (index_avx2_kernels()) {
+      k = index_avx2_kernels();
+    }
+  }
+  return cdtype == kIndexInt8 ? k->int8 : (cdtype == kBF16 ? k->bf16 : k->f32);
+}
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Everything one call needs, kept alive for its duration.
+struct Prepared {
+  GroupPlan plan;
+  at::Tensor q, q_mask, qpack, qy, qinfo;
+  std::vector<at::Tensor> keep;  // contiguous copies of masks
+  std::vector<IndexSegment> segs;
+  std::vector<int64_t> tok_slab, tok_width, tok_off;
+  const IndexKernelSet* ks = nullptr;
+  IndexProblem ip{};
+};
+
+int32_t stored_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return kF32;
+    case at::kBFloat16:
+      return kBF16;
+    case at::kChar:
+      return kIndexInt8;
+    default:
+      TORCH_CHECK_TYPE(false, "index data must be float32, bfloat16 or int8, got ", t.scalar_type());
+  }
+  return kF32;
+}
+
+// Checks what memory safety depends on and lays out the segments; fills P.ip and packs the
+// queries. Returns the number of slabs read per segment.
+void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& q_mask, at::TensorList data,
+             at::TensorList scales, at::TensorList masks, at::TensorList ids, at::TensorList allowed,
+             at::IntArrayRef segment_rows, at::IntArrayRef bounds, at::IntArrayRef group_rq,
+             at::IntArrayRef group_rc) {
+  TORCH_CHECK_VALUE(q.dim() == 3, "q must have shape (Nq, Rq, D), got ", q.sizes());
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "the CPU index ops take CPU tensors, got q on ", q.device());
+  const int64_t nq = q.size(0), rq = q.size(1), D = q.size(2);
+  TORCH_CHECK_VALUE(D >= 1 && rq >= 1, "q must have Rq >= 1 and D >= 1, got ", q.sizes());
+  const int64_t num_segs = int64_t(segment_rows.size());
+  TORCH_CHECK_VALUE(bounds.size() >= 2 && bounds[0] == 0, "bounds must start at 0 and hold >= 2 values, got ",
+                    bounds);
+  for (size_t s = 1; s < bounds.size(); ++s)
+    TORCH_CHECK_VALUE(bounds[s] > bounds[s - 1], "bounds must be strictly increasing, got ", bounds);
+  TORCH_CHECK_VALUE(num_segs >= 1 && int64_t(data.size()) % num_segs == 0 && !data.empty(),
+                    "data must hold the same number of slabs for each of the ", num_segs, " segments, got ",
+                    data.size(), " tensors");
+  const int64_t S = int64_t(data.size()) / num_segs;
+  TORCH_CHECK_VALUE(S <= int64_t(bounds.size()) - 1 && S <= kIndexMaxSlabs, "data holds ", S,
+                    " slabs per segment but bounds describe ", bounds.size() - 1);
+  const int64_t rc_avail = bounds[S];
+  P.plan = make_group_plan(group_rq, group_rc, rq, rc_avail);
+  const int32_t cdtype = stored_dtype(data[0]);
+  const at::ScalarType qtype = cdtype == kBF16 ? at::kBFloat16 : at::kFloat;
+  TORCH_CHECK_TYPE(q.scalar_type() == qtype, "q must be ", qtype, " for a ",
+                   cdtype == kIndexInt8 ? "int8" : (cdtype == kBF16 ? "bfloat16" : "float32"), " index, got ",
+                   q.scalar_type());
+  TORCH_CHECK_VALUE(cdtype != kIndexInt8 || D <= 65536, "int8 indexes support D <= 65536 (int32 dot products), "
+                    "got D=", D);
+  const bool masked = !masks.empty();
+  TORCH_CHECK_VALUE(!masked || masks.size() == data.size(), "masks must be empty or match data, got ", masks.size(),
+                    " and ", data.size());
+  TORCH_CHECK_VALUE(cdtype == kIndexInt8 ? scales.size() == data.size() : scales.empty(),
+                    "scales must match data for an int8 index and be empty otherwise, got ", scales.size());
+  TORCH_CHECK_VALUE(int64_t(ids.size()) == num_segs, "ids must hold one tensor per segment, got ", ids.size());
+  TORCH_CHECK_VALUE(allowed.empty() || int64_t(allowed.size()) == num_segs,
+                    "allowed must be empty or hold one tensor per segment, got ", allowed.size());
+
+  P.segs.resize(size_t(num_segs));
+  int64_t row0 = 0;
+  for (int64_t g = 0; g < num_segs; ++g) {
+    const int64_t n = segment_rows[g];
+    TORCH_CHECK_VALUE(n >= 0, "segment_rows must be >= 0, got ", segment_rows);
+    IndexSegment& seg = P.segs[size_t(g)];
+    std::memset(&seg, 0, sizeof(seg));
+    seg.n = n;
+    seg.row0 = row0;
+    row0 += n;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t w = bounds[s + 1] - bounds[s];
+      const at::Tensor& d = data[size_t(g * S + s)];
+      TORCH_CHECK_VALUE(d.device().is_cpu() && stored_dtype(d) == cdtype && d.sizes() == at::IntArrayRef({n, w, D})
+                        && d.is_contiguous(), "data[", g * S + s, "] must be a contiguous CPU tensor of shape (", n,
+                        ", ", w, ", ", D, ") and the dtype of data[0], got ", d.sizes(), " ", d.scalar_type());
+      seg.data[s] = d.data_ptr();
+      if (cdtype == kIndexInt8) {
+        const at::Tensor& x = scales[size_t(g * S + s)];
+        TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.sizes() == at::IntArrayRef({n, w, 2})
+                          && x.is_contiguous() && x.device().is_cpu(), "scales[", g * S + s,
+                          "] must be contiguous float32 (", n, ", ", w, ", 2) (scale, norm) pairs, got ", x.sizes(),
+                          " ", x.scalar_type());
+        seg.scales[s] = x.data_ptr<float>();
+      }
+      if (masked) {
+        const at::Tensor& m = masks[size_t(g * S + s)];
+        TORCH_CHECK_VALUE(m.scalar_type() == at::kBool && m.sizes() == at::IntArrayRef({n, w}) && m.is_contiguous()
+                          && m.device().is_cpu(), "masks[", g * S + s, "] must be contiguous bool (", n, ", ", w,
+                          "), got ", m.sizes(), " ", m.scalar_type());
+        seg.masks[s] = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
+      }
+    }
+    const at::Tensor& id = ids[size_t(g)];
+    TORCH_CHECK_VALUE(id.scalar_type() == at::kLong && id.dim() == 1 && id.size(0) == n && id.is_contiguous()
+                      && id.device().is_cpu(), "ids[", g, "] must be contiguous int64 (", n, ",), got ", id.sizes());
+    seg.ids = id.data_ptr<int64_t>();
+    if (!allowed.empty()) {
+      const at::Tensor& a = allowed[size_t(g)];
+      TORCH_CHECK_VALUE(a.scalar_type() == at::kBool && a.dim() == 1 && a.size(0) == n && a.is_contiguous()
+                        && a.device().is_cpu(), "allowed[", g, "] must be contiguous bool (", n, ",), got ",
+                        a.sizes());
+      seg.allowed = reinterpret_cast<const uint8_t*>(a.data_ptr<bool>());
+    }
+  }
+
+  // Token table: token j of a row is vector tok_off[j] of slab tok_slab[j].
+  const int64_t rc = P.plan.rc_eff;
+  for (int64_t j = 0, s = 0; j < rc; ++j) {
+    while (bounds[s + 1] <= j) ++s;
+    P.tok_slab.push_back(s);
+    P.tok_width.push_back(bounds[s + 1] - bounds[s]);
+    P.tok_off.push_back(j - bounds[s]);
+  }
+
+  P.q = q.stride(2) == 1 ? q : q.contiguous();
+  if (q_mask.has_value()) {
+    check_mask(q_mask, "q_mask", {nq, rq}, q);
+    P.q_mask = q_mask->contiguous();
+  }
+  P.ks = &index_kernels_for(cdtype);
+  IndexProblem& ip = P.ip;
+  Problem& p = ip.p;
+  p.dtype = cdtype == kBF16 ? kBF16 : kF32;
+  p.nq = nq;
+  p.rq = rq;
+  p.d = D;
+  p.nc = row0;
+  p.rc = rc_avail;
+  const uint8_t* qm = P.q_mask.defined() ? reinterpret_cast<const uint8_t*>(P.q_mask.data_ptr<bool>()) : nullptr;
+  p.q = Tokens{P.q.data_ptr(), P.q.stride(0), P.q.stride(1), 0, qm, rq, 1, 0};
+  p.c = Tokens{nullptr, 0, 0, 0, nullptr, 0, 0, 0};
+  const GroupPlan& g = P.plan;
+  p.groups = Groups{g.size(), g.rq.data(), g.bound_index.data(), int64_t(g.bounds.size()), g.bounds.data(),
+                    g.rq_eff, g.rc_eff};
+  // Blocking as the engine's (ops_cpu.cpp): D in chunks of kc, query blocks of about 256 KiB
+  // of packed queries per D chunk (multi-candidate tiles keep every budget's tile full).
+  p.kc = cdtype == kIndexInt8 ? D : (D <= 768 ? D : 8 * cdiv(D, 8 * cdiv(D, 512)));
+  const int64_t target_tokens = std::max<int64_t>(P.ks->nr, (int64_t(256) << 10) / (p.kc * P.ks->pack_elem_bytes));
+  p.queries_per_block = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(nq, 1), target_tokens / g.rq_eff));
+  p.num_qblocks = cdiv(nq, p.queries_per_block);
+  p.panels_per_block = cdiv(p.queries_per_block * g.rq_eff, P.ks->nr);
+
+  ip.cdtype = cdtype;
+  ip.tok_slab = P.tok_slab.data();
+  ip.tok_width = P.tok_width.data();
+  ip.tok_off = P.tok_off.data();
+  ip.segs = P.segs.data();
+  ip.num_segs = num_segs;
+  ip.total_rows = row0;
+  ip.masked = masked;
+
+  if (cdtype == kIndexInt8 && nq > 0) {
+    // Per token (a, i < rq_eff): y = round(q / sq), sq = max|q| / 127, and the bound term
+    //   err = ||e||_2 (1 + 2^-10) + (4 D + 2 rq_eff + 32) 2^-24 (||q||_2 + ||e||_2)
+    // (e = q - sq y; index_engine.h, "int8 filter"): the rounding allowance covers the float32
+    // dequantisation, dot products and token sums of the exact scores, and the conversions and
+    // products of the approximate ones (each within (D + 2 rq + 8) u of ||q|| N_max).
+    const int64_t rqe = g.rq_eff;
+    P.qy = at::empty({nq, rqe, D}, q.options().dtype(at::kChar));
+    P.qinfo = at::empty({nq * rqe, 4}, q.options().dtype(at::kFloat));
+    int8_t* y = P.qy.data_ptr<int8_t>();
+    float* info = P.qinfo.data_ptr<float>();
+    const float* qd = P.q.data_ptr<float>();
+    const int32_t offset = P.ks->int8_offset;
+    const int64_t qs0 = P.q.stride(0), qs1 = P.q.stride(1);
+    at::parallel_for(0, nq * rqe, 64, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* src = qd + (t / rqe) * qs0 + (t % rqe) * qs1;
+        float amax = 0;
+        for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(src[d]));
+        const float sq = amax / 127.f;
+        double e2 = 0, q2 = 0;
+        int64_t ysum = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          float v = sq > 0 ? std::nearbyint(src[d] / sq) : 0.f;
+          v = std::min(127.f, std::max(-127.f, v));
+          y[t * D + d] = int8_t(v);
+          ysum += int64_t(v);
+          const double e = double(src[d]) - double(sq) * double(v);
+          e2 += e * e;
+          q2 += double(src[d]) * double(src[d]);
+        }
+        const double en = std::sqrt(e2), qn = std::sqrt(q2);
+        const double err = en * (1 + 0x1p-10) + double(4 * D + 2 * rqe + 32) * 0x1p-24 * (qn + en);
+        info[t * 4 + 0] = sq;
+        info[t * 4 + 1] = float(err * (1 + 0x1p-12));
+        const int32_t corr = int32_t(int64_t(offset) * ysum);
+        std::memcpy(&info[t * 4 + 2], &corr, 4);
+        info[t * 4 + 3] = 0;
+      }
+    });
+    ip.qy = y;
+    ip.qinfo = info;
+  }
+  P.qpack = at::empty({int64_t(P.ks->qpack_bytes(ip)) + 64}, q.options().dtype(at::kByte));
+  p.qpack = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(P.qpack.data_ptr()) + 63) & ~uintptr_t(63));
+  at::parallel_for(0, p.num_qblocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t qb = b; qb < e; ++qb) P.ks->pack_queries(ip, qb);
+  });
+}
+
+struct Workspace {
+  explicit Workspace(const Prepared& P) : buf(new uint8_t[P.ks->workspace_bytes(P.ip)]) {}
+  void* get() { return buf.get(); }
+  std::unique_ptr<uint8_t[]> buf;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> index_search_cpu(
+    const at::Tensor& q, const c10::optional<at::Tensor>& q_mask, at::TensorList data, at::TensorList scales,
+    at::TensorList masks, at::TensorList ids, at::TensorList allowed, at::IntArrayRef segment_rows,
+    at::IntArrayRef bounds, at::IntArrayRef group_rq, at::IntArrayRef group_rc, int64_t k) {
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  Prepared P;
+  prepare(P, q, q_mask, data, scales, masks, ids, allowed, segment_rows, bounds, group_rq, group_rc);
+  const IndexProblem& ip = P.ip;
+  const int64_t G = P.plan.size(), nq = q.size(0), X = G * nq;
+  const auto f32 = q.options().dtype(at::kFloat), i64 = q.options().dtype(at::kLong);
+  at::Tensor out_s = at::full({G, nq, k}, -INFINITY, f32);
+  at::Tensor out_id = at::full({G, nq, k}, -1, i64);
+  at::Tensor out_row = at::full({G, nq, k}, -1, i64);
+  const int64_t N = ip.total_rows;
+  if (nq == 0 || N == 0) return {out_s, out_id, out_row};
+
+  const int64_t kk = std::min(k, N);  // a heap never holds more than every row
+  const double work = 2.0 * nq * P.plan.rq_eff * P.plan.rc_eff * q.size(2) * double(N);
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>({int64_t(at::get_num_threads()), N, int64_t(work / 2e6) + 1}));
+  at::Tensor hs = at::empty({chunks, X, kk}, f32);
+  at::Tensor hid = at::empty({chunks, X, kk}, i64);
+  at::Tensor hrow = at::empty({chunks, X, kk}, i64);
+  at::Tensor hcount = at::zeros({chunks, X}, i64);
+  at::Tensor hthr = at::full({chunks, X}, -INFINITY, f32);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    Workspace ws(P);
+    for (int64_t c = c0; c < c1; ++c) {
+      TopK top{kk, hs[c].data_ptr<float>(), hid[c].data_ptr<int64_t>(), hrow[c].data_ptr<int64_t>(),
+               hcount[c].data_ptr<int64_t>(), hthr[c].data_ptr<float>()};
+      const int64_t r0 = c * N / chunks, r1 = (c + 1) * N / chunks;
+      for (int64_t qb = 0; qb < ip.p.num_qblocks; ++qb) P.ks->search(ip, qb, r0, r1, ws.get(), top);
+    }
+  });
+
+  // Merge the chunks' heaps: per (g, a), every entry, sorted by (score desc, id asc).
+  const float* s_all = hs.data_ptr<float>();
+  const int64_t* id_all = hid.data_ptr<int64_t>();
+  const int64_t* row_all = hrow.data_ptr<int64_t>();
+  const int64_t* cnt = hcount.data_ptr<int64_t>();
+  float* os = out_s.data_ptr<float>();
+  int64_t* oid = out_id.data_ptr<int64_t>();
+  int64_t* orow = out_row.data_ptr<int64_t>();
+  at::parallel_for(0, X, 16, [&](int64_t x0, int64_t x1) {
+    std::vector<int64_t> order;
+    std::vector<std::pair<int64_t, int64_t>> where;  // (chunk, slot)
+    for (int64_t x = x0; x < x1; ++x) {
+      where.clear();
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t e = 0; e < cnt[c * X + x]; ++e) where.emplace_back(c, e);
+      auto at_ = [&](const std::pair<int64_t, int64_t>& w) { return (w.first * X + x) * kk + w.second; };
+      const int64_t take = std::min<int64_t>(k, int64_t(where.size()));
+      std::partial_sort(where.begin(), where.begin() + take, where.end(), [&](const auto& a, const auto& b) {
+        return ranks_before(s_all[at_(a)], id_all[at_(a)], s_all[at_(b)], id_all[at_(b)]);
+      });
+      for (int64_t e = 0; e < take; ++e) {
+        os[x * k + e] = s_all[at_(where[e])];
+        oid[x * k + e] = id_all[at_(where[e])];
+        orow[x * k + e] = row_all[at_(where[e])];
+      }
+    }
+  });
+  return {out_s, out_id, out_row};
+}
+
+at::Tensor index_score_rows_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& q_mask, at::TensorList data,
+                                at::TensorList scales, at::TensorList masks, at::IntArrayRef segment_rows,
+                                at::IntArrayRef bounds, at::IntArrayRef group_rq, at::IntArrayRef group_rc,
+                                const at::Tensor& rows) {
+  TORCH_CHECK_VALUE(rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(0) == q.size(0),
+                    "rows must be int64 of shape (Nq, K), got ", rows.sizes(), " ", rows.scalar_type());
+  // ids are not read by score_rows: placeholders of the right length keep prepare's checks.
+  std::vector<at::Tensor> ids;
+  for (int64_t n : segment_rows) ids.push_back(at::empty({std::max<int64_t>(n, 0)}, q.options().dtype(at::kLong)));
+  Prepared P;
+  prepare(P, q, q_mask, data, scales, masks, ids, {}, segment_rows, bounds, group_rq, group_rc);
+  const int64_t G = P.plan.size(), nq = q.size(0), K = rows.size(1);
+  at::Tensor out = at::full({G, nq, K}, -INFINITY, q.options().dtype(at::kFloat));
+  if (nq == 0 || K == 0) return out;
+  const at::Tensor r = rows.contiguous();
+  const double work = 2.0 * K * P.plan.rq_eff * P.plan.rc_eff * q.size(2);
+  at::parallel_for(0, nq, std::max<int64_t>(1, int64_t(1e6 / std::max(work, 1.0))), [&](int64_t a0, int64_t a1) {
+    Workspace ws(P);
+    P.ks->score_rows(P.ip, r.data_ptr<int64_t>(), K, a0, a1, ws.get(), out.data_ptr<float>());
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace metaembed
+
+TORCH_LIBRARY_IMPL(metaembed, CPU, m) {
+  m.impl("index_search", &metaembed::cpu::index_search_cpu);
+  m.impl("index_score_rows", &metaembed::cpu::index_score_rows_cpu);
+}

@@ -1,0 +1,192 @@
+// AVX-512 pieces of the index scan, included by index_isa_avx512*.cpp after their target
+// pragmas (internal linkage, like engine.h):
+//
+// * Avx512Dots: few-token dot products along D (one query at a small budget), float32 or
+//   bfloat16 rows against float32 query rows. Rows go four (one token) or two at a time so
+//   that 4 / 2 x tokens FMA chains are in flight; masked loads for the D tail.
+// * VnniInt8Ops: the int8 scan's integer kernels with VPDPBUSD (u8 x s8 -> s32, four
+//   products per lane). Candidates are the unsigned operand: x + 128 (xor 0x80), so
+//   sum_d (x_d + 128) y_d = <x, y> + 128 sum_d y_d, and the host subtracts the query side's
+//   128 sum_d y_d (QInfo::corr). Query panels are [ceil(D/4)][32 lanes][4 bytes].
+#pragma once
+#include "index_engine.h"
+
+namespace metaembed {
+namespace cpu {
+namespace {
+
+inline __mmask16 tail_mask16(int64_t n) { return __mmask16((1u << n) - 1); }
+inline __mmask64 tail_mask64(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
+
+struct Avx512Dots {
+  template <int NT, int RB, class RowT>
+  static void rows_block(const RowT* const* rows, const float* const* q, int64_t k0, int64_t n, float* tile, int nr,
+                         bool accumulate) {
+    __m512 acc[RB][NT];
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= n; d += 16) {
+      __m512 c[RB];
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) c[r] = load16(rows[r] + d);
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) {
+        const __m512 qt = _mm512_loadu_ps(q[t] + k0 + d);
+#pragma GCC unroll 4
+        for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_fmadd_ps(c[r], qt, acc[r][t]);
+      }
+    }
+    if (d < n) {
+      const __mmask16 m = tail_mask16(n - d);
+      __m512 c[RB];
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) c[r] = load16_tail(rows[r] + d, m);
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) {
+        const __m512 qt = _mm512_maskz_loadu_ps(m, q[t] + k0 + d);
+#pragma GCC unroll 4
+        for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_fmadd_ps(c[r], qt, acc[r][t]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) {
+        const float s = _mm512_reduce_add_ps(acc[r][t]);
+        tile[r * nr + t] = accumulate ? tile[r * nr + t] + s : s;
+      }
+  }
+
+  template <int NT, class RowT>
+  static void dots_nt(const RowT* const* rows, int M, const float* const* q, int64_t k0, int64_t n, float* tile,
+                      int nr, bool accumulate) {
+    constexpr int RB = NT == 1 ? 4 : 2;
+    int r = 0;
+    for (; r + RB <= M; r += RB) rows_block<NT, RB>(rows + r, q, k0, n, tile + r * nr, nr, accumulate);
+    for (; r < M; ++r) rows_block<NT, 1>(rows + r, q, k0, n, tile + r * nr, nr, accumulate);
+  }
+
+  template <class RowT>
+  static void dots(const RowT* const* rows, int M, const float* const* q, int nt, int64_t k0, int64_t n, float* tile,
+                   int nr, bool accumulate) {
+    switch (nt) {
+      case 1: return dots_nt<1>(rows, M, q, k0, n, tile, nr, accumulate);
+      case 2: return dots_nt<2>(rows, M, q, k0, n, tile, nr, accumulate);
+      case 3: return dots_nt<3>(rows, M, q, k0, n, tile, nr, accumulate);
+      default: return dots_nt<4>(rows, M, q, k0, n, tile, nr, accumulate);
+    }
+  }
+};
+
+struct VnniInt8Ops {
+  static constexpr int NR = 32;
+  static constexpr int MR = 8;
+  static constexpr int32_t kOffset = 128;
+
+  // Biased copies (x + 128 as u8) of M rows, zero-padded... to dpad bytes (the padding bytes
+  // become 0x80 but meet zero query bytes).
+  static void prepare_rows(const int8_t* const* src, int M, int64_t D, uint8_t* scratch, int64_t dpad,
+                           const uint8_t** rows) {
+    const __m512i bias = _mm512_set1_epi8(char(0x80));
+    for (int r = 0; r < M; ++r) {
+      uint8_t* dst = scratch + r * dpad;
+      for (int64_t d = 0; d < dpad; d += 64) {
+        const __m512i x = _mm512_maskz_loadu_epi8(tail_mask64(D - d), src[r] + d);
+        _mm512_storeu_si512(dst + d, _mm512_xor_si512(x, bias));
+      }
+      rows[r] = dst;
+    }
+  }
+
+  template <int M>
+  static void micro_m(const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
+    __m512i lo[M], hi[M];
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+    for (int64_t p = 0; p < g4; ++p) {
+      const __m512i q0 = _mm512_loadu_si512(qp + p * 4 * NR);
+      const __m512i q1 = _mm512_loadu_si512(qp + p * 4 * NR + 64);
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) {
+        int32_t four;
+        std::memcpy(&four, rows[r] + 4 * p, 4);
+        const __m512i c = _mm512_set1_epi32(four);
+        lo[r] = _mm512_dpbusd_epi32(lo[r], c, q0);
+        hi[r] = _mm512_dpbusd_epi32(hi[r], c, q1);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      _mm512_storeu_si512(tile + r * NR, lo[r]);
+      _mm512_storeu_si512(tile + r * NR + 16, hi[r]);
+    }
+  }
+
+  static void micro(int M, const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
+    switch (M) {
+      case 1: return micro_m<1>(rows, qp, g4, tile);
+      case 2: return micro_m<2>(rows, qp, g4, tile);
+      case 3: return micro_m<3>(rows, qp, g4, tile);
+      case 4: return micro_m<4>(rows, qp, g4, tile);
+      case 5: return micro_m<5>(rows, qp, g4, tile);
+      case 6: return micro_m<6>(rows, qp, g4, tile);
+      case 7: return micro_m<7>(rows, qp, g4, tile);
+      default: return micro_m<8>(rows, qp, g4, tile);
+    }
+  }
+
+  template <int NT, int RB>
+  static void dots_block(const int8_t* const* src, const int8_t* qrows, int64_t dpad, int64_t D, int32_t* tile,
+                         int nr) {
+    const __m512i bias = _mm512_set1_epi8(char(0x80));
+    __m512i acc[RB][NT];
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_si512();
+    for (int64_t d = 0; d < D; d += 64) {
+      const __mmask64 m = tail_mask64(D - d);
+      __m512i x[RB];
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) x[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src[r] + d), bias);
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) {
+        const __m512i y = _mm512_loadu_si512(qrows + t * dpad + d);
+#pragma GCC unroll 4
+        for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], x[r], y);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) tile[r * nr + t] = _mm512_reduce_add_epi32(acc[r][t]);
+  }
+
+  template <int NT>
+  static void dots_nt(const int8_t* const* src, int M, const int8_t* qrows, int64_t dpad, int64_t D, int32_t* tile,
+                      int nr) {
+    constexpr int RB = NT == 1 ? 4 : 2;
+    int r = 0;
+    for (; r + RB <= M; r += RB) dots_block<NT, RB>(src + r, qrows, dpad, D, tile + r * nr, nr);
+    for (; r < M; ++r) dots_block<NT, 1>(src + r, qrows, dpad, D, tile + r * nr, nr);
+  }
+
+  // tile[r][t] = sum_d (x_r[d] + 128) y_t[d] for t < nt (<= 4) query rows of dpad bytes.
+  static void dots(const int8_t* const* src, int M, const int8_t* qrows, int64_t dpad, int nt, int64_t D,
+                   int32_t* tile, int nr) {
+    switch (nt) {
+      case 1: return dots_nt<1>(src, M, qrows, dpad, D, tile, nr);
+      case 2: return dots_nt<2>(src, M, qrows, dpad, D, tile, nr);
+      case 3: return dots_nt<3>(src, M, qrows, dpad, D, tile, nr);
+      default: return dots_nt<4>(src, M, qrows, dpad, D, tile, nr);
+    }
+  }
+};
+
+}  // namespace
+}  // namespace cpu
+}  // namespace metaembed

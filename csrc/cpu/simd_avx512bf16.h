@@ -1,0 +1,73 @@
+// AVX512-BF16 policy (VDPBF16PS), included by isa_avx512bf16.cpp and
+// index_isa_avx512bf16.cpp after their target pragmas (internal linkage, like engine.h);
+// see isa_avx512bf16.cpp for the numerics.
+#pragma once
+#include "simd_avx512.h"
+
+namespace metaembed {
+namespace cpu {
+namespace {
+
+struct Avx512Bf16Policy : Avx512Policy {
+  template <class T>
+  using Pack = std::conditional_t<std::is_same_v<T, bf16_t>, uint16_t, float>;
+  template <class T>
+  static constexpr bool kDirectRows = std::is_same_v<T, float> || std::is_same_v<T, bf16_t>;
+  template <class T>
+  static constexpr int64_t d_pack(int64_t d) {
+    return std::is_same_v<T, bf16_t> ? (d + 1) / 2 * 2 : d;
+  }
+
+  using Avx512Policy::micro;
+  using Avx512Policy::pack_token;
+
+  // bf16 pairs: dim k of `lane` at panel[(k / 2) * 2 * NR + 2 * lane + (k % 2)].
+  static void pack_token(const bf16_t* src, int64_t d, uint16_t* panel, int lane) {
+    for (int64_t k = 0; k < d; ++k) panel[(k / 2) * 2 * NR + 2 * lane + (k & 1)] = src[k].bits;
+  }
+
+  template <int M>
+  static inline void micro(const bf16_t* const* rows, const uint16_t* qp, int64_t kc, float* tile, bool accumulate) {
+    __m512 lo[M], hi[M];
+    const bf16_t* rp[M];
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      rp[r] = rows[r];
+      lo[r] = accumulate ? _mm512_loadu_ps(tile + r * NR) : _mm512_setzero_ps();
+      hi[r] = accumulate ? _mm512_loadu_ps(tile + r * NR + 16) : _mm512_setzero_ps();
+    }
+    const int64_t pairs = kc / 2;
+#pragma GCC unroll 2
+    for (int64_t p = 0; p < pairs; ++p) {
+      const __m512bh q0 = (__m512bh)_mm512_loadu_si512(qp + p * 2 * NR);
+      const __m512bh q1 = (__m512bh)_mm512_loadu_si512(qp + p * 2 * NR + NR);
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) {
+        uint32_t two;  // c[j][2p] in the low half, c[j][2p+1] in the high half
+        std::memcpy(&two, rp[r] + 2 * p, sizeof(two));
+        const __m512bh c = (__m512bh)_mm512_set1_epi32(int(two));
+        lo[r] = _mm512_dpbf16_ps(lo[r], c, q0);
+        hi[r] = _mm512_dpbf16_ps(hi[r], c, q1);
+      }
+    }
+    if (kc & 1) {  // last dim alone: (c, 0) against the packed (q, 0)
+      const __m512bh q0 = (__m512bh)_mm512_loadu_si512(qp + pairs * 2 * NR);
+      const __m512bh q1 = (__m512bh)_mm512_loadu_si512(qp + pairs * 2 * NR + NR);
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) {
+        const __m512bh c = (__m512bh)_mm512_set1_epi32(int(rp[r][kc - 1].bits));
+        lo[r] = _mm512_dpbf16_ps(lo[r], c, q0);
+        hi[r] = _mm512_dpbf16_ps(hi[r], c, q1);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      _mm512_storeu_ps(tile + r * NR, lo[r]);
+      _mm512_storeu_ps(tile + r * NR + 16, hi[r]);
+    }
+  }
+};
+
+}  // namespace
+}  // namespace cpu
+}  // namespace metaembed
