@@ -295,8 +295,12 @@ def _gradient_plans(p: Problem, dq, dc, grad, lse, labels, scale: float, is_loss
                    labels_ptr=labels, scale=float(scale)) for g0, g1 in batches]
     plans = []
     if dq is not None:
+        # heuristics gives fp32 gradient passes maxnreg 255 (triton 3.6 capped the dc pass at 128
+        # and spilled); with it the single-tile dq pass, now also reading the column flags of its
+        # masked-token loads, spilled (sm_90, 32 x 128: 255 + 16 B), left to ptxas it fits.
+        dq_cfg = dataclasses.replace(cfg, max_registers=0) if not cfg.chunked else cfg
         plans += [LaunchPlan(f"{kind} backward dq", K.grad_query_kernel, (_cdiv(p.nq, cfg.block_q),),
-                             dict(args, dq_ptr=dq), constexprs, cfg) for args in shared]
+                             dict(args, dq_ptr=dq), constexprs, dq_cfg) for args in shared]
     if dc is not None:
         plans += [LaunchPlan(f"{kind} backward dc", K.grad_candidate_kernel, (_cdiv(p.nc, cfg.block_c),),
                              dict(args, dc_ptr=dc), constexprs, cfg) for args in shared]
