@@ -173,7 +173,7 @@ def test_compile_gate_covers_every_config_the_heuristics_pick_on_its_grid():
         for rq, rc in verify.SHAPES:
             for d in verify.DIMS:
                 plans = verify.candidate_plans(dtype, rq, rc, d)
-                # (the per-query-candidate launcher adjusts some fp32 tiles: launch.own_candidate_config)
+                # (the launcher adjusts some tiles: launch.own_candidate_config, launch.grad_query_config)
                 compiled = {(plan.kernel.__name__, dataclasses.astuple(plan.config)) for _, plan in plans}
                 p = launch.make_problem(torch.empty(2, rq, d, dtype=dtype, device="meta"),
                                         torch.empty(2, rc, d, dtype=dtype, device="meta"), [rq], [rc], None, None,
@@ -181,7 +181,7 @@ def test_compile_gate_covers_every_config_the_heuristics_pick_on_its_grid():
                 picks = {("maxsim_forward_kernel", h.maxsim_forward_config(nq, rq, rc, d, dtype))
                          for nq in range(1, 1100)}
                 picks |= {("infonce_forward_kernel", h.infonce_forward_config(rq, rc, d, dtype)),
-                          ("grad_query_kernel", h.gradient_config(rq, rc, d, dtype)),
+                          ("grad_query_kernel", launch.grad_query_config(h.gradient_config(rq, rc, d, dtype))),
                           ("grad_candidate_kernel", h.gradient_config(rq, rc, d, dtype)),
                           ("infonce_hard_negatives_forward_kernel", launch.own_candidate_config(p, False)),
                           ("own_candidates_backward_kernel", launch.own_candidate_config(p, True)),

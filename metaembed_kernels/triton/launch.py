@@ -68,6 +68,13 @@ def own_candidate_config(p: Problem, backward: bool) -> H.TileConfig:
     return dataclasses.replace(cfg, block_d=H.MIN_DOT)
 
 
+def grad_query_config(cfg: H.TileConfig) -> H.TileConfig:
+    """The dq pass's tile: heuristics.gradient_config, whose fp32 maxnreg 255 the dc pass needs
+    (triton 3.6 capped it at 128 and spilled), with the single-tile dq pass left to ptxas's own
+    register target: at 255 it spilled (sm_90 fp32, 32 x 128: 255 + 16 B), unconstrained it fits."""
+    return cfg if cfg.chunked else dataclasses.replace(cfg, max_registers=0)
+
+
 def _mask_view(mask: Optional[torch.Tensor], shape: Sequence[int], device) -> torch.Tensor:
     """uint8 view of a bool mask; None -> all-true, as a stride-0 view (no allocation)."""
     if mask is None:
@@ -295,10 +302,7 @@ def _gradient_plans(p: Problem, dq, dc, grad, lse, labels, scale: float, is_loss
                    labels_ptr=labels, scale=float(scale)) for g0, g1 in batches]
     plans = []
     if dq is not None:
-        # heuristics gives fp32 gradient passes maxnreg 255 (triton 3.6 capped the dc pass at 128
-        # and spilled); with it the single-tile dq pass, now also reading the column flags of its
-        # masked-token loads, spilled (sm_90, 32 x 128: 255 + 16 B), left to ptxas it fits.
-        dq_cfg = dataclasses.replace(cfg, max_registers=0) if not cfg.chunked else cfg
+        dq_cfg = grad_query_config(cfg)
         plans += [LaunchPlan(f"{kind} backward dq", K.grad_query_kernel, (_cdiv(p.nq, cfg.block_q),),
                              dict(args, dq_ptr=dq), constexprs, dq_cfg) for args in shared]
     if dc is not None:
