@@ -184,6 +184,9 @@ FP32_FORWARD_TILE = 32 * 128
 # fp32 gradient passes: ptxas register limit. Left to choose, triton 3.6's ptxas held the
 # 32 x 128 dc pass (Rc = 128, BD16, 8 warps) to 128 registers and spilled (STACK 16).
 FP32_GRADIENT_REGISTERS = 255
+# 8-warp tiles of the per-query-candidate forward and the index scan: ptxas 12.8 (triton 3.6)
+# capped them at 128 registers and spilled 8-24 bytes; ptxas 13 (triton 3.9) did not.
+WIDE_FORWARD_REGISTERS = 255
 CHUNK_MAX_REGISTERS = 255  # ptxas register limit of chunked launches (TileConfig.options)
 
 
@@ -262,22 +265,31 @@ def gradient_config(rq_eff: int, rc_eff: int, d: int, dtype: torch.dtype) -> Til
     block_c = _per_block(rc_tile, 64)
     block_q = _fit_rows(rq_tile, 64, block_c * rc_tile, cap)
     block_d = _backward_block_d(d, dtype)
+    if rc_tile >= 128:  # 16-bit dc pass of a 32 x 128 tile spilled 8 B at BD64 (sm_80, triton 3.6)
+        block_d = min(block_d, 32)
     return TileConfig(block_q, rq_tile, block_c, rc_tile, block_d, block_d, 8, 2, **chunks,
                       max_registers=FP32_GRADIENT_REGISTERS if fp32 else 0)
 
 
 def hard_negative_config(rq_eff: int, rc_eff: int, d: int, dtype: torch.dtype, backward: bool) -> TileConfig:
     """One query (padded to 16 token rows) against a block of its own hard negatives."""
-    rq_tile, rc_tile, chunks = _tiles(rq_eff, rc_eff, rq_floor=MIN_DOT,
-                                      chunk_rq=CHUNK_FP32_RQ if dtype not in SIXTEEN_BIT else 0,
+    fp32 = dtype not in SIXTEEN_BIT
+    rq_tile, rc_tile, chunks = _tiles(rq_eff, rc_eff, rq_floor=MIN_DOT, chunk_rq=CHUNK_FP32_RQ if fp32 else 0,
                                       chunk_rc=CHUNK_BACKWARD_RC if backward else 0)
+    if backward and fp32 and rc_tile > CHUNK_BACKWARD_RC:
+        # fp32 per-query-candidate backward: 64-column chunks past 64 tokens (the paired dq
+        # pass of a 32 x 128 tile spilled 8-16 B on sm_90 with triton 3.6 at any register limit)
+        rc_tile = CHUNK_BACKWARD_RC
+        chunks = _chunks(rq_eff, rc_eff, rq_tile, rc_tile)
     chunked = any(chunks.values())
     block_k = _per_block(rc_tile, 64)
     block_d = _backward_block_d(d, dtype) if backward else _forward_block_d(d, dtype, chunked)
     # the chunked backward does both products per chunk: 8 warps (32 x 64 fp16 spilled at 4)
     warps = 8 if rq_tile * block_k * rc_tile >= 32 * 128 or (chunked and backward) else 4
+    wide_forward = warps == 8 and not backward and not chunked
     return TileConfig(1, rq_tile, block_k, rc_tile, block_d, block_d if backward else 0, warps,
-                      2 if backward else 3, **chunks)
+                      2 if backward else 3, **chunks,
+                      max_registers=WIDE_FORWARD_REGISTERS if wide_forward else 0)
 
 
 def unsupported_reason(rq_eff: int, rc_eff: int):

@@ -81,6 +81,10 @@ def plan_index_scores(q: torch.Tensor, q_mask: Optional[torch.Tensor], data: Lis
         cfg = dataclasses.replace(cfg, block_c=max(1, 64 // cfg.rc_tile))
     if cfg.m >= 64 and q.dtype == torch.float32 and not int8:  # FMA dots: D chunks of 16
         cfg = dataclasses.replace(cfg, block_d=16)
+    if cfg.num_warps == 8:  # ptxas 12.8 (triton 3.6) capped these at 128 registers and spilled
+        cfg = dataclasses.replace(cfg, max_registers=H.WIDE_FORWARD_REGISTERS)
+        if q.dtype == torch.float32 and not int8:  # FMA dots: their operand chunks live in registers
+            cfg = dataclasses.replace(cfg, block_d=16)
     if cfg.chunked:
         raise ValueError(f"budget ({rq_eff}, {rc_eff}) spans several token tiles: use the chunked MaxSim path")
     device = q.device
