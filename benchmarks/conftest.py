@@ -34,13 +34,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    from summary import ratio_table, summary_table
+    from summary import ratio_table, summary_rows, summary_table
 
-    rows = []
-    for bench in session.benchmarks:
-        info = bench.extra_info
-        if "workload" in info and bench.stats is not None:
-            rows.append(dict(info, median=bench.stats.median))
+    rows = summary_rows((bench.extra_info, bench.stats.median if bench.stats is not None else None)
+                        for bench in session.benchmarks)
     if not rows:
         return
     # peaks measured again after the run: each is the best of before and after, so a busy

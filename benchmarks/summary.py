@@ -41,6 +41,17 @@ def _fraction(peaks: Dict[str, dict], dtype: str, gflops: float) -> str:
     return f"{100 * gflops / peak:.0f}%" if peak else "-"
 
 
+SUMMARY_KEYS = ("workload", "dtype", "provider", "flops")
+
+
+def summary_rows(benchmarks) -> List[Dict]:
+    """(extra_info, median seconds or None) of each benchmark -> the rows of the FLOP tables:
+    the workload benchmarks. Others (backward ratio, paired, index, integrations) print their
+    own ratio lines and carry no FLOP count, so they stay out of these tables."""
+    return [dict(info, median=median) for info, median in benchmarks
+            if median is not None and all(k in info for k in SUMMARY_KEYS)]
+
+
 def _by_case(rows: List[Dict]):
     by_case = defaultdict(dict)
     flops = {}

@@ -70,3 +70,13 @@ def test_bench_terminal_shows_the_summary_first_and_writes_the_wide_tables(tmp_p
     assert max(len(line) for line in out[summary_at:].splitlines()) <= 120
     text = wide.read_text()
     assert "| W0 | float32 | cpu |" in text and "| W0 | float32 | matmul |" in text
+
+
+def test_benchmarks_without_a_flop_count_stay_out_of_the_summary():
+    """benchmarks/test_bench_backward.py (a ratio, no FLOPs) crashed the summary: KeyError 'flops'."""
+    from summary import summary_rows
+
+    workload = dict(workload="W1", dtype="float32", provider="cpu", flops=1e9)
+    rows = summary_rows([(workload, 0.5), (dict(workload="L1", dtype="float32", provider="cpu"), 0.2),
+                         (dict(workload, provider="einsum"), None)])
+    assert rows == [dict(workload, median=0.5)]
