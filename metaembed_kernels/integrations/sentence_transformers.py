@@ -122,6 +122,16 @@ def _doc_valid(mask, derived, rc_budget):
     return valid
 
 
+def _budgeted_validity_and_counts(c_mask, q_mask, counts, budget):
+    """Under a budget (r_q, r_c): which documents hold a valid token among their first r_c, and
+    each query's valid-token count among its first r_q (None where there is nothing to count)."""
+    valid = _doc_valid(c_mask, None, None if budget is None else budget[1])
+    valid = None if valid is None else valid.any(-1)
+    if counts is not None and budget is not None:
+        counts = q_mask[:, : budget[0]].sum(-1)
+    return valid, counts
+
+
 def _score_sides(a, b, a_mask, b_mask, *, paired: bool, budget=None, length_normalize=False, device=None):
     """ST semantics for in-batch ((A, Lq, D) x (B, Lb, D) -> (A, B)) or aligned pairs (-> (A,))."""
     q, qm, q_derived, n_a = _side(a, a_mask, "a_mask")
@@ -152,10 +162,7 @@ def _score_sides(a, b, a_mask, b_mask, *, paired: bool, budget=None, length_norm
                                           None if c_mask is None else c_mask.unsqueeze(1))[:, 0]
         else:
             scores = _common.score(q, d, budget, q_mask, c_mask)
-        valid = _doc_valid(c_mask, None, None if budget is None else budget[1])
-        valid = None if valid is None else valid.any(-1)
-        if counts is not None and budget is not None:
-            counts = q_mask[:, : budget[0]].sum(-1)
+        valid, counts = _budgeted_validity_and_counts(c_mask, q_mask, counts, budget)
     q_len = q.shape[1] if budget is None else min(q.shape[1], budget[0])
     return _finish(scores, valid, counts, q_len, length_normalize, empty_shape).to(result_device)
 
@@ -204,10 +211,7 @@ def _stacked(queries_embeddings, documents_embeddings, queries_mask, documents_m
                 (n_docs, n), dtype=torch.bool, device=d.device)
         else:
             scores = _common.score_paired(q_, d, budget, q_mask, c_mask)
-            valid = _doc_valid(c_mask, None, None if budget is None else budget[1])
-            valid = None if valid is None else valid.any(-1)
-            if counts is not None and budget is not None:
-                counts = q_mask[:, : budget[0]].sum(-1)
+            valid, counts = _budgeted_validity_and_counts(c_mask, q_mask, counts, budget)
         q_len = q_.shape[1] if budget is None else min(q_.shape[1], budget[0])
         return _finish(scores, valid, counts, q_len, length_normalize, (n_docs, n))
     # in-batch, query-major: column j * N + k is document k of group j
