@@ -68,17 +68,11 @@ def own_candidate_config(p: Problem, backward: bool) -> H.TileConfig:
     return dataclasses.replace(cfg, block_d=H.MIN_DOT)
 
 
-def own_query_gradient_config(cfg: H.TileConfig) -> H.TileConfig:
-    """The per-query-candidate dq pass's tile: own_candidate_config's backward tile, with the
-    single-tile fp32 pass left to ptxas's own register target (at maxnreg 255 it spilled 8 B on
-    sm_90 with triton 3.6; the dx pass needs the 255)."""
-    return dataclasses.replace(cfg, max_registers=0) if cfg.max_registers and not cfg.chunked else cfg
-
-
 def grad_query_config(cfg: H.TileConfig) -> H.TileConfig:
-    """The dq pass's tile: heuristics.gradient_config, whose fp32 maxnreg 255 the dc pass needs
-    (triton 3.6 capped it at 128 and spilled), with the single-tile dq pass left to ptxas's own
-    register target: at 255 it spilled (sm_90 fp32, 32 x 128: 255 + 16 B), unconstrained it fits."""
+    """The dq pass's tile (in-batch and per-query-candidate): the backward tile, whose fp32
+    maxnreg 255 the dc / dx pass needs (triton 3.6 capped it at 128 and spilled), with a
+    single-tile dq pass left to ptxas's own register target: at 255 it spilled (sm_90 fp32,
+    32 x 128: 255 + 16 B; per-query candidates with triton 3.6: 8 B), unconstrained it fits."""
     return cfg if cfg.chunked else dataclasses.replace(cfg, max_registers=0)
 
 
@@ -274,7 +268,7 @@ def _own_gradient_plans(p: Problem, x: OwnCandidates, dq: Optional[torch.Tensor]
                         out_ptr=out, scale=float(scale), num_k_blocks=num_k_blocks)
             plans.append(LaunchPlan(f"{role} {name}", K.own_candidates_backward_kernel, (grid,), args,
                                     dict(constexprs, OUTPUT=output, DIRECT=direct and output == "dx"),
-                                    own_query_gradient_config(cfg) if output == "dq" else cfg))
+                                    grad_query_config(cfg) if output == "dq" else cfg))
     return dx, plans
 
 
