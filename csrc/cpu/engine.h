@@ -17,6 +17,7 @@
 // The Nq x Nc x Rq x Rc similarity tensor never exists: per thread, only one query
 // block's MR x NR tiles and the per-boundary maxima are live.
 #pragma once
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -91,6 +92,14 @@ struct Engine {
     Acc* bound_w;     // [num_bounds]
     PackT* qpack1;    // one query packed alone (hard negatives)
     Acc* qrows;       // [kDotTokens][D]    query tokens as Acc rows (few-token path)
+    // kCandidateLanes only (empty otherwise): one candidate block and one row group's tiles.
+    PackT* lpanel;    // [rc_eff][panel_elems]  token j of NR candidates, lane = candidate
+    int32_t* lvalid;  // [rc_eff][NR]           candidate token j valid (0 for padding lanes)
+    int32_t* lseen;   // [rc_eff][NR]           some candidate token before j is valid
+    int32_t* lbvalid; // [num_bounds][NR]       the candidate's prefix holds a valid token
+    Acc* ltile;       // [rc_eff][MR][NR]       S[t][b, j], row = query token t
+    Acc* lbmax;       // [num_bounds][MR][NR]
+    int32_t* lbidx;   // [num_bounds][MR][NR]
   };
 
   struct QView {  // packed panels of queries [a0, a0 + n)
@@ -114,10 +123,22 @@ struct Engine {
     n += align64(sizeof(Acc) * nb);
     n += align64(sizeof(PackT) * ceil_div(P.groups.rq_eff, NR) * panel_elems(P));
     n += align64(sizeof(Acc) * kDotTokens * P.d);
+    for (size_t b : lanes_bytes(P)) n += align64(b);
     return n + 64;
   }
 
-  static size_t qpack_bytes(const Problem& P) { return sizeof(PackT) * P.num_qblocks * P.panels_per_block * panel_elems(P); }
+  // Sizes of the kCandidateLanes buffers of Work (all zero for the other layout).
+  static std::array<size_t, 7> lanes_bytes(const Problem& P) {
+    if (P.layout != kCandidateLanes) return {};
+    const size_t rc = size_t(P.groups.rc_eff), nb = size_t(P.groups.num_bounds), i32 = sizeof(int32_t);
+    return {sizeof(PackT) * rc * size_t(panel_elems(P)), i32 * rc * NR, i32 * rc * NR, i32 * nb * NR,
+            sizeof(Acc) * rc * MR * NR, sizeof(Acc) * nb * MR * NR, i32 * nb * MR * NR};
+  }
+
+  static size_t qpack_bytes(const Problem& P) {
+    if (P.layout == kCandidateLanes) return sizeof(RowT) * P.nq * P.groups.rq_eff * P.d;
+    return sizeof(PackT) * P.num_qblocks * P.panels_per_block * panel_elems(P);
+  }
 
   static Work carve(const Problem& P, void* ws) {
     const int64_t np = max_panels(P), lanes = np * NR, nb = P.groups.num_bounds;
@@ -141,6 +162,14 @@ struct Engine {
     w.bound_w = static_cast<Acc*>(take(sizeof(Acc) * nb));
     w.qpack1 = static_cast<PackT*>(take(sizeof(PackT) * ceil_div(P.groups.rq_eff, NR) * panel_elems(P)));
     w.qrows = static_cast<Acc*>(take(sizeof(Acc) * kDotTokens * P.d));
+    const std::array<size_t, 7> lb = lanes_bytes(P);
+    w.lpanel = static_cast<PackT*>(take(lb[0]));
+    w.lvalid = static_cast<int32_t*>(take(lb[1]));
+    w.lseen = static_cast<int32_t*>(take(lb[2]));
+    w.lbvalid = static_cast<int32_t*>(take(lb[3]));
+    w.ltile = static_cast<Acc*>(take(lb[4]));
+    w.lbmax = static_cast<Acc*>(take(lb[5]));
+    w.lbidx = static_cast<int32_t*>(take(lb[6]));
     return w;
   }
 
@@ -167,6 +196,7 @@ struct Engine {
   static void pack_queries(const Problem& P, int64_t qblock) {
     const int64_t a0 = qblock * P.queries_per_block;
     const int64_t n = min64(P.queries_per_block, P.nq - a0);
+    if (P.layout == kCandidateLanes) return lane_query_rows(P, a0, n);
     pack_range(P, a0, n, static_cast<PackT*>(P.qpack) + qblock * P.panels_per_block * panel_elems(P));
   }
 
@@ -187,7 +217,7 @@ struct Engine {
   // would leave most lanes idle and run far below memory speed. Those blocks instead take
   //   S[j][t] = <c[b, j], q[t]>,  vectorised along D,
   // which reads each candidate row once for all of the block's tokens (a GEMV: memory-bound).
-  static constexpr int kDotTokens = 4;
+  static constexpr int kDotTokens = int(kFewQueryTokens);
   static constexpr int kDotWidth = 32;  // independent partial sums: two 16-lane FMA chains
 
   template <int NT>
@@ -454,6 +484,224 @@ struct Engine {
       for (int64_t al = 0; al < qv.n; ++al)
         for (int64_t g = 0; g < G; ++g) out[(g * P.nq + qv.a0 + al) * P.nc + b] = w.scores[al * G + g];
     }
+  }
+
+  // ---- candidate lanes: batched queries at small budgets (Problem::layout) -------------
+  //
+  // At r_c = 1 a register tile of MR tokens of ONE candidate has one real row, so the
+  // query-panel layout runs its micro-kernel on 1-row tiles and pays a fold, a group sum and
+  // one strided store per query for every candidate. Here the roles swap: token j of NR
+  // candidates is packed into one panel (lane = candidate), and MR query tokens (whole
+  // queries: MR / r_q of them) are broadcast, so the same micro-kernel produces
+  //   tile_j[t][l] = <q[t], c[b0 + l, j]>      (t: query token, l: candidate lane).
+  // The max over j is then a lane-wise fold across the r_c tiles, the sum over i a lane-wise
+  // sum across rows, and the scores of one query land as NR consecutive b: contiguous stores.
+  // Each element is the same sequential FMA chain over D as in the query-panel layout (tiles
+  // of >= 2 rows, see the policies), so scores and argmaxes agree with every other path, and
+  // the fixed tile height (a short row group repeats its last row) keeps every element's
+  // arithmetic independent of the thread split.
+
+  static int lane_queries(const Problem& P) { return int(MR / P.groups.rq_eff); }  // whole queries per tile
+  static int lane_rows(const Problem& P) { return lane_queries(P) * int(P.groups.rq_eff); }
+
+  // Query rows of queries [a0, a0 + n) into qpack (RowT rows of D; a masked token is zero).
+  static void lane_query_rows(const Problem& P, int64_t a0, int64_t n) {
+    const int64_t rq = P.groups.rq_eff, D = P.d;
+    const T* q = typed<T>(P.q.data);
+    RowT* dst = static_cast<RowT*>(P.qpack) + a0 * rq * D;
+    for (int64_t t = 0; t < n * rq; ++t, dst += D) {
+      const int64_t a = a0 + t / rq, i = t % rq;
+      const T* src = q + a * P.q.s0 + i * P.q.s1;
+      if (!query_token_valid(P, a, i))
+        std::memset(static_cast<void*>(dst), 0, sizeof(RowT) * D);
+      else if constexpr (kDirectRows)
+        std::memcpy(static_cast<void*>(dst), src, sizeof(T) * D);
+      else
+        Policy::convert(src, dst, D);
+    }
+  }
+
+  // Candidates [b0, b0 + nl) into w.lpanel (Policy::pack_lanes: lanes >= nl and masked
+  // tokens are zero), and per lane (candidate): w.lvalid[j] whether token j is valid,
+  // w.lseen[j] whether some token before j is, w.lbvalid[k] whether prefix k holds one.
+  static void pack_candidate_block(const Problem& P, int64_t b0, int nl, Work& w) {
+    const int64_t rc = P.groups.rc_eff, pe = panel_elems(P);
+    const T* c = typed<T>(P.c.data);
+    int32_t any[NR] = {};
+    int64_t kb = 0;
+    for (int64_t j = 0; j < rc; ++j) {
+      int32_t* v = w.lvalid + j * NR;
+      const T* src[NR];
+      for (int l = 0; l < NR; ++l) {
+        const int64_t b = b0 + l;
+        v[l] = l < nl && (!P.c.mask || P.c.mask[b * P.c.m0 + j * P.c.m1]);
+        src[l] = v[l] ? c + b * P.c.s0 + j * P.c.s1 : nullptr;
+        w.lseen[j * NR + l] = any[l];
+        any[l] |= v[l];
+      }
+      Policy::pack_lanes(src, P.d, w.lpanel + j * pe);
+      if (j + 1 == P.groups.bounds[kb]) std::memcpy(w.lbvalid + NR * kb++, any, sizeof(any));
+    }
+  }
+
+  // Tiles of the row group of queries [ag, ag + nqg) against the packed block: w.ltile[j].
+  static void lane_tiles(const Problem& P, int64_t ag, int nqg, Work& w) {
+    const int64_t rq = P.groups.rq_eff, D = P.d, pe = panel_elems(P);
+    const int real = nqg * int(rq);
+    const RowT* base = static_cast<const RowT*>(P.qpack) + ag * rq * D;
+    const RowT* rows[MR];
+    for (int r = 0; r < MR; ++r) rows[r] = base + (r < real ? r : real - 1) * D;
+    for (int64_t j = 0; j < P.groups.rc_eff; ++j)
+      micro_dispatch<MR>(lane_rows(P), rows, w.lpanel + j * pe, D, w.ltile + j * MR * NR, false);
+  }
+
+  // Fold over j, lane-wise and for all MR rows at once (the NaN-propagating fold of
+  // score_candidate: take S iff valid and (S > m, or S is NaN and m is not, or no valid token
+  // before it, the last two only when tracking the argmax; without it, a NaN S is taken and
+  // stays), snapshotted at the bounds into w.lbmax[k] / w.lbidx[k]; then the group sums,
+  // stored as rows of consecutive b.
+  template <bool kArgmax>
+  static void lane_epilogue(const Problem& P, int64_t ag, int nqg, int64_t b0, int nl, Work& w, Acc* out,
+                            SavedArgmax save) {
+    constexpr int T_ = MR * NR;
+    const int64_t rq = P.groups.rq_eff, rc = P.groups.rc_eff, nb = P.groups.num_bounds, G = P.groups.num_groups;
+    const int64_t* bounds = P.groups.bounds;
+    // r_c = 1 without the argmax: the only snapshot is the tile itself (its invalid lanes
+    // are the candidates whose prefix is empty: they score 0 below), so nothing is folded.
+    const bool fold = kArgmax || rc > 1;
+    const Acc* bmax = fold ? w.lbmax : w.ltile;
+    int64_t kb = 0;
+    for (int64_t j = 0; j < (fold ? rc : 0); ++j) {
+      const Acc* s = w.ltile + j * T_;
+      const int32_t* v = w.lvalid + j * NR;
+      Acc* m = w.lbmax + kb * T_;
+      int32_t* ix = w.lbidx + kb * T_;
+      if (j == 0) {
+        for (int r = 0; r < MR; ++r)
+          for (int l = 0; l < NR; ++l) {
+            const Acc x = s[r * NR + l];  // loaded unconditionally: the loop vectorises
+            m[r * NR + l] = v[l] ? x : Acc(-INFINITY);
+            if (kArgmax) ix[r * NR + l] = v[l] ? 0 : -1;
+          }
+      } else if (kArgmax) {
+        const int32_t* seen = w.lseen + j * NR;
+        const int32_t jj = int32_t(j);
+        for (int r = 0; r < MR; ++r)
+          for (int l = 0; l < NR; ++l) {
+            const Acc x = s[r * NR + l], y = m[r * NR + l];
+            const bool take = v[l] && (!seen[l] || x > y || (x != x && y == y));
+            m[r * NR + l] = take ? x : y;
+            ix[r * NR + l] = take ? jj : ix[r * NR + l];
+          }
+      } else {
+        for (int r = 0; r < MR; ++r)
+          for (int l = 0; l < NR; ++l) {
+            const Acc x = s[r * NR + l], y = m[r * NR + l];
+            m[r * NR + l] = (v[l] && (x > y || x != x)) ? x : y;
+          }
+      }
+      if (j + 1 == bounds[kb]) {  // snapshot: later tokens fold into the next bound's copy
+        if (kb + 1 < nb) {
+          std::memcpy(m + T_, m, sizeof(Acc) * T_);
+          if (kArgmax) std::memcpy(ix + T_, ix, sizeof(int32_t) * T_);
+        }
+        ++kb;
+      }
+    }
+    if (kArgmax) {  // saved element ((a * nc + b) * rq_eff + i) * nb + k
+      const int64_t step = rq * nb;
+      for (int r = 0; r < nqg * int(rq); ++r) {
+        const int64_t a = ag + r / rq, i = r % rq;
+        for (int64_t k = 0; k < nb; ++k) {
+          const int32_t* bi = w.lbidx + k * T_ + r * NR;
+          const int64_t e0 = saved_index(P, a, b0, P.nc, i, k);
+          if (save.wide)
+            for (int l = 0; l < nl; ++l) static_cast<int32_t*>(save.data)[e0 + l * step] = bi[l];
+          else
+            for (int l = 0; l < nl; ++l) static_cast<int16_t*>(save.data)[e0 + l * step] = int16_t(bi[l]);
+        }
+      }
+    }
+    for (int al = 0; al < nqg; ++al) {
+      const int64_t a = ag + al;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t k = P.groups.bound_index[g];
+        alignas(64) Acc sum[NR] = {};
+        for (int64_t i = 0; i < P.groups.rq[g]; ++i) {  // tokens summed in order, as block_scores
+          if (!query_token_valid(P, a, i)) continue;
+          const Acc* bm = bmax + k * T_ + (al * rq + i) * NR;
+          for (int l = 0; l < NR; ++l) sum[l] += bm[l];
+        }
+        const int32_t* bv = w.lbvalid + k * NR;  // no valid token in the prefix -> 0
+        Acc* o = out + (g * P.nq + a) * P.nc + b0;
+        if (nl == NR) {
+          for (int l = 0; l < NR; ++l) o[l] = bv[l] ? sum[l] : Acc(0);
+        } else {
+          for (int l = 0; l < nl; ++l) o[l] = bv[l] ? sum[l] : Acc(0);
+        }
+      }
+    }
+  }
+
+  // Memory behind the computation: a tile takes ~1k cycles and writes a few lines of scores
+  // to distinct rows of a (G, Nq, Nc) output far larger than the caches, and each candidate
+  // block is read once. Without help both stall on DRAM latency (the stores on their
+  // read-for-ownership): the next row group's score lines and, spread over the last query
+  // block's row groups, the next candidate block are prefetched.
+  static void prefetch_scores(const Problem& P, const Acc* out, int64_t ag, int nqg, int64_t b0, int nl) {
+    for (int64_t g = 0; g < P.groups.num_groups; ++g)
+      for (int al = 0; al < nqg; ++al) {
+        const char* o = reinterpret_cast<const char*>(out + (g * P.nq + ag + al) * P.nc + b0);
+        const int64_t bytes = int64_t(sizeof(Acc)) * nl;
+        for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(o + off, 1, 3);
+        __builtin_prefetch(o + bytes - 1, 1, 3);
+      }
+  }
+
+  static void prefetch_candidates(const Problem& P, int64_t cb, int64_t part, int64_t parts) {
+    const int64_t b0 = cb * NR, nl = min64(NR, P.nc - b0);
+    const T* c = typed<T>(P.c.data);
+    for (int64_t l = part * nl / parts; l < (part + 1) * nl / parts; ++l)
+      for (int64_t j = 0; j < P.groups.rc_eff; ++j) {
+        const char* row = reinterpret_cast<const char*>(c + (b0 + l) * P.c.s0 + j * P.c.s1);
+        for (int64_t off = 0; off < int64_t(sizeof(T)) * P.d; off += 64) __builtin_prefetch(row + off, 0, 3);
+      }
+  }
+
+  template <bool kArgmax>
+  static void lane_items(const Problem& P, int64_t x0, int64_t x1, Work& w, Acc* out, SavedArgmax save) {
+    const int qpt = lane_queries(P);
+    int64_t packed = -1;
+    for (int64_t x = x0; x < x1; ++x) {
+      const int64_t cb = x / P.num_qblocks, qb = x % P.num_qblocks;
+      const int64_t b0 = cb * NR;
+      const int nl = int(min64(NR, P.nc - b0));
+      if (cb != packed) {
+        pack_candidate_block(P, b0, nl, w);
+        packed = cb;
+      }
+      const bool next_block = qb + 1 == P.num_qblocks && x + 1 < x1;  // this thread packs cb + 1 next
+      const int64_t a0 = qb * P.queries_per_block, a1 = min64(P.nq, a0 + P.queries_per_block);
+      const int64_t groups = ceil_div(a1 - a0, qpt);
+      for (int64_t ag = a0, gi = 0; ag < a1; ag += qpt, ++gi) {
+        const int nqg = int(min64(qpt, a1 - ag));
+        if (ag + qpt < a1) prefetch_scores(P, out, ag + qpt, int(min64(qpt, a1 - ag - qpt)), b0, nl);
+        if (next_block) prefetch_candidates(P, cb + 1, gi, groups);
+        lane_tiles(P, ag, nqg, w);
+        lane_epilogue<kArgmax>(P, ag, nqg, b0, nl, w, out, save);
+      }
+    }
+  }
+
+  static void maxsim_forward_lanes(const Problem& P, int64_t x0, int64_t x1, void* ws, void* out, SavedArgmax save) {
+    Work w = carve(P, ws);
+    // rows past lane_rows(P) of each tile are never written by the micro-kernel; the
+    // epilogue folds all MR rows (fixed trip counts), so they start as defined zeros
+    std::memset(static_cast<void*>(w.ltile), 0, sizeof(Acc) * P.groups.rc_eff * MR * NR);
+    if (save.data)
+      lane_items<true>(P, x0, x1, w, static_cast<Acc*>(out), save);
+    else
+      lane_items<false>(P, x0, x1, w, static_cast<Acc*>(out), save);
   }
 
   // With a saved argmax no similarity is recomputed: the backward is the scatter alone.
@@ -749,8 +997,10 @@ struct Engine {
     s.workspace_bytes = &workspace_bytes;
     s.qpack_bytes = &qpack_bytes;
     s.pack_elem_bytes = int(sizeof(PackT));
+    s.row_elem_bytes = int(sizeof(RowT));
     s.pack_queries = &pack_queries;
     s.maxsim_forward = &maxsim_forward;
+    s.maxsim_forward_lanes = &maxsim_forward_lanes;
     s.maxsim_backward = &maxsim_backward;
     s.infonce_forward = &infonce_forward;
     s.infonce_forward_hard = &infonce_forward_hard;
@@ -778,6 +1028,16 @@ struct AccPacking {
   template <class T>
   static void pack_token(const T* src, int64_t d, Acc* panel, int lane) {
     for (int64_t k = 0; k < d; ++k) panel[k * NR + lane] = Acc(scalar_to_float(src[k]));
+  }
+  // A whole panel of NR tokens (candidate lanes); a null source is a zero lane.
+  template <class T>
+  static void pack_lanes(const T* const* src, int64_t d, Acc* panel) {
+    for (int l = 0; l < NR; ++l) {
+      if (src[l])
+        pack_token(src[l], d, panel, l);
+      else
+        for (int64_t k = 0; k < d; ++k) panel[k * NR + l] = Acc(0);
+    }
   }
 };
 

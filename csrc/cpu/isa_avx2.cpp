@@ -40,12 +40,16 @@ struct Avx2Policy : AccPacking<float, 16> {
   static constexpr int NR = 16;
   static constexpr int MR = 6;
 
-  // Tiles of fewer than 4 rows (tiny budgets such as r_c = 1) would leave too few
-  // independent accumulators to cover the FMA latency, so D is split across S
-  // interleaved accumulator sets, summed at the end.
+  // A 1-row tile (r_c = 1, or the last token of r_c = MR k + 1) would leave only two
+  // accumulators to cover the FMA latency, so D is split across S = 4 interleaved
+  // accumulator sets, summed at the end. Every taller tile accumulates each element as one
+  // sequential FMA chain over D, whatever its height: an element's value is then the same
+  // in every layout and tiling (engine.h, candidate lanes), so a saved argmax equals the
+  // backward's recompute, near-ties included. (ops_cpu.cpp's choose_blocking keeps the
+  // candidate-lane layout away from budgets with a 1-row tail tile: r_c = 1 has no choice of j.)
   template <int M>
   static inline void micro(const float* const* rows, const float* qp, int64_t kc, float* tile, bool accumulate) {
-    constexpr int S = M >= 4 ? 1 : (M == 1 ? 4 : 2);
+    constexpr int S = M == 1 ? 4 : 1;
     __m256 lo[S][M], hi[S][M];
     const float* rp[M];
 #pragma GCC unroll 8

@@ -34,10 +34,26 @@ struct Tokens {
   int64_t m0, m1, m2;
 };
 
+// Query blocks of at most this many tokens (one query at a small budget: test-time retrieval)
+// take dot products along D instead of the register micro-kernel (Engine::dots).
+constexpr int64_t kFewQueryTokens = 4;
+
+// How a forward lays its work out (Problem::layout):
+//  * kQueryPanels: a query block's tokens are packed in NR-lane panels, candidate tokens are
+//    broadcast (MR candidate tokens x NR query tokens per register tile). Every op.
+//  * kCandidateLanes: maxsim_grouped at small budgets (r_c <= kLanesMaxRc, r_q <= MR) with
+//    many query tokens: NR candidates are packed per token j into lanes and query tokens are
+//    broadcast (MR query tokens x NR candidates per tile), so the max over j, the sum over i
+//    and the score stores are all lane-parallel (Engine::maxsim_forward_lanes).
+enum Layout : int32_t { kQueryPanels = 0, kCandidateLanes = 1 };
+constexpr int64_t kLanesMaxRc = 8;
+
 // One (queries x candidates) scoring problem, plus the blocking chosen by the host.
-// Queries are packed into blocks of `queries_per_block` whole queries; a block's
+// kQueryPanels: queries are packed into blocks of `queries_per_block` whole queries; a block's
 // tokens (query-major) are laid out in panels of NR lanes, in a format the ISA's kernel
-// set owns (qpack_bytes tells the host how much to allocate).
+// set owns (qpack_bytes tells the host how much to allocate). kCandidateLanes: qpack holds
+// the query tokens as rows of D elements the micro-kernel reads directly (masked tokens zero),
+// and query blocks are chunks of queries that stay in L2 while candidate blocks pass.
 struct Problem {
   DType dtype;
   int64_t nq, nc, rq, rc, d;  // full sizes; gradients use the (n, rq|rc, d) layout
@@ -48,6 +64,7 @@ struct Problem {
   int64_t num_qblocks;
   int64_t panels_per_block;
   void* qpack;                // packed queries, see above
+  int32_t layout = kQueryPanels;
 };
 
 // Argmax tokens saved by a forward for its backward, which then scatters the gradient
@@ -67,10 +84,14 @@ struct KernelSet {
   size_t (*workspace_bytes)(const Problem&);
   size_t (*qpack_bytes)(const Problem&);  // the packed-query buffer the host allocates
   int pack_elem_bytes;                    // bytes per packed query element (blocking)
+  int row_elem_bytes;                     // bytes per query row element (kCandidateLanes)
   void (*pack_queries)(const Problem&, int64_t qblock);
   // scores (G, nq, nc): candidates [b0, b1) against query block `qblock`.
   void (*maxsim_forward)(const Problem&, int64_t qblock, int64_t b0, int64_t b1, void* ws, void* scores,
                          SavedArgmax save);
+  // kCandidateLanes: items [x0, x1) of (candidate block x / num_qblocks of NR candidates,
+  // query block x % num_qblocks); each scores element is written by exactly one item.
+  void (*maxsim_forward_lanes)(const Problem&, int64_t x0, int64_t x1, void* ws, void* scores, SavedArgmax save);
   // grad (G, nq, nc) -> dq_partial (nq, rq, d) += ..., dc (nc, rc, d) rows of [b0, b1).
   void (*maxsim_backward)(const Problem&, const void* grad, int64_t b0, int64_t b1, void* ws,
                           void* dq_partial, void* dc, SavedArgmax saved);

@@ -81,9 +81,28 @@ struct Prepared {
 // 16 KiB (L1) and candidates are re-read per block from L2/L3 instead.
 // min_blocks > 1 caps the block size so that work split by query block has at least that
 // many blocks (the fused loss forward runs one thread per query block).
-void choose_blocking(Problem& p, const IsaKernels& isa, const KernelSet& ks, int64_t min_blocks = 1) {
+//
+// lanes_ok (maxsim_grouped's forward): small budgets with many query tokens take the
+// candidate-lane layout (kernels.h, Layout) when D fits one chunk and whole queries fit a
+// register tile. Not when the query-panel layout would end a candidate on a 1-row tile of
+// a later token (r_c = MR k + 1 > 1: that tile splits D, see the policies), so that a saved
+// argmax always equals the query-panel backward's recompute. Query blocks are then chunks
+// of queries whose rows fill at most 256 KiB of L2, reused by every candidate block.
+void choose_blocking(Problem& p, const IsaKernels& isa, const KernelSet& ks, int64_t min_blocks = 1,
+                     bool lanes_ok = false) {
   const int64_t D = p.d;
   p.kc = D <= 768 ? D : 8 * ceil_div_host(D, 8 * ceil_div_host(D, 512));
+  const int64_t rq = p.groups.rq_eff, rc = p.groups.rc_eff;
+  if (lanes_ok && p.kc == D && rq <= isa.mr && rc <= kLanesMaxRc && (rc == 1 || rc % isa.mr != 1) &&
+      p.nq * rq > kFewQueryTokens) {
+    const int64_t qpt = isa.mr / rq;  // whole queries per register tile
+    const int64_t fit = (int64_t(256) << 10) / (rq * D * ks.row_elem_bytes);
+    p.layout = kCandidateLanes;
+    p.queries_per_block = std::min(p.nq, std::max<int64_t>(qpt, fit / qpt * qpt));
+    p.num_qblocks = ceil_div_host(p.nq, p.queries_per_block);
+    p.panels_per_block = ceil_div_host(p.queries_per_block * rq, isa.nr);
+    return;
+  }
   const int64_t block_bytes = p.groups.rc_eff >= std::min(isa.mr, 4) ? (int64_t(256) << 10) : (int64_t(16) << 10);
   const int64_t target_tokens = std::max<int64_t>(isa.nr, block_bytes / (p.kc * ks.pack_elem_bytes));
   p.queries_per_block = std::max<int64_t>(1, std::min<int64_t>(p.nq, target_tokens / p.groups.rq_eff));
@@ -94,7 +113,7 @@ void choose_blocking(Problem& p, const IsaKernels& isa, const KernelSet& ks, int
 
 // Fills P (P.plan must be set) and packs the queries.
 void prepare(Prepared& P, const at::Tensor& q, const at::Tensor& c, const c10::optional<at::Tensor>& q_mask,
-             const c10::optional<at::Tensor>& c_mask, int64_t min_blocks = 1) {
+             const c10::optional<at::Tensor>& c_mask, int64_t min_blocks = 1, bool lanes_ok = false) {
   P.q = last_dim_contiguous(q);
   P.c = last_dim_contiguous(c);
   P.q_mask = mask_of(q_mask);
@@ -114,7 +133,7 @@ void prepare(Prepared& P, const at::Tensor& q, const at::Tensor& c, const c10::o
   p.c = Tokens{P.c.data_ptr(), P.c.stride(0), P.c.stride(1), 0, P.c_mask.ptr, p.rc, 1, 0};
   p.groups = Groups{g.size(), g.rq.data(), g.bound_index.data(), int64_t(g.bounds.size()), g.bounds.data(),
                     g.rq_eff, g.rc_eff};
-  choose_blocking(p, *P.isa, *P.ks, min_blocks);
+  choose_blocking(p, *P.isa, *P.ks, min_blocks, lanes_ok);
   P.qpack = at::empty({int64_t(P.ks->qpack_bytes(p)) + 64}, q.options().dtype(at::kByte));
   p.qpack = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(P.qpack.data_ptr()) + 63) & ~uintptr_t(63));
   at::parallel_for(0, p.num_qblocks, 1, [&](int64_t b, int64_t e) {
@@ -179,12 +198,22 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_cpu(const at::Tensor& q, const
   Prepared P;
   P.plan = make_group_plan(group_rq, group_rc, q.size(1), c.size(1));
   const int64_t G = P.plan.size();
-  at::Tensor out = at::zeros({G, q.size(0), c.size(0)}, q.options().dtype(score_type(q)));
+  // every element is written by the kernels (no zero-fill: the output can be large)
+  at::Tensor out = at::empty({G, q.size(0), c.size(0)}, q.options().dtype(score_type(q)));
   at::Tensor argmax = saved_argmax_output(P.plan, q.size(0), c.size(0), save_argmax, q);
   if (q.size(0) == 0 || c.size(0) == 0) return {out, argmax};
-  prepare(P, q, c, q_mask, c_mask);
+  prepare(P, q, c, q_mask, c_mask, 1, /*lanes_ok=*/true);
   const Problem& p = P.p;
   const SavedArgmax save = saved_view(argmax);
+  if (p.layout == kCandidateLanes) {  // item x = (candidate block x / num_qblocks, query block)
+    const int64_t items = ceil_div_host(p.nc, P.isa->nr) * p.num_qblocks;
+    const double item_flops = 2.0 * p.queries_per_block * p.groups.rq_eff * P.isa->nr * p.groups.rc_eff * p.d;
+    at::parallel_for(0, items, grain_for(item_flops), [&](int64_t x0, int64_t x1) {
+      Workspace ws(P);
+      P.ks->maxsim_forward_lanes(p, x0, x1, ws.get(), out.data_ptr(), save);
+    });
+    return {out, argmax};
+  }
   const int64_t items = p.num_qblocks * p.nc;  // item x = (query block x / nc, candidate x % nc)
   const double item_flops = 2.0 * p.queries_per_block * p.groups.rq_eff * p.groups.rc_eff * p.d;
   at::parallel_for(0, items, grain_for(item_flops), [&](int64_t x0, int64_t x1) {

@@ -27,17 +27,75 @@ inline __m512 load16_tail(const bf16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
+// 16 x 16 transpose of 32-bit elements in registers: afterwards r[e] holds element e of
+// every input row (lane i = row i). Four stages of 16 shuffles: 32-bit and 64-bit unpacks
+// within 128-bit lanes, then two rounds of 128-bit lane selects.
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // r[4i + e]: rows 4i..4i+3, element 4L + e in 128-bit lane L
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+#pragma GCC unroll 4
+  for (int e = 0; e < 4; ++e) {
+    t[e] = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x88);  // rows 0-7: elements e, 8 + e
+    t[4 + e] = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xDD);  // rows 0-7: elements 4 + e, 12 + e
+    t[8 + e] = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x88);
+    t[12 + e] = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xDD);
+  }
+#pragma GCC unroll 4
+  for (int e = 0; e < 4; ++e) {
+    r[e] = _mm512_shuffle_f32x4(t[e], t[8 + e], 0x88);
+    r[8 + e] = _mm512_shuffle_f32x4(t[e], t[8 + e], 0xDD);
+    r[4 + e] = _mm512_shuffle_f32x4(t[4 + e], t[12 + e], 0x88);
+    r[12 + e] = _mm512_shuffle_f32x4(t[4 + e], t[12 + e], 0xDD);
+  }
+}
+
+// One panel of NR = 32 token lanes whose element k of lane l is 32-bit word k of source l:
+// words [k0, k0 + 16) of 16 lanes are loaded by load(lane, k0, n) (n valid words, the rest
+// zero), transposed and stored as rows k of the panel. Null sources are zero lanes.
+template <class Load>
+inline void pack_lanes32(int64_t words, float* panel, Load&& load) {
+  constexpr int NR = 32;
+  for (int64_t k0 = 0; k0 < words; k0 += 16) {
+    const int n = int(words - k0 < 16 ? words - k0 : 16);
+#pragma GCC unroll 2
+    for (int h = 0; h < NR / 16; ++h) {
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) r[i] = load(h * 16 + i, k0, n);
+      transpose16x16(r);
+      for (int e = 0; e < n; ++e) _mm512_storeu_ps(panel + (k0 + e) * NR + h * 16, r[e]);
+    }
+  }
+}
+
 struct Avx512Policy : AccPacking<float, 32> {
   using Acc = float;
   static constexpr int NR = 32;
   static constexpr int MR = 8;
 
-  // Tiles of fewer than 4 rows (tiny budgets such as r_c = 1) would leave too few
-  // independent accumulators to cover the FMA latency, so D is split across S
-  // interleaved accumulator sets, summed at the end.
+  // A 1-row tile (r_c = 1, or the last token of r_c = MR k + 1) would leave only two
+  // accumulators to cover the FMA latency, so D is split across S = 4 interleaved
+  // accumulator sets, summed at the end. Every taller tile accumulates each element as one
+  // sequential FMA chain over D, whatever its height: an element's value is then the same
+  // in every layout and tiling (engine.h, candidate lanes), so a saved argmax equals the
+  // backward's recompute, near-ties included. (ops_cpu.cpp's choose_blocking keeps the
+  // candidate-lane layout away from budgets with a 1-row tail tile: r_c = 1 has no choice of j.)
   template <int M>
   static inline void micro(const float* const* rows, const float* qp, int64_t kc, float* tile, bool accumulate) {
-    constexpr int S = M >= 4 ? 1 : (M == 1 ? 4 : 2);
+    constexpr int S = M == 1 ? 4 : 1;
     __m512 lo[S][M], hi[S][M];
     const float* rp[M];
 #pragma GCC unroll 8
@@ -83,6 +141,16 @@ struct Avx512Policy : AccPacking<float, 32> {
       _mm512_storeu_ps(tile + r * NR, lo[0][r]);
       _mm512_storeu_ps(tile + r * NR + 16, hi[0][r]);
     }
+  }
+
+  // Candidate-lane panels (engine.h): 16 x 16 transposes, converting to fp32 on the way.
+  template <class T>
+  static void pack_lanes(const T* const* src, int64_t d, float* panel) {
+    pack_lanes32(d, panel, [src](int lane, int64_t k0, int n) {
+      const T* s = src[lane];
+      if (!s) return _mm512_setzero_ps();
+      return n == 16 ? load16(s + k0) : load16_tail(s + k0, __mmask16((1u << n) - 1));
+    });
   }
 
   template <class T>

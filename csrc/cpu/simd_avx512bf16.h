@@ -19,7 +19,20 @@ struct Avx512Bf16Policy : Avx512Policy {
   }
 
   using Avx512Policy::micro;
+  using Avx512Policy::pack_lanes;
   using Avx512Policy::pack_token;
+
+  // Candidate-lane panels of bf16 pairs: 32-bit word p of a lane is dims (2p, 2p + 1), so the
+  // fp32 transposes apply unchanged; an odd D's last word has a zero high half.
+  static void pack_lanes(const bf16_t* const* src, int64_t d, uint16_t* panel) {
+    pack_lanes32((d + 1) / 2, reinterpret_cast<float*>(panel), [src, d](int lane, int64_t p0, int) {
+      const bf16_t* s = src[lane];
+      if (!s) return _mm512_setzero_ps();
+      const int64_t halves = d - 2 * p0;
+      const __mmask32 m = halves >= 32 ? ~__mmask32(0) : __mmask32((1u << halves) - 1);
+      return _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, s + 2 * p0));
+    });
+  }
 
   // bf16 pairs: dim k of `lane` at panel[(k / 2) * 2 * NR + 2 * lane + (k % 2)].
   static void pack_token(const bf16_t* src, int64_t d, uint16_t* panel, int lane) {
