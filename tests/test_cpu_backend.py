@@ -15,6 +15,7 @@ from helpers import (
     exact_values,
     grad_tolerance,
     normal_values,
+    ops_of,
     requires_extension,
     score_tolerance,
 )
@@ -205,3 +206,106 @@ def test_more_than_2_pow_31_elements():
     one = maxsim_grouped(q[:1, :1], c, ((1, 1), (1, rc)), backend="cpu")
     ref_one = reference.maxsim_grouped(q[:1, :1].double(), tail.double(), ((1, 1), (1, rc)))
     assert_close(one[:, :, -4:], ref_one, score_tolerance(q[:1, :1], tail, ((1, 1), (1, rc))), "far, one token")
+
+
+# maxsim_grouped's candidate-lanes layout (csrc/cpu kernels.h, Layout): more than 4 query
+# tokens at budgets r_q <= MR, r_c <= 8 put NR candidates in the lanes of a register tile and
+# broadcast query tokens. Shapes: a partial last candidate block (N = 37, N = 5 < NR), several
+# query blocks (Nq = 300 at r_q = 4), odd and short D (bf16 pairs with a lone last dim), budgets
+# that take prefixes of the stored tokens; masks with empty rows and holes (not prefixes).
+LANES_CASES = [
+    (dict(nq=9, nc=37, rq=5, rc=9, d=33), ((1, 1),)),
+    (dict(nq=13, nc=37, rq=5, rc=9, d=128), ((2, 4),)),
+    (dict(nq=7, nc=5, rq=3, rc=8, d=20), ((1, 1), (2, 4), (3, 8))),
+    (dict(nq=300, nc=37, rq=4, rc=8, d=128), ((4, 8), (1, 1))),
+    (dict(nq=6, nc=40, rq=2, rc=2, d=17), ((2, 2), (1, 1))),
+]
+
+
+def lanes_masks(nq, nc, rq, rc, gen):
+    """Random holes, one query and two candidates with no valid token, one candidate valid
+    only past the smallest budget."""
+    qm = torch.rand(nq, rq, generator=gen) > 0.3
+    cm = torch.rand(nc, rc, generator=gen) > 0.3
+    qm[1] = False
+    cm[3] = False
+    cm[-1] = False
+    cm[4] = False
+    cm[4, -1] = True
+    return qm, cm
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", LANES_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c[0].items()))
+def test_every_isa_candidate_lanes(cpu_isa, case, dtype):
+    shape, groups = case
+    nq, nc, rq, rc, d = (shape[k] for k in ("nq", "nc", "rq", "rc", "d"))
+    gen = torch.Generator().manual_seed(nq * 1000 + nc)
+    qm, cm = lanes_masks(nq, nc, rq, rc, gen)
+    q, c = normal_values((nq, rq, d), gen, dtype), normal_values((nc, rc, d), gen, dtype)
+    ref = reference.maxsim_grouped(q.double(), c.double(), groups, qm, cm)
+    for masks in ((qm, cm), (None, None)):
+        out = maxsim_grouped(q, c, groups, q_mask=masks[0], c_mask=masks[1], backend="cpu")
+        expected = ref if masks[0] is not None else reference.maxsim_grouped(q.double(), c.double(), groups)
+        assert_close(out, expected, score_tolerance(q, c, groups), f"scores, masks: {masks[0] is not None}")
+    # masked tokens are never read: NaN there changes nothing
+    qn, cn = q.clone(), c.clone()
+    qn[~qm] = float("nan")
+    cn[~cm] = float("nan")
+    assert torch.equal(maxsim_grouped(qn, cn, groups, q_mask=qm, c_mask=cm, backend="cpu"),
+                       maxsim_grouped(q, c, groups, q_mask=qm, c_mask=cm, backend="cpu"))
+
+    # gradients through the saved argmax (exact values: ties decided as in the reference)
+    qe, ce = exact_values((nq, rq, d), gen, dtype), exact_values((nc, rc, d), gen, dtype)
+    grad = torch.randn(len(groups), nq, nc, generator=gen)
+    qk, ck = qe.clone().requires_grad_(), ce.clone().requires_grad_()
+    maxsim_grouped(qk, ck, groups, q_mask=qm, c_mask=cm, backend="cpu").backward(grad)
+    qr, cr = qe.double().requires_grad_(), ce.double().requires_grad_()
+    reference.maxsim_grouped(qr, cr, groups, qm, cm).backward(grad.double())
+    gmax = torch.tensor(grad.abs().max().item())
+    assert_close(qk.grad, qr.grad, grad_tolerance(qr.grad, dtype, nc * len(groups), gmax), "dq")
+    assert_close(ck.grad, cr.grad, grad_tolerance(cr.grad, dtype, nq * rq * len(groups), gmax), "dc")
+
+    # the saved argmax equals the backward's recompute (query-panel layout) on random values,
+    # near-ties included; the scores do not depend on whether it is saved
+    ops = ops_of("cpu")
+    grq, grc = [g[0] for g in groups], [g[1] for g in groups]
+    scores, argmax = ops("maxsim_grouped")(q, c, grq, grc, qm, cm, True)
+    plain, _ = ops("maxsim_grouped")(q, c, grq, grc, qm, cm)
+    assert torch.equal(scores, plain)
+    g = torch.randn(scores.shape, dtype=scores.dtype, generator=gen)
+    saved = ops("maxsim_grouped_backward")(g, q, c, grq, grc, qm, cm, [True, True], argmax)
+    again = ops("maxsim_grouped_backward")(g, q, c, grq, grc, qm, cm, [True, True])
+    for a, b in zip(saved, again):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_every_isa_candidate_lanes_nonfinite(cpu_isa, dtype):
+    """A NaN or an infinity in a valid token reaches the scores as in the float64 reference
+    (torch.amax semantics), and the forward is the same with the argmax saved or not."""
+    gen = torch.Generator().manual_seed(11)
+    nq, nc, rq, rc, d = 11, 37, 3, 6, 24
+    groups = ((1, 1), (2, 4), (3, 6))
+    qm, cm = lanes_masks(nq, nc, rq, rc, gen)
+    q, c = normal_values((nq, rq, d), gen, dtype), normal_values((nc, rc, d), gen, dtype)
+    c[5, 0, 3] = float("nan")  # valid or not, depending on the mask
+    c[6, 2, 0] = float("nan")
+    c[7, 1, 1] = float("inf")
+    c[33, 0, 2] = -float("inf")
+    q[2, 0, 5] = float("inf")
+    cm[5, 0] = cm[6, 2] = cm[7, 1] = cm[33, 0] = True
+    qm[2, 0] = True
+    out = maxsim_grouped(q, c, groups, q_mask=qm, c_mask=cm, backend="cpu").double()
+    ref = reference.maxsim_grouped(q.double(), c.double(), groups, qm, cm)
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(out[~finite & ~torch.isnan(ref)], ref[~finite & ~torch.isnan(ref)])
+    tol = score_tolerance(q.nan_to_num(0, 0, 0), c.nan_to_num(0, 0, 0), groups)
+    assert_close(out[finite], ref[finite], tol[finite], "finite scores")
+    ops = ops_of("cpu")
+    grq, grc = [g[0] for g in groups], [g[1] for g in groups]
+    saved, _ = ops("maxsim_grouped")(q, c, grq, grc, qm, cm, True)
+    plain, _ = ops("maxsim_grouped")(q, c, grq, grc, qm, cm)
+    assert torch.equal(saved.isnan(), plain.isnan())
+    assert torch.equal(saved.nan_to_num(), plain.nan_to_num())
