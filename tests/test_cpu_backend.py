@@ -212,13 +212,16 @@ def test_more_than_2_pow_31_elements():
 # tokens at budgets r_q <= MR, r_c <= 8 put NR candidates in the lanes of a register tile and
 # broadcast query tokens. Shapes: a partial last candidate block (N = 37, N = 5 < NR), several
 # query blocks (Nq = 300 at r_q = 4), odd and short D (bf16 pairs with a lone last dim), budgets
-# that take prefixes of the stored tokens; masks with empty rows and holes (not prefixes).
+# that take prefixes of the stored tokens; masks with empty rows and holes (not prefixes); a
+# large output.
 LANES_CASES = [
     (dict(nq=9, nc=37, rq=5, rc=9, d=33), ((1, 1),)),
     (dict(nq=13, nc=37, rq=5, rc=9, d=128), ((2, 4),)),
     (dict(nq=7, nc=5, rq=3, rc=8, d=20), ((1, 1), (2, 4), (3, 8))),
     (dict(nq=300, nc=37, rq=4, rc=8, d=128), ((4, 8), (1, 1))),
     (dict(nq=6, nc=40, rq=2, rc=2, d=17), ((2, 2), (1, 1))),
+    # scores past 4 MiB in 64-byte aligned rows: full blocks take non-temporal stores (AVX-512)
+    (dict(nq=64, nc=16400, rq=2, rc=3, d=16), ((1, 1), (2, 3))),
 ]
 
 

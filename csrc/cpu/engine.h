@@ -562,7 +562,7 @@ struct Engine {
   // stored as rows of consecutive b.
   template <bool kArgmax>
   static void lane_epilogue(const Problem& P, int64_t ag, int nqg, int64_t b0, int nl, Work& w, Acc* out,
-                            SavedArgmax save) {
+                            SavedArgmax save, bool stream) {
     constexpr int T_ = MR * NR;
     const int64_t rq = P.groups.rq_eff, rc = P.groups.rc_eff, nb = P.groups.num_bounds, G = P.groups.num_groups;
     const int64_t* bounds = P.groups.bounds;
@@ -635,7 +635,11 @@ struct Engine {
         const int32_t* bv = w.lbvalid + k * NR;  // no valid token in the prefix -> 0
         Acc* o = out + (g * P.nq + a) * P.nc + b0;
         if (nl == NR) {
-          for (int l = 0; l < NR; ++l) o[l] = bv[l] ? sum[l] : Acc(0);
+          for (int l = 0; l < NR; ++l) sum[l] = bv[l] ? sum[l] : Acc(0);
+          if (stream)
+            Policy::stream_row(o, sum);
+          else
+            std::memcpy(static_cast<void*>(o), sum, sizeof(sum));
         } else {
           for (int l = 0; l < nl; ++l) o[l] = bv[l] ? sum[l] : Acc(0);
         }
@@ -671,6 +675,12 @@ struct Engine {
   template <bool kArgmax>
   static void lane_items(const Problem& P, int64_t x0, int64_t x1, Work& w, Acc* out, SavedArgmax save) {
     const int qpt = lane_queries(P);
+    // Full blocks of scores are 64-byte aligned rows of NR: where the policy can and the
+    // output is past the private caches, they are stored non-temporally (no read for
+    // ownership of lines this pass never reads; the stores stalled the tiles before).
+    const bool stream = Policy::kStreamScores && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
+                        (P.nc * int64_t(sizeof(Acc))) % 64 == 0 && (NR * sizeof(Acc)) % 64 == 0 &&
+                        P.groups.num_groups * P.nq * P.nc * int64_t(sizeof(Acc)) >= (int64_t(4) << 20);
     int64_t packed = -1;
     for (int64_t x = x0; x < x1; ++x) {
       const int64_t cb = x / P.num_qblocks, qb = x % P.num_qblocks;
@@ -685,12 +695,13 @@ struct Engine {
       const int64_t groups = ceil_div(a1 - a0, qpt);
       for (int64_t ag = a0, gi = 0; ag < a1; ag += qpt, ++gi) {
         const int nqg = int(min64(qpt, a1 - ag));
-        if (ag + qpt < a1) prefetch_scores(P, out, ag + qpt, int(min64(qpt, a1 - ag - qpt)), b0, nl);
+        if (!stream && ag + qpt < a1) prefetch_scores(P, out, ag + qpt, int(min64(qpt, a1 - ag - qpt)), b0, nl);
         if (next_block) prefetch_candidates(P, cb + 1, gi, groups);
         lane_tiles(P, ag, nqg, w);
-        lane_epilogue<kArgmax>(P, ag, nqg, b0, nl, w, out, save);
+        lane_epilogue<kArgmax>(P, ag, nqg, b0, nl, w, out, save, stream);
       }
     }
+    if (stream) Policy::stream_fence();
   }
 
   static void maxsim_forward_lanes(const Problem& P, int64_t x0, int64_t x1, void* ws, void* out, SavedArgmax save) {
@@ -1019,6 +1030,10 @@ template <class Acc, int NR>
 struct AccPacking {
   template <class T>
   using Pack = Acc;
+  // Non-temporal stores of one row of NR scores (candidate lanes); none by default.
+  static constexpr bool kStreamScores = false;
+  static void stream_row(Acc* dst, const Acc* src) { std::memcpy(static_cast<void*>(dst), src, sizeof(Acc) * NR); }
+  static void stream_fence() {}
   template <class T>
   static constexpr bool kDirectRows = std::is_same_v<T, Acc>;
   template <class T>

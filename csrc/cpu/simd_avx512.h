@@ -143,6 +143,14 @@ struct Avx512Policy : AccPacking<float, 32> {
     }
   }
 
+  // Candidate-lane score rows: two 64-byte aligned non-temporal stores, fenced once per task.
+  static constexpr bool kStreamScores = true;
+  static void stream_row(float* dst, const float* src) {
+    _mm512_stream_ps(dst, _mm512_loadu_ps(src));
+    _mm512_stream_ps(dst + 16, _mm512_loadu_ps(src + 16));
+  }
+  static void stream_fence() { _mm_sfence(); }
+
   // Candidate-lane panels (engine.h): 16 x 16 transposes, converting to fp32 on the way.
   template <class T>
   static void pack_lanes(const T* const* src, int64_t d, float* panel) {
