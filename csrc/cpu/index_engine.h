@@ -208,18 +208,46 @@ inline const uint8_t* block_qvalid(const IndexProblem& IP, int64_t a0, int64_t n
   return buf;
 }
 
+// Bit l set where s[l] >= thr[l], l < 16: one vector compare where the including ISA file
+// (index_isa_*.cpp, its METAEMBED_INDEX_* macro) targets one; GCC kept the plain loop scalar.
+// (Not __AVX512F__: g++ does not define it under `#pragma GCC target`.)
+inline uint32_t lanes_reaching16(const float* s, const float* thr) {
+#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_loadu_ps(thr), _CMP_GE_OQ);
+#elif defined(METAEMBED_INDEX_AVX2)
+  const uint32_t lo = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(thr), _CMP_GE_OQ));
+  const uint32_t hi = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + 8), _mm256_loadu_ps(thr + 8), _CMP_GE_OQ));
+  return lo | hi << 8;
+#else
+  uint32_t bits = 0;
+  for (int l = 0; l < 16; ++l) bits |= uint32_t(s[l] >= thr[l]) << l;
+  return bits;
+#endif
+}
+
 // The threshold test: offer the candidate to the heaps of the queries whose bar it reaches.
+// Queries go 16 at a time through one vector compare (a bool-or over all n queries stayed
+// scalar, and with many queries per block it cost as much as a 1-token budget's tile).
 inline void offer_scores(TopK& top, const IndexProblem& IP, int64_t a0, int64_t n, const float* scores, int64_t id,
                          int64_t row) {
+  constexpr int kLanes = 16;
   const int64_t G = IP.p.groups.num_groups, nq = IP.p.nq;
   for (int64_t g = 0; g < G; ++g) {
     const float* s = scores + g * n;
     const float* thr = top.thr + g * nq + a0;
-    bool any = false;
-    for (int64_t al = 0; al < n; ++al) any |= s[al] >= thr[al];
-    if (!any) continue;
-    for (int64_t al = 0; al < n; ++al)
-      if (s[al] >= thr[al]) heap_offer(top, g * nq + a0 + al, s[al], id, row);
+    for (int64_t c0 = 0; c0 < n; c0 += kLanes) {
+      uint32_t hits = 0;
+      if (c0 + kLanes <= n) {
+        hits = lanes_reaching16(s + c0, thr + c0);
+      } else {
+        for (int l = 0; c0 + l < n; ++l) hits |= uint32_t(s[c0 + l] >= thr[c0 + l]) << l;
+      }
+      for (int l = 0; hits; ++l, hits >>= 1) {
+        const int64_t al = c0 + l;
+        if ((hits & 1) && s[al] >= thr[al])  // the bar rises as a heap fills
+          heap_offer(top, g * nq + a0 + al, s[al], id, row);
+      }
+    }
   }
 }
 
