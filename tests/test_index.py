@@ -400,6 +400,32 @@ def test_bad_search_inputs(small_index):
         index.search_grouped(q, 1, [(1, 1), (1, 5)])
     with pytest.raises(ValueError, match="k must be >= 1"):
         index.search_grouped(q, 0, [(1, 1)])
+    with pytest.raises(ValueError, match="NaN"):
+        index.search_grouped(torch.cat([q[:, :1], torch.full_like(q[:, :1], float("inf"))], 1), 1, [(1, 1), (2, 4)])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_non_finite_query_vectors_the_search_never_reads_are_accepted(small_index, dtype):
+    """NaN in a masked query vector or past the budget's r_q is never read (the search's
+    NaN check covers only the vectors it reads), and the results equal a clean query's."""
+    index = MultiVectorIndex(8, 4, dtype=dtype)
+    index.add(torch.randn(7, 4, 8, generator=torch.Generator().manual_seed(3)))
+    clean = torch.randn(3, 3, 8, generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[True, False, True], [True, True, False], [False, True, True]])
+    dirty = clean.clone()
+    dirty[~mask] = float("nan")
+    for kwargs in (dict(q_mask=mask), dict(q_mask=mask, budget=(2, 2)), dict(q_mask=mask, shortlist=((1, 1), 4))):
+        s0, i0 = index.search(clean, 3, **kwargs)
+        s1, i1 = index.search(dirty, 3, **kwargs)
+        assert torch.equal(i0, i1) and torch.equal(s0, s1), kwargs
+    past = clean.clone()
+    past[:, 2] = float("nan")  # the third vector is past r_q = 2
+    assert torch.equal(index.search(past, 3, budget=(2, 4))[1], index.search(clean, 3, budget=(2, 4))[1])
+    g0 = index.search_grouped(clean, 3, [(1, 1), (2, 4)], q_mask=mask)
+    g1 = index.search_grouped(dirty, 3, [(1, 1), (2, 4)], q_mask=mask)
+    assert torch.equal(g0[1], g1[1]) and torch.equal(g0[0], g1[0])
+    with pytest.raises(ValueError, match="NaN"):  # a valid vector the search reads
+        index.search(past, 3, budget=(3, 4))
 
 
 def test_op_rejects_inconsistent_arguments():
