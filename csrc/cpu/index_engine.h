@@ -225,6 +225,22 @@ inline uint32_t lanes_reaching16(const float* s, const float* thr) {
 #endif
 }
 
+// Bit l set where s[l] >= thr, l < 16 (one bar for 16 candidates of one query).
+inline uint32_t lanes_at_least16(const float* s, float thr) {
+#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(thr), _CMP_GE_OQ);
+#elif defined(METAEMBED_INDEX_AVX2)
+  const __m256 bar = _mm256_set1_ps(thr);
+  const uint32_t lo = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s), bar, _CMP_GE_OQ));
+  const uint32_t hi = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + 8), bar, _CMP_GE_OQ));
+  return lo | hi << 8;
+#else
+  uint32_t bits = 0;
+  for (int l = 0; l < 16; ++l) bits |= uint32_t(s[l] >= thr) << l;
+  return bits;
+#endif
+}
+
 // The threshold test: offer the candidate to the heaps of the queries whose bar it reaches.
 // Queries go 16 at a time through one vector compare (a bool-or over all n queries stayed
 // scalar, and with many queries per block it cost as much as a 1-token budget's tile).
@@ -260,6 +276,7 @@ inline void offer_scores(TopK& top, const IndexProblem& IP, int64_t a0, int64_t 
 // threshold test are loops over the 16 candidate lanes (vectorised by the compiler).
 constexpr int kFewC = 16;
 constexpr int kFewT = 4;
+static_assert(kFewC == 16, "the threshold tests (lanes_at_least16) compare 16 candidates at once");
 
 struct FewBuffers {
   float* bm;      // [num_bounds][kFewT][kFewC]
@@ -492,12 +509,9 @@ struct ExactScan {
               for (int64_t al = 0; al < qv.n; ++al) {
                 const float* s = sc + (g * qv.n + al) * kFewC;
                 const int64_t xi = g * nq + qv.a0 + al;
-                const float thr = top.thr[xi];
-                bool hit = false;
-                for (int c = 0; c < kFewC; ++c) hit |= s[c] >= thr;
-                if (!hit) continue;
-                for (int c = 0; c < count; ++c)
-                  if (s[c] >= top.thr[xi])
+                uint32_t hits = lanes_at_least16(s, top.thr[xi]) & ((uint32_t(1) << count) - 1);
+                for (int c = 0; hits; ++c, hits >>= 1)
+                  if ((hits & 1) && s[c] >= top.thr[xi])  // the bar rises as the heap fills
                     heap_offer(top, xi, s[c], cands[c].seg->ids[cands[c].b], cands[c].seg->row0 + cands[c].b);
               }
           });
@@ -768,22 +782,24 @@ struct Int8Scan {
             for (int c = 0; c < count; ++c)
               for (int64_t j = 0; j < rc; ++j)
                 nmax[c] = std::max(nmax[c], token_scale(IP, *cands[c].seg, cands[c].b, j)[1]);
-            uint8_t need[kFewT][kFewC] = {};
-            bool any = false;
+            // candidates whose upper bound (approximate score + scale-weighted error) reaches
+            // the bar of some group, per query: bit c of need[al]
+            uint32_t need[kFewT] = {}, any = 0;
+            const uint32_t real = (uint32_t(1) << count) - 1;
             for (int64_t g = 0; g < G; ++g)
               for (int64_t al = 0; al < n; ++al) {
                 const float* s = sc + (g * n + al) * kFewC;
-                const float thr = top.thr[g * nq + a0 + al], e = w.err_sum[g * n + al];
-                for (int c = 0; c < kFewC; ++c) {
-                  const bool h = s[c] + nmax[c] * e >= thr;
-                  need[al][c] |= h;
-                  any |= h;
-                }
+                const float e = w.err_sum[g * n + al];
+                alignas(64) float bound[kFewC];
+                for (int c = 0; c < kFewC; ++c) bound[c] = s[c] + nmax[c] * e;
+                const uint32_t h = lanes_at_least16(bound, top.thr[g * nq + a0 + al]) & real;
+                need[al] |= h;
+                any |= h;
               }
             if (!any) return;
             for (int64_t al = 0; al < n; ++al)
               for (int c = 0; c < count; ++c) {
-                if (!need[al][c]) continue;
+                if (!((need[al] >> c) & 1)) continue;
                 exact_scores(IP, a0 + al, cands[c], w, w.exact);
                 const int64_t id = cands[c].seg->ids[cands[c].b], row = cands[c].seg->row0 + cands[c].b;
                 for (int64_t g = 0; g < G; ++g) {
