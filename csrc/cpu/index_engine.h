@@ -208,35 +208,36 @@ inline const uint8_t* block_qvalid(const IndexProblem& IP, int64_t a0, int64_t n
   return buf;
 }
 
-// Bit l set where s[l] >= thr[l], l < 16: one vector compare where the including ISA file
-// (index_isa_*.cpp, its METAEMBED_INDEX_* macro) targets one; GCC kept the plain loop scalar.
-// (Not __AVX512F__: g++ does not define it under `#pragma GCC target`.)
-inline uint32_t lanes_reaching16(const float* s, const float* thr) {
+// Bit l set where s[l] >= bar_l, l < 16, with bar_l = thr[l] (Bar = const float*: one bar per
+// query) or thr (Bar = float: one bar for 16 candidates of one query). One vector compare
+// where the including ISA file (index_isa_*.cpp, its METAEMBED_INDEX_* macro) targets one;
+// GCC kept the plain loop scalar. (Not __AVX512F__: g++ does not define it under
+// `#pragma GCC target`.)
+template <class Bar>
+inline uint32_t lanes_reaching16(const float* s, Bar thr) {
+  constexpr bool kPerLane = std::is_pointer_v<Bar>;
 #if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
-  return _mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_loadu_ps(thr), _CMP_GE_OQ);
+  __m512 bar;
+  if constexpr (kPerLane) bar = _mm512_loadu_ps(thr);
+  else bar = _mm512_set1_ps(thr);
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(s), bar, _CMP_GE_OQ);
 #elif defined(METAEMBED_INDEX_AVX2)
-  const uint32_t lo = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(thr), _CMP_GE_OQ));
-  const uint32_t hi = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + 8), _mm256_loadu_ps(thr + 8), _CMP_GE_OQ));
-  return lo | hi << 8;
-#else
   uint32_t bits = 0;
-  for (int l = 0; l < 16; ++l) bits |= uint32_t(s[l] >= thr[l]) << l;
+  for (int h = 0; h < 2; ++h) {
+    __m256 bar;
+    if constexpr (kPerLane) bar = _mm256_loadu_ps(thr + 8 * h);
+    else bar = _mm256_set1_ps(thr);
+    bits |= uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + 8 * h), bar, _CMP_GE_OQ))) << (8 * h);
+  }
   return bits;
-#endif
-}
-
-// Bit l set where s[l] >= thr, l < 16 (one bar for 16 candidates of one query).
-inline uint32_t lanes_at_least16(const float* s, float thr) {
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
-  return _mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(thr), _CMP_GE_OQ);
-#elif defined(METAEMBED_INDEX_AVX2)
-  const __m256 bar = _mm256_set1_ps(thr);
-  const uint32_t lo = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s), bar, _CMP_GE_OQ));
-  const uint32_t hi = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + 8), bar, _CMP_GE_OQ));
-  return lo | hi << 8;
 #else
   uint32_t bits = 0;
-  for (int l = 0; l < 16; ++l) bits |= uint32_t(s[l] >= thr) << l;
+  for (int l = 0; l < 16; ++l) {
+    float bar;
+    if constexpr (kPerLane) bar = thr[l];
+    else bar = thr;
+    bits |= uint32_t(s[l] >= bar) << l;
+  }
   return bits;
 #endif
 }
@@ -276,7 +277,7 @@ inline void offer_scores(TopK& top, const IndexProblem& IP, int64_t a0, int64_t 
 // threshold test are loops over the 16 candidate lanes (vectorised by the compiler).
 constexpr int kFewC = 16;
 constexpr int kFewT = 4;
-static_assert(kFewC == 16, "the threshold tests (lanes_at_least16) compare 16 candidates at once");
+static_assert(kFewC == 16, "the threshold tests (lanes_reaching16) compare 16 candidates at once");
 
 struct FewBuffers {
   float* bm;      // [num_bounds][kFewT][kFewC]
@@ -509,7 +510,7 @@ struct ExactScan {
               for (int64_t al = 0; al < qv.n; ++al) {
                 const float* s = sc + (g * qv.n + al) * kFewC;
                 const int64_t xi = g * nq + qv.a0 + al;
-                uint32_t hits = lanes_at_least16(s, top.thr[xi]) & ((uint32_t(1) << count) - 1);
+                uint32_t hits = lanes_reaching16(s, top.thr[xi]) & ((uint32_t(1) << count) - 1);
                 for (int c = 0; hits; ++c, hits >>= 1)
                   if ((hits & 1) && s[c] >= top.thr[xi])  // the bar rises as the heap fills
                     heap_offer(top, xi, s[c], cands[c].seg->ids[cands[c].b], cands[c].seg->row0 + cands[c].b);
@@ -792,7 +793,7 @@ struct Int8Scan {
                 const float e = w.err_sum[g * n + al];
                 alignas(64) float bound[kFewC];
                 for (int c = 0; c < kFewC; ++c) bound[c] = s[c] + nmax[c] * e;
-                const uint32_t h = lanes_at_least16(bound, top.thr[g * nq + a0 + al]) & real;
+                const uint32_t h = lanes_reaching16(bound, top.thr[g * nq + a0 + al]) & real;
                 need[al] |= h;
                 any |= h;
               }
