@@ -120,8 +120,9 @@ def quality(rows, args):
     truth = exact.search(q, W.K)[1]
     R = args.rounds
     scaling = []
+    indexes = {}  # built once, shared by the scaling table, the cascade and the fast-plaid rows
     for dt in ("bfloat16", "int8"):
-        index = MultiVectorIndex(c.shape[2], c.shape[1], dtype=dt)
+        index = indexes[dt] = MultiVectorIndex(c.shape[2], c.shape[1], dtype=dt)
         index.add(c)
         for budget in DEFAULT_GROUPS:
             ids = index.search(q, W.K, budget=budget)[1]
@@ -131,8 +132,7 @@ def quality(rows, args):
         if dt == "int8":
             rec = W.recall_at(index.search(q, W.K)[1], truth)
             row(rows, f"int8 recall@10 at (16, 64), {n} real candidates", f"{rec:.4f}", "exact fp32", "-", ">= 0.99")
-    bf16 = MultiVectorIndex(c.shape[2], c.shape[1], dtype="bfloat16")
-    bf16.add(c)
+    bf16 = indexes["bfloat16"]
     t_exact = W.best_seconds(lambda: bf16.search(q, W.K), max(1, R // 2))
     chosen = None
     for k1 in K1S:
@@ -149,7 +149,7 @@ def quality(rows, args):
     else:
         row(rows, "cascade (1, 1) -> (16, 64)", "-", "-", "-", "recall >= 0.99", f"no k1 <= {K1S[-1]} reached 0.99")
     if "fast-plaid" not in args.skip:
-        fast_plaid(rows, q[:PEER_QUERIES], c, truth[:PEER_QUERIES], args)
+        fast_plaid(rows, q[:PEER_QUERIES], c, truth[:PEER_QUERIES], indexes, args)
     return scaling
 
 
@@ -157,9 +157,10 @@ def quality(rows, args):
 PEER_QUERIES = 100
 
 
-def fast_plaid(rows, q, c, truth, args):
+def fast_plaid(rows, q, c, truth, indexes, args):
     """fast-plaid (CPU, its own venv: benchmarks/fast_plaid_peer.py) against our fastest
-    configuration that reaches at least its recall@10, on the same vectors and queries."""
+    configuration (of `indexes`, built over c) that reaches at least its recall@10, on the same
+    vectors and queries."""
     import json
     import subprocess
     import tempfile
@@ -183,9 +184,7 @@ def fast_plaid(rows, q, c, truth, args):
         peer = json.load(open(out))
     # ours: every budget, and cascades into (16, 64), bf16 and int8, on the same queries
     ours = []
-    for dt in ("bfloat16", "int8"):
-        index = MultiVectorIndex(c.shape[2], c.shape[1], dtype=dt)
-        index.add(c)
+    for dt, index in indexes.items():
         configs = [dict(budget=b) for b in DEFAULT_GROUPS]
         configs += [dict(shortlist=(first, k1)) for first in ((4, 8), (8, 16)) for k1 in (50, 100, 200, 500)]
         for config in configs:
@@ -194,7 +193,6 @@ def fast_plaid(rows, q, c, truth, args):
             ours.append((q.shape[0] / t, recall, f"{dt} " + (f"{config['budget']}" if "budget" in config else
                                                               f"{config['shortlist'][0]} -> (16, 64), k1 = "
                                                               f"{config['shortlist'][1]}")))
-        del index
     for s in peer["settings"]:
         recall = W.recall_at(torch.tensor(s["ids"]), truth)
         reach = [o for o in ours if o[1] >= recall]
