@@ -21,6 +21,7 @@ Build switches (environment variables):
     MAX_JOBS               parallel compile jobs (ninja), as for any torch extension.
 """
 import glob
+import importlib.machinery
 import json
 import os
 import re
@@ -143,14 +144,36 @@ def extensions():
     return [CUDAExtension("metaembed_kernels._C", sources, **kwargs)]
 
 
+def remove_stale_binaries(built: str) -> list:
+    """Delete other builds of the same module next to `built` (the binary just written).
+
+    Python's importer tries the interpreter's own suffix (``_C.cpython-311-x86_64-linux-gnu.so``)
+    before ``.abi3.so``, so a binary left by an older, non-abi3 build would shadow this one
+    and register an older op table. Returns the paths removed."""
+    folder, name = os.path.split(built)
+    stem = name.split(".")[0]
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    removed = []
+    for other in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if other != name and other.split(".")[0] == stem and other.endswith(suffixes):
+            os.remove(os.path.join(folder, other))
+            removed.append(os.path.join(folder, other))
+    return removed
+
+
 class BuildWithInfo(BuildExtension.with_options(use_ninja=True)):
     """Also writes _build_info.json next to the extension: the torch it was built against,
-    read by metaembed_kernels/_extension.py before it loads the binary."""
+    read by metaembed_kernels/_extension.py before it loads the binary; and removes any
+    other build of the extension beside it (remove_stale_binaries)."""
 
     def run(self):
         super().run()
         for ext in self.extensions:
-            path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), BUILD_INFO)
+            built = self.get_ext_fullpath(ext.name)
+            if os.path.exists(built):
+                for path in remove_stale_binaries(built):
+                    print(f"metaembed-kernels: removed a stale build of the extension: {path}", file=sys.stderr)
+            path = os.path.join(os.path.dirname(built), BUILD_INFO)
             with open(path, "w") as f:
                 json.dump(dict(torch=torch.__version__, torch_cuda=torch.version.cuda,
                                cuda=any("METAEMBED_WITH_CUDA" == m[0] for m in ext.define_macros)), f)

@@ -63,6 +63,15 @@ except (ImportError, OSError) as err:  # pragma: no cover - depends on the build
         stacklevel=2,
     )
 else:
+    # A binary that lacks an op of this package's table is an older build that Python found
+    # first (e.g. a non-abi3 _C.cpython-3xx*.so left beside the abi3 one): say so, never fail
+    # later with an AttributeError deep in the autograd registration.
+    _missing = [op for op in OP_NAMES if not hasattr(torch.ops.metaembed, op)]
+    if _missing:
+        raise ExtensionBuildMismatch(
+            f"{_C.__file__} is an older build of metaembed_kernels._C: it does not define "
+            f"{', '.join(_missing)}. Delete it and rebuild: {REBUILD}"
+        )
     # The CPU kernels fuse the loss's query gradient into its forward and save the maxsim
     # forward's argmax for its backward; the CUDA ones do neither.
     on_cpu = lambda device: device.type == "cpu"  # noqa: E731

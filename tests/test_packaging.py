@@ -117,6 +117,37 @@ def test_a_build_for_another_torch_raises_how_to_rebuild(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
+def test_a_build_only_leaves_its_own_binary_beside_it(tmp_path):
+    """An older non-abi3 binary (_C.cpython-3xx-*.so) would win the import over the abi3
+    build just made (the importer tries the interpreter's own suffix first): the build
+    removes every other build of _C beside it, and nothing else."""
+    setup = load_setup()
+    names = ["_C.abi3.so", "_C.cpython-311-x86_64-linux-gnu.so", "_C.so", "_build_info.json",
+             "_Cx.abi3.so", "other.cpython-311-x86_64-linux-gnu.so", "_C.py"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"")
+    removed = setup.remove_stale_binaries(str(tmp_path / "_C.abi3.so"))
+    assert sorted(os.path.basename(p) for p in removed) == ["_C.cpython-311-x86_64-linux-gnu.so", "_C.so"]
+    assert sorted(os.listdir(tmp_path)) == sorted(set(names) - {"_C.cpython-311-x86_64-linux-gnu.so", "_C.so"})
+
+
+@requires_extension
+def test_a_binary_missing_an_op_of_the_table_raises_how_to_rebuild(tmp_path):
+    """A binary that registers fewer ops than the package's table (an older build found
+    first) raises ExtensionBuildMismatch naming the ops and the binary, not an
+    AttributeError from the autograd registration."""
+    pkg = tmp_path / "metaembed_kernels"
+    shutil.copytree(os.path.dirname(_extension.__file__), pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(pkg / "_schemas.py", "a") as f:
+        f.write("\nOP_NAMES = OP_NAMES + ('an_op_this_binary_lacks',)\n")
+    result = subprocess.run([sys.executable, "-c", "import metaembed_kernels"], cwd=tmp_path, capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert result.returncode != 0
+    assert "ExtensionBuildMismatch" in result.stderr
+    assert "does not define an_op_this_binary_lacks" in result.stderr
+    assert "pip install --no-build-isolation -e ." in result.stderr
+
+
 # ---- CUDA build decisions (setup.py) ---------------------------------------------------
 def test_cuda_arch_list_without_a_visible_gpu_is_the_documented_default():
     setup = load_setup()
