@@ -12,13 +12,15 @@ sees no GPU. Stages, each timed; a stage that cannot run stops the check with it
   3. ceilings     device-to-device copy bandwidth; bf16 and fp32 torch.matmul on random data.
   4. correctness  a quick parity check of every GPU backend against the float64 reference
                   (forward, gradients, fused loss); `pytest -m gpu` (tests/test_triton.py,
-                  tests/test_cuda.py: the awkward-shape sweep, three dtypes); compute-sanitizer
-                  memcheck and racecheck on a small cuda-backend case, when the tool exists.
+                  tests/test_cuda.py: the awkward-shape sweep, three dtypes).
   5. speed        triton.testing.do_bench medians (warm-up, fresh random inputs, rotating
                   input sets where they would fit in L2) of triton and cuda against the
                   einsum reference: the paper's retrieval setting (1 and 64 queries), the five
                   default budgets in one call against five calls, the fused loss step.
-  6. verdict      a short table last; everything as JSON (gpu_check.json) next to the log
+  6. sanitizer    compute-sanitizer memcheck and racecheck on a small cuda-backend case,
+                  when the tool exists (last: the slowest stage, so a check cut short by
+                  its slot keeps the speed results; a timed-out tool is a row, not a stop).
+  7. verdict      a short table last; everything as JSON (gpu_check.json) next to the log
                   (gpu_check.log, written by the shell wrapper) under --out.
 
 --dry-run runs every Python stage on CPU at tiny sizes: the triton backend under
@@ -69,14 +71,16 @@ class Sizes:
     parity_cases: int = 6  # (dtype, shape) cases per backend: 6 = 3 dtypes x 2 shapes
     warmup_ms: int = 25  # do_bench
     rep_ms: int = 100
-    pytest_timeout_s: int = 420
-    sanitizer_timeout_s: int = 300
+    parity_timeout_s: int = 300
+    pytest_timeout_s: int = 300
+    speed_timeout_s: int = 420
+    sanitizer_timeout_s: int = 180
 
 
 FULL = Sizes()
 DRY = Sizes(copy_mib=4, matmul_n=64, rq=16, rc=64, d=16, index_nc=6, batch_nq=2, groups_nq=1, loss_nq=2,
             loss_hn=1, reference_chunk=4, parity_d=16, parity_cases=3, warmup_ms=0, rep_ms=0,
-            pytest_timeout_s=300, sanitizer_timeout_s=120)
+            parity_timeout_s=300, pytest_timeout_s=300, speed_timeout_s=300, sanitizer_timeout_s=120)
 
 
 def parse_sets(base: Sizes, sets: List[str]) -> Sizes:
@@ -258,38 +262,55 @@ class Check:
         return dict(plan=plan, built=True, compile_seconds=round(time.perf_counter() - start, 1))
 
     def correctness(self) -> Dict:
-        data = self.child("parity", timeout=600)
+        data = self.child("parity", timeout=self.sizes.parity_timeout_s)
         record = dict(parity=data["parity"])
         failed = [r for r in data["parity"] if not r["ok"]]
         # pytest -m gpu: on a GPU it runs them; the dry run checks the selection is not empty
         files = ["tests/test_triton.py", "tests/test_cuda.py"]
-        cmd = [sys.executable, "-m", "pytest", *files, "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE"]
+        cmd = [sys.executable, "-m", "pytest", *files, "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE",
+               "--durations=10"]
         if self.dry:
             cmd.append("--collect-only")
-        env = dict(os.environ, PYTHONPATH=self.pkg_dir)
+        env = dict(os.environ, PYTHONPATH=self.pkg_dir, PYTHONUNBUFFERED="1")
         if not self.dry:
             env.pop("TRITON_INTERPRET", None)
         log("   " + " ".join(cmd[1:]))
-        proc = run_cmd(cmd, env=env, cwd=self.pkg_dir, timeout=self.sizes.pytest_timeout_s, echo_tail=8)
-        with open(os.path.join(self.out, "pytest_gpu.log"), "w") as f:
-            f.write(proc.stdout + proc.stderr)
-        summary = (proc.stdout.strip().splitlines() or [""])[-1]
-        record["pytest"] = dict(returncode=proc.returncode, summary=summary)
+        # Written as it runs, so a run cut short by its timeout still leaves what it printed;
+        # a timeout is a failed row, not a stop: the speed stage still runs.
+        log_path = os.path.join(self.out, "pytest_gpu.log")
+        with open(log_path, "w") as f:
+            try:
+                returncode = subprocess.run(cmd, env=env, cwd=self.pkg_dir, stdout=f, stderr=subprocess.STDOUT,
+                                            timeout=self.sizes.pytest_timeout_s).returncode
+            except subprocess.TimeoutExpired:
+                returncode = None
+        with open(log_path) as f:
+            text = f.read()
+        for line in text.strip().splitlines()[-8:]:
+            log("   " + line)
+        summary = (text.strip().splitlines() or [""])[-1]
+        if returncode is None:
+            summary = f"timed out after {self.sizes.pytest_timeout_s} s (partial log: {log_path})"
+        record["pytest"] = dict(returncode=returncode, summary=summary)
         if self.dry:
-            collected = re.search(r"(\d+)(?:/\d+)? tests? (?:collected|selected)", proc.stdout)
+            collected = re.search(r"(\d+)(?:/\d+)? tests? (?:collected|selected)", text)
             n = int(collected.group(1)) if collected else 0
             record["pytest"]["collected"] = n
-            if proc.returncode != 0 or n == 0:
+            if returncode != 0 or n == 0:
                 failed.append("pytest -m gpu selects no test")
-        elif proc.returncode != 0:
+        elif returncode != 0:
             failed.append(f"pytest -m gpu: {summary}")
-        record["sanitizer"] = self.sanitize()
-        failed += [f"compute-sanitizer {t}: {r['summary']}" for t, r in record["sanitizer"].items()
-                   if r["status"] == "failed"]
         record["failed"] = failed
         if failed:
             record["status"] = "failed"
             record["reason"] = "; ".join(str(f) for f in failed)[:500]
+        return record
+
+    def sanitizer(self) -> Dict:
+        record = dict(tools=self.sanitize())
+        failed = [f"compute-sanitizer {t}: {r['summary']}" for t, r in record["tools"].items() if r["status"] == "failed"]
+        if failed:
+            record.update(status="failed", reason="; ".join(failed)[:500])
         return record
 
     def sanitize(self) -> Dict:
@@ -317,7 +338,12 @@ class Check:
             cmd = [tool, "--tool", kind, "--target-processes", "all", "--error-exitcode", "86"]
             if kind == "memcheck":
                 cmd += ["--leak-check", "no"]
-            proc = run_cmd(cmd + case, env=env, cwd=self.pkg_dir, timeout=self.sizes.sanitizer_timeout_s)
+            try:
+                proc = run_cmd(cmd + case, env=env, cwd=self.pkg_dir, timeout=self.sizes.sanitizer_timeout_s)
+            except StageError as err:  # too slow for the slot: say so, the other tool still runs
+                out[kind] = dict(status="timed out", summary=str(err))
+                log(f"   compute-sanitizer --tool {kind}: {out[kind]['summary']}")
+                continue
             text = proc.stdout + proc.stderr
             with open(os.path.join(self.out, f"sanitizer_{kind}.log"), "w") as f:
                 f.write(text)
@@ -339,7 +365,8 @@ class Check:
         order = [("environment", self.environment), ("build", self.build),
                  ("ceilings", lambda: self.child("ceilings", timeout=300)),
                  ("correctness", self.correctness),
-                 ("speed", lambda: self.child("speed", timeout=900))]
+                 ("speed", lambda: self.child("speed", timeout=self.sizes.speed_timeout_s)),
+                 ("sanitizer", self.sanitizer)]
         for name, fn in order:
             record = self.stage(name, fn)
             if name == "ceilings" and record["status"] == "ok":
@@ -722,8 +749,9 @@ def verdict_table(results: Dict) -> str:
                     f"fp32 {r['matmul_fp32_tflops']} TFLOP/s")
         if name == "correctness" and "pytest" in r:
             bad = sum(not p["ok"] for p in r.get("parity", []))
-            san = ", ".join(f"{k} {v['status']}" for k, v in r.get("sanitizer", {}).items())
-            note = f"parity {len(r.get('parity', [])) - bad}/{len(r.get('parity', []))} ok; pytest: {r['pytest']['summary']}; {san}"
+            note = f"parity {len(r.get('parity', [])) - bad}/{len(r.get('parity', []))} ok; pytest: {r['pytest']['summary']}"
+        if name == "sanitizer" and "tools" in r:
+            note = "; ".join(f"{k} {v['status']}: {v['summary']}" for k, v in r["tools"].items())
         lines.append(f"| {name} | {r['status']} | {r['seconds']} | {note[:200]} |")
     speed = results["stages"].get("speed", {}).get("rows")
     if speed:

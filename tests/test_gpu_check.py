@@ -45,7 +45,7 @@ def test_dry_run_executes_every_stage(tmp_path):
     assert "VERDICT: PASS" in (tmp_path / "gpu_check.log").read_text()
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     stages = data["stages"]
-    assert list(stages) == ["environment", "build", "ceilings", "correctness", "speed"]
+    assert list(stages) == ["environment", "build", "ceilings", "correctness", "speed", "sanitizer"]
     assert all(s["status"] == "ok" for s in stages.values()), stages
     # build: the plan for the local architecture with every core
     plan = stages["build"]["plan"]
@@ -60,7 +60,7 @@ def test_dry_run_executes_every_stage(tmp_path):
         (b, d) for b in ("triton", "cuda") for d in ("float32", "float16", "bfloat16")}
     assert all(r["ok"] for r in parity)
     assert stages["correctness"]["pytest"]["collected"] >= 20
-    assert set(stages["correctness"]["sanitizer"]) == {"memcheck", "racecheck"}
+    assert set(stages["sanitizer"]["tools"]) == {"memcheck", "racecheck"}
     # speed: each case timed for each GPU backend and the reference
     rows = stages["speed"]["rows"]
     cases = {r["case"] for r in rows}
