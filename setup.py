@@ -25,6 +25,8 @@ import importlib.machinery
 import json
 import os
 import re
+import shlex
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -106,6 +108,23 @@ def _cuda_extra_includes():
     return found
 
 
+def shared_cxx_runtime(cxx=None) -> list:
+    """The C++ runtime as a shared library, named on the link line before anything else can
+    pull in libstdc++.a. A toolchain set up to link it statically (-static-libstdc++, seen on
+    a GPU image's compiler) puts a second libstdc++ inside the extension, next to the one
+    torch already loaded: the two copies' locale tables mix, and formatting a number into an
+    error message crashed there (a segfault in ostream << size_t) and drops the number here.
+    Empty when the compiler does not know the path (then the link is left as it was)."""
+    cxx = cxx or os.environ.get("CXX", "c++")  # the compiler torch's BuildExtension uses
+    try:
+        out = subprocess.run(shlex.split(cxx) + ["-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    path = out.stdout.strip()
+    return [path] if out.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else []
+
+
 def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -120,7 +139,7 @@ def extensions():
     sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
     kwargs = dict(
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + shared_cxx_runtime(),
         define_macros=[],  # torch adds Py_LIMITED_API (its oldest supported Python) for py_limited_api
         py_limited_api=True,
     )

@@ -148,6 +148,41 @@ def test_a_binary_missing_an_op_of_the_table_raises_how_to_rebuild(tmp_path):
     assert "pip install --no-build-isolation -e ." in result.stderr
 
 
+def test_the_link_names_the_shared_cxx_runtime():
+    """setup.py puts the compiler's shared libstdc++ on the link line (a compiler that links
+    it statically would put a second copy in the extension); nothing when it has none."""
+    setup = load_setup()
+    found = setup.shared_cxx_runtime()
+    if shutil.which(os.environ.get("CXX", "c++").split()[0]):
+        assert len(found) == 1 and os.path.isabs(found[0]) and os.path.exists(found[0]), found
+    assert setup.shared_cxx_runtime("/nonexistent/c++") == []
+    assert setup.shared_cxx_runtime("false") == []
+
+
+@requires_extension
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf (binutils)")
+def test_the_extension_uses_the_process_cxx_runtime():
+    """The binary needs libstdc++.so.6 (the one torch loaded) and carries no copy of its
+    stream code: a second copy formats numbers with the other copy's locale tables."""
+    binary = _extension._C.__file__
+    dynamic = subprocess.run(["readelf", "-d", "-W", binary], capture_output=True, text=True).stdout
+    assert "[libstdc++.so.6]" in dynamic, dynamic
+    if shutil.which("nm"):
+        defined = subprocess.run(["nm", "-D", "--defined-only", binary], capture_output=True, text=True).stdout
+        assert "_ZNSo9_M_insertImEERSoT_" not in defined  # std::ostream::_M_insert<unsigned long>
+
+
+@requires_extension
+def test_error_messages_keep_their_numbers():
+    """The symptom of a second libstdc++ inside the extension: numbers vanish from the
+    messages (or formatting them crashes)."""
+    q, c = torch.randn(2, 3, 8), torch.randn(4, 5, 8)
+    with pytest.raises(ValueError, match=r"groups\[0\] = \(4, 1\) is out of range: need 1 <= r_q <= Rq=3"):
+        torch.ops.metaembed.maxsim_grouped(q, c, [4], [1], None, None)
+    with pytest.raises(ValueError, match="must have the same length, got 2 and 1"):
+        torch.ops.metaembed.maxsim_grouped(q, c, [1, 2], [1], None, None)
+
+
 # ---- CUDA build decisions (setup.py) ---------------------------------------------------
 def test_cuda_arch_list_without_a_visible_gpu_is_the_documented_default():
     setup = load_setup()
