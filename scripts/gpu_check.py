@@ -271,7 +271,7 @@ class Check:
                "--durations=10"]
         if self.dry:
             cmd.append("--collect-only")
-        env = dict(os.environ, PYTHONPATH=self.pkg_dir, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=self.pkg_dir, PYTHONUNBUFFERED="1", METAEMBED_REPORT_FAILURES_AT_ONCE="1")
         if not self.dry:
             env.pop("TRITON_INTERPRET", None)
         log("   " + " ".join(cmd[1:]))
@@ -672,10 +672,24 @@ def stage_speed(dev: Device, sizes: Sizes, ceilings: Dict) -> Dict:
             log(f"   loss {name}: {type(err).__name__}: {err}")
     if "reference" not in times:
         raise StageError("the reference loss step failed (see the log); turn loss_nq down with --set")
+    # Where the step's time goes: the forward alone, and the step without hard negatives.
+    q0, c0, h0 = xs
+    parts = {}
+    for name, runs_as in providers.items():
+        try:
+            with torch.no_grad():
+                fwd = dev.bench(lambda: matryoshka_infonce(q0, c0, DEFAULT_GROUPS, hard_negatives=h0, backend=runs_as))
+            no_hn = dev.bench(lambda: step(lambda q, cc, hn: matryoshka_infonce(q, cc, DEFAULT_GROUPS, backend=runs_as)))
+        except Exception as err:
+            log(f"   loss parts {name}: {type(err).__name__}: {err}")
+            continue
+        parts[name] = dict(forward_ms=sig(fwd * 1e3), step_without_hard_negatives_ms=sig(no_hn * 1e3))
+        log(f"   loss {n}x{n}+{k}hn parts {name:9} forward alone {fwd * 1e3:.3f} ms, "
+            f"fwd+bwd without hard negatives {no_hn * 1e3:.3f} ms")
     flops = 3 * 2.0 * n * (n + k) * rq * rc * d  # forward tile + two gradient products
     for name, t in times.items():
         row = dict(case=f"loss {n}x{n}+{k}hn", provider=name, ms=sig(t * 1e3), tflops=sig(flops / t / 1e12),
-                   peak_mib=peaks[name], x_reference=sig(times["reference"] / t))
+                   peak_mib=peaks[name], x_reference=sig(times["reference"] / t), **parts.get(name, {}))
         rows.append(row)
         log(f"   loss {n}x{n}+{k}hn fwd+bwd {name:9} {row['ms']:10.3f} ms  {row['tflops']:8.3f} TFLOP/s  "
             f"peak +{row['peak_mib']} MiB  {row['x_reference']:.2f}x reference")
@@ -763,6 +777,8 @@ def verdict_table(results: Dict) -> str:
                 note = f"five separate calls: {r['five_calls_ms']} ms ({r['x_five_calls']}x)"
             if r.get("peak_mib") is not None:
                 note = f"peak +{r['peak_mib']} MiB"
+            if "forward_ms" in r:
+                note += f"; forward alone {r['forward_ms']} ms, step without hard negatives {r['step_without_hard_negatives_ms']} ms"
             finding = []
             if r["provider"] != "reference" and r.get("x_reference", 2) < 1:
                 finding.append("SLOWER than reference")

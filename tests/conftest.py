@@ -44,3 +44,13 @@ def num_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+def pytest_runtest_logreport(report):
+    """METAEMBED_REPORT_FAILURES_AT_ONCE=1: print each failure as it happens, so a run that
+    a crash or a time limit cuts short still shows why what failed before it failed (the
+    GPU check sets it)."""
+    if report.failed and os.environ.get("METAEMBED_REPORT_FAILURES_AT_ONCE") == "1":
+        text = report.longreprtext
+        sys.__stderr__.write(f"\n--- FAILED {report.nodeid} ({report.when}) ---\n{text[-4000:]}\n")
+        sys.__stderr__.flush()

@@ -122,7 +122,8 @@ def runner(request):
     device, skip = RUNNERS[request.param]
     if skip:
         pytest.skip(skip)
-    return request.param, torch.device(device)
+    # the device tensors land on (cuda:N, never the bare "cuda", which compares unequal)
+    return request.param, torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
 
 
 def ops_of(name):

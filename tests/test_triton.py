@@ -60,6 +60,15 @@ def H():
     return heuristics
 
 
+def triton_ops():
+    """torch.ops.metaembed with the ``triton_*`` ops in it: they register when
+    metaembed_kernels.triton.ops is first imported (the first call that selects triton), so a
+    test calling them directly imports it first, whatever ran before it."""
+    import metaembed_kernels.triton.ops  # noqa: F401
+
+    return torch.ops.metaembed
+
+
 # ---------------------------------------------------------------------------------------
 # Heuristic table
 # ---------------------------------------------------------------------------------------
@@ -493,7 +502,7 @@ def test_bad_direct_op_calls_raise_what_the_reference_backend_raises(family, arg
 def test_what_only_triton_refuses():
     q, c = torch.randn(2, 3, 8), torch.randn(4, 5, 8)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16 on the triton backend"):
-        torch.ops.metaembed.triton_maxsim_grouped(q.double(), c.double(), [1], [1], None, None)
+        triton_ops().triton_maxsim_grouped(q.double(), c.double(), [1], [1], None, None)
     from metaembed_kernels.triton import launch
 
     with pytest.raises(ValueError, match="2\\^30"):  # token indices are int32: absurd budgets fail clearly
@@ -533,7 +542,7 @@ def test_opcheck_triton_ops(layout):
     qm, cm = torch.rand(3, 3, generator=gen) > 0.2, torch.rand(4, 5, generator=gen) > 0.2
     cpm = torch.rand(3, 2, 5, generator=gen) > 0.2
     rq, rc = [1, 3, 2], [1, 2, 5]
-    ops = torch.ops.metaembed
+    ops = triton_ops()
     torch.library.opcheck(ops.triton_maxsim_paired_grouped.default, (q, cp, rq, rc, qm, cpm))
     torch.library.opcheck(ops.triton_maxsim_paired_grouped_backward.default,
                           (torch.randn(3, 3, 2, generator=gen), q.detach(), cp.detach(), rq, rc, qm, cpm, [True, True]))
@@ -1024,7 +1033,7 @@ def test_non_finite_scores_and_gradients_follow_the_reference(device, rq, rc, sp
     x = _special_case(dtype, rq, rc, spots, paired_k=4)
     rtol = 1e-5 if dtype == torch.float32 else 4 * UNIT_ROUNDOFF[dtype]
     rq_list, rc_list = [g[0] for g in groups], [g[1] for g in groups]
-    ops = torch.ops.metaembed
+    ops = triton_ops()
     gen = torch.Generator().manual_seed(16)
     for paired, c, c_mask in ((False, x["c"], x["c_mask"]), (True, x["own_c"], x["own_mask"])):
         q, cc, qm, cm = _on(device, x["q"], c, x["q_mask"], c_mask)
@@ -1063,7 +1072,7 @@ def test_non_finite_loss_follows_the_reference(device, rq, rc, spots, groups, ch
     q, c, hn, labels, qm, cm, hm = _on(device, x["q"], x["c"], x["own_c"], x["labels"], x["q_mask"], x["c_mask"],
                                       x["own_mask"])
     scale = 0.5
-    terms, lse, _ = torch.ops.metaembed.triton_matryoshka_infonce(q, c, hn, labels, rq_list, rc_list, scale, qm, cm, hm)
+    terms, lse, _ = triton_ops().triton_matryoshka_infonce(q, c, hn, labels, rq_list, rc_list, scale, qm, cm, hm)
     terms_ref, lse_ref = reference.infonce_terms(x["q"], x["c"], x["own_c"], x["labels"], groups, scale,
                                                  x["q_mask"], x["c_mask"], x["own_mask"])
     assert lse_ref.isnan().any() and (lse_ref == float("inf")).any() and (terms_ref == float("inf")).any()
@@ -1071,7 +1080,7 @@ def test_non_finite_loss_follows_the_reference(device, rq, rc, spots, groups, ch
     _assert_same_non_finite(lse, lse_ref, "lse", rtol=1e-6)
     _assert_same_non_finite(terms, terms_ref, "terms", rtol=1e-6)
     grad = torch.randn(terms.shape, generator=torch.Generator().manual_seed(17))
-    got = torch.ops.metaembed.triton_matryoshka_infonce_backward(
+    got = triton_ops().triton_matryoshka_infonce_backward(
         grad.to(device), lse, q, c, hn, labels, rq_list, rc_list, scale, qm, cm, hm, [True, True, True])
     expected = reference.infonce_backward(grad, lse_ref, x["q"], x["c"], x["own_c"], x["labels"], groups, scale,
                                           x["q_mask"], x["c_mask"], x["own_mask"])
@@ -1098,14 +1107,14 @@ def test_loss_whose_logits_are_all_minus_inf(device):
     c = torch.tensor([[[0.5, -BIG]], [[-0.25, -BIG]], [[1.0, -BIG]]])  # S = -inf for query 0
     hn = torch.tensor([[[[0.75, -BIG]]], [[[0.25, -BIG]]]])
     labels = torch.tensor([1, 2])
-    terms, lse, _ = torch.ops.metaembed.triton_matryoshka_infonce(*_on(device, q, c, hn, labels), [1], [1], 2.0,
+    terms, lse, _ = triton_ops().triton_matryoshka_infonce(*_on(device, q, c, hn, labels), [1], [1], 2.0,
                                                                None, None, None)
     terms_ref, lse_ref = reference.infonce_terms(q, c, hn, labels, ((1, 1),), 2.0, None, None, None)
     assert lse_ref[0, 0] == float("-inf") and terms_ref[0, 0].isnan() and torch.isfinite(terms_ref[0, 1])
     _assert_same_non_finite(lse, lse_ref, "lse", rtol=1e-6)
     _assert_same_non_finite(terms, terms_ref, "terms", rtol=1e-6)
     grad = torch.ones(1, 2)
-    got = torch.ops.metaembed.triton_matryoshka_infonce_backward(*_on(device, grad, lse, q, c, hn, labels), [1], [1],
+    got = triton_ops().triton_matryoshka_infonce_backward(*_on(device, grad, lse, q, c, hn, labels), [1], [1],
                                                                  2.0, None, None, None, [True, True, True])
     expected = reference.infonce_backward(grad, lse_ref, q, c, hn, labels, ((1, 1),), 2.0, None, None, None)
     _check_loss_gradients(got, expected, grad, 2.0, q, torch.cat([c, hn.flatten(0, 1)]), rtol=1e-5)
@@ -1125,7 +1134,7 @@ def test_masked_non_finite_tokens_change_nothing(device):
         t[~x[mask]] = torch.tensor([float("nan"), float("inf"), float("-inf")]).repeat(4)[:t.shape[-1]].to(t.dtype)
         x[name] = x[name].masked_fill(~x[mask].unsqueeze(-1), 0)
         dirty[name] = t
-    ops = torch.ops.metaembed
+    ops = triton_ops()
 
     def run(t):
         q, c, cp, hn, qm, cm, cpm, hm, labels = _on(device, t["q"], t["c"], t["cp"], t["hn"], x["q_mask"],
@@ -1336,7 +1345,8 @@ def test_gpu_paired_offsets_past_two_to_the_31_elements():
     grad[:, 1, -5:] = 1.0
     out.backward(grad)
     expected.backward(torch.ones_like(expected))
-    assert_close(c.grad[1, -5:], tail_r.grad[0], 2 * UNIT_ROUNDOFF[torch.bfloat16] * tail_r.grad.abs() + 1e-3,
+    assert_close(c.grad[1, -5:], tail_r.grad[0], 2 * UNIT_ROUNDOFF[torch.bfloat16] * tail_r.grad[0].abs() + 1e-3,
                  "dc past 2^31")
-    assert_close(q_k.grad[1], q_r.grad[0], 2 * UNIT_ROUNDOFF[torch.bfloat16] * q_r.grad.abs() + 1e-3, "dq past 2^31")
+    assert_close(q_k.grad[1], q_r.grad[0], 2 * UNIT_ROUNDOFF[torch.bfloat16] * q_r.grad[0].abs() + 1e-3,
+                 "dq past 2^31")
     assert int(torch.count_nonzero(c.grad[0])) == 0 and int(torch.count_nonzero(c.grad[1, :-5])) == 0
