@@ -108,21 +108,35 @@ def _cuda_extra_includes():
     return found
 
 
-def shared_cxx_runtime(cxx=None) -> list:
+def shared_cxx_runtime(cxx=None, maps="/proc/self/maps") -> list:
     """The C++ runtime as a shared library, named on the link line before anything else can
-    pull in libstdc++.a. A toolchain set up to link it statically (-static-libstdc++, seen on
-    a GPU image's compiler) puts a second libstdc++ inside the extension, next to the one
-    torch already loaded: the two copies' locale tables mix, and formatting a number into an
-    error message crashed there (a segfault in ostream << size_t) and drops the number here.
-    Empty when the compiler does not know the path (then the link is left as it was)."""
-    cxx = cxx or os.environ.get("CXX", "c++")  # the compiler torch's BuildExtension uses
+    pull in libstdc++.a. A toolchain that links it statically (seen on a GPU image: its
+    compiler wrappers put a private libstdc++ copy in the extension, next to the one torch
+    already loaded) mixes the two copies' locale tables: formatting a number into an error
+    message segfaulted there, and drops the number with -static-libstdc++ here.
+
+    First choice: the libstdc++ this process has mapped (torch's, so the one the extension
+    will meet at run time); else what the compiler finds. Empty when neither is known (the
+    link is then left as it was)."""
     try:
-        out = subprocess.run(shlex.split(cxx) + ["-print-file-name=libstdc++.so"], capture_output=True, text=True,
-                             timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    path = out.stdout.strip()
-    return [path] if out.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else []
+        with open(maps) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and os.path.basename(fields[-1]).startswith("libstdc++.so"):
+                    return [fields[-1]]
+    except OSError:  # not Linux
+        pass
+    cxx = cxx or os.environ.get("CXX", "c++")  # the compiler torch's BuildExtension uses
+    for name in ("libstdc++.so", "libstdc++.so.6"):
+        try:
+            out = subprocess.run(shlex.split(cxx) + [f"-print-file-name={name}"], capture_output=True, text=True,
+                                 timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return []
+        path = out.stdout.strip()
+        if out.returncode == 0 and os.path.isabs(path) and os.path.exists(path):
+            return [path]
+    return []
 
 
 def _sources(pattern):

@@ -148,15 +148,24 @@ def test_a_binary_missing_an_op_of_the_table_raises_how_to_rebuild(tmp_path):
     assert "pip install --no-build-isolation -e ." in result.stderr
 
 
-def test_the_link_names_the_shared_cxx_runtime():
-    """setup.py puts the compiler's shared libstdc++ on the link line (a compiler that links
-    it statically would put a second copy in the extension); nothing when it has none."""
+def test_the_link_names_the_shared_cxx_runtime(tmp_path):
+    """setup.py puts a shared libstdc++ on the link line (a toolchain that links it statically
+    would put a second copy in the extension): the one this process mapped, else the
+    compiler's, else nothing."""
     setup = load_setup()
-    found = setup.shared_cxx_runtime()
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 1 /opt/x/lib/libstdc++.so.6.0.33\n"
+                    "7f02-7f03 r-xp 00000000 08:01 2 /usr/lib/libm.so.6\n")
+    assert setup.shared_cxx_runtime(maps=str(maps)) == ["/opt/x/lib/libstdc++.so.6.0.33"]
+    if sys.platform.startswith("linux"):  # torch is imported here, and it needs libstdc++
+        found = setup.shared_cxx_runtime()
+        assert len(found) == 1 and os.path.basename(found[0]).startswith("libstdc++.so") and os.path.exists(found[0])
+    no_maps = str(tmp_path / "absent")
     if shutil.which(os.environ.get("CXX", "c++").split()[0]):
+        found = setup.shared_cxx_runtime(maps=no_maps)
         assert len(found) == 1 and os.path.isabs(found[0]) and os.path.exists(found[0]), found
-    assert setup.shared_cxx_runtime("/nonexistent/c++") == []
-    assert setup.shared_cxx_runtime("false") == []
+    assert setup.shared_cxx_runtime("/nonexistent/c++", maps=no_maps) == []
+    assert setup.shared_cxx_runtime("false", maps=no_maps) == []
 
 
 @requires_extension
