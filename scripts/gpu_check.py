@@ -12,7 +12,8 @@ sees no GPU. Stages, each timed; a stage that cannot run stops the check with it
   3. ceilings     device-to-device copy bandwidth; bf16 and fp32 torch.matmul on random data.
   4. correctness  a quick parity check of every GPU backend against the float64 reference
                   (forward, gradients, fused loss); `pytest -m gpu` (tests/test_triton.py,
-                  tests/test_cuda.py: the awkward-shape sweep, three dtypes).
+                  tests/test_cuda.py: the awkward-shape sweep, three dtypes;
+                  tests/test_index_gpu.py: the index on CUDA tensors against the CPU index).
   5. speed        triton.testing.do_bench medians (warm-up, fresh random inputs, rotating
                   input sets where they would fit in L2) of triton and cuda against the
                   einsum reference: the paper's retrieval setting (1 and 64 queries), the five
@@ -266,7 +267,7 @@ class Check:
         record = dict(parity=data["parity"])
         failed = [r for r in data["parity"] if not r["ok"]]
         # pytest -m gpu: on a GPU it runs them; the dry run checks the selection is not empty
-        files = ["tests/test_triton.py", "tests/test_cuda.py"]
+        files = ["tests/test_triton.py", "tests/test_cuda.py", "tests/test_index_gpu.py"]
         cmd = [sys.executable, "-m", "pytest", *files, "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE",
                "--durations=10"]
         if self.dry:
