@@ -268,8 +268,9 @@ class Check:
         failed = [r for r in data["parity"] if not r["ok"]]
         # pytest -m gpu: on a GPU it runs them; the dry run checks the selection is not empty
         files = ["tests/test_triton.py", "tests/test_cuda.py", "tests/test_index_gpu.py"]
-        cmd = [sys.executable, "-m", "pytest", *files, "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE",
-               "--durations=10"]
+        # --run-slow: the GPU tests marked slow (> 2^31-element inputs) take seconds on a GPU
+        cmd = [sys.executable, "-m", "pytest", *files, "-m", "gpu", "--run-slow", "-q", "-p", "no:cacheprovider",
+               "-rfE", "--durations=10"]
         if self.dry:
             cmd.append("--collect-only")
         env = dict(os.environ, PYTHONPATH=self.pkg_dir, PYTHONUNBUFFERED="1", METAEMBED_REPORT_FAILURES_AT_ONCE="1")
