@@ -541,7 +541,8 @@ def stage_parity(dev: Device, sizes: Sizes) -> Dict:
                 u = eps[dtype]
 
                 def err(got, want):
-                    return float((got.cpu().double() - want).abs().max() / (want.abs().max() + 1e-30))
+                    got, want = got.detach().cpu().double(), want.detach()
+                    return float((got - want).abs().max() / (want.abs().max() + 1e-30))
 
                 errs = dict(scores=err(out, ref), dq=err(dq, dq_ref), dc=err(dc, dc_ref),
                             loss=abs(float(loss) - float(ref_loss)) / (abs(float(ref_loss)) + 1e-30),
