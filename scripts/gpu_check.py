@@ -17,7 +17,8 @@ sees no GPU. Stages, each timed; a stage that cannot run stops the check with it
   5. speed        triton.testing.do_bench medians (warm-up, fresh random inputs, rotating
                   input sets where they would fit in L2) of triton and cuda against the
                   einsum reference: the paper's retrieval setting (1 and 64 queries), the five
-                  default budgets in one call against five calls, the fused loss step.
+                  default budgets in one call against five calls, the index's search on
+                  the device (against scoring + torch.topk), the fused loss step.
   6. sanitizer    compute-sanitizer memcheck and racecheck on a small cuda-backend case,
                   when the tool exists (last: the slowest stage, so a check cut short by
                   its slot keeps the speed results; a timed-out tool is a row, not a stop).
@@ -65,6 +66,8 @@ class Sizes:
     index_nc: int = 100_000  # paper index: 100k candidates (45.9 GB of bf16)
     batch_nq: int = 64  # queries of the compute-bound retrieval case
     groups_nq: int = 16  # queries of the five-budgets case (same index)
+    search_n: int = 200_000  # MultiVectorIndex on the device: issue 12's synthetic setting
+    search_d: int = 128
     loss_nq: int = 512  # fused loss step: queries = in-batch candidates
     loss_hn: int = 1  # hard negatives per query
     reference_chunk: int = 10_000  # candidates per reference einsum (it upcasts to fp32)
@@ -79,7 +82,8 @@ class Sizes:
 
 
 FULL = Sizes()
-DRY = Sizes(copy_mib=4, matmul_n=64, rq=16, rc=64, d=16, index_nc=6, batch_nq=2, groups_nq=1, loss_nq=2,
+DRY = Sizes(copy_mib=4, matmul_n=64, rq=16, rc=64, d=16, index_nc=6, batch_nq=2, groups_nq=1, search_n=40, search_d=16,
+            loss_nq=2,
             loss_hn=1, reference_chunk=4, parity_d=16, parity_cases=3, warmup_ms=0, rep_ms=0,
             parity_timeout_s=300, pytest_timeout_s=300, speed_timeout_s=300, sanitizer_timeout_s=120)
 
@@ -647,6 +651,13 @@ def stage_speed(dev: Device, sizes: Sizes, ceilings: Dict) -> Dict:
             f"{five / one:.2f}x")
     del c
 
+    # The retrieval index on this device: top-10 search against scoring + torch.topk.
+    try:
+        rows += index_search_rows(dev, sizes, ceilings)
+    except Exception as err:  # a row, not a crash: the loss cases below still run
+        traceback.print_exc()
+        log(f"   index search: {type(err).__name__}: {err}")
+
     # The fused loss: forward + backward, time and peak memory against the reference.
     n, k = sizes.loss_nq, sizes.loss_hn
 
@@ -697,6 +708,36 @@ def stage_speed(dev: Device, sizes: Sizes, ceilings: Dict) -> Dict:
         log(f"   loss {n}x{n}+{k}hn fwd+bwd {name:9} {row['ms']:10.3f} ms  {row['tflops']:8.3f} TFLOP/s  "
             f"peak +{row['peak_mib']} MiB  {row['x_reference']:.2f}x reference")
     return dict(rows=rows)
+
+
+def index_search_rows(dev: Device, sizes: Sizes, ceilings: Dict) -> List[Dict]:
+    """MultiVectorIndex (bf16) on the device, issue 12's synthetic setting (N = 200k, D = 128,
+    Rc = 64): search(q, 10) at (1, 1) with one query (memory-bound: its prefix slab's bytes
+    against the copy rate) and at the full budget with 16 queries, each against
+    maxsim_grouped of the same budget plus torch.topk (the fusion ratio)."""
+    import torch
+
+    from metaembed_kernels import MultiVectorIndex, maxsim_grouped
+
+    n, rc, d = sizes.search_n, sizes.rc, sizes.search_d
+    c = unit_tokens((n, rc, d), torch.bfloat16, dev.device, 40)
+    index = MultiVectorIndex(d, rc, dtype="bfloat16", device=dev.device)
+    index.add(c)
+    rows = []
+    for nq, budget in ((1, (1, 1)), (16, (sizes.rq, rc))):
+        q = unit_tokens((nq, sizes.rq, d), torch.bfloat16, dev.device, 41 + nq)
+        search = dev.bench(lambda: index.search(q, 10, budget=budget))
+        cb = c[:, :budget[1]]
+        score = dev.bench(lambda: torch.topk(maxsim_grouped(q, cb, (budget,), backend=dev.backends["triton"])[0], 10))
+        nbytes = n * budget[1] * d * 2
+        row = dict(case=f"index search {nq}q x {n} {budget}", provider="index", ms=sig(search * 1e3),
+                   gb_per_s=sig(nbytes / search / 1e9), score_topk_ms=sig(score * 1e3), x_score_topk=sig(score / search))
+        if nq == 1:
+            row.update(roofline="copy bandwidth", fraction=sig(nbytes / search / 1e9 / ceilings["copy_gb_per_s"]))
+        rows.append(row)
+        log(f"   index search {nq}q {budget}: {search * 1e3:.3f} ms ({row['gb_per_s']} GB/s of slab), "
+            f"maxsim_grouped + topk {score * 1e3:.3f} ms: {row['x_score_topk']}x")
+    return rows
 
 
 def peak_extra_mib(dev: Device, fn) -> Optional[float]:
@@ -780,6 +821,8 @@ def verdict_table(results: Dict) -> str:
                 note = f"five separate calls: {r['five_calls_ms']} ms ({r['x_five_calls']}x)"
             if r.get("peak_mib") is not None:
                 note = f"peak +{r['peak_mib']} MiB"
+            if "x_score_topk" in r:
+                note = f"maxsim_grouped + topk {r['score_topk_ms']} ms ({r['x_score_topk']}x)"
             if "forward_ms" in r:
                 note += f"; forward alone {r['forward_ms']} ms, step without hard negatives {r['step_without_hard_negatives_ms']} ms"
             finding = []

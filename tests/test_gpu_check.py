@@ -63,6 +63,10 @@ def test_dry_run_executes_every_stage(tmp_path):
     assert set(stages["sanitizer"]["tools"]) == {"memcheck", "racecheck"}
     # speed: each case timed for each GPU backend and the reference
     rows = stages["speed"]["rows"]
+    searches = [r for r in rows if r["provider"] == "index"]
+    assert len(searches) == 2 and all(r["ms"] > 0 and r["x_score_topk"] > 0 for r in searches), searches
+    assert searches[0]["roofline"] == "copy bandwidth"
+    rows = [r for r in rows if r["provider"] != "index"]
     cases = {r["case"] for r in rows}
     assert len(cases) == 4, cases
     for case in cases:
