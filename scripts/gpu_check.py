@@ -82,9 +82,8 @@ class Sizes:
 
 
 FULL = Sizes()
-DRY = Sizes(copy_mib=4, matmul_n=64, rq=16, rc=64, d=16, index_nc=6, batch_nq=2, groups_nq=1, search_n=40, search_d=16,
-            loss_nq=2,
-            loss_hn=1, reference_chunk=4, parity_d=16, parity_cases=3, warmup_ms=0, rep_ms=0,
+DRY = Sizes(copy_mib=4, matmul_n=64, rq=16, rc=64, d=16, index_nc=6, batch_nq=2, groups_nq=1, search_n=40,
+            search_d=16, loss_nq=2, loss_hn=1, reference_chunk=4, parity_d=16, parity_cases=3, warmup_ms=0, rep_ms=0,
             parity_timeout_s=300, pytest_timeout_s=300, speed_timeout_s=300, sanitizer_timeout_s=120)
 
 

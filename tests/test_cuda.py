@@ -122,8 +122,9 @@ def runner(request):
     device, skip = RUNNERS[request.param]
     if skip:
         pytest.skip(skip)
-    # the device tensors land on (cuda:N, never the bare "cuda", which compares unequal)
-    return request.param, torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+    if device == "cuda":  # the device tensors land on: cuda:N (the bare "cuda" compares unequal)
+        return request.param, torch.device(device, torch.cuda.current_device())
+    return request.param, torch.device(device)
 
 
 def ops_of(name):
