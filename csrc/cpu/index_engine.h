@@ -242,6 +242,67 @@ inline uint32_t lanes_reaching16(const float* s, Bar thr) {
 #endif
 }
 
+// The threshold test of one candidate when every query has one token and there is one group:
+// the score of query lane l is s[l] = max over the candidate's valid tile rows of row[l], folded
+// from -inf as BlockFold does (0 when no row is valid), then 0 where qvalid[l] == 0 (qvalid may
+// be nullptr); offer(l, s[l]) runs for every lane with s[l] >= thr[l], re-read before each
+// offer because the bar rises as a heap fills. Lane l of tile row r is at
+// tile[(l / NR) * panel + r * NR + l % NR]. Scores are stored only for 16 lanes with a hit.
+template <int NR, class Offer>
+inline void one_token_offers(const float* tile, int64_t panel, const int* rows, int nv, int64_t n,
+                             const uint8_t* qvalid, const float* thr, Offer&& offer) {
+  static_assert(NR % 16 == 0, "16 query lanes never straddle two panels");
+#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+  // Scores of lanes [l0, l0 + 16) and the lanes that reach their bars (live: lanes < n).
+  auto lanes16 = [&](int64_t l0, __m512& v) -> __mmask16 {
+    const float* base = tile + (l0 / NR) * panel + l0 % NR;
+    const int64_t lanes = min64(16, n - l0);
+    const __mmask16 live = lanes == 16 ? __mmask16(0xFFFF) : __mmask16((1u << lanes) - 1);
+    v = _mm512_setzero_ps();
+    if (nv) {
+      v = _mm512_set1_ps(-INFINITY);
+      for (int r = 0; r < nv; ++r) v = _mm512_max_ps(_mm512_loadu_ps(base + rows[r] * NR), v);  // row > v ? row : v
+      if (qvalid) {
+        const __m128i qv = _mm_maskz_loadu_epi8(live, qvalid + l0);
+        v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(live, qv, qv), v);
+      }
+    }
+    return _mm512_mask_cmp_ps_mask(live, v, _mm512_maskz_loadu_ps(live, thr + l0), _CMP_GE_OQ);
+  };
+  // Most candidates reach no bar: test every lane first with one branch per candidate.
+  __mmask16 any = 0;
+  for (int64_t l0 = 0; l0 < n; l0 += 16) {
+    __m512 v;
+    any |= lanes16(l0, v);
+  }
+  if (!any) return;
+  for (int64_t l0 = 0; l0 < n; l0 += 16) {
+    __m512 v;
+    uint32_t hits = lanes16(l0, v);
+    if (!hits) continue;
+    alignas(64) float s[16];
+    _mm512_store_ps(s, v);
+    for (int l = 0; hits; ++l, hits >>= 1)
+      if ((hits & 1) && s[l] >= thr[l0 + l]) offer(l0 + l, s[l]);
+  }
+#else
+  for (int64_t l0 = 0; l0 < n; l0 += 16) {
+    const float* base = tile + (l0 / NR) * panel + l0 % NR;
+    const int lanes = int(min64(16, n - l0));
+    alignas(64) float s[16];
+    uint32_t hits = 0;
+    for (int l = 0; l < lanes; ++l) {
+      float v = nv ? -INFINITY : 0.f;
+      for (int r = 0; r < nv; ++r) v = base[rows[r] * NR + l] > v ? base[rows[r] * NR + l] : v;
+      s[l] = (nv && qvalid && !qvalid[l0 + l]) ? 0.f : v;
+      hits |= uint32_t(s[l] >= thr[l0 + l]) << l;
+    }
+    for (int l = 0; hits; ++l, hits >>= 1)
+      if ((hits & 1) && s[l] >= thr[l0 + l]) offer(l0 + l, s[l]);
+  }
+#endif
+}
+
 // The threshold test: offer the candidate to the heaps of the queries whose bar it reaches.
 // Queries go 16 at a time through one vector compare (a bool-or over all n queries stayed
 // scalar, and with many queries per block it cost as much as a 1-token budget's tile).
@@ -477,6 +538,112 @@ struct ExactScan {
     });
   }
 
+  // One token per query and one group, r_c < MR (budget (1, r_c): the first stage of a cascade;
+  // at (1, 1) a plain GEMM): the score of query lane l is the max of tile[row][l] over the
+  // candidate's valid rows (0 for a masked query token, 0 when no row is valid), compared with
+  // the bars straight from the tile, 16 queries at a time. This skips BlockFold's buffers (its
+  // begin / fold / finish passes over every query lane cost a third of a (1, 1) scan) but keeps
+  // its arithmetic, so scores are bitwise the general path's.
+  static constexpr bool kOneTokenPath = NR % 16 == 0;
+
+  static bool one_token_path(const Problem& P) {
+    return kOneTokenPath && P.groups.num_groups == 1 && P.groups.rq_eff == 1 && tile_candidates(P.groups.rc_eff, MR) > 1;
+  }
+
+  static void search_one_token(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
+                               TopK& top, int64_t r0, int64_t r1) {
+    const Problem& P = IP.p;
+    const int rc = int(P.groups.rc_eff), m = tile_candidates(rc, MR);
+    const int64_t n = qv.n;
+    const uint8_t* qvalid = block_qvalid(IP, qv.a0, n, x.qvalid);
+    const float* thr = top.thr + qv.a0;  // group 0
+    const Acc* qrows[E::kDotTokens] = {};
+    for_candidate_groups(IP, r0, r1, m, [&](const Cand* cands, int count) {
+      tile(IP, qv, w, cands, count, m, 0, rc, qrows, 0);
+      for (int c = 0; c < count; ++c) {
+        const Cand& cc = cands[c];
+        int valid_rows[MR];
+        int nv = 0;
+        for (int r = 0; r < rc; ++r)
+          if (token_valid(IP, *cc.seg, cc.b, r)) valid_rows[nv++] = c * rc + r;
+        const int64_t id = cc.seg->ids[cc.b], row = cc.seg->row0 + cc.b;
+        one_token_offers<NR>(w.tile, MR * NR, valid_rows, nv, n, qvalid, thr,
+                             [&](int64_t al, float score) { heap_offer(top, qv.a0 + al, score, id, row); });
+      }
+    });
+  }
+
+#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+  // The plain GEMM case of the one-token path (r_c = 1, no candidate mask, D in one chunk: every
+  // (1, 1) search and cascade first stage): the threshold test runs on the micro-kernel's
+  // accumulators (Policy::micro_epilogue), so a candidate that reaches no bar, nearly all of
+  // them, is never stored or re-read. Scores are those of the tile path: max(-inf, dot), then 0
+  // for a masked query token.
+  static constexpr bool kFusedTest = E::kDirectRows && NR == 32;
+
+  static bool fused_test_path(const IndexProblem& IP) {
+    return kFusedTest && one_token_path(IP.p) && !IP.masked && IP.p.groups.rc_eff == 1 && IP.p.kc >= IP.p.d;
+  }
+
+  static void search_fused_test(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
+                                TopK& top, int64_t r0, int64_t r1) {
+    const Problem& P = IP.p;
+    const int64_t n = qv.n, D = P.d, pe = E::panel_elems(P);
+    const uint8_t* qvalid = block_qvalid(IP, qv.a0, n, x.qvalid);
+    const float* thr = top.thr + qv.a0;  // group 0
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+    for_candidate_groups(IP, r0, r1, MR, [&](const Cand* cands, int count) {
+      const T* rows[MR];
+      for (int r = 0; r < MR; ++r) {
+        const Cand& c = cands[r < count ? r : count - 1];
+        rows[r] = token_row<T>(IP, *c.seg, c.b, 0);
+      }
+      for (int64_t p = 0; p < qv.panels; ++p) {
+        const int64_t l0 = p * NR, lanes = min64(NR, n - l0);
+        const uint32_t live = lanes >= 32 ? ~uint32_t(0) : (uint32_t(1) << lanes) - 1;
+        uint32_t keep = ~uint32_t(0);  // lanes whose query token is valid
+        if (qvalid) {
+          const __m256i qv8 = _mm256_maskz_loadu_epi8(live, qvalid + l0);
+          keep = _mm256_test_epi8_mask(qv8, qv8);
+        }
+        const __mmask16 live_lo = __mmask16(live), live_hi = __mmask16(live >> 16);
+        const __mmask16 keep_lo = __mmask16(keep), keep_hi = __mmask16(keep >> 16);
+        const __m512 bar_lo = _mm512_maskz_loadu_ps(live_lo, thr + l0);
+        const __m512 bar_hi = _mm512_maskz_loadu_ps(live_hi, thr + l0 + 16);
+        uint32_t hits[MR];
+        uint32_t any = 0;
+        Policy::template micro_epilogue<MR>(rows, qv.pack + p * pe, D, nullptr, false, [&](int r, __m512 lo, __m512 hi) {
+          lo = _mm512_maskz_mov_ps(keep_lo, _mm512_max_ps(lo, minus_inf));  // dot > -inf ? dot : -inf
+          hi = _mm512_maskz_mov_ps(keep_hi, _mm512_max_ps(hi, minus_inf));
+          const uint32_t h = uint32_t(_mm512_mask_cmp_ps_mask(live_lo, lo, bar_lo, _CMP_GE_OQ)) |
+                             uint32_t(_mm512_mask_cmp_ps_mask(live_hi, hi, bar_hi, _CMP_GE_OQ)) << 16;
+          if (h) {
+            _mm512_storeu_ps(w.tile + r * NR, lo);
+            _mm512_storeu_ps(w.tile + r * NR + 16, hi);
+          }
+          hits[r] = h;
+          any |= h;
+        });
+        if (!any) continue;
+        for (int r = 0; r < count; ++r) {
+          const Cand& c = cands[r];
+          for (uint32_t h = hits[r]; h; h &= h - 1) {
+            const int l = __builtin_ctz(h);
+            const float s = w.tile[r * NR + l];
+            if (s >= thr[l0 + l])  // the bar rises as a heap fills
+              heap_offer(top, qv.a0 + l0 + l, s, c.seg->ids[c.b], c.seg->row0 + c.b);
+          }
+        }
+      }
+    });
+  }
+#else
+  static constexpr bool kFusedTest = false;
+  static bool fused_test_path(const IndexProblem&) { return false; }
+  static void search_fused_test(const IndexProblem&, const typename E::QView&, typename E::Work&, Extra&, TopK&,
+                                int64_t, int64_t) {}
+#endif
+
   static void search(const IndexProblem& IP, int64_t qblock, int64_t r0, int64_t r1, void* ws, TopK& top) {
     const Problem& P = IP.p;
     typename E::Work w = E::carve(P, ws);
@@ -516,6 +683,16 @@ struct ExactScan {
                     heap_offer(top, xi, s[c], cands[c].seg->ids[cands[c].b], cands[c].seg->row0 + cands[c].b);
               }
           });
+      return;
+    }
+    if constexpr (kFusedTest) {
+      if (fused_test_path(IP)) {
+        search_fused_test(IP, qv, w, x, top, r0, r1);
+        return;
+      }
+    }
+    if (one_token_path(P)) {
+      search_one_token(IP, qv, w, x, top, r0, r1);
       return;
     }
     scan(IP, qv, w, x, [&](int m, auto&& fn) { for_candidate_groups(IP, r0, r1, m, fn); },

@@ -2,8 +2,11 @@
 // packing (and int8 quantisation), threading and the final merge of the per-thread top-k
 // heaps, around the kernels of index_engine.h.
 //
-// Threading and determinism: the rows are cut into one contiguous chunk per thread; a chunk
-// scans every query block and keeps its own heaps. The chunks' heaps are merged by
+// Threading and determinism: with many query tokens (>= kSplitTokens per thread) the queries
+// are cut into one block per thread and each block scans every row (each query's heap then
+// sees every candidate once, so it fills once: half the heap offers of a row split on two
+// threads); otherwise the rows are cut into one contiguous chunk per thread and a chunk scans
+// every query block. Each chunk keeps its own heaps. The chunks' heaps are merged by
 // (score desc, id asc), a total order, and every candidate's score is computed by the same
 // arithmetic whatever chunk, tile or segment it falls in, so the result is the same for any
 // thread count. No atomics.
@@ -58,6 +61,16 @@ const IndexKernelSet& index_kernels_for(int32_t cdtype) {
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Everything one call needs, kept alive for its duration.
+// Query tokens per thread from which threads split the queries instead of the rows: a block of
+// 128 tokens keeps 4 AVX-512 (8 AVX2) query panels per candidate row, so the tile stays
+// compute-bound, and the candidates, read once per thread, come from the shared cache.
+static const int64_t kSplitTokens = getenv("XSPLIT") ? atoll(getenv("XSPLIT")) : 128;
+
+bool splits_queries(int64_t query_tokens) {
+  const int64_t threads = at::get_num_threads();
+  return threads > 1 && query_tokens >= threads * kSplitTokens;
+}
+
 struct Prepared {
   GroupPlan plan;
   at::Tensor q, q_mask, qpack, qy, qinfo;
@@ -201,6 +214,7 @@ void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& 
   p.kc = cdtype == kIndexInt8 ? D : (D <= 768 ? D : 8 * cdiv(D, 8 * cdiv(D, 512)));
   const int64_t target_tokens = std::max<int64_t>(P.ks->nr, (int64_t(256) << 10) / (p.kc * P.ks->pack_elem_bytes));
   p.queries_per_block = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(nq, 1), target_tokens / g.rq_eff));
+  if (splits_queries(nq * g.rq_eff)) p.queries_per_block = std::min(p.queries_per_block, cdiv(nq, at::get_num_threads()));
   p.num_qblocks = cdiv(nq, p.queries_per_block);
   p.panels_per_block = cdiv(p.queries_per_block * g.rq_eff, P.ks->nr);
 
@@ -287,8 +301,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> index_search_cpu(
 
   const int64_t kk = std::min(k, N);  // a heap never holds more than every row
   const double work = 2.0 * nq * P.plan.rq_eff * P.plan.rc_eff * q.size(2) * double(N);
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min<int64_t>({int64_t(at::get_num_threads()), N, int64_t(work / 2e6) + 1}));
+  const int64_t nqb = ip.p.num_qblocks;
+  const bool by_queries = splits_queries(nq * P.plan.rq_eff) && nqb > 1;
+  const int64_t chunks =
+      by_queries ? std::min<int64_t>(at::get_num_threads(), nqb)
+                 : std::max<int64_t>(1, std::min<int64_t>({int64_t(at::get_num_threads()), N, int64_t(work / 2e6) + 1}));
   at::Tensor hs = at::empty({chunks, X, kk}, f32);
   at::Tensor hid = at::empty({chunks, X, kk}, i64);
   at::Tensor hrow = at::empty({chunks, X, kk}, i64);
@@ -299,8 +316,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> index_search_cpu(
     for (int64_t c = c0; c < c1; ++c) {
       TopK top{kk, hs[c].data_ptr<float>(), hid[c].data_ptr<int64_t>(), hrow[c].data_ptr<int64_t>(),
                hcount[c].data_ptr<int64_t>(), hthr[c].data_ptr<float>()};
-      const int64_t r0 = c * N / chunks, r1 = (c + 1) * N / chunks;
-      for (int64_t qb = 0; qb < ip.p.num_qblocks; ++qb) P.ks->search(ip, qb, r0, r1, ws.get(), top);
+      if (by_queries) {  // query blocks [qb0, qb1) against every row
+        for (int64_t qb = c * nqb / chunks; qb < (c + 1) * nqb / chunks; ++qb) P.ks->search(ip, qb, 0, N, ws.get(), top);
+      } else {  // rows [r0, r1) against every query block
+        const int64_t r0 = c * N / chunks, r1 = (c + 1) * N / chunks;
+        for (int64_t qb = 0; qb < nqb; ++qb) P.ks->search(ip, qb, r0, r1, ws.get(), top);
+      }
     }
   });
 

@@ -41,6 +41,17 @@ struct Avx512Bf16Policy : Avx512Policy {
 
   template <int M>
   static inline void micro(const bf16_t* const* rows, const uint16_t* qp, int64_t kc, float* tile, bool accumulate) {
+    micro_epilogue<M>(rows, qp, kc, tile, accumulate, [tile](int r, __m512 lo, __m512 hi) {
+      _mm512_storeu_ps(tile + r * NR, lo);
+      _mm512_storeu_ps(tile + r * NR + 16, hi);
+    });
+  }
+
+  // As Avx512Policy::micro_epilogue: row r's finished lanes go to epi(r, lo, hi).
+  using Avx512Policy::micro_epilogue;
+  template <int M, class Epilogue>
+  static inline void micro_epilogue(const bf16_t* const* rows, const uint16_t* qp, int64_t kc, const float* tile,
+                                    bool accumulate, Epilogue&& epi) {
     __m512 lo[M], hi[M];
     const bf16_t* rp[M];
 #pragma GCC unroll 8
@@ -74,10 +85,7 @@ struct Avx512Bf16Policy : Avx512Policy {
       }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) {
-      _mm512_storeu_ps(tile + r * NR, lo[r]);
-      _mm512_storeu_ps(tile + r * NR + 16, hi[r]);
-    }
+    for (int r = 0; r < M; ++r) epi(r, lo[r], hi[r]);
   }
 };
 
