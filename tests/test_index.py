@@ -152,33 +152,35 @@ def test_masks_removed_filtered_and_segments(scan_isa, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_many_queries_one_token_budgets(scan_isa, dtype, num_threads):
-    """Batched search (>= 128 query tokens per thread: the threads split the queries) at the
-    one-token budgets that take the fused threshold test ((1, 1), no candidate mask) and the
-    one-token fold ((1, r_c) with r_c < MR, or a candidate mask): equal to brute force, with a
-    query count that leaves partial 32-lane panels, non-prefix query masks with empty rows,
-    removed ids, and the same bits on 1 and 2 threads."""
+def test_many_queries(scan_isa, dtype, num_threads):
+    """Batched search: >= 128 query tokens per thread (the threads split the queries), the
+    one-token budgets that take the fused threshold test ((1, 1) without a candidate mask) and
+    the one-token fold ((1, r_c) with r_c below the tile height, or a candidate mask), the wide
+    bfloat16 panels (blocks of >= 64 query tokens) with tiles along r_c and a short last tile;
+    equal to brute force, with query counts that leave partial panels, non-prefix query masks
+    with empty rows, removed ids, and the same bits on 1 and 2 threads."""
     gen = torch.Generator().manual_seed(21)
-    nq, rq, rc, d, n = 301, 3, 5, 37, 70
-    q = helpers.exact_values((nq, rq, d), gen)
-    q_mask, c_mask = helpers.random_masks(nq, rq, n, rc, gen)
-    c = exact_candidates(n, rc, d, dtype, gen)
-    c[9] = c[4]  # exact ties, broken by id
-    for masked in (False, True):
-        index = MultiVectorIndex(d, rc, dtype=dtype)
-        index.add(c, ids=torch.randperm(5 * n, generator=gen)[:n], c_mask=c_mask if masked else None)
-        index.remove(index._store.all_ids()[[2, 33]].tolist())
-        for budget, qm in itertools.product(((1, 1), (1, 3), (1, 5)), (None, q_mask)):
-            exp = brute_force(index, q, (budget,), 4, qm)
-            results = []
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                got = index.search(q, 4, budget=budget, q_mask=qm)
-                assert_same_results((got[0][None], got[1][None]), exp, exact=True,
-                                    name=f"{scan_isa} {dtype} masked={masked} {budget} q_mask={qm is not None} "
-                                         f"threads={threads}")
-                results.append(got)
-            assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for nq, rq, rc, d, n, budgets in ((301, 3, 5, 37, 70, ((1, 1), (1, 3), (1, 5), (3, 5))),
+                                      (70, 2, 13, 20, 40, ((1, 1), (2, 13), (2, 7)))):
+        q = helpers.exact_values((nq, rq, d), gen)
+        q_mask, c_mask = helpers.random_masks(nq, rq, n, rc, gen)
+        c = exact_candidates(n, rc, d, dtype, gen)
+        c[9] = c[4]  # exact ties, broken by id
+        for masked in (False, True):
+            index = MultiVectorIndex(d, rc, dtype=dtype)
+            index.add(c, ids=torch.randperm(5 * n, generator=gen)[:n], c_mask=c_mask if masked else None)
+            index.remove(index._store.all_ids()[[2, 33]].tolist())
+            for budget, qm in itertools.product(budgets, (None, q_mask)):
+                exp = brute_force(index, q, (budget,), 4, qm)
+                results = []
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    got = index.search(q, 4, budget=budget, q_mask=qm)
+                    assert_same_results((got[0][None], got[1][None]), exp, exact=True,
+                                        name=f"{scan_isa} {dtype} {(nq, rq, rc)} masked={masked} {budget} "
+                                             f"q_mask={qm is not None} threads={threads}")
+                    results.append(got)
+                assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

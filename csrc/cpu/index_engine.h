@@ -579,7 +579,7 @@ struct ExactScan {
   // accumulators (Policy::micro_epilogue), so a candidate that reaches no bar, nearly all of
   // them, is never stored or re-read. Scores are those of the tile path: max(-inf, dot), then 0
   // for a masked query token.
-  static constexpr bool kFusedTest = E::kDirectRows && NR == 32;
+  static constexpr bool kFusedTest = E::kDirectRows && NR % 16 == 0 && NR <= 64;
 
   static bool fused_test_path(const IndexProblem& IP) {
     return kFusedTest && one_token_path(IP.p) && !IP.masked && IP.p.groups.rc_eff == 1 && IP.p.kc >= IP.p.d;
@@ -587,6 +587,7 @@ struct ExactScan {
 
   static void search_fused_test(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
                                 TopK& top, int64_t r0, int64_t r1) {
+    constexpr int V = NR / 16;  // vectors per tile row
     const Problem& P = IP.p;
     const int64_t n = qv.n, D = P.d, pe = E::panel_elems(P);
     const uint8_t* qvalid = block_qvalid(IP, qv.a0, n, x.qvalid);
@@ -600,35 +601,34 @@ struct ExactScan {
       }
       for (int64_t p = 0; p < qv.panels; ++p) {
         const int64_t l0 = p * NR, lanes = min64(NR, n - l0);
-        const uint32_t live = lanes >= 32 ? ~uint32_t(0) : (uint32_t(1) << lanes) - 1;
-        uint32_t keep = ~uint32_t(0);  // lanes whose query token is valid
+        const uint64_t live = lanes >= 64 ? ~uint64_t(0) : (uint64_t(1) << lanes) - 1;
+        uint64_t keep = ~uint64_t(0);  // lanes whose query token is valid
         if (qvalid) {
-          const __m256i qv8 = _mm256_maskz_loadu_epi8(live, qvalid + l0);
-          keep = _mm256_test_epi8_mask(qv8, qv8);
+          const __m512i q8 = _mm512_maskz_loadu_epi8(live, qvalid + l0);
+          keep = _mm512_test_epi8_mask(q8, q8);
         }
-        const __mmask16 live_lo = __mmask16(live), live_hi = __mmask16(live >> 16);
-        const __mmask16 keep_lo = __mmask16(keep), keep_hi = __mmask16(keep >> 16);
-        const __m512 bar_lo = _mm512_maskz_loadu_ps(live_lo, thr + l0);
-        const __m512 bar_hi = _mm512_maskz_loadu_ps(live_hi, thr + l0 + 16);
-        uint32_t hits[MR];
-        uint32_t any = 0;
-        Policy::template micro_epilogue<MR>(rows, qv.pack + p * pe, D, nullptr, false, [&](int r, __m512 lo, __m512 hi) {
-          lo = _mm512_maskz_mov_ps(keep_lo, _mm512_max_ps(lo, minus_inf));  // dot > -inf ? dot : -inf
-          hi = _mm512_maskz_mov_ps(keep_hi, _mm512_max_ps(hi, minus_inf));
-          const uint32_t h = uint32_t(_mm512_mask_cmp_ps_mask(live_lo, lo, bar_lo, _CMP_GE_OQ)) |
-                             uint32_t(_mm512_mask_cmp_ps_mask(live_hi, hi, bar_hi, _CMP_GE_OQ)) << 16;
-          if (h) {
-            _mm512_storeu_ps(w.tile + r * NR, lo);
-            _mm512_storeu_ps(w.tile + r * NR + 16, hi);
+        __m512 bar[V];
+        for (int h = 0; h < V; ++h) bar[h] = _mm512_maskz_loadu_ps(__mmask16(live >> (16 * h)), thr + l0 + 16 * h);
+        uint64_t hits[MR];
+        uint64_t any = 0;
+        Policy::template micro_epilogue<MR>(rows, qv.pack + p * pe, D, nullptr, false, [&](int r, const __m512* acc) {
+          __m512 v[V];
+          uint64_t h = 0;
+#pragma GCC unroll 4
+          for (int i = 0; i < V; ++i) {
+            v[i] = _mm512_maskz_mov_ps(__mmask16(keep >> (16 * i)), _mm512_max_ps(acc[i], minus_inf));  // dot > -inf ? dot : -inf
+            h |= uint64_t(_mm512_mask_cmp_ps_mask(__mmask16(live >> (16 * i)), v[i], bar[i], _CMP_GE_OQ)) << (16 * i);
           }
+          if (h)
+            for (int i = 0; i < V; ++i) _mm512_storeu_ps(w.tile + r * NR + 16 * i, v[i]);
           hits[r] = h;
           any |= h;
         });
         if (!any) continue;
         for (int r = 0; r < count; ++r) {
           const Cand& c = cands[r];
-          for (uint32_t h = hits[r]; h; h &= h - 1) {
-            const int l = __builtin_ctz(h);
+          for (uint64_t h = hits[r]; h; h &= h - 1) {
+            const int l = __builtin_ctzll(h);
             const float s = w.tile[r * NR + l];
             if (s >= thr[l0 + l])  // the bar rises as a heap fills
               heap_offer(top, qv.a0 + l0 + l, s, c.seg->ids[c.b], c.seg->row0 + c.b);

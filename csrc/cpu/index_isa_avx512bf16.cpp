@@ -29,6 +29,7 @@ const IndexIsaKernels* index_avx512bf16_kernels() {
     IndexIsaKernels k = base ? *base : IndexIsaKernels{};
     k.name = "avx512_bf16";
     k.bf16 = ExactScan<Avx512Bf16Policy, bf16_t, Avx512Dots>::kernel_set();
+    k.bf16_wide = ExactScan<Avx512Bf16WidePolicy, bf16_t, Avx512Dots>::kernel_set();
     return k;
   }();
   return &kernels;

@@ -73,6 +73,9 @@ struct IndexKernelSet {
 struct IndexIsaKernels {
   const char* name;
   IndexKernelSet f32, bf16, int8;
+  // Optional (nr == 0: none): bf16 with wider query panels, for query blocks of at least
+  // bf16_wide.nr tokens (a narrower block would leave lanes of every panel idle).
+  IndexKernelSet bf16_wide;
 };
 
 // index_isa_*.cpp; the SIMD variants return nullptr when the compiler could not target them.

@@ -38,8 +38,9 @@ bool cpu_has_vnni() {
 #endif
 }
 
-// The index kernels for the engine's active instruction set (METAEMBED_CPU_ISA applies).
-const IndexKernelSet& index_kernels_for(int32_t cdtype) {
+// The index kernels for the engine's active instruction set (METAEMBED_CPU_ISA applies), for
+// query blocks of `block_tokens` query tokens.
+const IndexKernelSet& index_kernels_for(int32_t cdtype, int64_t block_tokens) {
   const std::string isa = active_kernels()->name;
   const IndexIsaKernels* k = index_generic_kernels();
   if (isa == "avx2" && index_avx2_kernels()) k = index_avx2_kernels();
@@ -55,6 +56,7 @@ const IndexKernelSet& index_kernels_for(int32_t cdtype) {
       k = index_avx2_kernels();
     }
   }
+  if (cdtype == kBF16 && k->bf16_wide.nr > 0 && block_tokens >= k->bf16_wide.nr) return k->bf16_wide;
   return cdtype == kIndexInt8 ? k->int8 : (cdtype == kBF16 ? k->bf16 : k->f32);
 }
 
@@ -194,7 +196,9 @@ void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& 
     check_mask(q_mask, "q_mask", {nq, rq}, q);
     P.q_mask = q_mask->contiguous();
   }
-  P.ks = &index_kernels_for(cdtype);
+  const int64_t query_tokens = nq * P.plan.rq_eff;
+  P.ks = &index_kernels_for(cdtype, splits_queries(query_tokens) ? cdiv(nq, at::get_num_threads()) * P.plan.rq_eff
+                                                                  : query_tokens);
   IndexProblem& ip = P.ip;
   Problem& p = ip.p;
   p.dtype = cdtype == kBF16 ? kBF16 : kF32;

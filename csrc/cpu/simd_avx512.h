@@ -95,14 +95,14 @@ struct Avx512Policy : AccPacking<float, 32> {
   // candidate-lane layout away from budgets with a 1-row tail tile: r_c = 1 has no choice of j.)
   template <int M>
   static inline void micro(const float* const* rows, const float* qp, int64_t kc, float* tile, bool accumulate) {
-    micro_epilogue<M>(rows, qp, kc, tile, accumulate, [tile](int r, __m512 lo, __m512 hi) {
-      _mm512_storeu_ps(tile + r * NR, lo);
-      _mm512_storeu_ps(tile + r * NR + 16, hi);
+    micro_epilogue<M>(rows, qp, kc, tile, accumulate, [tile](int r, const __m512* v) {
+      _mm512_storeu_ps(tile + r * NR, v[0]);
+      _mm512_storeu_ps(tile + r * NR + 16, v[1]);
     });
   }
 
-  // The micro-kernel with its last step left to the caller: epi(r, lo, hi) receives row r's
-  // finished lanes [0, 16) and [16, 32) in registers (micro stores them; the index's (1, 1)
+  // The micro-kernel with its last step left to the caller: epi(r, v) receives row r's
+  // finished lanes in registers, v[h] = lanes [16 h, 16 h + 16) (micro stores them; the index's (1, 1)
   // scan compares them with the top-k bars without a store). `tile` is read only to accumulate.
   static constexpr bool kMicroEpilogue = true;
   template <int M, class Epilogue>
@@ -151,7 +151,8 @@ struct Avx512Policy : AccPacking<float, 32> {
         lo[0][r] = _mm512_add_ps(lo[0][r], lo[s][r]);
         hi[0][r] = _mm512_add_ps(hi[0][r], hi[s][r]);
       }
-      epi(r, lo[0][r], hi[0][r]);
+      const __m512 v[2] = {lo[0][r], hi[0][r]};
+      epi(r, v);
     }
   }
 

@@ -41,13 +41,13 @@ struct Avx512Bf16Policy : Avx512Policy {
 
   template <int M>
   static inline void micro(const bf16_t* const* rows, const uint16_t* qp, int64_t kc, float* tile, bool accumulate) {
-    micro_epilogue<M>(rows, qp, kc, tile, accumulate, [tile](int r, __m512 lo, __m512 hi) {
-      _mm512_storeu_ps(tile + r * NR, lo);
-      _mm512_storeu_ps(tile + r * NR + 16, hi);
+    micro_epilogue<M>(rows, qp, kc, tile, accumulate, [tile](int r, const __m512* v) {
+      _mm512_storeu_ps(tile + r * NR, v[0]);
+      _mm512_storeu_ps(tile + r * NR + 16, v[1]);
     });
   }
 
-  // As Avx512Policy::micro_epilogue: row r's finished lanes go to epi(r, lo, hi).
+  // As Avx512Policy::micro_epilogue: row r's finished lanes go to epi(r, v).
   using Avx512Policy::micro_epilogue;
   template <int M, class Epilogue>
   static inline void micro_epilogue(const bf16_t* const* rows, const uint16_t* qp, int64_t kc, const float* tile,
@@ -85,7 +85,77 @@ struct Avx512Bf16Policy : Avx512Policy {
       }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) epi(r, lo[r], hi[r]);
+    for (int r = 0; r < M; ++r) {
+      const __m512 v[2] = {lo[r], hi[r]};
+      epi(r, v);
+    }
+  }
+};
+
+// The index's bfloat16 scan with many query lanes: 64-lane query panels (four vectors) by 6
+// candidate rows, 24 accumulators. One broadcast candidate pair then feeds four VDPBF16PS
+// instead of two, so a pair of dims costs 6 broadcasts + 4 loads per 24 dot instructions
+// (Avx512Bf16Policy: 8 + 2 per 16): at (1, 1) the scan is that loop, and the broadcasts
+// held it near torch.matmul's rate. Same numerics as Avx512Bf16Policy (one VDPBF16PS chain per
+// element over D), so scores are bitwise those of the 32-lane tile.
+struct Avx512Bf16WidePolicy : Avx512Bf16Policy {
+  static constexpr int NR = 64;
+  static constexpr int MR = 6;
+  static constexpr int kVecs = NR / 16;
+
+  // bf16 pairs: dim k of `lane` at panel[(k / 2) * 2 * NR + 2 * lane + (k % 2)].
+  static void pack_token(const bf16_t* src, int64_t d, uint16_t* panel, int lane) {
+    for (int64_t k = 0; k < d; ++k) panel[(k / 2) * 2 * NR + 2 * lane + (k & 1)] = src[k].bits;
+  }
+
+  template <int M>
+  static inline void micro(const bf16_t* const* rows, const uint16_t* qp, int64_t kc, float* tile, bool accumulate) {
+    micro_epilogue<M>(rows, qp, kc, tile, accumulate, [tile](int r, const __m512* v) {
+#pragma GCC unroll 4
+      for (int h = 0; h < kVecs; ++h) _mm512_storeu_ps(tile + r * NR + 16 * h, v[h]);
+    });
+  }
+
+  template <int M, class Epilogue>
+  static inline void micro_epilogue(const bf16_t* const* rows, const uint16_t* qp, int64_t kc, const float* tile,
+                                    bool accumulate, Epilogue&& epi) {
+    __m512 acc[M][kVecs];
+    const bf16_t* rp[M];
+#pragma GCC unroll 6
+    for (int r = 0; r < M; ++r) {
+      rp[r] = rows[r];
+#pragma GCC unroll 4
+      for (int h = 0; h < kVecs; ++h)
+        acc[r][h] = accumulate ? _mm512_loadu_ps(tile + r * NR + 16 * h) : _mm512_setzero_ps();
+    }
+    const int64_t pairs = kc / 2;
+#pragma GCC unroll 2
+    for (int64_t p = 0; p < pairs; ++p) {
+      __m512bh q[kVecs];
+#pragma GCC unroll 4
+      for (int h = 0; h < kVecs; ++h) q[h] = (__m512bh)_mm512_loadu_si512(qp + p * 2 * NR + 32 * h);
+#pragma GCC unroll 6
+      for (int r = 0; r < M; ++r) {
+        uint32_t two;  // c[j][2p] in the low half, c[j][2p+1] in the high half
+        std::memcpy(&two, rp[r] + 2 * p, sizeof(two));
+        const __m512bh c = (__m512bh)_mm512_set1_epi32(int(two));
+#pragma GCC unroll 4
+        for (int h = 0; h < kVecs; ++h) acc[r][h] = _mm512_dpbf16_ps(acc[r][h], c, q[h]);
+      }
+    }
+    if (kc & 1) {  // last dim alone: (c, 0) against the packed (q, 0)
+      __m512bh q[kVecs];
+#pragma GCC unroll 4
+      for (int h = 0; h < kVecs; ++h) q[h] = (__m512bh)_mm512_loadu_si512(qp + pairs * 2 * NR + 32 * h);
+#pragma GCC unroll 6
+      for (int r = 0; r < M; ++r) {
+        const __m512bh c = (__m512bh)_mm512_set1_epi32(int(rp[r][kc - 1].bits));
+#pragma GCC unroll 4
+        for (int h = 0; h < kVecs; ++h) acc[r][h] = _mm512_dpbf16_ps(acc[r][h], c, q[h]);
+      }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < M; ++r) epi(r, acc[r]);
   }
 };
 
