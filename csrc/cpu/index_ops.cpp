@@ -102,7 +102,7 @@ int32_t stored_dtype(const at::Tensor& t) {
 void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& q_mask, at::TensorList data,
              at::TensorList scales, at::TensorList masks, at::TensorList ids, at::TensorList allowed,
              at::IntArrayRef segment_rows, at::IntArrayRef bounds, at::IntArrayRef group_rq,
-             at::IntArrayRef group_rc) {
+             at::IntArrayRef group_rc, bool one_query_blocks = false) {
   TORCH_CHECK_VALUE(q.dim() == 3, "q must have shape (Nq, Rq, D), got ", q.sizes());
   TORCH_CHECK_VALUE(q.device().is_cpu(), "the CPU index ops take CPU tensors, got q on ", q.device());
   const int64_t nq = q.size(0), rq = q.size(1), D = q.size(2);
@@ -196,9 +196,11 @@ void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& 
     check_mask(q_mask, "q_mask", {nq, rq}, q);
     P.q_mask = q_mask->contiguous();
   }
+  // The kernels for the query blocks the scan will see (score_rows scores one query at a time).
   const int64_t query_tokens = nq * P.plan.rq_eff;
-  P.ks = &index_kernels_for(cdtype, splits_queries(query_tokens) ? cdiv(nq, at::get_num_threads()) * P.plan.rq_eff
-                                                                  : query_tokens);
+  P.ks = &index_kernels_for(cdtype, one_query_blocks               ? P.plan.rq_eff
+                                    : splits_queries(query_tokens) ? cdiv(nq, at::get_num_threads()) * P.plan.rq_eff
+                                                                   : query_tokens);
   IndexProblem& ip = P.ip;
   Problem& p = ip.p;
   p.dtype = cdtype == kBF16 ? kBF16 : kF32;
@@ -369,7 +371,8 @@ at::Tensor index_score_rows_cpu(const at::Tensor& q, const c10::optional<at::Ten
   std::vector<at::Tensor> ids;
   for (int64_t n : segment_rows) ids.push_back(at::empty({std::max<int64_t>(n, 0)}, q.options().dtype(at::kLong)));
   Prepared P;
-  prepare(P, q, q_mask, data, scales, masks, ids, {}, segment_rows, bounds, group_rq, group_rc);
+  prepare(P, q, q_mask, data, scales, masks, ids, {}, segment_rows, bounds, group_rq, group_rc,
+          /*one_query_blocks=*/true);
   const int64_t G = P.plan.size(), nq = q.size(0), K = rows.size(1);
   at::Tensor out = at::full({G, nq, K}, -INFINITY, q.options().dtype(at::kFloat));
   if (nq == 0 || K == 0) return out;
