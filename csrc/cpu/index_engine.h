@@ -995,10 +995,10 @@ struct Int8Scan {
 
     // Integer tile for tokens [j0, j0 + per) of candidates cands[0, count) -> approximate
     // similarities in w.tile (rows r = ci * per + jj).
-    auto run_tile = [&](const Cand* cands, int count, int64_t j0, int per) {
+    float scl[MR];  // the tile rows' scales
+    auto run_tile = [&](const Cand* cands, int count, int64_t j0, int per, bool to_float = true) {
       const int M = m * per;
       const int8_t* src[MR];
-      float scl[MR];
       int r = 0;
       for (int ci = 0; ci < count; ++ci)
         for (int jj = 0; jj < per; ++jj, ++r) {
@@ -1017,6 +1017,7 @@ struct Int8Scan {
         for (int rr = count * per; rr < MR; ++rr) rows[rr] = rows[count * per - 1];
         for (int64_t p = 0; p < panels; ++p) Ops::micro(M, rows, qpack + p * pb, g4, w.itile + p * MR * NR);
       }
+      if (!to_float) return;
       for (int64_t p = 0; p < panels; ++p)
         for (int rr = 0; rr < count * per; ++rr) {
           const int32_t* it = w.itile + (p * MR + rr) * NR;
@@ -1027,21 +1028,27 @@ struct Int8Scan {
         }
     };
 
-    // Approximate scores are in w.scores: rescore exactly where A + Bound reaches a bar.
+    // Approximate scores are in w.scores: rescore exactly where A + Bound reaches a bar. The
+    // upper bounds replace the scores in place (computed once, so the early-out and the
+    // per-query decision see the same values); bars are compared 16 queries at a time.
     auto finish = [&](const Cand& c) {
       float nmax = 0;
       for (int64_t j = 0; j < rc; ++j) nmax = std::max(nmax, token_scale(IP, *c.seg, c.b, j)[1]);
+      float* ub = w.scores;
+      for (int64_t x = 0; x < G * n; ++x) ub[x] += nmax * w.err_sum[x];
       bool any = false;
-      for (int64_t x = 0; x < G * n; ++x) {
-        const int64_t g = x / n, al = x % n;
-        any |= w.scores[x] + nmax * w.err_sum[x] >= top.thr[g * nq + a0 + al];
+      for (int64_t g = 0; g < G && !any; ++g) {
+        const float* u = ub + g * n;
+        const float* thr = top.thr + g * nq + a0;
+        int64_t al = 0;
+        for (; al + 16 <= n && !any; al += 16) any = lanes_reaching16(u + al, thr + al) != 0;
+        for (; al < n && !any; ++al) any = u[al] >= thr[al];
       }
       if (!any) return;
       const int64_t id = c.seg->ids[c.b], row = c.seg->row0 + c.b;
       for (int64_t al = 0; al < n; ++al) {
         bool need = false;
-        for (int64_t g = 0; g < G && !need; ++g)
-          need = w.scores[g * n + al] + nmax * w.err_sum[g * n + al] >= top.thr[g * nq + a0 + al];
+        for (int64_t g = 0; g < G && !need; ++g) need = ub[g * n + al] >= top.thr[g * nq + a0 + al];
         if (!need) continue;
         exact_scores(IP, a0 + al, c, w, w.exact);
         for (int64_t g = 0; g < G; ++g) {
@@ -1051,6 +1058,66 @@ struct Int8Scan {
       }
     };
 
+#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+    // One token per query, one group, r_c < MR (budget (1, r_c) over a query block): the
+    // approximate score, its upper bound and the bar test run on the integer tile, 16 queries
+    // at a time, without the float tile, BlockFold's passes or a score buffer. Same arithmetic
+    // as that path: A = max over valid rows of float(it - corr) * (sq * s_j), folded from -inf
+    // (0 without a valid row, 0 for a masked query token), bound A + N_max * err.
+    if constexpr (NR % 16 == 0) {
+      if (G == 1 && rq == 1 && m > 1) {
+        const float* thr = top.thr + a0;  // group 0
+        for_candidate_groups(IP, r0, r1, m, [&](const Cand* cands, int count) {
+          run_tile(cands, count, 0, int(rc), /*to_float=*/false);
+          for (int c = 0; c < count; ++c) {
+            const Cand& cc = cands[c];
+            int valid_rows[MR];
+            int nv = 0;
+            float nmax = 0;
+            for (int64_t j = 0; j < rc; ++j) {
+              nmax = std::max(nmax, token_scale(IP, *cc.seg, cc.b, j)[1]);
+              if (token_valid(IP, *cc.seg, cc.b, j)) valid_rows[nv++] = c * int(rc) + int(j);
+            }
+            const __m512 vnmax = _mm512_set1_ps(nmax);
+            for (int64_t l0 = 0; l0 < n; l0 += 16) {
+              const int64_t p = l0 / NR, lo = l0 % NR, lanes = min64(16, n - l0);
+              const __mmask16 live = lanes == 16 ? __mmask16(0xFFFF) : __mmask16((1u << lanes) - 1);
+              const __m512i corr = _mm512_loadu_si512(w.lane_corr + l0);
+              const __m512 lscale = _mm512_loadu_ps(w.lane_scale + l0);
+              __m512 v = _mm512_setzero_ps();
+              if (nv) {
+                v = _mm512_set1_ps(-INFINITY);
+                for (int k = 0; k < nv; ++k) {
+                  const int r = valid_rows[k];
+                  const __m512i it = _mm512_loadu_si512(w.itile + (p * MR + r) * NR + lo);
+                  const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(it, corr)),
+                                                 _mm512_mul_ps(lscale, _mm512_set1_ps(scl[r])));
+                  v = _mm512_max_ps(a, v);  // a > v ? a : v
+                }
+                if (qvalid) {
+                  const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid + l0);
+                  v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(live, q8, q8), v);
+                }
+              }
+              const __m512 ub = _mm512_add_ps(v, _mm512_mul_ps(vnmax, _mm512_maskz_loadu_ps(live, w.err_sum + l0)));
+              uint32_t hits = _mm512_mask_cmp_ps_mask(live, ub, _mm512_maskz_loadu_ps(live, thr + l0), _CMP_GE_OQ);
+              if (!hits) continue;
+              alignas(64) float u[16];
+              _mm512_store_ps(u, ub);
+              const int64_t id = cc.seg->ids[cc.b], row = cc.seg->row0 + cc.b;
+              for (; hits; hits &= hits - 1) {
+                const int l = __builtin_ctz(hits);
+                if (u[l] < thr[l0 + l]) continue;  // the bar rises as the heap fills
+                exact_scores(IP, a0 + l0 + l, cc, w, w.exact);
+                if (w.exact[0] >= thr[l0 + l]) heap_offer(top, a0 + l0 + l, w.exact[0], id, row);
+              }
+            }
+          }
+        });
+        return;
+      }
+    }
+#endif
     for_candidate_groups(IP, r0, r1, m, [&](const Cand* cands, int count) {
       if (m > 1) {
         run_tile(cands, count, 0, int(rc));
