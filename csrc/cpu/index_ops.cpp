@@ -62,19 +62,20 @@ const IndexKernelSet& index_kernels_for(int32_t cdtype, int64_t block_tokens) {
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Everything one call needs, kept alive for its duration.
 // Query tokens per thread from which threads split the queries instead of the rows: a block of
 // 128 tokens keeps 4 AVX-512 (8 AVX2) query panels per candidate row, so the tile stays
 // compute-bound, and the candidates, read once per thread, come from the shared cache.
-static const int64_t kSplitTokens = getenv("XSPLIT") ? atoll(getenv("XSPLIT")) : 128;
+constexpr int64_t kSplitTokens = 128;
 
 bool splits_queries(int64_t query_tokens) {
   const int64_t threads = at::get_num_threads();
   return threads > 1 && query_tokens >= threads * kSplitTokens;
 }
 
+// Everything one call needs, kept alive for its duration.
 struct Prepared {
   GroupPlan plan;
+  bool split_queries = false;  // one query block per thread, each against every row
   at::Tensor q, q_mask, qpack, qy, qinfo;
   std::vector<at::Tensor> keep;  // contiguous copies of masks
   std::vector<IndexSegment> segs;
@@ -198,9 +199,10 @@ void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& 
   }
   // The kernels for the query blocks the scan will see (score_rows scores one query at a time).
   const int64_t query_tokens = nq * P.plan.rq_eff;
-  P.ks = &index_kernels_for(cdtype, one_query_blocks               ? P.plan.rq_eff
-                                    : splits_queries(query_tokens) ? cdiv(nq, at::get_num_threads()) * P.plan.rq_eff
-                                                                   : query_tokens);
+  P.split_queries = !one_query_blocks && splits_queries(query_tokens);
+  P.ks = &index_kernels_for(cdtype, one_query_blocks  ? P.plan.rq_eff
+                                    : P.split_queries ? cdiv(nq, at::get_num_threads()) * P.plan.rq_eff
+                                                      : query_tokens);
   IndexProblem& ip = P.ip;
   Problem& p = ip.p;
   p.dtype = cdtype == kBF16 ? kBF16 : kF32;
@@ -220,7 +222,7 @@ void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& 
   p.kc = cdtype == kIndexInt8 ? D : (D <= 768 ? D : 8 * cdiv(D, 8 * cdiv(D, 512)));
   const int64_t target_tokens = std::max<int64_t>(P.ks->nr, (int64_t(256) << 10) / (p.kc * P.ks->pack_elem_bytes));
   p.queries_per_block = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(nq, 1), target_tokens / g.rq_eff));
-  if (splits_queries(nq * g.rq_eff)) p.queries_per_block = std::min(p.queries_per_block, cdiv(nq, at::get_num_threads()));
+  if (P.split_queries) p.queries_per_block = std::min(p.queries_per_block, cdiv(nq, at::get_num_threads()));
   p.num_qblocks = cdiv(nq, p.queries_per_block);
   p.panels_per_block = cdiv(p.queries_per_block * g.rq_eff, P.ks->nr);
 
@@ -308,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> index_search_cpu(
   const int64_t kk = std::min(k, N);  // a heap never holds more than every row
   const double work = 2.0 * nq * P.plan.rq_eff * P.plan.rc_eff * q.size(2) * double(N);
   const int64_t nqb = ip.p.num_qblocks;
-  const bool by_queries = splits_queries(nq * P.plan.rq_eff) && nqb > 1;
+  const bool by_queries = P.split_queries && nqb > 1;
   const int64_t chunks =
       by_queries ? std::min<int64_t>(at::get_num_threads(), nqb)
                  : std::max<int64_t>(1, std::min<int64_t>({int64_t(at::get_num_threads()), N, int64_t(work / 2e6) + 1}));

@@ -104,7 +104,6 @@ struct Avx512Policy : AccPacking<float, 32> {
   // The micro-kernel with its last step left to the caller: epi(r, v) receives row r's
   // finished lanes in registers, v[h] = lanes [16 h, 16 h + 16) (micro stores them; the index's (1, 1)
   // scan compares them with the top-k bars without a store). `tile` is read only to accumulate.
-  static constexpr bool kMicroEpilogue = true;
   template <int M, class Epilogue>
   static inline void micro_epilogue(const float* const* rows, const float* qp, int64_t kc, const float* tile,
                                     bool accumulate, Epilogue&& epi) {
