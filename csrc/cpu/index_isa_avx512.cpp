@@ -30,6 +30,7 @@ const IndexIsaKernels* index_avx512_kernels() {
     k.f32 = ExactScan<Avx512Policy, float, Avx512Dots>::kernel_set();
     k.bf16 = ExactScan<Avx512Policy, bf16_t, Avx512Dots>::kernel_set();
     k.int8 = Int8Scan<VnniInt8Ops>::kernel_set();
+    k.int8_narrow = Int8Scan<VnniInt8NarrowOps>::kernel_set();
     return k;
   }();
   return &kernels;

@@ -76,6 +76,9 @@ struct IndexIsaKernels {
   // Optional (nr == 0: none): bf16 with wider query panels, for query blocks of at least
   // bf16_wide.nr tokens (a narrower block would leave lanes of every panel idle).
   IndexKernelSet bf16_wide;
+  // Optional (nr == 0: none): int8 with narrower query panels, for query blocks of at most
+  // int8_narrow.nr tokens.
+  IndexKernelSet int8_narrow;
 };
 
 // index_isa_*.cpp; the SIMD variants return nullptr when the compiler could not target them.

@@ -57,6 +57,7 @@ const IndexKernelSet& index_kernels_for(int32_t cdtype, int64_t block_tokens) {
     }
   }
   if (cdtype == kBF16 && k->bf16_wide.nr > 0 && block_tokens >= k->bf16_wide.nr) return k->bf16_wide;
+  if (cdtype == kIndexInt8 && k->int8_narrow.nr > 0 && block_tokens <= k->int8_narrow.nr) return k->int8_narrow;
   return cdtype == kIndexInt8 ? k->int8 : (cdtype == kBF16 ? k->bf16 : k->f32);
 }
 

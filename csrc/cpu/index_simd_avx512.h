@@ -7,8 +7,10 @@
 // * VnniInt8Ops: the int8 scan's integer kernels with VPDPBUSD (u8 x s8 -> s32, four
 //   products per lane). Candidates are the unsigned operand: x + 128 (xor 0x80), so
 //   sum_d (x_d + 128) y_d = <x, y> + 128 sum_d y_d, and the host subtracts the query side's
-//   128 sum_d y_d (QInfo::corr). Query panels are [ceil(D/4)][32 lanes][4 bytes].
+//   128 sum_d y_d (QInfo::corr). Query panels are [ceil(D/4)][NR lanes][4 bytes].
 #pragma once
+#include <utility>
+
 #include "index_engine.h"
 
 namespace metaembed {
@@ -81,9 +83,16 @@ struct Avx512Dots {
   }
 };
 
-struct VnniInt8Ops {
-  static constexpr int NR = 32;
-  static constexpr int MR = 8;
+// kNR query lanes (16 or 32: one or two vectors per row) by kMR candidate rows. 32 x 8 for
+// query blocks of more than 16 tokens; 16 x 16 for blocks of up to 16 (one query at budget
+// (16, r_c), or 16 queries at (1, r_c)), whose upper half of a 32-lane panel would multiply
+// zero padding: same dot products, half the VPDPBUSD.
+template <int kNR, int kMR>
+struct VnniInt8OpsT {
+  static constexpr int NR = kNR;
+  static constexpr int MR = kMR;
+  static constexpr int NV = kNR / 16;  // accumulators per row
+  static_assert(kNR == 16 || kNR == 32, "one or two vectors per row");
   static constexpr int32_t kOffset = 128;
 
   // Biased copies (x + 128 as u8) of M rows, zero-padded... to dpad bytes (the padding bytes
@@ -103,40 +112,40 @@ struct VnniInt8Ops {
 
   template <int M>
   static void micro_m(const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
-    __m512i lo[M], hi[M];
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+    __m512i acc[M][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
 #pragma GCC unroll 2
     for (int64_t p = 0; p < g4; ++p) {
-      const __m512i q0 = _mm512_loadu_si512(qp + p * 4 * NR);
-      const __m512i q1 = _mm512_loadu_si512(qp + p * 4 * NR + 64);
-#pragma GCC unroll 8
+      __m512i q[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) q[v] = _mm512_loadu_si512(qp + p * 4 * NR + 64 * v);
+#pragma GCC unroll 16
       for (int r = 0; r < M; ++r) {
         int32_t four;
         std::memcpy(&four, rows[r] + 4 * p, 4);
         const __m512i c = _mm512_set1_epi32(four);
-        lo[r] = _mm512_dpbusd_epi32(lo[r], c, q0);
-        hi[r] = _mm512_dpbusd_epi32(hi[r], c, q1);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], c, q[v]);
       }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) {
-      _mm512_storeu_si512(tile + r * NR, lo[r]);
-      _mm512_storeu_si512(tile + r * NR + 16, hi[r]);
-    }
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) _mm512_storeu_si512(tile + r * NR + 16 * v, acc[r][v]);
+  }
+
+  template <int... Ms>
+  static void micro_switch(int M, const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile,
+                           std::integer_sequence<int, Ms...>) {
+    // Ms = 0 .. MR - 1: rows M = Ms + 1
+    (void)((M == Ms + 1 ? (micro_m<Ms + 1>(rows, qp, g4, tile), true) : false) || ...);
   }
 
   static void micro(int M, const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
-    switch (M) {
-      case 1: return micro_m<1>(rows, qp, g4, tile);
-      case 2: return micro_m<2>(rows, qp, g4, tile);
-      case 3: return micro_m<3>(rows, qp, g4, tile);
-      case 4: return micro_m<4>(rows, qp, g4, tile);
-      case 5: return micro_m<5>(rows, qp, g4, tile);
-      case 6: return micro_m<6>(rows, qp, g4, tile);
-      case 7: return micro_m<7>(rows, qp, g4, tile);
-      default: return micro_m<8>(rows, qp, g4, tile);
-    }
+    micro_switch(M, rows, qp, g4, tile, std::make_integer_sequence<int, MR>{});
   }
 
   template <int NT, int RB>
@@ -186,6 +195,9 @@ struct VnniInt8Ops {
     }
   }
 };
+
+using VnniInt8Ops = VnniInt8OpsT<32, 8>;
+using VnniInt8NarrowOps = VnniInt8OpsT<16, 16>;
 
 }  // namespace
 }  // namespace cpu
