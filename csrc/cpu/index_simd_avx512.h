@@ -110,8 +110,12 @@ struct VnniInt8OpsT {
     }
   }
 
+  // Out of line: inlined into Int8Scan's run_tile, GCC 12.2 -O3 produced wrong tiles for the
+  // 16 x 16 variant at small D (test_search_grouped_matches_brute_force_with_ties, D = 24);
+  // -O0 and this out-of-line copy are right (a standalone -O3 harness of micro_m agrees with
+  // the scalar sums too). One call per tile of up to 16 candidates: no measurable cost.
   template <int M>
-  static void micro_m(const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
+  __attribute__((noinline)) static void micro_m(const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
     __m512i acc[M][NV];
 #pragma GCC unroll 16
     for (int r = 0; r < M; ++r)
