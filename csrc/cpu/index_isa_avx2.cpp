@@ -91,9 +91,9 @@ struct Avx2Int8Ops {
     return _mm_cvtsi128_si32(s);
   }
 
-  // tile[r][t] = <x_r, y_t> for t < nt query rows of dpad bytes (zero past D).
-  static void dots(const int8_t* const* src, int M, const int8_t* qrows, int64_t dpad, int nt, int64_t D,
-                   int32_t* tile, int nr) {
+  // out[t][r] = <x_r, y_t> for 16 rows and t < nt query rows of dpad bytes (zero past D).
+  static void dots(const int8_t* const* src, const int8_t* qrows, int64_t dpad, int nt, int64_t D, int32_t* out) {
+    constexpr int M = 16;
     const __m256i ones = _mm256_set1_epi16(1);
     alignas(32) int8_t tail[32];
     for (int r = 0; r < M; ++r) {
@@ -111,7 +111,7 @@ struct Avx2Int8Ops {
         for (int t = 0; t < nt; ++t)
           acc[t] = dot4(acc[t], x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrows + t * dpad + d)), ones);
       }
-      for (int t = 0; t < nt; ++t) tile[r * nr + t] = hsum(acc[t]);
+      for (int t = 0; t < nt; ++t) out[t * M + r] = hsum(acc[t]);
     }
   }
 };

@@ -152,50 +152,69 @@ struct VnniInt8OpsT {
     micro_switch(M, rows, qp, g4, tile, std::make_integer_sequence<int, MR>{});
   }
 
-  template <int NT, int RB>
-  static void dots_block(const int8_t* const* src, const int8_t* qrows, int64_t dpad, int64_t D, int32_t* tile,
-                         int nr) {
+  // Four rows' accumulators -> one vector whose 128-bit block k holds the four rows' partial
+  // sums over their block k: [a, b, c, d] (unpack + add, 6 instructions).
+  static inline __m512i fold4(__m512i a, __m512i b, __m512i c, __m512i d) {
+    const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  }
+
+  // Two fold4 results (rows 4u .. 4u + 3 and 4v ..) -> their block sums in pairs:
+  // [u0 + u1, u2 + u3, v0 + v1, v2 + v3] (blocks); twice over gives lane r = row r's total.
+  static inline __m512i fold_blocks(__m512i u, __m512i v) {
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(u, v, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(u, v, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+
+  // fold4 of rows src[0..3] against NT query rows.
+  template <int NT>
+  static inline void rows4(const int8_t* const* src, const int8_t* qrows, int64_t dpad, int64_t D, __m512i* out) {
     const __m512i bias = _mm512_set1_epi8(char(0x80));
-    __m512i acc[RB][NT];
+    __m512i acc[4][NT];
 #pragma GCC unroll 4
-    for (int r = 0; r < RB; ++r)
+    for (int r = 0; r < 4; ++r)
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_si512();
     for (int64_t d = 0; d < D; d += 64) {
       const __mmask64 m = tail_mask64(D - d);
-      __m512i x[RB];
+      __m512i x[4];
 #pragma GCC unroll 4
-      for (int r = 0; r < RB; ++r) x[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src[r] + d), bias);
+      for (int r = 0; r < 4; ++r) x[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src[r] + d), bias);
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) {
         const __m512i y = _mm512_loadu_si512(qrows + t * dpad + d);
 #pragma GCC unroll 4
-        for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], x[r], y);
+        for (int r = 0; r < 4; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], x[r], y);
       }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) tile[r * nr + t] = _mm512_reduce_add_epi32(acc[r][t]);
+    for (int t = 0; t < NT; ++t) out[t] = fold4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
   }
 
   template <int NT>
-  static void dots_nt(const int8_t* const* src, int M, const int8_t* qrows, int64_t dpad, int64_t D, int32_t* tile,
-                      int nr) {
-    constexpr int RB = NT == 1 ? 4 : 2;
-    int r = 0;
-    for (; r + RB <= M; r += RB) dots_block<NT, RB>(src + r, qrows, dpad, D, tile + r * nr, nr);
-    for (; r < M; ++r) dots_block<NT, 1>(src + r, qrows, dpad, D, tile + r * nr, nr);
+  static void dots_nt(const int8_t* const* src, const int8_t* qrows, int64_t dpad, int64_t D, int32_t* out) {
+    __m512i f0[NT], f1[NT], s01[NT];
+    rows4<NT>(src, qrows, dpad, D, f0);
+    rows4<NT>(src + 4, qrows, dpad, D, f1);
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) s01[t] = fold_blocks(f0[t], f1[t]);
+    rows4<NT>(src + 8, qrows, dpad, D, f0);
+    rows4<NT>(src + 12, qrows, dpad, D, f1);
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) _mm512_storeu_si512(out + 16 * t, fold_blocks(s01[t], fold_blocks(f0[t], f1[t])));
   }
 
-  // tile[r][t] = sum_d (x_r[d] + 128) y_t[d] for t < nt (<= 4) query rows of dpad bytes.
-  static void dots(const int8_t* const* src, int M, const int8_t* qrows, int64_t dpad, int nt, int64_t D,
-                   int32_t* tile, int nr) {
+  // out[t][r] = sum_d (x_r[d] + 128) y_t[d] for 16 rows and t < nt (<= 4) query rows of dpad
+  // bytes (zero past D). One accumulator per (row, token), then a transposing reduction
+  // (fold4, fold_blocks: 45 instructions per token for 16 rows) instead of one horizontal sum
+  // per dot product: the candidates' sums land in the lanes the few-token scan works in.
+  static void dots(const int8_t* const* src, const int8_t* qrows, int64_t dpad, int nt, int64_t D, int32_t* out) {
     switch (nt) {
-      case 1: return dots_nt<1>(src, M, qrows, dpad, D, tile, nr);
-      case 2: return dots_nt<2>(src, M, qrows, dpad, D, tile, nr);
-      case 3: return dots_nt<3>(src, M, qrows, dpad, D, tile, nr);
-      default: return dots_nt<4>(src, M, qrows, dpad, D, tile, nr);
+      case 1: return dots_nt<1>(src, qrows, dpad, D, out);
+      case 2: return dots_nt<2>(src, qrows, dpad, D, out);
+      case 3: return dots_nt<3>(src, qrows, dpad, D, out);
+      default: return dots_nt<4>(src, qrows, dpad, D, out);
     }
   }
 };
