@@ -756,6 +756,29 @@ struct ExactScan {
 
 // ---- int8 index: integer scan, exact rescoring of the candidates that can enter ------------
 
+// The (scale, norm) pairs of 16 consecutive rows' token, `stride` floats apart (2 * the slab's
+// vectors per row), deinterleaved: scale[c] = sn[c * stride], norm[c] = sn[c * stride + 1].
+inline void scale_norm16(const float* sn, int64_t stride, float* scale, float* norm) {
+#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+  if (stride == 2) {  // one vector per row: 32 contiguous floats
+    const __m512 lo = _mm512_loadu_ps(sn), hi = _mm512_loadu_ps(sn + 16);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    _mm512_store_ps(scale, _mm512_permutex2var_ps(lo, even, hi));
+    _mm512_store_ps(norm, _mm512_permutex2var_ps(lo, _mm512_add_epi32(even, _mm512_set1_epi32(1)), hi));
+    return;
+  }
+  const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32(int32_t(stride)));
+  _mm512_store_ps(scale, _mm512_i32gather_ps(at, sn, 4));
+  _mm512_store_ps(norm, _mm512_i32gather_ps(at, sn + 1, 4));
+#else
+  for (int c = 0; c < 16; ++c) {
+    scale[c] = sn[c * stride];
+    norm[c] = sn[c * stride + 1];
+  }
+#endif
+}
+
 // Per query token t = a * rq_eff + i, computed by the host glue (index_ops.cpp).
 struct QInfo {
   float scale;   // sq_t
@@ -960,15 +983,21 @@ struct Int8Scan {
             const int64_t rstride = IP.tok_width[j] * D, sstride = 2 * IP.tok_width[j];
             const int8_t* src[kFewC];
             alignas(64) float scl[kFewC];
+            alignas(64) float nrm[kFewC];
             alignas(64) int32_t it[kFewT][kFewC];
-            if (j == 0)
-              for (int c = 0; c < kFewC; ++c) nmax[c] = 0.f;
-            for (int c = 0; c < kFewC; ++c) {
-              const int64_t b = cands[c < count ? c : count - 1].b;
-              src[c] = rows + b * rstride;
-              scl[c] = sn[b * sstride];
-              nmax[c] = std::max(nmax[c], sn[b * sstride + 1]);
+            const int64_t b0 = cands[0].b;
+            if (count == kFewC && cands[kFewC - 1].b == b0 + kFewC - 1) {  // 16 consecutive rows
+              for (int c = 0; c < kFewC; ++c) src[c] = rows + (b0 + c) * rstride;
+              scale_norm16(sn + b0 * sstride, sstride, scl, nrm);
+            } else {
+              for (int c = 0; c < kFewC; ++c) {
+                const int64_t b = cands[c < count ? c : count - 1].b;
+                src[c] = rows + b * rstride;
+                scl[c] = sn[b * sstride];
+                nrm[c] = sn[b * sstride + 1];
+              }
             }
+            for (int c = 0; c < kFewC; ++c) nmax[c] = j == 0 || nrm[c] > nmax[c] ? nrm[c] : nmax[c];
             if (IP.tok_width[j] > 1) few_token_prefetch(src, rstride, D);
             Ops::dots(src, w.qrows8, dpad(D), nt, D, &it[0][0]);
             for (int t = 0; t < nt; ++t)
