@@ -157,7 +157,8 @@ def test_many_queries(scan_isa, dtype, num_threads):
     one-token budgets that take the fused threshold test ((1, 1) without a candidate mask) and
     the one-token fold ((1, r_c) with r_c below the tile height, or a candidate mask), the wide
     bfloat16 panels (blocks of >= 64 query tokens) with tiles along r_c and a short last tile,
-    the narrow int8 panels (blocks of <= 16 query tokens, 16-row tiles), and one query at small
+    the narrow int8 panels (blocks of <= 16 query tokens, 16-row tiles), int8's bar test on the
+    integer tile (one budget with r_c <= the tile height, any r_q), and one query at small
     budgets (the few-token scan: groups of 16 consecutive rows, or not around removed ids, slabs of
     one and of several vectors per row, D past 2 x 64 bytes); equal to brute force, with query counts that leave partial panels, non-prefix query masks
     with empty rows, removed ids, and the same bits on 1 and 2 threads."""

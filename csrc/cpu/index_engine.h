@@ -1098,14 +1098,18 @@ struct Int8Scan {
     };
 
 #if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
-    // One token per query, one group, r_c < MR (budget (1, r_c) over a query block): the
-    // approximate score, its upper bound and the bar test run on the integer tile, 16 queries
-    // at a time, without the float tile, BlockFold's passes or a score buffer. Same arithmetic
-    // as that path: A = max over valid rows of float(it - corr) * (sq * s_j), folded from -inf
-    // (0 without a valid row, 0 for a masked query token), bound A + N_max * err.
+    // One group and r_c <= MR (a candidate's rows fit one tile: every single-budget search up
+    // to r_c = MR): the approximate scores, their upper bounds and the bar test come straight
+    // from the integer tile, 16 lanes at a time, without the float tile or BlockFold's passes.
+    // Same arithmetic as that path: per query token, A_t = max over the valid rows of
+    // float(it - corr) * (sq * s_j), folded from -inf; a query's A = the sum of its valid
+    // tokens' A_t in order (0 without a valid row); bound A + N_max * err.
     if constexpr (NR % 16 == 0) {
-      if (G == 1 && rq == 1 && m > 1) {
+      if (G == 1 && rc <= MR) {
         const float* thr = top.thr + a0;  // group 0
+        const int64_t grq = P.groups.rq[0];
+        float* tmax = w.runmax;  // [lanes] A_t
+        float* ub = w.scores;    // [n] A (r_q > 1)
         for_candidate_groups(IP, r0, r1, m, [&](const Cand* cands, int count) {
           run_tile(cands, count, 0, int(rc), /*to_float=*/false);
           for (int c = 0; c < count; ++c) {
@@ -1117,38 +1121,64 @@ struct Int8Scan {
               nmax = std::max(nmax, token_scale(IP, *cc.seg, cc.b, j)[1]);
               if (token_valid(IP, *cc.seg, cc.b, j)) valid_rows[nv++] = c * int(rc) + int(j);
             }
-            const __m512 vnmax = _mm512_set1_ps(nmax);
-            for (int64_t l0 = 0; l0 < n; l0 += 16) {
-              const int64_t p = l0 / NR, lo = l0 % NR, lanes = min64(16, n - l0);
-              const __mmask16 live = lanes == 16 ? __mmask16(0xFFFF) : __mmask16((1u << lanes) - 1);
+            // A_t of lanes [l0, l0 + 16) (panel l0 / NR), over nv > 0 valid rows
+            auto token_max16 = [&](int64_t l0) {
+              const int64_t p = l0 / NR, lo = l0 % NR;
               const __m512i corr = _mm512_loadu_si512(w.lane_corr + l0);
               const __m512 lscale = _mm512_loadu_ps(w.lane_scale + l0);
-              __m512 v = _mm512_setzero_ps();
-              if (nv) {
-                v = _mm512_set1_ps(-INFINITY);
-                for (int k = 0; k < nv; ++k) {
-                  const int r = valid_rows[k];
-                  const __m512i it = _mm512_loadu_si512(w.itile + (p * MR + r) * NR + lo);
-                  const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(it, corr)),
-                                                 _mm512_mul_ps(lscale, _mm512_set1_ps(scl[r])));
-                  v = _mm512_max_ps(a, v);  // a > v ? a : v
-                }
-                if (qvalid) {
-                  const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid + l0);
-                  v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(live, q8, q8), v);
-                }
+              __m512 v = _mm512_set1_ps(-INFINITY);
+              for (int k = 0; k < nv; ++k) {
+                const int r = valid_rows[k];
+                const __m512i it = _mm512_loadu_si512(w.itile + (p * MR + r) * NR + lo);
+                const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(it, corr)),
+                                               _mm512_mul_ps(lscale, _mm512_set1_ps(scl[r])));
+                v = _mm512_max_ps(a, v);  // a > v ? a : v
               }
-              const __m512 ub = _mm512_add_ps(v, _mm512_mul_ps(vnmax, _mm512_maskz_loadu_ps(live, w.err_sum + l0)));
-              uint32_t hits = _mm512_mask_cmp_ps_mask(live, ub, _mm512_maskz_loadu_ps(live, thr + l0), _CMP_GE_OQ);
-              if (!hits) continue;
-              alignas(64) float u[16];
-              _mm512_store_ps(u, ub);
-              const int64_t id = cc.seg->ids[cc.b], row = cc.seg->row0 + cc.b;
+              return v;
+            };
+            const __m512 vnmax = _mm512_set1_ps(nmax);
+            const int64_t id = cc.seg->ids[cc.b], row = cc.seg->row0 + cc.b;
+            // the bar test of queries [l0, l0 + 16) given their A (kept in registers: a masked
+            // store read back at once would stall on store forwarding)
+            auto test16 = [&](int64_t l0, __mmask16 live, __m512 a) {
+              const __m512 u = _mm512_add_ps(a, _mm512_mul_ps(vnmax, _mm512_maskz_loadu_ps(live, w.err_sum + l0)));
+              uint32_t hits = _mm512_mask_cmp_ps_mask(live, u, _mm512_maskz_loadu_ps(live, thr + l0), _CMP_GE_OQ);
+              if (!hits) return;
+              alignas(64) float us[16];
+              _mm512_store_ps(us, u);
               for (; hits; hits &= hits - 1) {
                 const int l = __builtin_ctz(hits);
-                if (u[l] < thr[l0 + l]) continue;  // the bar rises as the heap fills
+                if (us[l] < thr[l0 + l]) continue;  // the bar rises as the heap fills
                 exact_scores(IP, a0 + l0 + l, cc, w, w.exact);
                 if (w.exact[0] >= thr[l0 + l]) heap_offer(top, a0 + l0 + l, w.exact[0], id, row);
+              }
+            };
+            if (rq == 1) {  // lane = query
+              for (int64_t l0 = 0; l0 < n; l0 += 16) {
+                const __mmask16 live = __mmask16((1u << min64(16, n - l0)) - 1);
+                __m512 v = _mm512_setzero_ps();
+                if (nv) {
+                  v = token_max16(l0);
+                  if (qvalid) {
+                    const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid + l0);
+                    v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(live, q8, q8), v);
+                  }
+                }
+                test16(l0, live, v);
+              }
+            } else {
+              if (nv)
+                for (int64_t l0 = 0; l0 < ntok; l0 += 16) _mm512_storeu_ps(tmax + l0, token_max16(l0));
+              for (int64_t al = 0; al < n; ++al) {
+                float sum = 0;
+                if (nv)
+                  for (int64_t i = 0; i < grq; ++i)
+                    if (!qvalid || qvalid[al * rq + i]) sum += tmax[al * rq + i];
+                ub[al] = sum;
+              }
+              for (int64_t l0 = 0; l0 < n; l0 += 16) {
+                const __mmask16 live = __mmask16((1u << min64(16, n - l0)) - 1);
+                test16(l0, live, _mm512_maskz_loadu_ps(live, ub + l0));
               }
             }
           }
