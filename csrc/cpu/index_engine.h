@@ -787,10 +787,25 @@ struct QInfo {
   float unused;
 };
 
-// Ops: NR lanes and MR rows of the integer micro-kernel; kOffset (128 when candidate bytes are
-// biased to unsigned, else 0); prepare_rows (row copies the micro-kernel reads, padded to
-// dpad bytes); micro(M, rows, panel, groups of 4 dims, int32 tile [M][NR]); dots for few
-// tokens. Query panels are [ceil(D/4)][NR][4] int8.
+// The rows an integer micro-kernel reads in groups of 4 bytes: the stored rows in place when D
+// is a multiple of 4 (the last group ends at D), else copies zero-padded to dpad bytes.
+inline void int8_tile_rows(const int8_t* const* src, int M, int64_t D, int8_t* scratch, int64_t dpad,
+                           const int8_t** rows) {
+  for (int r = 0; r < M; ++r) {
+    if (D % 4 == 0) {
+      rows[r] = src[r];
+      continue;
+    }
+    int8_t* dst = scratch + r * dpad;
+    std::memcpy(dst, src[r], size_t(D));
+    std::memset(dst + D, 0, size_t(dpad - D));
+    rows[r] = dst;
+  }
+}
+
+// Ops: NR lanes and MR rows of the integer micro-kernel; kOffset (128 when the kernels bias
+// candidate bytes to unsigned, else 0); micro(M, rows (int8_tile_rows), panel, groups of 4
+// dims, int32 tile [M][NR]); dots for few tokens. Query panels are [ceil(D/4)][NR][4] int8.
 template <class Ops>
 struct Int8Scan {
   static constexpr int NR = Ops::NR;
@@ -812,7 +827,7 @@ struct Int8Scan {
     float* scores;        // [G][qpb] approximate
     float* err_sum;       // [G][qpb] sum of err_t over each group's valid tokens
     float* exact;         // [G]
-    uint8_t* xrows;       // [MR][dpad] candidate rows as the micro-kernel reads them
+    int8_t* xrows;        // [MR][dpad] padded candidate rows (D not a multiple of 4)
     int8_t* qrows8;       // [kDotTokens][dpad] few-token query rows
     float* lane_scale;    // [lanes] sq per lane
     int32_t* lane_corr;   // [lanes]
@@ -854,7 +869,7 @@ struct Int8Scan {
     w.scores = static_cast<float*>(take(sizeof(float) * qpb * G));
     w.err_sum = static_cast<float*>(take(sizeof(float) * qpb * G));
     w.exact = static_cast<float*>(take(sizeof(float) * G));
-    w.xrows = static_cast<uint8_t*>(take(MR * dpad(P.d)));
+    w.xrows = static_cast<int8_t*>(take(MR * dpad(P.d)));
     w.qrows8 = static_cast<int8_t*>(take(kDotTokens * dpad(P.d)));
     w.lane_scale = static_cast<float*>(take(sizeof(float) * lanes));
     w.lane_corr = static_cast<int32_t*>(take(sizeof(int32_t) * lanes));
@@ -1038,22 +1053,28 @@ struct Int8Scan {
 
     // Integer tile for tokens [j0, j0 + per) of candidates cands[0, count) -> approximate
     // similarities in w.tile (rows r = ci * per + jj).
-    float scl[MR];  // the tile rows' scales
+    float scl[MR], nrm[MR];  // the tile rows' scales and norms
     auto run_tile = [&](const Cand* cands, int count, int64_t j0, int per, bool to_float = true) {
       const int M = m * per;
       const int8_t* src[MR];
-      int r = 0;
-      for (int ci = 0; ci < count; ++ci)
-        for (int jj = 0; jj < per; ++jj, ++r) {
-          src[r] = token_row<int8_t>(IP, *cands[ci].seg, cands[ci].b, j0 + jj);
-          scl[r] = token_scale(IP, *cands[ci].seg, cands[ci].b, j0 + jj)[0];
+      const IndexSegment& seg = *cands[0].seg;  // a group's candidates share one segment
+      for (int jj = 0; jj < per; ++jj) {        // token j of row b is at a fixed stride
+        const int64_t j = j0 + jj, rs = IP.tok_width[j] * D, ss = 2 * IP.tok_width[j];
+        const int8_t* base = token_row<int8_t>(IP, seg, 0, j);
+        const float* sn = token_scale(IP, seg, 0, j);
+        for (int ci = 0; ci < count; ++ci) {
+          const int64_t b = cands[ci].b;
+          src[ci * per + jj] = base + b * rs;
+          scl[ci * per + jj] = sn[b * ss];
+          nrm[ci * per + jj] = sn[b * ss + 1];
         }
-      for (; r < M; ++r) {
+      }
+      for (int r = count * per; r < M; ++r) {
         src[r] = src[count * per - 1];
         scl[r] = scl[count * per - 1];
       }
-      const uint8_t* rows[MR];
-      Ops::prepare_rows(src, count * per, D, w.xrows, dpad(D), rows);
+      const int8_t* rows[MR];
+      int8_tile_rows(src, count * per, D, w.xrows, dpad(D), rows);
       for (int rr = count * per; rr < MR; ++rr) rows[rr] = rows[count * per - 1];
       for (int64_t p = 0; p < panels; ++p) Ops::micro(M, rows, qpack + p * pb, g4, w.itile + p * MR * NR);
       if (!to_float) return;
@@ -1117,9 +1138,9 @@ struct Int8Scan {
             int valid_rows[MR];
             int nv = 0;
             float nmax = 0;
-            for (int64_t j = 0; j < rc; ++j) {
-              nmax = std::max(nmax, token_scale(IP, *cc.seg, cc.b, j)[1]);
-              if (token_valid(IP, *cc.seg, cc.b, j)) valid_rows[nv++] = c * int(rc) + int(j);
+            for (int j = 0; j < int(rc); ++j) {
+              nmax = std::max(nmax, nrm[c * rc + j]);
+              if (!IP.masked || token_valid(IP, *cc.seg, cc.b, j)) valid_rows[nv++] = c * int(rc) + j;
             }
             // A_t of lanes [l0, l0 + 16) (panel l0 / NR), over nv > 0 valid rows
             auto token_max16 = [&](int64_t l0) {
@@ -1244,20 +1265,10 @@ struct GenericInt8Ops {
   static constexpr int MR = 4;
   static constexpr int32_t kOffset = 0;
 
-  static void prepare_rows(const int8_t* const* src, int M, int64_t D, uint8_t* scratch, int64_t dpad,
-                           const uint8_t** rows) {
-    for (int r = 0; r < M; ++r) {
-      uint8_t* dst = scratch + r * dpad;
-      std::memcpy(dst, src[r], size_t(D));
-      std::memset(dst + D, 0, size_t(dpad - D));
-      rows[r] = dst;
-    }
-  }
-
   // tile[r][l] = sum_d x_r[d] * y_l[d]  (panel [g4][NR][4]).
-  static void micro(int M, const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
+  static void micro(int M, const int8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
     for (int r = 0; r < M; ++r) {
-      const int8_t* x = reinterpret_cast<const int8_t*>(rows[r]);
+      const int8_t* x = rows[r];
       int32_t acc[NR] = {};
       for (int64_t p = 0; p < g4; ++p)
         for (int l = 0; l < NR; ++l)

@@ -38,18 +38,8 @@ struct Avx2Int8Ops {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(prod, ones));
   }
 
-  static void prepare_rows(const int8_t* const* src, int M, int64_t D, uint8_t* scratch, int64_t dpad,
-                           const uint8_t** rows) {
-    for (int r = 0; r < M; ++r) {
-      uint8_t* dst = scratch + r * dpad;
-      std::memcpy(dst, src[r], size_t(D));
-      std::memset(dst + D, 0, size_t(dpad - D));
-      rows[r] = dst;
-    }
-  }
-
   template <int M>
-  static void micro_m(const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
+  static void micro_m(const int8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i lo[M], hi[M];
 #pragma GCC unroll 6
@@ -73,7 +63,7 @@ struct Avx2Int8Ops {
     }
   }
 
-  static void micro(int M, const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
+  static void micro(int M, const int8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
     switch (M) {
       case 1: return micro_m<1>(rows, qp, g4, tile);
       case 2: return micro_m<2>(rows, qp, g4, tile);

@@ -95,27 +95,13 @@ struct VnniInt8OpsT {
   static_assert(kNR == 16 || kNR == 32, "one or two vectors per row");
   static constexpr int32_t kOffset = 128;
 
-  // Biased copies (x + 128 as u8) of M rows, zero-padded... to dpad bytes (the padding bytes
-  // become 0x80 but meet zero query bytes).
-  static void prepare_rows(const int8_t* const* src, int M, int64_t D, uint8_t* scratch, int64_t dpad,
-                           const uint8_t** rows) {
-    const __m512i bias = _mm512_set1_epi8(char(0x80));
-    for (int r = 0; r < M; ++r) {
-      uint8_t* dst = scratch + r * dpad;
-      for (int64_t d = 0; d < dpad; d += 64) {
-        const __m512i x = _mm512_maskz_loadu_epi8(tail_mask64(D - d), src[r] + d);
-        _mm512_storeu_si512(dst + d, _mm512_xor_si512(x, bias));
-      }
-      rows[r] = dst;
-    }
-  }
-
   // Out of line: inlined into Int8Scan's run_tile, GCC 12.2 -O3 produced wrong tiles for the
   // 16 x 16 variant at small D (test_search_grouped_matches_brute_force_with_ties, D = 24);
   // -O0 and this out-of-line copy are right (a standalone -O3 harness of micro_m agrees with
   // the scalar sums too). One call per tile of up to 16 candidates: no measurable cost.
   template <int M>
-  __attribute__((noinline)) static void micro_m(const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
+  __attribute__((noinline)) static void micro_m(const int8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
+    const __m512i bias = _mm512_set1_epi8(char(0x80));  // x + 128 as u8: x xor 0x80
     __m512i acc[M][NV];
 #pragma GCC unroll 16
     for (int r = 0; r < M; ++r)
@@ -130,7 +116,7 @@ struct VnniInt8OpsT {
       for (int r = 0; r < M; ++r) {
         int32_t four;
         std::memcpy(&four, rows[r] + 4 * p, 4);
-        const __m512i c = _mm512_set1_epi32(four);
+        const __m512i c = _mm512_xor_si512(_mm512_set1_epi32(four), bias);
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], c, q[v]);
       }
@@ -142,13 +128,13 @@ struct VnniInt8OpsT {
   }
 
   template <int... Ms>
-  static void micro_switch(int M, const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile,
+  static void micro_switch(int M, const int8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile,
                            std::integer_sequence<int, Ms...>) {
     // Ms = 0 .. MR - 1: rows M = Ms + 1
     (void)((M == Ms + 1 ? (micro_m<Ms + 1>(rows, qp, g4, tile), true) : false) || ...);
   }
 
-  static void micro(int M, const uint8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
+  static void micro(int M, const int8_t* const* rows, const int8_t* qp, int64_t g4, int32_t* tile) {
     micro_switch(M, rows, qp, g4, tile, std::make_integer_sequence<int, MR>{});
   }
 
