@@ -1129,8 +1129,7 @@ struct Int8Scan {
       if (G == 1 && rc <= MR) {
         const float* thr = top.thr + a0;  // group 0
         const int64_t grq = P.groups.rq[0];
-        float* tmax = w.runmax;  // [lanes] A_t
-        float* ub = w.scores;    // [n] A (r_q > 1)
+        float* tmax = w.runmax;  // [lanes] A_t (r_q > 1)
         for_candidate_groups(IP, r0, r1, m, [&](const Cand* cands, int count) {
           run_tile(cands, count, 0, int(rc), /*to_float=*/false);
           for (int c = 0; c < count; ++c) {
@@ -1187,19 +1186,30 @@ struct Int8Scan {
                 }
                 test16(l0, live, v);
               }
-            } else {
+            } else {  // lane = token al * rq + i
               if (nv)
-                for (int64_t l0 = 0; l0 < ntok; l0 += 16) _mm512_storeu_ps(tmax + l0, token_max16(l0));
-              for (int64_t al = 0; al < n; ++al) {
-                float sum = 0;
-                if (nv)
-                  for (int64_t i = 0; i < grq; ++i)
-                    if (!qvalid || qvalid[al * rq + i]) sum += tmax[al * rq + i];
-                ub[al] = sum;
-              }
+                for (int64_t t0 = 0; t0 < ntok; t0 += 16) {
+                  __m512 v = token_max16(t0);
+                  if (qvalid) {  // a masked token adds 0 (+0: the sum keeps its value)
+                    const __mmask16 live = __mmask16((1u << min64(16, ntok - t0)) - 1);
+                    const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid + t0);
+                    v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(live, q8, q8), v);
+                  }
+                  _mm512_storeu_ps(tmax + t0, v);
+                }
+              const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
               for (int64_t l0 = 0; l0 < n; l0 += 16) {
                 const __mmask16 live = __mmask16((1u << min64(16, n - l0)) - 1);
-                test16(l0, live, _mm512_maskz_loadu_ps(live, ub + l0));
+                __m512 a = _mm512_setzero_ps();
+                if (nv) {  // A = ((0 + A_0) + A_1) + ...: tokens i of 16 queries, gathered
+                  const __m512i first = _mm512_mullo_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(int32_t(l0))),
+                                                           _mm512_set1_epi32(int32_t(rq)));
+                  for (int64_t i = 0; i < grq; ++i)
+                    a = _mm512_add_ps(a, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live,
+                                                                  _mm512_add_epi32(first, _mm512_set1_epi32(int32_t(i))),
+                                                                  tmax, 4));
+                }
+                test16(l0, live, a);
               }
             }
           }
