@@ -987,34 +987,89 @@ struct Int8Scan {
       }
       const float* lscale = w.lane_scale;
       const int32_t* lcorr = w.lane_corr;
+      // Token j of a group's 16 candidates (lanes past count repeat the last): the integer dots
+      // it[t][c] with the query tokens, the rows' scales and norms.
+      auto token_dots = [&](const Cand* cands, int count, int64_t j, int32_t (*it)[kFewC], float* scl, float* nrm) {
+        // A group's candidates share one segment: token j of row b is at a fixed stride.
+        const IndexSegment& seg = *cands[0].seg;
+        const int8_t* rows = token_row<int8_t>(IP, seg, 0, j);
+        const float* sn = token_scale(IP, seg, 0, j);  // (scale, norm) pairs
+        const int64_t rstride = IP.tok_width[j] * D, sstride = 2 * IP.tok_width[j];
+        const int8_t* src[kFewC];
+        const int64_t b0 = cands[0].b;
+        if (count == kFewC && cands[kFewC - 1].b == b0 + kFewC - 1) {  // 16 consecutive rows
+          for (int c = 0; c < kFewC; ++c) src[c] = rows + (b0 + c) * rstride;
+          scale_norm16(sn + b0 * sstride, sstride, scl, nrm);
+        } else {
+          for (int c = 0; c < kFewC; ++c) {
+            const int64_t b = cands[c < count ? c : count - 1].b;
+            src[c] = rows + b * rstride;
+            scl[c] = sn[b * sstride];
+            nrm[c] = sn[b * sstride + 1];
+          }
+        }
+        if (IP.tok_width[j] > 1) few_token_prefetch(src, rstride, D);
+        Ops::dots(src, w.qrows8, dpad(D), nt, D, &it[0][0]);
+      };
+      // Rescore candidate c for query al when its bound reaches the bar of some group.
+      auto rescore = [&](int64_t al, const Cand& c) {
+        exact_scores(IP, a0 + al, c, w, w.exact);
+        const int64_t id = c.seg->ids[c.b], row = c.seg->row0 + c.b;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t xi = g * nq + a0 + al;
+          if (w.exact[g] >= top.thr[xi]) heap_offer(top, xi, w.exact[g], id, row);
+        }
+      };
+#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+      // One group and no candidate mask (a single-budget search): the few-token scan with every
+      // running value in registers. Same arithmetic as few_token_scan below: per token, the max
+      // over j of float(it - corr) * (sq * s_j) from -inf; a query's A = 0 + its valid tokens'
+      // maxima in order; bound A + N_max * err.
+      if (G == 1 && !IP.masked) {
+        const int64_t grq = P.groups.rq[0];
+        for_candidate_groups(IP, r0, r1, kFewC, [&](const Cand* cands, int count) {
+          alignas(64) int32_t it[kFewT][kFewC];
+          alignas(64) float scl[kFewC], nrm[kFewC];
+          __m512 run[kFewT], vnmax = _mm512_setzero_ps();
+          for (int t = 0; t < nt; ++t) run[t] = _mm512_set1_ps(-INFINITY);
+          for (int64_t j = 0; j < rc; ++j) {
+            token_dots(cands, count, j, it, scl, nrm);
+            const __m512 vs = _mm512_load_ps(scl);
+            vnmax = _mm512_max_ps(_mm512_load_ps(nrm), vnmax);
+            for (int t = 0; t < nt; ++t) {
+              const __m512 a = _mm512_mul_ps(
+                  _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(it[t]), _mm512_set1_epi32(lcorr[t]))),
+                  _mm512_mul_ps(_mm512_set1_ps(lscale[t]), vs));
+              run[t] = _mm512_max_ps(a, run[t]);  // a > run ? a : run
+            }
+          }
+          const __mmask16 real = __mmask16((1u << count) - 1);
+          for (int64_t al = 0; al < n; ++al) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t i = 0; i < grq; ++i)
+              if (!qvalid || qvalid[al * rq + i]) a = _mm512_add_ps(a, run[al * rq + i]);
+            const __m512 ub = _mm512_add_ps(a, _mm512_mul_ps(vnmax, _mm512_set1_ps(w.err_sum[al])));
+            uint32_t hits = _mm512_mask_cmp_ps_mask(real, ub, _mm512_set1_ps(top.thr[a0 + al]), _CMP_GE_OQ);
+            if (!hits) continue;
+            alignas(64) float u[kFewC];
+            _mm512_store_ps(u, ub);
+            for (; hits; hits &= hits - 1) {
+              const int c = __builtin_ctz(hits);
+              if (u[c] >= top.thr[a0 + al]) rescore(al, cands[c]);  // the bar rises as the heap fills
+            }
+          }
+        });
+        return;
+      }
+#endif
       alignas(64) float nmax[kFewC];  // per candidate: the largest norm of its first r_c vectors
       few_token_scan(
           IP, n, nt, qvalid, r0, r1, w.few,
           [&](const Cand* cands, int count, int64_t j, float (*sims)[kFewC]) {
-            // A group's candidates share one segment: token j of row b is at a fixed stride.
-            const IndexSegment& seg = *cands[0].seg;
-            const int8_t* rows = token_row<int8_t>(IP, seg, 0, j);
-            const float* sn = token_scale(IP, seg, 0, j);  // (scale, norm) pairs
-            const int64_t rstride = IP.tok_width[j] * D, sstride = 2 * IP.tok_width[j];
-            const int8_t* src[kFewC];
-            alignas(64) float scl[kFewC];
-            alignas(64) float nrm[kFewC];
             alignas(64) int32_t it[kFewT][kFewC];
-            const int64_t b0 = cands[0].b;
-            if (count == kFewC && cands[kFewC - 1].b == b0 + kFewC - 1) {  // 16 consecutive rows
-              for (int c = 0; c < kFewC; ++c) src[c] = rows + (b0 + c) * rstride;
-              scale_norm16(sn + b0 * sstride, sstride, scl, nrm);
-            } else {
-              for (int c = 0; c < kFewC; ++c) {
-                const int64_t b = cands[c < count ? c : count - 1].b;
-                src[c] = rows + b * rstride;
-                scl[c] = sn[b * sstride];
-                nrm[c] = sn[b * sstride + 1];
-              }
-            }
+            alignas(64) float scl[kFewC], nrm[kFewC];
+            token_dots(cands, count, j, it, scl, nrm);
             for (int c = 0; c < kFewC; ++c) nmax[c] = j == 0 || nrm[c] > nmax[c] ? nrm[c] : nmax[c];
-            if (IP.tok_width[j] > 1) few_token_prefetch(src, rstride, D);
-            Ops::dots(src, w.qrows8, dpad(D), nt, D, &it[0][0]);
             for (int t = 0; t < nt; ++t)
               for (int c = 0; c < kFewC; ++c) sims[t][c] = float(it[t][c] - lcorr[t]) * (lscale[t] * scl[c]);
           },
@@ -1035,15 +1090,8 @@ struct Int8Scan {
               }
             if (!any) return;
             for (int64_t al = 0; al < n; ++al)
-              for (int c = 0; c < count; ++c) {
-                if (!((need[al] >> c) & 1)) continue;
-                exact_scores(IP, a0 + al, cands[c], w, w.exact);
-                const int64_t id = cands[c].seg->ids[cands[c].b], row = cands[c].seg->row0 + cands[c].b;
-                for (int64_t g = 0; g < G; ++g) {
-                  const int64_t xi = g * nq + a0 + al;
-                  if (w.exact[g] >= top.thr[xi]) heap_offer(top, xi, w.exact[g], id, row);
-                }
-              }
+              for (int c = 0; c < count; ++c)
+                if ((need[al] >> c) & 1) rescore(al, cands[c]);
           });
       return;
     }
