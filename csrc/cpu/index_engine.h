@@ -1117,6 +1117,12 @@ struct Int8Scan {
           nrm[ci * per + jj] = sn[b * ss + 1];
         }
       }
+      // The next tile's rows (those of the next `count` candidates, where rows are consecutive),
+      // into L2: the micro-kernel reads rows in place (about 5% at (1, 1), 16 queries).
+      for (int r = 0; r < count * per; ++r) {
+        const int8_t* next = src[r] + int64_t(count) * IP.tok_width[j0 + r % per] * D;
+        for (int64_t d = 0; d < D; d += 64) __builtin_prefetch(next + d, 0, 1);
+      }
       for (int r = count * per; r < M; ++r) {
         src[r] = src[count * per - 1];
         scl[r] = scl[count * per - 1];
