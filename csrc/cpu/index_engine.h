@@ -1184,6 +1184,50 @@ struct Int8Scan {
         const float* thr = top.thr + a0;  // group 0
         const int64_t grq = P.groups.rq[0];
         float* tmax = w.runmax;  // [lanes] A_t (r_q > 1)
+        if (rq == 1 && n <= 16 && !IP.masked) {
+          // Up to 16 one-token queries (lanes 0..15 of panel 0), every row valid: the lanes'
+          // constants and the bars stay in registers across the candidates (bars reloaded
+          // after a rescore, as they only rise).
+          const __mmask16 live = __mmask16((1u << n) - 1);
+          const __m512i corr = _mm512_loadu_si512(w.lane_corr);
+          const __m512 lscale = _mm512_loadu_ps(w.lane_scale), err = _mm512_maskz_loadu_ps(live, w.err_sum);
+          __mmask16 qmask = live;
+          if (qvalid) {
+            const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid);
+            qmask = _mm_mask_test_epi8_mask(live, q8, q8);
+          }
+          for_candidate_groups(IP, r0, r1, m, [&](const Cand* cands, int count) {
+            run_tile(cands, count, 0, int(rc), /*to_float=*/false);
+            __m512 bar = _mm512_maskz_loadu_ps(live, thr);
+            for (int c = 0; c < count; ++c) {
+              float nmax = 0;
+              __m512 v = _mm512_set1_ps(-INFINITY);
+              for (int j = 0; j < int(rc); ++j) {
+                const int r = c * int(rc) + j;
+                nmax = std::max(nmax, nrm[r]);
+                const __m512i it = _mm512_loadu_si512(w.itile + r * NR);
+                const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(it, corr)),
+                                               _mm512_mul_ps(lscale, _mm512_set1_ps(scl[r])));
+                v = _mm512_max_ps(a, v);  // a > v ? a : v
+              }
+              const __m512 u = _mm512_add_ps(_mm512_maskz_mov_ps(qmask, v), _mm512_mul_ps(_mm512_set1_ps(nmax), err));
+              uint32_t hits = _mm512_mask_cmp_ps_mask(live, u, bar, _CMP_GE_OQ);
+              if (!hits) continue;
+              alignas(64) float us[16];
+              _mm512_store_ps(us, u);
+              const Cand& cc = cands[c];
+              const int64_t id = cc.seg->ids[cc.b], row = cc.seg->row0 + cc.b;
+              for (; hits; hits &= hits - 1) {
+                const int l = __builtin_ctz(hits);
+                if (us[l] < thr[l]) continue;  // the bar rises as the heap fills
+                exact_scores(IP, a0 + l, cc, w, w.exact);
+                if (w.exact[0] >= thr[l]) heap_offer(top, a0 + l, w.exact[0], id, row);
+              }
+              bar = _mm512_maskz_loadu_ps(live, thr);
+            }
+          });
+          return;
+        }
         for_candidate_groups(IP, r0, r1, m, [&](const Cand* cands, int count) {
           run_tile(cands, count, 0, int(rc), /*to_float=*/false);
           for (int c = 0; c < count; ++c) {
