@@ -665,23 +665,63 @@ struct ExactScan {
     if (nt > 0) {  // few query tokens: 16 candidates at a time
       const int64_t D = P.d, nq = P.nq, G = P.groups.num_groups;
       const uint8_t* qvalid = block_qvalid(IP, qv.a0, qv.n, x.qvalid);
+      // Token j of a group's 16 candidates (lanes past count repeat the last row).
+      auto token_rows = [&](const Cand* cands, int count, int64_t j, const T** rows) {
+        // A group's candidates share one segment: token j of row b is at a fixed stride.
+        const T* row0 = token_row<T>(IP, *cands[0].seg, 0, j);
+        const int64_t rstride = IP.tok_width[j] * D;
+        for (int c = 0; c < kFewC; ++c) rows[c] = row0 + cands[c < count ? c : count - 1].b * rstride;
+        if (IP.tok_width[j] > 1) few_token_prefetch(rows, rstride, D);
+      };
+#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+      if constexpr (!std::is_same_v<Ops, UseEngineDots>) {
+        // One group and no candidate mask (a single-budget search): the few-token scan with
+        // the running maxima in registers. Same arithmetic as few_token_scan: per token, the
+        // max over j of the dot products from -inf; a query's score = 0 + its valid tokens'
+        // maxima in order.
+        if (G == 1 && !IP.masked) {
+          const int64_t grq = P.groups.rq[0], rq = P.groups.rq_eff, rc = P.groups.rc_eff;
+          for_candidate_groups(IP, r0, r1, kFewC, [&](const Cand* cands, int count) {
+            alignas(64) float sims[kFewT][kFewC];
+            __m512 run[kFewT];
+            for (int t = 0; t < nt; ++t) run[t] = _mm512_set1_ps(-INFINITY);
+            for (int64_t j = 0; j < rc; ++j) {
+              const T* rows[kFewC];
+              token_rows(cands, count, j, rows);
+              Ops::dots16(rows, qrows, nt, D, &sims[0][0]);
+              for (int t = 0; t < nt; ++t) run[t] = _mm512_max_ps(_mm512_load_ps(sims[t]), run[t]);  // s > run ? s : run
+            }
+            const __mmask16 real = __mmask16((1u << count) - 1);
+            for (int64_t al = 0; al < qv.n; ++al) {
+              __m512 a = _mm512_setzero_ps();
+              for (int64_t i = 0; i < grq; ++i)
+                if (!qvalid || qvalid[al * rq + i]) a = _mm512_add_ps(a, run[al * rq + i]);
+              const int64_t xi = qv.a0 + al;
+              uint32_t hits = _mm512_mask_cmp_ps_mask(real, a, _mm512_set1_ps(top.thr[xi]), _CMP_GE_OQ);
+              if (!hits) continue;
+              alignas(64) float sc[kFewC];
+              _mm512_store_ps(sc, a);
+              for (; hits; hits &= hits - 1) {
+                const int c = __builtin_ctz(hits);
+                if (sc[c] >= top.thr[xi])  // the bar rises as the heap fills
+                  heap_offer(top, xi, sc[c], cands[c].seg->ids[cands[c].b], cands[c].seg->row0 + cands[c].b);
+              }
+            }
+          });
+          return;
+        }
+      }
+#endif
       few_token_scan(
           IP, qv.n, nt, qvalid, r0, r1, x.few,
           [&](const Cand* cands, int count, int64_t j, float (*sims)[kFewC]) {
-            // A group's candidates share one segment: token j of row b is at a fixed stride.
-            const T* row0 = token_row<T>(IP, *cands[0].seg, 0, j);
-            const int64_t rstride = IP.tok_width[j] * D;
             const T* rows[kFewC];
-            for (int c = 0; c < kFewC; ++c) rows[c] = row0 + cands[c < count ? c : count - 1].b * rstride;
-            if (IP.tok_width[j] > 1) few_token_prefetch(rows, rstride, D);
+            token_rows(cands, count, j, rows);
             if constexpr (std::is_same_v<Ops, UseEngineDots>) {
               for (int c = 0; c < kFewC; ++c)
                 for (int t = 0; t < nt; ++t) sims[t][c] = few_dot(rows[c], qrows[t], D);
             } else {
-              alignas(64) float tmp[kFewC * kFewT];
-              Ops::dots(rows, kFewC, qrows, nt, 0, D, tmp, kFewT, false);
-              for (int t = 0; t < nt; ++t)
-                for (int c = 0; c < kFewC; ++c) sims[t][c] = tmp[c * kFewT + t];
+              Ops::dots16(rows, qrows, nt, D, &sims[0][0]);
             }
           },
           [&](const Cand* cands, int count, const float* sc) {

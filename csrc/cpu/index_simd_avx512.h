@@ -71,6 +71,68 @@ struct Avx512Dots {
     for (; r < M; ++r) rows_block<NT, 1>(rows + r, q, k0, n, tile + r * nr, nr, accumulate);
   }
 
+  // Four rows' accumulators -> one vector whose 128-bit block k holds the four rows' partial
+  // sums over their block k (as VnniInt8OpsT::fold4, in float).
+  static inline __m512 fold4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512d ab = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)));
+    const __m512d cd = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d)));
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)), _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)));
+  }
+
+  static inline __m512 fold_blocks(__m512 u, __m512 v) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u, v, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u, v, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+
+  template <int NT, class RowT>
+  static inline void rows4(const RowT* const* rows, const float* const* q, int64_t n, __m512* out) {
+    __m512 acc[4][NT];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < n; d += 16) {
+      const __mmask16 m = n - d >= 16 ? __mmask16(0xFFFF) : tail_mask16(n - d);
+      __m512 c[4];
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) c[r] = m == 0xFFFF ? load16(rows[r] + d) : load16_tail(rows[r] + d, m);
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) {
+        const __m512 qt = _mm512_maskz_loadu_ps(m, q[t] + d);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) acc[r][t] = _mm512_fmadd_ps(c[r], qt, acc[r][t]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) out[t] = fold4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
+  }
+
+  template <int NT, class RowT>
+  static void dots16_nt(const RowT* const* rows, const float* const* q, int64_t n, float* out) {
+    __m512 f0[NT], f1[NT], s01[NT];
+    rows4<NT>(rows, q, n, f0);
+    rows4<NT>(rows + 4, q, n, f1);
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) s01[t] = fold_blocks(f0[t], f1[t]);
+    rows4<NT>(rows + 8, q, n, f0);
+    rows4<NT>(rows + 12, q, n, f1);
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + 16 * t, fold_blocks(s01[t], fold_blocks(f0[t], f1[t])));
+  }
+
+  // out[t][r] = <row_r, q_t> over n elements for 16 rows and nt <= 4 query rows: one
+  // accumulator per (row, token), then the transposing reduction (the candidates' sums land in
+  // the lanes the few-token scan works in).
+  template <class RowT>
+  static void dots16(const RowT* const* rows, const float* const* q, int nt, int64_t n, float* out) {
+    switch (nt) {
+      case 1: return dots16_nt<1>(rows, q, n, out);
+      case 2: return dots16_nt<2>(rows, q, n, out);
+      case 3: return dots16_nt<3>(rows, q, n, out);
+      default: return dots16_nt<4>(rows, q, n, out);
+    }
+  }
+
   template <class RowT>
   static void dots(const RowT* const* rows, int M, const float* const* q, int nt, int64_t k0, int64_t n, float* tile,
                    int nr, bool accumulate) {
