@@ -515,6 +515,56 @@ struct ExactScan {
     }
   }
 
+#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+  static constexpr bool kLaneFold = NR % 16 == 0;
+  // BlockFold's begin / fold / finish for one group and a candidate whose r_c rows are tile rows
+  // [r0, r0 + r_c), 16 query tokens at a time: token maxima over the valid rows from -inf (as
+  // BlockFold: row > m ? row : m), masked tokens zeroed (adding +0 leaves a sum as it is; a
+  // sum from +0 is never -0), then each query's sum 0 + A_0 + A_1 + ... in order, gathered
+  // across lanes. scores[al] (0 for every query when no row is valid): bitwise BlockFold's.
+  static void fold_one_group(const IndexProblem& IP, const typename E::QView& qv, const Cand& c, const float* tile,
+                             int r0, const uint8_t* qvalid, float* tmax, float* scores) {
+    const Problem& P = IP.p;
+    const int64_t rc = P.groups.rc_eff, rq = P.groups.rq_eff, grq = P.groups.rq[0], n = qv.n, ntok = n * rq;
+    int rows[MR];
+    int nv = 0;
+    for (int j = 0; j < int(rc); ++j)
+      if (token_valid(IP, *c.seg, c.b, j)) rows[nv++] = r0 + j;
+    if (!nv) {
+      for (int64_t al = 0; al < n; ++al) scores[al] = 0.f;
+      return;
+    }
+    float* dst = rq == 1 ? scores : tmax;  // one token per query: the maxima are the scores
+    for (int64_t t0 = 0; t0 < ntok; t0 += 16) {
+      const __mmask16 live = __mmask16((1u << min64(16, ntok - t0)) - 1);
+      const float* base = tile + (t0 / NR) * MR * NR + t0 % NR;
+      __m512 v = _mm512_set1_ps(-INFINITY);
+      for (int k = 0; k < nv; ++k) v = _mm512_max_ps(_mm512_loadu_ps(base + rows[k] * NR), v);
+      if (qvalid) {
+        const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid + t0);
+        v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(live, q8, q8), v);
+      }
+      _mm512_mask_storeu_ps(dst + t0, live, v);
+    }
+    if (rq == 1) return;
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t l0 = 0; l0 < n; l0 += 16) {
+      const __mmask16 live = __mmask16((1u << min64(16, n - l0)) - 1);
+      const __m512i first =
+          _mm512_mullo_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(int32_t(l0))), _mm512_set1_epi32(int32_t(rq)));
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t i = 0; i < grq; ++i)
+        a = _mm512_add_ps(a, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live,
+                                                      _mm512_add_epi32(first, _mm512_set1_epi32(int32_t(i))), tmax, 4));
+      _mm512_mask_storeu_ps(scores + l0, live, a);
+    }
+  }
+#else
+  static constexpr bool kLaneFold = false;
+  static void fold_one_group(const IndexProblem&, const typename E::QView&, const Cand&, const float*, int,
+                             const uint8_t*, float*, float*) {}
+#endif
+
   // Scores every candidate the source hands out against the view; emit(cand, scores[G][n]).
   template <class Source, class Emit>
   static void scan(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
@@ -527,15 +577,28 @@ struct ExactScan {
                         nt > 0 ? nt : qv.panels * NR, block_qvalid(IP, qv.a0, qv.n, x.qvalid), w.runmax, w.bmax,
                         x.bvalid, x.scores};
     const int m = tile_candidates(rc, MR);
+    // A candidate whose r_c rows are tile rows [r0, r0 + r_c): its scores into x.scores.
+    const bool one_group_lanes = kLaneFold && nt == 0 && P.groups.num_groups == 1;
+    auto fold_candidate = [&](const Cand& c, int r0) {
+      if (one_group_lanes) {
+        fold_one_group(IP, qv, c, w.tile, r0, f.qvalid, w.runmax, x.scores);
+      } else {
+        f.begin();
+        f.fold(c, w.tile, r0, int(rc), 0);
+        f.finish();
+      }
+    };
     source(m, [&](const Cand* cands, int count) {
       if (m > 1) {
         tile(IP, qv, w, cands, count, m, 0, int(rc), qrows, nt);
         for (int c = 0; c < count; ++c) {
-          f.begin();
-          f.fold(cands[c], w.tile, c * int(rc), int(rc), 0);
-          f.finish();
+          fold_candidate(cands[c], c * int(rc));
           emit(cands[c], x.scores);
         }
+      } else if (rc <= MR) {
+        tile(IP, qv, w, cands, 1, 1, 0, int(rc), qrows, nt);
+        fold_candidate(cands[0], 0);
+        emit(cands[0], x.scores);
       } else {
         f.begin();
         for (int64_t j0 = 0; j0 < rc; j0 += MR) {
