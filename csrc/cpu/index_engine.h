@@ -1287,6 +1287,11 @@ struct Int8Scan {
         const float* thr = top.thr + a0;  // group 0
         const int64_t grq = P.groups.rq[0];
         float* tmax = w.runmax;  // [lanes] A_t (r_q > 1)
+        // The approximate similarities of tile row r's 16 lanes at `it`: float(it - corr) * (sq * s_r).
+        auto approx16 = [&](const int32_t* it, __m512i corr, __m512 lscale, int r) {
+          return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(it), corr)),
+                               _mm512_mul_ps(lscale, _mm512_set1_ps(scl[r])));
+        };
         if (rq == 1 && n <= 16 && !IP.masked) {
           // Up to 16 one-token queries (lanes 0..15 of panel 0), every row valid: the lanes'
           // constants and the bars stay in registers across the candidates (bars reloaded
@@ -1308,10 +1313,7 @@ struct Int8Scan {
               for (int j = 0; j < int(rc); ++j) {
                 const int r = c * int(rc) + j;
                 nmax = std::max(nmax, nrm[r]);
-                const __m512i it = _mm512_loadu_si512(w.itile + r * NR);
-                const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(it, corr)),
-                                               _mm512_mul_ps(lscale, _mm512_set1_ps(scl[r])));
-                v = _mm512_max_ps(a, v);  // a > v ? a : v
+                v = _mm512_max_ps(approx16(w.itile + r * NR, corr, lscale, r), v);  // a > v ? a : v
               }
               const __m512 u = _mm512_add_ps(_mm512_maskz_mov_ps(qmask, v), _mm512_mul_ps(_mm512_set1_ps(nmax), err));
               uint32_t hits = _mm512_mask_cmp_ps_mask(live, u, bar, _CMP_GE_OQ);
@@ -1350,10 +1352,7 @@ struct Int8Scan {
               __m512 v = _mm512_set1_ps(-INFINITY);
               for (int k = 0; k < nv; ++k) {
                 const int r = valid_rows[k];
-                const __m512i it = _mm512_loadu_si512(w.itile + (p * MR + r) * NR + lo);
-                const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(it, corr)),
-                                               _mm512_mul_ps(lscale, _mm512_set1_ps(scl[r])));
-                v = _mm512_max_ps(a, v);  // a > v ? a : v
+                v = _mm512_max_ps(approx16(w.itile + (p * MR + r) * NR + lo, corr, lscale, r), v);  // a > v ? a : v
               }
               return v;
             };
