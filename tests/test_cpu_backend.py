@@ -185,6 +185,50 @@ def test_memory_stays_small_for_a_large_forward():
     assert extra_mb < 300, f"maxsim_grouped used {extra_mb:.0f} MB extra"
 
 
+@pytest.mark.parametrize("op", ["maxsim_grouped", "maxsim_paired", "matryoshka_infonce"])
+def test_half_precision_backward_holds_no_fp32_candidate_gradient(op):
+    """A bf16 backward returns the candidates' gradient in bf16 without an fp32 copy of it: each
+    candidate's rows are summed in fp32 scratch and stored once (csrc/cpu kernels.h). The peak RSS
+    that the backward adds stays under 1.5x the bf16 gradient; an fp32 buffer plus its conversion
+    would be 3x."""
+    code = textwrap.dedent(
+        f"""
+        import torch, metaembed_kernels as mk
+        def rss_kb(field):
+            for line in open('/proc/self/status'):
+                if line.startswith(field):
+                    return int(line.split()[1])
+        def run(n):
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(8, 16, 128, generator=g).bfloat16().requires_grad_()
+            if "{op}" == "maxsim_paired":
+                c = torch.randn(8, n // 8, 64, 128, generator=g).bfloat16().requires_grad_()
+                out = mk.maxsim_paired(q, c, backend='cpu').sum()
+            elif "{op}" == "maxsim_grouped":
+                c = torch.randn(n, 64, 128, generator=g).bfloat16().requires_grad_()
+                out = mk.maxsim_grouped(q, c, mk.DEFAULT_GROUPS, backend='cpu').sum()
+            else:
+                c = torch.randn(n, 64, 128, generator=g).bfloat16().requires_grad_()
+                out = mk.matryoshka_infonce(q, c, mk.DEFAULT_GROUPS, backend='cpu')
+            return out, c
+        out, c = run(16)
+        out.backward()  # warm up lazy initialisation
+        out, c = run(2048)
+        open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS
+        before = rss_kb('VmRSS')
+        out.backward()
+        print((rss_kb('VmHWM') - before) / 1024, c.numel() * 2 / 2**20)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "METAEMBED_BACKEND"}
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    extra_mb, grad_mb = map(float, res.stdout.strip().splitlines()[-1].split())
+    print(f"{op}: backward peak {extra_mb:.1f} MiB for a {grad_mb:.1f} MiB bf16 gradient")
+    assert extra_mb < 1.5 * grad_mb, f"{op}: backward added {extra_mb:.0f} MiB for a {grad_mb:.0f} MiB gradient"
+
+
 @pytest.mark.slow
 def test_more_than_2_pow_31_elements():
     """c has 8200 * 64 * 4096 = 2.15e9 > 2^31 elements (4.3 GB of bf16): the last candidates

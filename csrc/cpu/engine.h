@@ -52,6 +52,24 @@ inline float scalar_to_float(f16_t h) {
   return f;
 }
 
+// Acc -> input type, rounding to nearest even as torch's .to(dtype) does.
+template <class T>
+inline T scalar_from_float(float x);
+template <>
+inline float scalar_from_float<float>(float x) { return x; }
+template <>
+inline bf16_t scalar_from_float<bf16_t>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return bf16_t{f32_to_bf16_bits(u)};
+}
+template <>
+inline f16_t scalar_from_float<f16_t>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return f16_t{f32_to_f16_bits(u)};
+}
+
 template <class T>
 inline const T* typed(const void* p) {
   return static_cast<const T*>(p);
@@ -92,6 +110,7 @@ struct Engine {
     Acc* bound_w;     // [num_bounds]
     PackT* qpack1;    // one query packed alone (hard negatives)
     Acc* qrows;       // [kDotTokens][D]    query tokens as Acc rows (few-token path)
+    Acc* dcand;       // [rc_eff][D]        one candidate's gradient rows (only when T is not Acc)
     // kCandidateLanes only (empty otherwise): one candidate block and one row group's tiles.
     PackT* lpanel;    // [rc_eff][panel_elems]  token j of NR candidates, lane = candidate
     int32_t* lvalid;  // [rc_eff][NR]           candidate token j valid (0 for padding lanes)
@@ -123,6 +142,7 @@ struct Engine {
     n += align64(sizeof(Acc) * nb);
     n += align64(sizeof(PackT) * ceil_div(P.groups.rq_eff, NR) * panel_elems(P));
     n += align64(sizeof(Acc) * kDotTokens * P.d);
+    n += align64(candidate_grad_bytes(P));
     for (size_t b : lanes_bytes(P)) n += align64(b);
     return n + 64;
   }
@@ -133,6 +153,10 @@ struct Engine {
     const size_t rc = size_t(P.groups.rc_eff), nb = size_t(P.groups.num_bounds), i32 = sizeof(int32_t);
     return {sizeof(PackT) * rc * size_t(panel_elems(P)), i32 * rc * NR, i32 * rc * NR, i32 * nb * NR,
             sizeof(Acc) * rc * MR * NR, sizeof(Acc) * nb * MR * NR, i32 * nb * MR * NR};
+  }
+
+  static size_t candidate_grad_bytes(const Problem& P) {
+    return std::is_same_v<T, Acc> ? 0 : sizeof(Acc) * size_t(P.groups.rc_eff) * size_t(P.d);
   }
 
   static size_t qpack_bytes(const Problem& P) {
@@ -162,6 +186,7 @@ struct Engine {
     w.bound_w = static_cast<Acc*>(take(sizeof(Acc) * nb));
     w.qpack1 = static_cast<PackT*>(take(sizeof(PackT) * ceil_div(P.groups.rq_eff, NR) * panel_elems(P)));
     w.qrows = static_cast<Acc*>(take(sizeof(Acc) * kDotTokens * P.d));
+    w.dcand = static_cast<Acc*>(take(candidate_grad_bytes(P)));
     const std::array<size_t, 7> lb = lanes_bytes(P);
     w.lpanel = static_cast<PackT*>(take(lb[0]));
     w.lvalid = static_cast<int32_t*>(take(lb[1]));
@@ -412,6 +437,26 @@ struct Engine {
         cur = j;
         wcur = wk;
       }
+    }
+  }
+
+  // Candidate-side gradients (dc[b], dhn[a, k], the paired dc[a, n]) are written in the input
+  // type T. A candidate's rows are complete once its last scatter is done, so they are summed
+  // in Acc and stored once: for bf16 / fp16 inputs no Acc copy of the gradient, twice its size,
+  // exists at any time. With T == Acc the rows are summed in place. Rows j >= rc_eff are never
+  // written (the host zeroes the buffer).
+  static Acc* candidate_grad_begin(const Problem& P, const Work& w, T* rows) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      return rows;
+    } else {
+      std::memset(static_cast<void*>(w.dcand), 0, candidate_grad_bytes(P));
+      return w.dcand;
+    }
+  }
+  static void candidate_grad_end(const Problem& P, const Work& w, T* rows) {
+    if constexpr (!std::is_same_v<T, Acc>) {
+      const int64_t n = P.groups.rc_eff * P.d;
+      for (int64_t e = 0; e < n; ++e) rows[e] = scalar_from_float<T>(w.dcand[e]);
     }
   }
 
@@ -722,7 +767,8 @@ struct Engine {
     const Acc* grad = static_cast<const Acc*>(grad_);
     const int64_t G = P.groups.num_groups;
     for (int64_t b = b0; b < b1; ++b) {
-      Acc* dc_b = dc_ ? static_cast<Acc*>(dc_) + b * P.rc * P.d : nullptr;
+      T* dc_out = dc_ ? static_cast<T*>(dc_) + b * P.rc * P.d : nullptr;
+      Acc* dc_b = dc_out ? candidate_grad_begin(P, w, dc_out) : nullptr;
       for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
         const QView qv = block_view(P, qb);
         if (saved.data)
@@ -733,6 +779,7 @@ struct Engine {
           for (int64_t g = 0; g < G; ++g) w.dscores[al * G + g] = grad[(g * P.nq + qv.a0 + al) * P.nc + b];
         scatter(P, qv, w, w.dscores, candidate(P, b), P.c.s1, static_cast<Acc*>(dq_), dc_b);
       }
+      if (dc_out) candidate_grad_end(P, w, dc_out);
     }
   }
 
@@ -803,7 +850,8 @@ struct Engine {
     const int64_t G = P.groups.num_groups;
     const Acc sc = Acc(scale);
     for (int64_t b = b0; b < b1; ++b) {
-      Acc* dc_b = dc_ ? static_cast<Acc*>(dc_) + b * P.rc * P.d : nullptr;
+      T* dc_out = dc_ ? static_cast<T*>(dc_) + b * P.rc * P.d : nullptr;
+      Acc* dc_b = dc_out ? candidate_grad_begin(P, w, dc_out) : nullptr;
       for (int64_t qb = 0; qb < P.num_qblocks; ++qb) {
         const QView qv = block_view(P, qb);
         score_block_candidate<true>(P, qv, qb, b, b1, w);
@@ -818,6 +866,7 @@ struct Engine {
         }
         scatter(P, qv, w, w.dscores, candidate(P, b), P.c.s1, static_cast<Acc*>(dq_), dc_b);
       }
+      if (dc_out) candidate_grad_end(P, w, dc_out);
     }
   }
 
@@ -841,8 +890,10 @@ struct Engine {
           const int64_t x = g * P.nq + a;
           w.dscores[g] = grad[x] * sc * std::exp(sc * w.scores[g] - lse[x]);
         }
-        Acc* dhn_ak = dhn_ ? static_cast<Acc*>(dhn_) + (a * K + k) * P.rc * P.d : nullptr;
-        scatter(P, qv, w, w.dscores, cand, hn.s2, static_cast<Acc*>(dq_), dhn_ak);
+        T* dhn_out = dhn_ ? static_cast<T*>(dhn_) + (a * K + k) * P.rc * P.d : nullptr;
+        scatter(P, qv, w, w.dscores, cand, hn.s2, static_cast<Acc*>(dq_),
+                dhn_out ? candidate_grad_begin(P, w, dhn_out) : nullptr);
+        if (dhn_out) candidate_grad_end(P, w, dhn_out);
       }
     }
   }
@@ -997,8 +1048,10 @@ struct Engine {
           load_argmax(P, qv, w, saved, n, N);
         else
           score_candidate<true>(P, qv, c_an, cand.s2, mask, cand.m2, w);
-        Acc* dc_an = dc_ ? static_cast<Acc*>(dc_) + (a * N + n) * P.rc * P.d : nullptr;
-        scatter(P, qv, w, w.dscores, c_an, cand.s2, static_cast<Acc*>(dq_), dc_an);
+        T* dc_out = dc_ ? static_cast<T*>(dc_) + (a * N + n) * P.rc * P.d : nullptr;
+        scatter(P, qv, w, w.dscores, c_an, cand.s2, static_cast<Acc*>(dq_),
+                dc_out ? candidate_grad_begin(P, w, dc_out) : nullptr);
+        if (dc_out) candidate_grad_end(P, w, dc_out);
       }
     }
   }

@@ -79,7 +79,9 @@ struct SavedArgmax {
 };
 
 // Entry points of one ISA. "Acc" is float for fp32/fp16/bf16 inputs, double for fp64.
-// Gradient buffers are Acc-typed and zero-initialised by the host; the host converts them.
+// Gradient buffers are zero-initialised by the host. Query-side ones (dq_partial, dq, jq) are
+// Acc-typed (summed over candidates; the host converts them); candidate-side ones (dc, dhn)
+// have the input's type: each candidate's rows are summed in Acc scratch and stored once.
 struct KernelSet {
   size_t (*workspace_bytes)(const Problem&);
   size_t (*qpack_bytes)(const Problem&);  // the packed-query buffer the host allocates

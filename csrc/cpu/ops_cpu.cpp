@@ -253,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cpu(const at::Tensor&
   const at::Tensor g = grad.to(acc.dtype()).contiguous();
   const int64_t chunks = num_candidate_chunks(p.nc);
   at::Tensor dq_partial = want_dq ? at::zeros({chunks, p.nq, p.rq, p.d}, acc) : at::Tensor();
-  at::Tensor dc = want_dc ? at::zeros({p.nc, p.rc, p.d}, acc) : at::Tensor();
+  at::Tensor dc = want_dc ? at::zeros({p.nc, p.rc, p.d}, c.options()) : at::Tensor();  // input type
   at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
     Workspace ws(P);
     for (int64_t i = i0; i < i1; ++i)
@@ -264,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_grouped_backward_cpu(const at::Tensor&
   at::Tensor dq = want_dq ? reduce_chunks(dq_partial) : at::Tensor();
   if (want_dq) poison_gradient(dq, census(c, c_mask, p.groups.rc_eff, 0), q_mask, p.groups.rq_eff);
   if (want_dc) poison_gradient(dc, census(q, q_mask, p.groups.rq_eff, 0), c_mask, p.groups.rc_eff);
-  return {want_dq ? dq.to(q.scalar_type()) : not_wanted(q), want_dc ? dc.to(c.scalar_type()) : not_wanted(c)};
+  return {want_dq ? dq.to(q.scalar_type()) : not_wanted(q), want_dc ? dc : not_wanted(c)};
 }
 
 Tokens hard_negative_tokens(const at::Tensor& hn, const Mask& m) {
@@ -324,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_backward_cpu(
   const Tokens ct = hard_negative_tokens(cc, cm);
   const at::Tensor g = grad.to(acc.dtype()).contiguous();
   at::Tensor dq = want_dq ? at::zeros({B, p.rq, p.d}, acc) : at::Tensor();
-  at::Tensor dc = want_dc ? at::zeros({B, N, p.rc, p.d}, acc) : at::Tensor();
+  at::Tensor dc = want_dc ? at::zeros({B, N, p.rc, p.d}, c.options()) : at::Tensor();  // input type
   const double item_flops = 2.0 * N * p.groups.rq_eff * p.groups.rc_eff * p.d;
   at::parallel_for(0, B, grain_for(item_flops), [&](int64_t a0, int64_t a1) {
     Workspace ws(P);
@@ -333,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_backward_cpu(
   });
   if (want_dq) poison_gradient(dq, census(c, c_mask, p.groups.rc_eff, 1), q_mask, p.groups.rq_eff);
   if (want_dc) poison_gradient(dc, census(q, q_mask, p.groups.rq_eff, 1), c_mask, p.groups.rc_eff);
-  return {want_dq ? dq.to(q.scalar_type()) : not_wanted(q), want_dc ? dc.to(c.scalar_type()) : not_wanted(c)};
+  return {want_dq ? dq.to(q.scalar_type()) : not_wanted(q), want_dc ? dc : not_wanted(c)};
 }
 
 // Rows of the fused query gradient: group g's r_q(g) rows start at goff[g].
@@ -445,13 +445,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_infonce_backward_cpu(
   const bool dq_pass = want_dq && !fused_dq;
   auto result = [&](at::Tensor dq, at::Tensor dc, at::Tensor dhn) {
     return std::make_tuple(want_dq ? dq.to(q.scalar_type()) : not_wanted(q),
-                           want_dc ? dc.to(c.scalar_type()) : not_wanted(c),
-                           want_dhn ? dhn.to(hard_negatives.scalar_type()) : not_wanted(hard_negatives));
+                           want_dc ? dc : not_wanted(c), want_dhn ? dhn : not_wanted(hard_negatives));
   };
   const int64_t K = hard_negatives.size(1);
   at::Tensor dq = want_dq ? at::zeros({nq, q.size(1), q.size(2)}, acc) : at::Tensor();
-  at::Tensor dc = want_dc ? at::zeros({c.size(0), c.size(1), c.size(2)}, acc) : at::Tensor();
-  at::Tensor dhn = want_dhn ? at::zeros({nq, K, c.size(1), q.size(2)}, acc) : at::Tensor();
+  // Candidate-side gradients are written in the input type by the kernels (kernels.h).
+  at::Tensor dc = want_dc ? at::zeros({c.size(0), c.size(1), c.size(2)}, c.options()) : at::Tensor();
+  at::Tensor dhn = want_dhn ? at::zeros({nq, K, c.size(1), q.size(2)}, hard_negatives.options()) : at::Tensor();
   if (nq == 0 || !(want_dq || want_dc || want_dhn)) return result(dq, dc, dhn);
   const at::Tensor g = grad.to(acc.dtype()).contiguous(), ls = lse.to(acc.dtype()).contiguous();
   if (fused_dq && want_dq) {  // dq[a, i] = sum_{g: i < r_q(g)} grad[g, a] * jq[a, goff[g] + i]
