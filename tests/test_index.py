@@ -158,7 +158,8 @@ def test_many_queries(scan_isa, dtype, num_threads):
     the one-token fold ((1, r_c) with r_c below the tile height, or a candidate mask), the wide
     bfloat16 panels (blocks of >= 64 query tokens) with tiles along r_c and a short last tile,
     the narrow int8 panels (blocks of <= 16 query tokens, 16-row tiles), int8's bar test on the
-    integer tile (one budget with r_c <= the tile height, any r_q), and one query at small
+    integer tile (one budget with r_c <= the tile height, any r_q; r_q = 2 and 4 sum their tokens by
+    permutes), and one query at small
     budgets (the few-token scan: groups of 16 consecutive rows, or not around removed ids, slabs of
     one and of several vectors per row, D past 2 x 64 bytes); equal to brute force, with query counts that leave partial panels, non-prefix query masks
     with empty rows, removed ids, and the same bits on 1 and 2 threads."""
@@ -168,6 +169,10 @@ def test_many_queries(scan_isa, dtype, num_threads):
                                       (16, 1, 17, 37, 70, ((1, 1), (1, 3), (1, 17))),
                                       (5, 3, 17, 20, 40, ((3, 5), (3, 17), (2, 1))),
                                       (1, 16, 9, 33, 40, ((16, 9), (16, 2), (13, 5))),
+                                      # r_q = 2 and 4 with r_c <= the tile height: the int8 query
+                                      # sums by permutes, 16 queries per chunk, partial chunks
+                                      (15, 4, 8, 36, 40, ((4, 8), (4, 3), (2, 5))),
+                                      (17, 2, 6, 20, 40, ((2, 6), (2, 2))),
                                       (1, 4, 13, 130, 70, ((1, 1), (2, 4), (4, 8), (3, 13), (1, 5)))):
         q = helpers.exact_values((nq, rq, d), gen)
         q_mask, c_mask = helpers.random_masks(nq, rq, n, rc, gen)

@@ -198,6 +198,23 @@ struct BlockFold {
   }
 };
 
+#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+// Token i of 16 consecutive queries whose rq (2 or 4) tokens fill lanes q * rq + i of the rq
+// chunks v[0..rq): lane q of the result is lane q * rq + i of the concatenated chunks.
+inline __m512 query_token16(const __m512* v, int rq, int i) {
+  if (rq == 2) {  // lanes 2q + i of v0 | v1
+    const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                                         _mm512_set1_epi32(i));
+    return _mm512_permutex2var_ps(v[0], idx, v[1]);
+  }
+  // rq == 4: queries 0..7 from v0 | v1 and 8..15 from v2 | v3 (lanes 4q + i), then the halves
+  const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28),
+                                       _mm512_set1_epi32(i));
+  const __m512 lo = _mm512_permutex2var_ps(v[0], idx, v[1]), hi = _mm512_permutex2var_ps(v[2], idx, v[3]);
+  return _mm512_permutex2var_ps(lo, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23), hi);
+}
+#endif
+
 // Query-token validity of a block as 0/1 bytes (nullptr when q has no mask).
 inline const uint8_t* block_qvalid(const IndexProblem& IP, int64_t a0, int64_t n, uint8_t* buf) {
   const Problem& P = IP.p;
@@ -1385,6 +1402,30 @@ struct Int8Scan {
                   }
                 }
                 test16(l0, live, v);
+              }
+            } else if (rq == 2 || rq == 4) {  // lane = token al * rq + i; sums by permutes
+              // Token i of queries [l0, l0 + 16) sits at lanes (l0 + q) * rq + i of the rq 16-lane
+              // chunks from lane l0 * rq: two-source permutes pick it out of the chunks' token
+              // maxima (registers only), and A = ((0 + A_0) + A_1) + ... as the gathers below.
+              for (int64_t l0 = 0; l0 < n; l0 += 16) {
+                const __mmask16 live = __mmask16((1u << min64(16, n - l0)) - 1);
+                __m512 a = _mm512_setzero_ps();
+                if (nv) {
+                  __m512 v[4];
+                  for (int k = 0; k < int(rq); ++k) {
+                    const int64_t t0 = l0 * rq + 16 * k;
+                    v[k] = _mm512_setzero_ps();  // chunks past the last token: dead queries only
+                    if (t0 >= ntok) continue;
+                    v[k] = token_max16(t0);
+                    if (qvalid) {  // a masked token adds 0 (+0: the sum keeps its value)
+                      const __mmask16 tl = __mmask16((1u << min64(16, ntok - t0)) - 1);
+                      const __m128i q8 = _mm_maskz_loadu_epi8(tl, qvalid + t0);
+                      v[k] = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(tl, q8, q8), v[k]);
+                    }
+                  }
+                  for (int64_t i = 0; i < grq; ++i) a = _mm512_add_ps(a, query_token16(v, int(rq), int(i)));
+                }
+                test16(l0, live, a);
               }
             } else {  // lane = token al * rq + i
               if (nv)
