@@ -266,6 +266,8 @@ LANES_CASES = [
     (dict(nq=6, nc=40, rq=2, rc=2, d=17), ((2, 2), (1, 1))),
     # scores past 4 MiB in 64-byte aligned rows: full blocks take non-temporal stores (AVX-512)
     (dict(nq=64, nc=16400, rq=2, rc=3, d=16), ((1, 1), (2, 3))),
+    # (1, 1) alone (a plain GEMM): scores stored from the micro-kernel's registers, streamed
+    (dict(nq=64, nc=16400, rq=1, rc=1, d=16), ((1, 1),)),
 ]
 
 
@@ -280,6 +282,23 @@ def lanes_masks(nq, nc, rq, rc, gen):
     cm[4] = False
     cm[4, -1] = True
     return qm, cm
+
+
+@pytest.mark.parametrize("nc", [37, 16400])
+def test_candidate_lanes_gemm_rows_with_infinite_tokens(cpu_isa, nc):
+    """(1, 1) alone stores its scores straight from the micro-kernel's registers (engine.h,
+    lane_direct_tile). A masked token is a zero lane or row there, so an infinite valid token
+    against it gives inf * 0 = NaN in the product: the score must still be 0 (empty prefix,
+    masked query token), and infinite products of valid pairs follow torch."""
+    gen = torch.Generator().manual_seed(nc)
+    q, c = torch.randn(64, 1, 16, generator=gen), torch.randn(nc, 1, 16, generator=gen)
+    q[0, 0, 0], c[5, 0, 0] = float("inf"), float("-inf")
+    q_mask, c_mask = torch.ones(64, 1, dtype=torch.bool), torch.ones(nc, 1, dtype=torch.bool)
+    c_mask[3], q_mask[7] = False, False
+    out = maxsim_grouped(q, c, ((1, 1),), q_mask=q_mask, c_mask=c_mask, backend="cpu")
+    assert out[0, 0, 3] == 0 and out[0, 7, 5] == 0 and out[0, 0, 5] == float("-inf")
+    ref = reference.maxsim_grouped(q.double(), c.double(), ((1, 1),), q_mask, c_mask).float()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

@@ -726,6 +726,7 @@ struct Engine {
     const bool stream = Policy::kStreamScores && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
                         (P.nc * int64_t(sizeof(Acc))) % 64 == 0 && (NR * sizeof(Acc)) % 64 == 0 &&
                         P.groups.num_groups * P.nq * P.nc * int64_t(sizeof(Acc)) >= (int64_t(4) << 20);
+    const bool direct = lane_direct(P);
     int64_t packed = -1;
     for (int64_t x = x0; x < x1; ++x) {
       const int64_t cb = x / P.num_qblocks, qb = x % P.num_qblocks;
@@ -742,11 +743,41 @@ struct Engine {
         const int nqg = int(min64(qpt, a1 - ag));
         if (!stream && ag + qpt < a1) prefetch_scores(P, out, ag + qpt, int(min64(qpt, a1 - ag - qpt)), b0, nl);
         if (next_block) prefetch_candidates(P, cb + 1, gi, groups);
+        if constexpr (!kArgmax && Policy::kDirectScoreRows) {
+          if (direct) {
+            lane_direct_tile(P, ag, nqg, b0, nl, w, out, stream);
+            continue;
+          }
+        }
         lane_tiles(P, ag, nqg, w);
         lane_epilogue<kArgmax>(P, ag, nqg, b0, nl, w, out, save, stream);
       }
     }
     if (stream) Policy::stream_fence();
+  }
+
+  // r_q = r_c = 1 in one group (a plain GEMM: a score is one similarity): the micro-kernel's
+  // finished rows are stored as scores from its registers (Policy::store_score_row), without
+  // the tile and lane_epilogue's pass over it. Same values: 0 + S where the candidate's token
+  // and the query's token are valid, else 0.
+  static bool lane_direct(const Problem& P) {
+    return P.groups.rq_eff == 1 && P.groups.rc_eff == 1 && P.groups.num_groups == 1 && lane_rows(P) == MR;
+  }
+
+  static void lane_direct_tile(const Problem& P, int64_t ag, int nqg, int64_t b0, int nl, const Work& w, Acc* out,
+                               bool stream) {
+    if constexpr (Policy::kDirectScoreRows) {
+      const RowT* base = static_cast<const RowT*>(P.qpack) + ag * P.d;
+      const RowT* rows[MR];
+      for (int r = 0; r < MR; ++r) rows[r] = base + (r < nqg ? r : nqg - 1) * P.d;
+      uint32_t keep = 0;  // lanes whose candidate token is valid (padding lanes are not)
+      for (int l = 0; l < NR; ++l) keep |= uint32_t(w.lvalid[l] != 0) << l;
+      Policy::template micro_epilogue<MR>(rows, w.lpanel, P.d, nullptr, false, [&](int r, const auto* v) {
+        if (r >= nqg) return;
+        const int64_t a = ag + r;
+        Policy::store_score_row(v, query_token_valid(P, a, 0) ? keep : 0u, out + a * P.nc + b0, nl, stream);
+      });
+    }
   }
 
   static void maxsim_forward_lanes(const Problem& P, int64_t x0, int64_t x1, void* ws, void* out, SavedArgmax save) {
@@ -1087,6 +1118,8 @@ struct AccPacking {
   static constexpr bool kStreamScores = false;
   static void stream_row(Acc* dst, const Acc* src) { std::memcpy(static_cast<void*>(dst), src, sizeof(Acc) * NR); }
   static void stream_fence() {}
+  // Whether the policy has store_score_row (Engine::lane_direct_tile); none by default.
+  static constexpr bool kDirectScoreRows = false;
   template <class T>
   static constexpr bool kDirectRows = std::is_same_v<T, Acc>;
   template <class T>

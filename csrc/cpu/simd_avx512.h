@@ -163,6 +163,23 @@ struct Avx512Policy : AccPacking<float, 32> {
   }
   static void stream_fence() { _mm_sfence(); }
 
+  // One row of scores from a micro-kernel row still in registers (v[0], v[1]: lanes 0-15,
+  // 16-31): lanes whose bit of `keep` is clear score 0, the others 0 + v (as lane_epilogue's
+  // sums, which start at 0); nl lanes at dst, streamed when the row is full and `stream`.
+  static constexpr bool kDirectScoreRows = true;
+  static void store_score_row(const __m512* v, uint32_t keep, float* dst, int nl, bool stream) {
+    const __m512 lo = _mm512_maskz_add_ps(__mmask16(keep), _mm512_setzero_ps(), v[0]);
+    const __m512 hi = _mm512_maskz_add_ps(__mmask16(keep >> 16), _mm512_setzero_ps(), v[1]);
+    if (stream && nl == NR) {
+      _mm512_stream_ps(dst, lo);
+      _mm512_stream_ps(dst + 16, hi);
+      return;
+    }
+    const uint32_t m = nl >= 32 ? ~0u : (1u << nl) - 1;
+    _mm512_mask_storeu_ps(dst, __mmask16(m), lo);
+    _mm512_mask_storeu_ps(dst + 16, __mmask16(m >> 16), hi);
+  }
+
   // Candidate-lane panels (engine.h): 16 x 16 transposes, converting to fp32 on the way.
   template <class T>
   static void pack_lanes(const T* const* src, int64_t d, float* panel) {

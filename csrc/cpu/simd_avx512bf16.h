@@ -102,6 +102,7 @@ struct Avx512Bf16WidePolicy : Avx512Bf16Policy {
   static constexpr int NR = 64;
   static constexpr int MR = 6;
   static constexpr int kVecs = NR / 16;
+  static constexpr bool kDirectScoreRows = false;  // store_score_row writes 32 lanes
 
   // bf16 pairs: dim k of `lane` at panel[(k / 2) * 2 * NR + 2 * lane + (k % 2)].
   static void pack_token(const bf16_t* src, int64_t d, uint16_t* panel, int lane) {
