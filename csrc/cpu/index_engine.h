@@ -1040,9 +1040,15 @@ struct Int8Scan {
 
   // Exact scores of query a against candidate c for every group: float32 dots of q with the
   // dequantised vectors x_jd * s_j; out[g].
-  static void exact_scores(const IndexProblem& IP, int64_t a, const Cand& c, Work& w, float* out) {
+  // Exact scores of candidate c for query a from its dequantised rows: out[g] for the groups
+  // with r_q <= rq_lim and r_c <= rc_lim (the others are not computed, out[g] left as is). A
+  // rescore that only small budgets' bars asked for (search_grouped) then reads and multiplies
+  // only their prefix, not the largest budget's; the values are those of a full computation.
+  static void exact_scores(const IndexProblem& IP, int64_t a, const Cand& c, Work& w, float* out,
+                           int64_t rq_lim = INT64_MAX, int64_t rc_lim = INT64_MAX) {
     const Problem& P = IP.p;
-    const int64_t D = P.d, rq = P.groups.rq_eff, rc = P.groups.rc_eff, nb = P.groups.num_bounds;
+    const int64_t D = P.d, rq = P.groups.rq_eff, nb = P.groups.num_bounds;
+    const int64_t rq_used = min64(rq, rq_lim), rc = min64(P.groups.rc_eff, rc_lim);
     const float* q = static_cast<const float*>(P.q.data);
     for (int64_t x = 0; x < rq; ++x) w.exact_max[x] = -INFINITY;
     bool any = false;
@@ -1054,7 +1060,7 @@ struct Int8Scan {
         const int8_t* xr = token_row<int8_t>(IP, *c.seg, c.b, j);
         const float s = token_scale(IP, *c.seg, c.b, j)[0];
         for (int64_t d = 0; d < D; ++d) w.vbuf[d] = float(xr[d]) * s;  // the dequantised vector
-        for (int64_t i = 0; i < rq; ++i) {
+        for (int64_t i = 0; i < rq_used; ++i) {
           if (P.q.mask && !P.q.mask[a * P.q.m0 + i * P.q.m1]) continue;
           const float v = dot(q + a * P.q.s0 + i * P.q.s1, w.vbuf, D);
           m[i] = v > m[i] ? v : m[i];
@@ -1071,6 +1077,7 @@ struct Int8Scan {
     }
     for (int64_t g = 0; g < P.groups.num_groups; ++g) {
       const int64_t k = P.groups.bound_index[g];
+      if (P.groups.rq[g] > rq_lim || P.groups.bounds[k] > rc_lim) continue;
       float sum = 0;
       if (w.bvalid[k])
         for (int64_t i = 0; i < P.groups.rq[g]; ++i)
@@ -1281,12 +1288,19 @@ struct Int8Scan {
       if (!any) return;
       const int64_t id = c.seg->ids[c.b], row = c.seg->row0 + c.b;
       for (int64_t al = 0; al < n; ++al) {
-        bool need = false;
-        for (int64_t g = 0; g < G && !need; ++g) need = ub[g * n + al] >= top.thr[g * nq + a0 + al];
-        if (!need) continue;
-        exact_scores(IP, a0 + al, c, w, w.exact);
+        // the groups whose bound reaches their bar: only their prefix is rescored (a group
+        // below its bar has exact <= bound < bar, so it could not enter its heap anyway)
+        int64_t rq_lim = 0, rc_lim = 0;
+        for (int64_t g = 0; g < G; ++g)
+          if (ub[g * n + al] >= top.thr[g * nq + a0 + al]) {
+            rq_lim = max64(rq_lim, P.groups.rq[g]);
+            rc_lim = max64(rc_lim, P.groups.bounds[P.groups.bound_index[g]]);
+          }
+        if (rc_lim == 0) continue;
+        exact_scores(IP, a0 + al, c, w, w.exact, rq_lim, rc_lim);
         for (int64_t g = 0; g < G; ++g) {
           const int64_t xi = g * nq + a0 + al;
+          if (P.groups.rq[g] > rq_lim || P.groups.bounds[P.groups.bound_index[g]] > rc_lim) continue;
           if (w.exact[g] >= top.thr[xi]) heap_offer(top, xi, w.exact[g], id, row);
         }
       }
