@@ -1038,10 +1038,9 @@ struct Int8Scan {
     return sum;
   }
 
-  // Exact scores of query a against candidate c for every group: float32 dots of q with the
-  // dequantised vectors x_jd * s_j; out[g].
-  // Exact scores of candidate c for query a from its dequantised rows: out[g] for the groups
-  // with r_q <= rq_lim and r_c <= rc_lim (the others are not computed, out[g] left as is). A
+  // Exact scores of query a against candidate c: float32 dots of q with the dequantised
+  // vectors x_jd * s_j, out[g] for the groups with r_q <= rq_lim and r_c <= rc_lim (every group
+  // by default; the others are not computed, out[g] left as is). A
   // rescore that only small budgets' bars asked for (search_grouped) then reads and multiplies
   // only their prefix, not the largest budget's; the values are those of a full computation.
   static void exact_scores(const IndexProblem& IP, int64_t a, const Cand& c, Work& w, float* out,
