@@ -1289,18 +1289,17 @@ struct Int8Scan {
       for (int64_t al = 0; al < n; ++al) {
         // the groups whose bound reaches their bar: only their prefix is rescored (a group
         // below its bar has exact <= bound < bar, so it could not enter its heap anyway)
-        auto group_rc = [&](int64_t g) { return P.groups.bounds[P.groups.bound_index[g]]; };
         int64_t rq_lim = 0, rc_lim = 0;
         for (int64_t g = 0; g < G; ++g)
           if (ub[g * n + al] >= top.thr[g * nq + a0 + al]) {
             rq_lim = max64(rq_lim, P.groups.rq[g]);
-            rc_lim = max64(rc_lim, group_rc(g));
+            rc_lim = max64(rc_lim, P.groups.bounds[P.groups.bound_index[g]]);
           }
         if (rc_lim == 0) continue;
         exact_scores(IP, a0 + al, c, w, w.exact, rq_lim, rc_lim);
         for (int64_t g = 0; g < G; ++g) {
           const int64_t xi = g * nq + a0 + al;
-          if (P.groups.rq[g] > rq_lim || group_rc(g) > rc_lim) continue;
+          if (P.groups.rq[g] > rq_lim || P.groups.bounds[P.groups.bound_index[g]] > rc_lim) continue;
           if (w.exact[g] >= top.thr[xi]) heap_offer(top, xi, w.exact[g], id, row);
         }
       }
@@ -1387,17 +1386,6 @@ struct Int8Scan {
               }
               return v;
             };
-            // A_t of lanes [t0, t0 + 16) with the query mask applied: a masked token adds 0
-            // (+0: the sum keeps its value)
-            auto valid_token_max16 = [&](int64_t t0) {
-              __m512 v = token_max16(t0);
-              if (qvalid) {
-                const __mmask16 tl = __mmask16((1u << min64(16, ntok - t0)) - 1);
-                const __m128i q8 = _mm_maskz_loadu_epi8(tl, qvalid + t0);
-                v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(tl, q8, q8), v);
-              }
-              return v;
-            };
             const __m512 vnmax = _mm512_set1_ps(nmax);
             const int64_t id = cc.seg->ids[cc.b], row = cc.seg->row0 + cc.b;
             // the bar test of queries [l0, l0 + 16) given their A (kept in registers: a masked
@@ -1418,7 +1406,15 @@ struct Int8Scan {
             if (rq == 1) {  // lane = query
               for (int64_t l0 = 0; l0 < n; l0 += 16) {
                 const __mmask16 live = __mmask16((1u << min64(16, n - l0)) - 1);
-                test16(l0, live, nv ? valid_token_max16(l0) : _mm512_setzero_ps());  // ntok = n
+                __m512 v = _mm512_setzero_ps();
+                if (nv) {
+                  v = token_max16(l0);
+                  if (qvalid) {
+                    const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid + l0);
+                    v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(live, q8, q8), v);
+                  }
+                }
+                test16(l0, live, v);
               }
             } else if (rq == 2 || rq == 4) {  // lane = token al * rq + i; sums by permutes
               // Token i of queries [l0, l0 + 16) sits at lanes (l0 + q) * rq + i of the rq 16-lane
@@ -1431,8 +1427,14 @@ struct Int8Scan {
                   __m512 v[4];
                   for (int k = 0; k < int(rq); ++k) {
                     const int64_t t0 = l0 * rq + 16 * k;
-                    // chunks past the last token hold dead queries only
-                    v[k] = t0 < ntok ? valid_token_max16(t0) : _mm512_setzero_ps();
+                    v[k] = _mm512_setzero_ps();  // chunks past the last token: dead queries only
+                    if (t0 >= ntok) continue;
+                    v[k] = token_max16(t0);
+                    if (qvalid) {  // a masked token adds 0 (+0: the sum keeps its value)
+                      const __mmask16 tl = __mmask16((1u << min64(16, ntok - t0)) - 1);
+                      const __m128i q8 = _mm_maskz_loadu_epi8(tl, qvalid + t0);
+                      v[k] = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(tl, q8, q8), v[k]);
+                    }
                   }
                   for (int64_t i = 0; i < grq; ++i) a = _mm512_add_ps(a, query_token16(v, int(rq), int(i)));
                 }
@@ -1440,7 +1442,15 @@ struct Int8Scan {
               }
             } else {  // lane = token al * rq + i
               if (nv)
-                for (int64_t t0 = 0; t0 < ntok; t0 += 16) _mm512_storeu_ps(tmax + t0, valid_token_max16(t0));
+                for (int64_t t0 = 0; t0 < ntok; t0 += 16) {
+                  __m512 v = token_max16(t0);
+                  if (qvalid) {  // a masked token adds 0 (+0: the sum keeps its value)
+                    const __mmask16 live = __mmask16((1u << min64(16, ntok - t0)) - 1);
+                    const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid + t0);
+                    v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(live, q8, q8), v);
+                  }
+                  _mm512_storeu_ps(tmax + t0, v);
+                }
               const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
               for (int64_t l0 = 0; l0 < n; l0 += 16) {
                 const __mmask16 live = __mmask16((1u << min64(16, n - l0)) - 1);
