@@ -111,9 +111,11 @@ void choose_blocking(Problem& p, const IsaKernels& isa, const KernelSet& ks, int
   p.panels_per_block = ceil_div_host(p.queries_per_block * p.groups.rq_eff, isa.nr);
 }
 
-// Fills P (P.plan must be set) and packs the queries.
+// Fills P (P.plan must be set) and packs the queries (not with pack = false: the paired
+// ops pack each query alone, Engine::paired_forward / paired_backward).
 void prepare(Prepared& P, const at::Tensor& q, const at::Tensor& c, const c10::optional<at::Tensor>& q_mask,
-             const c10::optional<at::Tensor>& c_mask, int64_t min_blocks = 1, bool lanes_ok = false) {
+             const c10::optional<at::Tensor>& c_mask, int64_t min_blocks = 1, bool lanes_ok = false,
+             bool pack = true) {
   P.q = last_dim_contiguous(q);
   P.c = last_dim_contiguous(c);
   P.q_mask = mask_of(q_mask);
@@ -134,6 +136,7 @@ void prepare(Prepared& P, const at::Tensor& q, const at::Tensor& c, const c10::o
   p.groups = Groups{g.size(), g.rq.data(), g.bound_index.data(), int64_t(g.bounds.size()), g.bounds.data(),
                     g.rq_eff, g.rc_eff};
   choose_blocking(p, *P.isa, *P.ks, min_blocks, lanes_ok);
+  if (!pack) return;
   P.qpack = at::empty({int64_t(P.ks->qpack_bytes(p)) + 64}, q.options().dtype(at::kByte));
   p.qpack = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(P.qpack.data_ptr()) + 63) & ~uintptr_t(63));
   at::parallel_for(0, p.num_qblocks, 1, [&](int64_t b, int64_t e) {
@@ -291,7 +294,8 @@ std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_cpu(const at::Tensor& q
   const SavedArgmax save = saved_view(argmax);
   const at::Tensor cc = last_dim_contiguous(c);
   const Mask cm = mask_of(c_mask);
-  prepare(P, q, cc.select(1, 0), q_mask, c10::nullopt);  // queries, sizes (rc, d); candidates below
+  // queries and sizes (rc, d); candidates below
+  prepare(P, q, cc.select(1, 0), q_mask, c10::nullopt, 1, false, /*pack=*/false);
   const Problem& p = P.p;
   const Tokens ct = hard_negative_tokens(cc, cm);
   const double item_flops = 2.0 * N * p.groups.rq_eff * p.groups.rc_eff * p.d;
@@ -319,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor> maxsim_paired_grouped_backward_cpu(
             want_dc ? at::zeros_like(c, at::MemoryFormat::Contiguous) : not_wanted(c)};
   const at::Tensor cc = last_dim_contiguous(c);
   const Mask cm = mask_of(c_mask);
-  prepare(P, q, cc.select(1, 0), q_mask, c10::nullopt);
+  prepare(P, q, cc.select(1, 0), q_mask, c10::nullopt, 1, false, /*pack=*/false);
   const Problem& p = P.p;
   const Tokens ct = hard_negative_tokens(cc, cm);
   const at::Tensor g = grad.to(acc.dtype()).contiguous();
