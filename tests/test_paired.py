@@ -7,6 +7,7 @@ import torch
 
 from helpers import (
     DTYPES,
+    Case,
     assert_close,
     cpu_kernel_backends,
     dtype_id,
@@ -106,3 +107,28 @@ def test_empty_batches(backend, shape):
     assert out.shape == (2, b, n)
     out.sum().backward()
     assert torch.equal(q.grad, torch.zeros_like(q)) and torch.equal(c.grad, torch.zeros_like(c))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rq", [20, 33])
+def test_every_isa_packs_each_query(cpu_isa, rq, dtype):
+    """Each query is packed alone into query panels (one partly filled panel at r_q = 20; two
+    or three at 33 on AVX-512 / AVX2), from a strided view, with an odd D: forward and
+    gradients on every instruction set the CPU backend can run here."""
+    case = Case(5, 4, rq, 11, 37, masked=True, seed=rq)
+    q, c, q_mask, c_mask, groups = make_inputs(case, dtype, exact_values)
+    q = torch.cat([q, q.flip(1)], dim=1)[:, ::2]  # strides (2 rq D, 2 D, 1): read in place, not copied
+    assert q.stride() == (2 * rq * 37, 2 * 37, 1)
+    out = maxsim_paired_grouped(q, c, groups, q_mask=q_mask, c_mask=c_mask, backend="cpu")
+    expected = reference.maxsim_grouped_paired(q.double(), c.double(), groups, q_mask, c_mask)
+    tol = torch.stack([score_tolerance(q[b:b + 1], c[b], groups)[:, 0] for b in range(c.shape[0])], dim=1)
+    assert_close(out, expected, tol, f"{cpu_isa} paired scores {groups}")
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(rq))
+    q_k, c_k = q.clone().requires_grad_(), c.clone().requires_grad_()
+    maxsim_paired_grouped(q_k, c_k, groups, q_mask=q_mask, c_mask=c_mask, backend="cpu").backward(grad)
+    q_r, c_r = q.double().requires_grad_(), c.double().requires_grad_()
+    reference.maxsim_grouped_paired(q_r, c_r, groups, q_mask, c_mask).backward(grad.double())
+    g_abs = torch.tensor(grad.abs().max().item())
+    assert_close(q_k.grad, q_r.grad, grad_tolerance(q_r.grad, dtype, c.shape[1] * len(groups), g_abs),
+                 f"{cpu_isa} dq")
+    assert_close(c_k.grad, c_r.grad, grad_tolerance(c_r.grad, dtype, rq * len(groups), g_abs), f"{cpu_isa} dc")
