@@ -208,7 +208,8 @@ struct Engine {
     if constexpr (Policy::kPackLanesWidth == NR) {
       // A panel at a time through the policy's lane packing (the candidate-lane layout's,
       // 16 x 16 transposes on AVX-512): token t is lane t % NR, tokens past ntok zero lanes.
-      // Element-wise pack_token stores cost a paired call ~10x its (1, 1) arithmetic.
+      // Element by element (pack_token) this took half of a small paired call: at B = N = 32,
+      // r_q = 32, r_c = 1, D = 128, bf16, 309 us against 168 with this (and no block packing).
       for (int64_t t0 = 0; t0 < ntok; t0 += NR) {
         const T* src[NR];
         for (int l = 0; l < NR; ++l) src[l] = t0 + l < ntok ? token(t0 + l) : nullptr;
