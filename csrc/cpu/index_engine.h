@@ -1075,8 +1075,8 @@ struct Int8Scan {
       }
     }
     for (int64_t g = 0; g < P.groups.num_groups; ++g) {
+      if (!P.groups.within(g, rq_lim, rc_lim)) continue;
       const int64_t k = P.groups.bound_index[g];
-      if (P.groups.rq[g] > rq_lim || P.groups.bounds[k] > rc_lim) continue;
       float sum = 0;
       if (w.bvalid[k])
         for (int64_t i = 0; i < P.groups.rq[g]; ++i)
@@ -1293,13 +1293,13 @@ struct Int8Scan {
         for (int64_t g = 0; g < G; ++g)
           if (ub[g * n + al] >= top.thr[g * nq + a0 + al]) {
             rq_lim = max64(rq_lim, P.groups.rq[g]);
-            rc_lim = max64(rc_lim, P.groups.bounds[P.groups.bound_index[g]]);
+            rc_lim = max64(rc_lim, P.groups.rc(g));
           }
         if (rc_lim == 0) continue;
         exact_scores(IP, a0 + al, c, w, w.exact, rq_lim, rc_lim);
         for (int64_t g = 0; g < G; ++g) {
           const int64_t xi = g * nq + a0 + al;
-          if (P.groups.rq[g] > rq_lim || P.groups.bounds[P.groups.bound_index[g]] > rc_lim) continue;
+          if (!P.groups.within(g, rq_lim, rc_lim)) continue;
           if (w.exact[g] >= top.thr[xi]) heap_offer(top, xi, w.exact[g], id, row);
         }
       }

@@ -21,6 +21,10 @@ struct Groups {
   const int64_t* bounds;       // [num_bounds]
   int64_t rq_eff;              // max_g r_q
   int64_t rc_eff;              // max_g r_c
+
+  int64_t rc(int64_t g) const { return bounds[bound_index[g]]; }
+  // Group g fits the budget (rq_lim, rc_lim): it reads no token past it.
+  bool within(int64_t g, int64_t rq_lim, int64_t rc_lim) const { return rq[g] <= rq_lim && rc(g) <= rc_lim; }
 };
 
 // A set of multi-vector items: token r of item n starts at data + n*s0 + r*s1 (elements),
