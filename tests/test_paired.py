@@ -49,17 +49,37 @@ def make_inputs(case, dtype, values):
     return q, c, q_mask, c_mask, groups
 
 
+def check_scores(q, c, q_mask, c_mask, groups, backend, label):
+    """The op's scores against the float64 reference, at row b's in-batch tolerance against
+    its own candidates; returns them."""
+    out = maxsim_paired_grouped(q, c, groups, q_mask=q_mask, c_mask=c_mask, backend=backend)
+    expected = reference.maxsim_grouped_paired(q.double(), c.double(), groups, q_mask, c_mask)
+    tol = torch.stack([score_tolerance(q[b:b + 1], c[b], groups)[:, 0] for b in range(c.shape[0])], dim=1)
+    assert_close(out, expected, tol, f"{label} paired scores {groups}")
+    return out
+
+
+def check_gradients(q, c, q_mask, c_mask, groups, dtype, backend, label, seed):
+    """dq and dc of a random upstream gradient against the float64 reference; returns the
+    op's leaf tensors (their .grad filled)."""
+    grad = torch.randn(len(groups), c.shape[0], c.shape[1], generator=torch.Generator().manual_seed(seed))
+    q_k, c_k = q.clone().requires_grad_(), c.clone().requires_grad_()
+    maxsim_paired_grouped(q_k, c_k, groups, q_mask=q_mask, c_mask=c_mask, backend=backend).backward(grad)
+    q_r, c_r = q.double().requires_grad_(), c.double().requires_grad_()
+    reference.maxsim_grouped_paired(q_r, c_r, groups, q_mask, c_mask).backward(grad.double())
+    g_abs = torch.tensor(grad.abs().max().item())
+    assert_close(q_k.grad, q_r.grad, grad_tolerance(q_r.grad, dtype, c.shape[1] * len(groups), g_abs), f"{label} dq")
+    assert_close(c_k.grad, c_r.grad, grad_tolerance(c_r.grad, dtype, q.shape[1] * len(groups), g_abs), f"{label} dc")
+    return q_k, c_k
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend,case", PARITY)
 def test_forward_matches_reference(backend, case, dtype):
     q, c, q_mask, c_mask, groups = make_inputs(case, dtype, normal_values)
-    out = maxsim_paired_grouped(q, c, groups, q_mask=q_mask, c_mask=c_mask, backend=backend)
+    out = check_scores(q, c, q_mask, c_mask, groups, backend, backend)
     assert out.dtype == torch.float32 and out.shape == (len(groups), c.shape[0], c.shape[1])
     assert out.is_contiguous()
-    expected = reference.maxsim_grouped_paired(q.double(), c.double(), groups, q_mask, c_mask)
-    # the in-batch tolerance of row b against its own candidates
-    tol = torch.stack([score_tolerance(q[b:b + 1], c[b], groups)[:, 0] for b in range(c.shape[0])], dim=1)
-    assert_close(out, expected, tol, f"{backend} paired scores {groups}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -67,18 +87,8 @@ def test_forward_matches_reference(backend, case, dtype):
 def test_backward_matches_reference(backend, case, dtype):
     # Exact-arithmetic inputs: argmax decisions (ties included) are the same everywhere.
     q, c, q_mask, c_mask, groups = make_inputs(case, dtype, exact_values)
-    gen = torch.Generator().manual_seed(case.seed + 1)
-    grad = torch.randn(len(groups), c.shape[0], c.shape[1], generator=gen)
-    q_k, c_k = q.clone().requires_grad_(), c.clone().requires_grad_()
-    maxsim_paired_grouped(q_k, c_k, groups, q_mask=q_mask, c_mask=c_mask, backend=backend).backward(grad)
-    q_r, c_r = q.double().requires_grad_(), c.double().requires_grad_()
-    reference.maxsim_grouped_paired(q_r, c_r, groups, q_mask, c_mask).backward(grad.double())
+    q_k, c_k = check_gradients(q, c, q_mask, c_mask, groups, dtype, backend, backend, seed=case.seed + 1)
     assert q_k.grad.dtype == dtype and c_k.grad.dtype == dtype
-    g_abs = torch.tensor(grad.abs().max().item())
-    assert_close(q_k.grad, q_r.grad, grad_tolerance(q_r.grad, dtype, c.shape[1] * len(groups), g_abs),
-                 f"{backend} dq")
-    assert_close(c_k.grad, c_r.grad, grad_tolerance(c_r.grad, dtype, case.rq * len(groups), g_abs),
-                 f"{backend} dc")
     if q_mask is not None:
         assert (q_k.grad[~q_mask] == 0).all() and (c_k.grad[~c_mask] == 0).all()
 
@@ -119,16 +129,5 @@ def test_every_isa_packs_each_query(cpu_isa, rq, dtype):
     q, c, q_mask, c_mask, groups = make_inputs(case, dtype, exact_values)
     q = torch.cat([q, q.flip(1)], dim=1)[:, ::2]  # strides (2 rq D, 2 D, 1): read in place, not copied
     assert q.stride() == (2 * rq * 37, 2 * 37, 1)
-    out = maxsim_paired_grouped(q, c, groups, q_mask=q_mask, c_mask=c_mask, backend="cpu")
-    expected = reference.maxsim_grouped_paired(q.double(), c.double(), groups, q_mask, c_mask)
-    tol = torch.stack([score_tolerance(q[b:b + 1], c[b], groups)[:, 0] for b in range(c.shape[0])], dim=1)
-    assert_close(out, expected, tol, f"{cpu_isa} paired scores {groups}")
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(rq))
-    q_k, c_k = q.clone().requires_grad_(), c.clone().requires_grad_()
-    maxsim_paired_grouped(q_k, c_k, groups, q_mask=q_mask, c_mask=c_mask, backend="cpu").backward(grad)
-    q_r, c_r = q.double().requires_grad_(), c.double().requires_grad_()
-    reference.maxsim_grouped_paired(q_r, c_r, groups, q_mask, c_mask).backward(grad.double())
-    g_abs = torch.tensor(grad.abs().max().item())
-    assert_close(q_k.grad, q_r.grad, grad_tolerance(q_r.grad, dtype, c.shape[1] * len(groups), g_abs),
-                 f"{cpu_isa} dq")
-    assert_close(c_k.grad, c_r.grad, grad_tolerance(c_r.grad, dtype, rq * len(groups), g_abs), f"{cpu_isa} dc")
+    check_scores(q, c, q_mask, c_mask, groups, "cpu", cpu_isa)
+    check_gradients(q, c, q_mask, c_mask, groups, dtype, "cpu", cpu_isa, seed=rq)
