@@ -448,10 +448,14 @@ def test_bad_search_inputs(small_index):
         index.search_grouped(torch.cat([q[:, :1], torch.full_like(q[:, :1], float("inf"))], 1), 1, [(1, 1), (2, 4)])
 
 
+@pytest.mark.parametrize("scanner", ["auto", "reference"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_non_finite_query_vectors_the_search_never_reads_are_accepted(small_index, dtype):
+def test_non_finite_query_vectors_the_search_never_reads_are_accepted(small_index, dtype, scanner, monkeypatch):
     """NaN in a masked query vector or past the budget's r_q is never read (the search's
-    NaN check covers only the vectors it reads), and the results equal a clean query's."""
+    NaN check covers only the vectors it reads), and the results equal a clean query's; the
+    same whether the C++ op checks the queries as it packs them or the blockwise scan's
+    Python side does (search.read_queries)."""
+    monkeypatch.setenv("METAEMBED_BACKEND", scanner)
     index = MultiVectorIndex(8, 4, dtype=dtype)
     index.add(torch.randn(7, 4, 8, generator=torch.Generator().manual_seed(3)))
     clean = torch.randn(3, 3, 8, generator=torch.Generator().manual_seed(4))
@@ -486,8 +490,10 @@ def test_op_rejects_inconsistent_arguments():
         op(q, None, data, [], [], ids, [], [3], [0, 1, 2], [1], [3], 1)
     with pytest.raises(ValueError, match="k must be"):
         op(q, None, data, [], [], ids, [], [3], [0, 1, 2], [1], [2], 0)
-    with pytest.raises(TypeError, match="q must be"):
-        op(q.bfloat16(), None, data, [], [], ids, [], [3], [0, 1, 2], [1], [2], 1)
+    with pytest.raises(TypeError, match="q must be a floating-point"):
+        op(q.int(), None, data, [], [], ids, [], [3], [0, 1, 2], [1], [2], 1)
+    with pytest.raises(ValueError, match="NaN or infinite"):  # the op reads, converts and checks the queries
+        op(torch.full_like(q, float("inf")), None, data, [], [], ids, [], [3], [0, 1, 2], [1], [2], 1)
     with pytest.raises(ValueError, match="scales"):
         op(q, None, [d.to(torch.int8) for d in data], [], [], ids, [], [3], [0, 1, 2], [1], [2], 1)
     rows = torch.tensor([[5, -1, 2]])  # out-of-range rows score -inf, never read

@@ -38,7 +38,7 @@ def test_triton_scan_matches_cpu_scan(dtype, monkeypatch):
     expected = index.search_grouped(q, 6, groups, q_mask=q_mask)
     filtered = index.search(q, 4, budget=(3, 7), filter_ids=list(range(0, 30, 2)))
     monkeypatch.setenv("METAEMBED_BACKEND", "triton")
-    assert S.scanner_for(index._store, torch.float32, groups) == "triton"
+    assert S.scanner_for(index._store, groups) == "triton"
     monkeypatch.setattr(S, "BLOCK_SCORE_BYTES", 3 * 5 * 4 * 7)  # several blocks: the running merge
     got = index.search_grouped(q, 6, groups, q_mask=q_mask)
     assert torch.equal(got[1], expected[1])

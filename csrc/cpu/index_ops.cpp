@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -99,6 +100,41 @@ int32_t stored_dtype(const at::Tensor& t) {
   return kF32;
 }
 
+// True when no element of the valid tokens i < rq_eff of q (Nq, >= rq_eff, D), D contiguous, is
+// NaN or infinite: all exponent bits set (a bit test the compiler vectorises; NaN compares
+// would not).
+template <class Bits>
+bool tokens_finite(const at::Tensor& q, const uint8_t* mask, int64_t mask_row, int64_t rq_eff, Bits exponent) {
+  const int64_t nq = q.size(0), D = q.size(2), s0 = q.stride(0), s1 = q.stride(1);
+  const Bits* x = reinterpret_cast<const Bits*>(q.data_ptr());
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, nq * rq_eff, std::max<int64_t>(1, (int64_t(1) << 16) / D), [&](int64_t t0, int64_t t1) {
+    Bits special = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t a = t / rq_eff, i = t % rq_eff;
+      if (mask && !mask[a * mask_row + i]) continue;
+      const Bits* row = x + a * s0 + i * s1;
+      for (int64_t d = 0; d < D; ++d) special |= Bits((row[d] & exponent) == exponent);
+    }
+    if (special) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
+}
+
+// The queries as the kernels read them: the first rq_eff tokens (all any group reads) in the
+// compute dtype, D contiguous. Each valid one must be finite: a NaN or infinite query vector
+// cannot be ranked. Tokens past rq_eff and masked tokens are neither converted nor checked.
+at::Tensor read_queries(const at::Tensor& q, const uint8_t* mask, int64_t rq_eff, at::ScalarType compute) {
+  at::Tensor x = q.narrow(1, 0, rq_eff);
+  if (x.scalar_type() != compute) x = x.to(compute);
+  if (x.stride(2) != 1) x = x.contiguous();
+  const bool finite = compute == at::kBFloat16 ? tokens_finite<uint16_t>(x, mask, q.size(1), rq_eff, 0x7f80)
+                                               : tokens_finite<uint32_t>(x, mask, q.size(1), rq_eff, 0x7f800000u);
+  TORCH_CHECK_VALUE(finite, "q holds NaN or infinite values in vectors the search reads (the budget's first r_q "
+                    "valid ones): no ranking can be made from them");
+  return x;
+}
+
 // Checks what memory safety depends on and lays out the segments; fills P.ip and packs the
 // queries. Returns the number of slabs read per segment.
 void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& q_mask, at::TensorList data,
@@ -123,10 +159,7 @@ void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& 
   const int64_t rc_avail = bounds[S];
   P.plan = make_group_plan(group_rq, group_rc, rq, rc_avail);
   const int32_t cdtype = stored_dtype(data[0]);
-  const at::ScalarType qtype = cdtype == kBF16 ? at::kBFloat16 : at::kFloat;
-  TORCH_CHECK_TYPE(q.scalar_type() == qtype, "q must be ", qtype, " for a ",
-                   cdtype == kIndexInt8 ? "int8" : (cdtype == kBF16 ? "bfloat16" : "float32"), " index, got ",
-                   q.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), "q must be a floating-point tensor, got ", q.scalar_type());
   TORCH_CHECK_VALUE(cdtype != kIndexInt8 || D <= 65536, "int8 indexes support D <= 65536 (int32 dot products), "
                     "got D=", D);
   const bool masked = !masks.empty();
@@ -193,11 +226,12 @@ void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& 
     P.tok_off.push_back(j - bounds[s]);
   }
 
-  P.q = q.stride(2) == 1 ? q : q.contiguous();
   if (q_mask.has_value()) {
     check_mask(q_mask, "q_mask", {nq, rq}, q);
     P.q_mask = q_mask->contiguous();
   }
+  const uint8_t* qm = P.q_mask.defined() ? reinterpret_cast<const uint8_t*>(P.q_mask.data_ptr<bool>()) : nullptr;
+  P.q = read_queries(q, qm, P.plan.rq_eff, cdtype == kBF16 ? at::kBFloat16 : at::kFloat);
   // The kernels for the query blocks the scan will see (score_rows scores one query at a time).
   const int64_t query_tokens = nq * P.plan.rq_eff;
   P.split_queries = !one_query_blocks && splits_queries(query_tokens);
@@ -212,7 +246,6 @@ void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& 
   p.d = D;
   p.nc = row0;
   p.rc = rc_avail;
-  const uint8_t* qm = P.q_mask.defined() ? reinterpret_cast<const uint8_t*>(P.q_mask.data_ptr<bool>()) : nullptr;
   p.q = Tokens{P.q.data_ptr(), P.q.stride(0), P.q.stride(1), 0, qm, rq, 1, 0};
   p.c = Tokens{nullptr, 0, 0, 0, nullptr, 0, 0, 0};
   const GroupPlan& g = P.plan;

@@ -25,7 +25,7 @@ import torch
 from .. import _validation as V
 from . import persistence
 from . import search as S
-from .storage import (INDEX_DTYPES, Store, bytes_per_candidate, compute_dtype)
+from .storage import (INDEX_DTYPES, Store, bytes_per_candidate)
 
 _ADD_CHUNK_BYTES = 64 << 20  # float32 bytes converted at a time by `add`
 
@@ -306,23 +306,6 @@ class MultiVectorIndex:
         q_mask = V.check_mask("q_mask", q_mask, q.shape[:2], "(Nq, Rq)", q.device)
         return q, q_mask
 
-    def _read_queries(self, q, q_mask, r_q: int):
-        """The first r_q vectors of each query (all a search at these budgets reads), in the
-        compute dtype. NaN or inf in one of them that is valid cannot be ranked; vectors past
-        the budget or masked out are never read, so they are neither converted nor checked."""
-        q = q[:, :r_q].to(compute_dtype(self._store.dtype))
-        if not q.is_contiguous():
-            q = q.contiguous()
-        if q_mask is not None:
-            q_mask = q_mask[:, :r_q]
-        bad = ~torch.isfinite(q.abs().amax(dim=-1))  # max |x| is NaN or inf iff an element is (3x isfinite's speed)
-        if q_mask is not None:
-            bad &= q_mask
-        if bad.numel() and bool(bad.any()):
-            raise ValueError("q holds NaN or infinite values in vectors the search reads (the budget's first r_q "
-                             "valid ones): no ranking can be made from them")
-        return q, q_mask
-
     def _check_budget(self, name: str, budget, rq: int) -> Tuple[int, int]:
         rc = self._store.num_vectors
         if budget is None:
@@ -378,9 +361,11 @@ class MultiVectorIndex:
 
             check_group(process_group)
         allowed = self._allowed(filter_ids)
+        st = self._store
         if shortlist is None:
-            q, q_mask = self._read_queries(q, q_mask, budget[0])
-            scores, ids, _ = S.search(self._store, q, q_mask, (budget,), k, allowed)
+            scanner = S.scanner_for(st, (budget,))
+            q, q_mask = S.read_queries(st, q, q_mask, budget[0], scanner)
+            scores, ids, _ = S.search(st, q, q_mask, (budget,), k, allowed, scanner)
         else:
             if isinstance(shortlist, (str, bytes)) or not isinstance(shortlist, Sequence) or len(shortlist) != 2:
                 raise TypeError(f"shortlist must be ((r_q1, r_c1), k1), got {shortlist!r}")
@@ -388,9 +373,10 @@ class MultiVectorIndex:
             k1 = self._check_k("shortlist k1", shortlist[1])
             if k1 < k:
                 raise ValueError(f"shortlist k1 must be >= k (the rerank returns k of the k1), got k1={k1}, k={k}")
-            q, q_mask = self._read_queries(q, q_mask, max(budget[0], small[0]))
-            _, first_ids, rows = S.search(self._store, q, q_mask, (small,), k1, allowed)
-            rescored = S.score_rows(self._store, q, q_mask, (budget,), rows[0])
+            scanner = S.scanner_for(st, (small, budget))
+            q, q_mask = S.read_queries(st, q, q_mask, max(budget[0], small[0]), scanner)
+            _, first_ids, rows = S.search(st, q, q_mask, (small,), k1, allowed, scanner)
+            rescored = S.score_rows(st, q, q_mask, (budget,), rows[0], scanner)
             scores, ids = S.order_topk(rescored, first_ids, k)
         if process_group is not None:
             from .distributed import merge_across_ranks
@@ -405,12 +391,13 @@ class MultiVectorIndex:
         k = self._check_k("k", k)
         q, q_mask = self._check_queries(q, q_mask)
         groups = V.normalize_groups(groups, q.shape[1], self._store.num_vectors)
-        q, q_mask = self._read_queries(q, q_mask, max(g[0] for g in groups))
         if process_group is not None:
             from .distributed import check_group
 
             check_group(process_group)
-        scores, ids, _ = S.search(self._store, q, q_mask, groups, k, self._allowed(filter_ids))
+        scanner = S.scanner_for(self._store, groups)
+        q, q_mask = S.read_queries(self._store, q, q_mask, max(g[0] for g in groups), scanner)
+        scores, ids, _ = S.search(self._store, q, q_mask, groups, k, self._allowed(filter_ids), scanner)
         if process_group is not None:
             from .distributed import merge_across_ranks
 

@@ -27,7 +27,7 @@ import torch
 
 from .. import _extension
 from ..backends import select_backend
-from .storage import Store, slabs_for
+from .storage import Store, compute_dtype, slabs_for
 
 NO_ID = -1
 _INT64_MAX = torch.iinfo(torch.int64).max
@@ -66,23 +66,53 @@ def empty_result(num_groups: int, nq: int, k: int, device):
     return scores, ids, ids.clone()
 
 
+_cpu_ops_found = False
+
+
 def _has_cpu_ops() -> bool:
+    global _cpu_ops_found
+    if _cpu_ops_found:  # once registered, the ops stay (checked once: it runs on every search)
+        return True
     if not _extension.is_loaded():
         return False
     try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"metaembed::{op}", "CPU")
-                   for op in ("index_search", "index_score_rows"))
+        _cpu_ops_found = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"metaembed::{op}", "CPU")
+                             for op in ("index_search", "index_score_rows"))
     except RuntimeError:  # an extension built before the index ops existed
         return False
+    return _cpu_ops_found
 
 
-def scanner_for(store: Store, dtype: torch.dtype, groups) -> str:
-    """Name of the backend that scans: the one ``maxsim_grouped`` would use for these tensors,
-    except that the compiled extension without the index ops falls back to the reference."""
-    name = select_backend(None, store.device, dtype, groups).name
+def scanner_for(store: Store, groups) -> str:
+    """Name of the backend that scans: the one ``maxsim_grouped`` would use for queries in the
+    store's compute dtype, except that the compiled extension without the index ops falls back
+    to the reference."""
+    name = select_backend(None, store.device, compute_dtype(store.dtype), groups).name
     if name == "cpu" and not _has_cpu_ops():
         return "reference"
     return name
+
+
+def read_queries(store: Store, q: torch.Tensor, q_mask: Optional[torch.Tensor], r_q: int, scanner: str):
+    """The queries as ``scanner`` takes them: the C++ op takes them as given and reads,
+    converts and checks the first r_q vectors itself, as it packs them (one call: each torch
+    op here costs tens of microseconds right after a scan); the other scanners get the first
+    r_q vectors in the compute dtype, checked here. Either way a NaN or inf in a valid vector
+    the search reads raises ValueError; vectors past r_q or masked out are never read."""
+    if scanner == "cpu" and q.shape[0] and store.num_rows:
+        return q, q_mask
+    q = q[:, :r_q].to(compute_dtype(store.dtype))
+    if not q.is_contiguous():
+        q = q.contiguous()
+    if q_mask is not None:
+        q_mask = q_mask[:, :r_q]
+    bad = ~torch.isfinite(q.abs().amax(dim=-1))  # max |x| is NaN or inf iff an element is (3x isfinite's speed)
+    if q_mask is not None:
+        bad &= q_mask
+    if bad.numel() and bool(bad.any()):
+        raise ValueError("q holds NaN or infinite values in vectors the search reads (the budget's first r_q "
+                         "valid ones): no ranking can be made from them")
+    return q, q_mask
 
 
 def _split_groups(groups):
@@ -108,16 +138,16 @@ def _op_lists(store: Store, r_c: int, allowed: Sequence[Optional[torch.Tensor]])
 # ---- top-k search ----------------------------------------------------------------------
 
 def search(store: Store, q: torch.Tensor, q_mask: Optional[torch.Tensor], groups, k: int,
-           allowed: List[Optional[torch.Tensor]]):
+           allowed: List[Optional[torch.Tensor]], scanner: str):
     """(scores (G, Nq, k) float32, ids (G, Nq, k) int64, rows (G, Nq, k) int64 global row).
 
-    ``allowed[s]``: None (every row of segment s is live and wanted) or a bool (n_s,) array
-    of the rows that may be returned (live and passing the filter)."""
+    q, q_mask: as ``read_queries`` gave them for ``scanner``. ``allowed[s]``: None (every row
+    of segment s is live and wanted) or a bool (n_s,) array of the rows that may be returned
+    (live and passing the filter)."""
     G, nq = len(groups), q.shape[0]
     if nq == 0 or store.num_rows == 0:
         return empty_result(G, nq, k, q.device)
     r_c = max(g[1] for g in groups)
-    scanner = scanner_for(store, q.dtype, groups)
     if scanner == "cpu":
         data, scales, masks, ids, allow, rows = _op_lists(store, r_c, allowed)
         rq, rc = _split_groups(groups)
@@ -171,13 +201,14 @@ def _blockwise_search(store: Store, q, q_mask, groups, k: int, allowed, scanner:
 
 # ---- scoring given rows (the cascade's rerank) ------------------------------------------
 
-def score_rows(store: Store, q: torch.Tensor, q_mask: Optional[torch.Tensor], groups, rows: torch.Tensor):
-    """Scores (G, Nq, K) of query a against global rows rows[a, :] (-1: score -inf)."""
+def score_rows(store: Store, q: torch.Tensor, q_mask: Optional[torch.Tensor], groups, rows: torch.Tensor,
+               scanner: str):
+    """Scores (G, Nq, K) of query a against global rows rows[a, :] (-1: score -inf); q, q_mask
+    as ``read_queries`` gave them for ``scanner``."""
     G, nq, K = len(groups), q.shape[0], rows.shape[1]
     if nq == 0 or K == 0 or store.num_rows == 0:
         return torch.full((G, nq, K), float("-inf"), dtype=torch.float32, device=q.device)
     r_c = max(g[1] for g in groups)
-    scanner = scanner_for(store, q.dtype, groups)
     if scanner == "cpu":
         data, scales, masks, _, _, seg_rows = _op_lists(store, r_c, [None] * len(store.segments))
         rq, rc = _split_groups(groups)
