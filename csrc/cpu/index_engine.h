@@ -16,10 +16,10 @@
 //   same whatever the tiling, the thread split or the segment boundaries.
 // * Few query tokens (<= kDotTokens: one query at a small budget) take dot products along D
 //   (Ops::dots, vectorised per ISA), reading each candidate row once: a memory-bound GEMV.
-// * Fused top-k: per thread, per (group, query), a heap of k (TopK, index_order.h). The
+// * Fused top-k: per thread, per (group, query), the best k so far (TopK, index_order.h). The
 //   scores of a finished candidate are compared, a vector of queries at a time, with the
-//   heaps' bars thr (their k-th score once full, -inf before); only scores that reach the bar
-//   touch a heap, so the working set is O(G Nq k + one tile).
+//   bars thr (the k-th score once k are held, -inf before); only scores that reach the bar
+//   are offered, so the working set is O(G Nq k + one tile).
 //
 // int8 filter (kIndexInt8). An int8 index scores the dequantised vectors v = x * s exactly,
 // but scans with integer dot products first. Query token t (float32) is quantised per token,
@@ -263,7 +263,7 @@ inline uint32_t lanes_reaching16(const float* s, Bar thr) {
 // the score of query lane l is s[l] = max over the candidate's valid tile rows of row[l], folded
 // from -inf as BlockFold does (0 when no row is valid), then 0 where qvalid[l] == 0 (qvalid may
 // be nullptr); offer(l, s[l]) runs for every lane with s[l] >= thr[l], re-read before each
-// offer because the bar rises as a heap fills. Lane l of tile row r is at
+// offer because the bar rises as the top k fills. Lane l of tile row r is at
 // tile[(l / NR) * panel + r * NR + l % NR]. Scores are stored only for 16 lanes with a hit.
 template <int NR, class Offer>
 inline void one_token_offers(const float* tile, int64_t panel, const int* rows, int nv, int64_t n,
@@ -320,7 +320,7 @@ inline void one_token_offers(const float* tile, int64_t panel, const int* rows, 
 #endif
 }
 
-// The threshold test: offer the candidate to the heaps of the queries whose bar it reaches.
+// The threshold test: offer the candidate to the top k of the queries whose bar it reaches.
 // Queries go 16 at a time through one vector compare (a bool-or over all n queries stayed
 // scalar, and with many queries per block it cost as much as a 1-token budget's tile).
 inline void offer_scores(TopK& top, const IndexProblem& IP, int64_t a0, int64_t n, const float* scores, int64_t id,
@@ -339,8 +339,8 @@ inline void offer_scores(TopK& top, const IndexProblem& IP, int64_t a0, int64_t 
       }
       for (int l = 0; hits; ++l, hits >>= 1) {
         const int64_t al = c0 + l;
-        if ((hits & 1) && s[al] >= thr[al])  // the bar rises as a heap fills
-          heap_offer(top, g * nq + a0 + al, s[al], id, row);
+        if ((hits & 1) && s[al] >= thr[al])  // the bar rises as the top k fills
+          topk_offer(top, g * nq + a0 + al, s[al], id, row);
       }
     }
   }
@@ -659,7 +659,7 @@ struct ExactScan {
           if (token_valid(IP, *cc.seg, cc.b, r)) valid_rows[nv++] = c * rc + r;
         const int64_t id = cc.seg->ids[cc.b], row = cc.seg->row0 + cc.b;
         one_token_offers<NR>(w.tile, MR * NR, valid_rows, nv, n, qvalid, thr,
-                             [&](int64_t al, float score) { heap_offer(top, qv.a0 + al, score, id, row); });
+                             [&](int64_t al, float score) { topk_offer(top, qv.a0 + al, score, id, row); });
       }
     });
   }
@@ -721,8 +721,8 @@ struct ExactScan {
           for (uint64_t h = hits[r]; h; h &= h - 1) {
             const int l = __builtin_ctzll(h);
             const float s = w.tile[r * NR + l];
-            if (s >= thr[l0 + l])  // the bar rises as a heap fills
-              heap_offer(top, qv.a0 + l0 + l, s, c.seg->ids[c.b], c.seg->row0 + c.b);
+            if (s >= thr[l0 + l])  // the bar rises as the top k fills
+              topk_offer(top, qv.a0 + l0 + l, s, c.seg->ids[c.b], c.seg->row0 + c.b);
           }
         }
       }
@@ -783,8 +783,8 @@ struct ExactScan {
               _mm512_store_ps(sc, a);
               for (; hits; hits &= hits - 1) {
                 const int c = __builtin_ctz(hits);
-                if (sc[c] >= top.thr[xi])  // the bar rises as the heap fills
-                  heap_offer(top, xi, sc[c], cands[c].seg->ids[cands[c].b], cands[c].seg->row0 + cands[c].b);
+                if (sc[c] >= top.thr[xi])  // the bar rises as the top k fills
+                  topk_offer(top, xi, sc[c], cands[c].seg->ids[cands[c].b], cands[c].seg->row0 + cands[c].b);
               }
             }
           });
@@ -811,8 +811,8 @@ struct ExactScan {
                 const int64_t xi = g * nq + qv.a0 + al;
                 uint32_t hits = lanes_reaching16(s, top.thr[xi]) & ((uint32_t(1) << count) - 1);
                 for (int c = 0; hits; ++c, hits >>= 1)
-                  if ((hits & 1) && s[c] >= top.thr[xi])  // the bar rises as the heap fills
-                    heap_offer(top, xi, s[c], cands[c].seg->ids[cands[c].b], cands[c].seg->row0 + cands[c].b);
+                  if ((hits & 1) && s[c] >= top.thr[xi])  // the bar rises as the top k fills
+                    topk_offer(top, xi, s[c], cands[c].seg->ids[cands[c].b], cands[c].seg->row0 + cands[c].b);
               }
           });
       return;
@@ -1143,7 +1143,7 @@ struct Int8Scan {
         const int64_t id = c.seg->ids[c.b], row = c.seg->row0 + c.b;
         for (int64_t g = 0; g < G; ++g) {
           const int64_t xi = g * nq + a0 + al;
-          if (w.exact[g] >= top.thr[xi]) heap_offer(top, xi, w.exact[g], id, row);
+          if (w.exact[g] >= top.thr[xi]) topk_offer(top, xi, w.exact[g], id, row);
         }
       };
 #if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
@@ -1181,7 +1181,7 @@ struct Int8Scan {
             _mm512_store_ps(u, ub);
             for (; hits; hits &= hits - 1) {
               const int c = __builtin_ctz(hits);
-              if (u[c] >= top.thr[a0 + al]) rescore(al, cands[c]);  // the bar rises as the heap fills
+              if (u[c] >= top.thr[a0 + al]) rescore(al, cands[c]);  // the bar rises as the top k fills
             }
           }
         });
@@ -1288,7 +1288,7 @@ struct Int8Scan {
       const int64_t id = c.seg->ids[c.b], row = c.seg->row0 + c.b;
       for (int64_t al = 0; al < n; ++al) {
         // the groups whose bound reaches their bar: only their prefix is rescored (a group
-        // below its bar has exact <= bound < bar, so it could not enter its heap anyway)
+        // below its bar has exact <= bound < bar, so it could not enter its top k anyway)
         int64_t rq_lim = 0, rc_lim = 0;
         for (int64_t g = 0; g < G; ++g)
           if (ub[g * n + al] >= top.thr[g * nq + a0 + al]) {
@@ -1300,7 +1300,7 @@ struct Int8Scan {
         for (int64_t g = 0; g < G; ++g) {
           const int64_t xi = g * nq + a0 + al;
           if (!P.groups.within(g, rq_lim, rc_lim)) continue;
-          if (w.exact[g] >= top.thr[xi]) heap_offer(top, xi, w.exact[g], id, row);
+          if (w.exact[g] >= top.thr[xi]) topk_offer(top, xi, w.exact[g], id, row);
         }
       }
     };
@@ -1354,9 +1354,9 @@ struct Int8Scan {
               const int64_t id = cc.seg->ids[cc.b], row = cc.seg->row0 + cc.b;
               for (; hits; hits &= hits - 1) {
                 const int l = __builtin_ctz(hits);
-                if (us[l] < thr[l]) continue;  // the bar rises as the heap fills
+                if (us[l] < thr[l]) continue;  // the bar rises as the top k fills
                 exact_scores(IP, a0 + l, cc, w, w.exact);
-                if (w.exact[0] >= thr[l]) heap_offer(top, a0 + l, w.exact[0], id, row);
+                if (w.exact[0] >= thr[l]) topk_offer(top, a0 + l, w.exact[0], id, row);
               }
               bar = _mm512_maskz_loadu_ps(live, thr);
             }
@@ -1398,9 +1398,9 @@ struct Int8Scan {
               _mm512_store_ps(us, u);
               for (; hits; hits &= hits - 1) {
                 const int l = __builtin_ctz(hits);
-                if (us[l] < thr[l0 + l]) continue;  // the bar rises as the heap fills
+                if (us[l] < thr[l0 + l]) continue;  // the bar rises as the top k fills
                 exact_scores(IP, a0 + l0 + l, cc, w, w.exact);
-                if (w.exact[0] >= thr[l0 + l]) heap_offer(top, a0 + l0 + l, w.exact[0], id, row);
+                if (w.exact[0] >= thr[l0 + l]) topk_offer(top, a0 + l0 + l, w.exact[0], id, row);
               }
             };
             if (rq == 1) {  // lane = query

@@ -27,9 +27,10 @@ struct IndexSegment {
   const uint8_t* allowed;                // (n,) 1 = may be returned; nullptr = all rows
 };
 
-// Per-thread top-k state: for each (group g, query a), x = g * nq + a, a heap of up to k
-// entries ordered worst-first by (score ascending, id descending); thr[x] is the root's
-// score once the heap is full (-inf before), the bar a candidate must reach to be tested.
+// Per-thread top-k state: for each (group g, query a), x = g * nq + a, up to k entries (a
+// binary heap, worst first, or on AVX-512 with k <= 16 unordered lanes: index_order.h;
+// readers take every entry and sort); thr[x] is the worst entry's score once k are held
+// (-inf before), the bar a candidate must reach to be offered.
 struct TopK {
   int64_t k;
   float* score;    // [G * nq][k]
