@@ -111,7 +111,7 @@ def test_search_grouped_matches_brute_force_with_ties(scan_isa, dtype):
         index.add(c, ids=perm_ids)
         q = helpers.exact_values((nq, rq, d), gen)
         groups = helpers.random_groups(rq, rc, rng)
-        for k in (1, 3, n, n + 4):
+        for k in (1, 3, 16, 17, n, n + 4):  # 16 / 17: the largest lane list and the smallest heap (index_order.h)
             got = index.search_grouped(q, k, groups)
             assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
             assert got[0].shape == (len(groups), nq, k)
