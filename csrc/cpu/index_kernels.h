@@ -28,7 +28,7 @@ struct IndexSegment {
 };
 
 // Per-thread top-k state: for each (group g, query a), x = g * nq + a, up to k entries (a
-// binary heap, worst first, or on AVX-512 with k <= 16 unordered lanes: index_order.h;
+// binary heap, worst first, or with AVX-512 / AVX2 and k <= 16 unordered lanes: index_order.h;
 // readers take every entry and sort); thr[x] is the worst entry's score once k are held
 // (-inf before), the bar a candidate must reach to be offered.
 struct TopK {

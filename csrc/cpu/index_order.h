@@ -62,11 +62,48 @@ inline void heap_offer(TopK& top, int64_t x, float s, int64_t id, int64_t row) {
   if (n == k) top.thr[x] = rank_key(hs[0]);
 }
 
+// k <= 16 on AVX-512 and AVX2: the entries unordered in one vector's lanes (two on AVX2). The
+// worst is the minimum score (thr), ties going to the largest id; an offer finds it with one
+// compare, replaces it, and takes the new minimum with one reduction: no data-dependent sift
+// branches (half the time of the heap's offer at k = 10 and a third at k = 16 with AVX-512, on
+// a replayed (1, 1) search's offers). Lanes >= k are never loaded.
 #if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
-// k <= 16: the entries unordered in one vector's lanes. The worst is the minimum score (thr),
-// ties going to the largest id; an offer finds it with one compare, replaces it, and takes
-// the new minimum with one reduction: no data-dependent sift branches (half the time of the
-// heap's offer at k = 10 and a third at k = 16 on a replayed (1, 1) search's offers).
+#define METAEMBED_INDEX_LANE_TOPK 1
+// Bit i set for each i < k with hs[i] == v.
+inline uint32_t lanes_equal(const float* hs, int64_t k, float v) {
+  const __mmask16 lanes = __mmask16((1u << k) - 1);
+  return _mm512_mask_cmp_ps_mask(lanes, _mm512_maskz_loadu_ps(lanes, hs), _mm512_set1_ps(v), _CMP_EQ_OQ);
+}
+// min over i < k of hs[i].
+inline float lanes_min(const float* hs, int64_t k) {
+  const __mmask16 lanes = __mmask16((1u << k) - 1);
+  return _mm512_mask_reduce_min_ps(lanes, _mm512_maskz_loadu_ps(lanes, hs));
+}
+#elif defined(METAEMBED_INDEX_AVX2)
+#define METAEMBED_INDEX_LANE_TOPK 1
+// hs[i] for i < n (n <= 8), +inf in the lanes past n (not loaded).
+inline __m256 load_lanes8(const float* hs, int64_t n) {
+  const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_blendv_ps(_mm256_set1_ps(INFINITY), _mm256_maskload_ps(hs, m), _mm256_castsi256_ps(m));
+}
+inline uint32_t lanes_equal(const float* hs, int64_t k, float v) {
+  const __m256 vv = _mm256_set1_ps(v);
+  const uint32_t lo = uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(load_lanes8(hs, k < 8 ? k : 8), vv, _CMP_EQ_OQ)));
+  const uint32_t hi = k > 8 ? uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(load_lanes8(hs + 8, k - 8), vv, _CMP_EQ_OQ)))
+                            : 0u;
+  return (lo | hi << 8) & ((1u << k) - 1);  // +inf padding equals v only if v is +inf
+}
+inline float lanes_min(const float* hs, int64_t k) {
+  __m256 m = load_lanes8(hs, k < 8 ? k : 8);
+  if (k > 8) m = _mm256_min_ps(m, load_lanes8(hs + 8, k - 8));
+  __m128 h = _mm_min_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_min_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_min_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+#endif
+
+#if defined(METAEMBED_INDEX_LANE_TOPK)
 constexpr int64_t kLaneTopK = 16;
 
 inline void lane_offer(TopK& top, int64_t x, float s, int64_t id, int64_t row) {
@@ -75,7 +112,6 @@ inline void lane_offer(TopK& top, int64_t x, float s, int64_t id, int64_t row) {
   int64_t* hi = top.id + x * k;
   int64_t* hr = top.row + x * k;
   int64_t& n = top.count[x];
-  const __mmask16 lanes = __mmask16((1u << k) - 1);
   if (n < k) {
     hs[n] = s;
     hi[n] = id;
@@ -83,8 +119,7 @@ inline void lane_offer(TopK& top, int64_t x, float s, int64_t id, int64_t row) {
     if (++n < k) return;
   } else {
     // Offered scores passed s >= thr, so none is NaN and thr is the lanes' exact minimum.
-    __mmask16 at = _mm512_mask_cmp_ps_mask(lanes, _mm512_maskz_loadu_ps(lanes, hs), _mm512_set1_ps(top.thr[x]),
-                                           _CMP_EQ_OQ);
+    uint32_t at = lanes_equal(hs, k, top.thr[x]);
     int w = __builtin_ctz(at);
     for (at &= at - 1; at; at &= at - 1) {  // tied minima: the largest id is the worst
       const int j = __builtin_ctz(at);
@@ -95,13 +130,13 @@ inline void lane_offer(TopK& top, int64_t x, float s, int64_t id, int64_t row) {
     hi[w] = id;
     hr[w] = row;
   }
-  top.thr[x] = _mm512_mask_reduce_min_ps(lanes, _mm512_maskz_loadu_ps(lanes, hs));
+  top.thr[x] = lanes_min(hs, k);
 }
 #endif
 
 // Offer (s, id, row) to the top-k entries x of `top`; callers offer only s >= thr[x].
 inline void topk_offer(TopK& top, int64_t x, float s, int64_t id, int64_t row) {
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+#if defined(METAEMBED_INDEX_LANE_TOPK)
   if (top.k <= kLaneTopK) return lane_offer(top, x, s, id, row);
 #endif
   heap_offer(top, x, s, id, row);
