@@ -9,8 +9,9 @@ the same answer as one scan (``order_topk`` is that merge).
 Scanners, one per backend (``backends.select_backend`` picks it, as for ``maxsim_grouped``):
 
 * ``cpu``: the C++ op ``metaembed::index_search`` (csrc/cpu/index_*.{h,cpp}) scores and
-  selects in one pass over every segment: per thread and query a heap of k, entered only by
-  candidates that beat its current k-th result (tested as each score is finished); the
+  selects in one pass over every segment: per thread and query a top-k list (a heap, or
+  vector lanes for k <= 16), entered only by candidates that beat its current k-th result
+  (tested as each score is finished); it also converts and checks the queries it reads; the
   scores of all candidates never exist at once. ``metaembed::index_score_rows`` scores given
   rows for the cascade's rerank.
 * ``triton``: the Triton kernel of ``triton/index_kernels.py`` scores a block of candidates
