@@ -4,7 +4,7 @@
 // with the sign trick: |x| (<= 128 as u8) times y * sign(x) (|y| <= 127), so a pair sums to at
 // most 2 * 128 * 127 = 32512 and never saturates; VPMADDWD with ones widens to s32. Candidate
 // bytes are used as they are (no bias, QInfo::corr = 0). Query panels are [ceil(D/4)][16][4].
-// float32 / bfloat16 go through the engine's portable policy compiled for AVX2.
+// float32 / bfloat16 go through the engine's AVX2 policy (simd_avx2.h, the 6 x 16 ymm tile).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -16,7 +16,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
-#include "engine.h"
+#include "simd_avx2.h"
 #include "index_engine.h"
 #endif
 
@@ -112,8 +112,8 @@ const IndexIsaKernels* index_avx2_kernels() {
   static const IndexIsaKernels kernels = [] {
     IndexIsaKernels k{};
     k.name = "avx2";
-    k.f32 = ExactScan<GenericPolicy<float>, float, UseEngineDots>::kernel_set();
-    k.bf16 = ExactScan<GenericPolicy<float>, bf16_t, UseEngineDots>::kernel_set();
+    k.f32 = ExactScan<Avx2Policy, float, UseEngineDots>::kernel_set();
+    k.bf16 = ExactScan<Avx2Policy, bf16_t, UseEngineDots>::kernel_set();
     k.int8 = Int8Scan<Avx2Int8Ops>::kernel_set();
     return k;
   }();
