@@ -22,44 +22,50 @@ inline bool ranks_before(float sa, int64_t ia, float sb, int64_t ib) {
   return ka > kb || (ka == kb && ia < ib);
 }
 
+// The k slots of entry list x of `top` (index_kernels.h, TopK) and its fill count.
+struct Slots {
+  float* s;
+  int64_t* id;
+  int64_t* row;
+  int64_t& n;
+  Slots(TopK& top, int64_t x)
+      : s(top.score + x * top.k), id(top.id + x * top.k), row(top.row + x * top.k), n(top.count[x]) {}
+  void put(int64_t i, float sv, int64_t idv, int64_t rowv) {
+    s[i] = sv;
+    id[i] = idv;
+    row[i] = rowv;
+  }
+  void move(int64_t to, int64_t from) { put(to, s[from], id[from], row[from]); }
+};
+
 // Offer (s, id, row) to entry list x of `top` kept as a binary heap, worst entry at the root.
 inline void heap_offer(TopK& top, int64_t x, float s, int64_t id, int64_t row) {
   const int64_t k = top.k;
-  float* hs = top.score + x * k;
-  int64_t* hi = top.id + x * k;
-  int64_t* hr = top.row + x * k;
-  int64_t& n = top.count[x];
+  Slots e(top, x);
+  int64_t& n = e.n;
   if (n < k) {  // sift up from the end
     int64_t i = n++;
     while (i > 0) {
       const int64_t parent = (i - 1) / 2;
-      if (!ranks_before(hs[parent], hi[parent], s, id)) break;  // parent already worse
-      hs[i] = hs[parent];
-      hi[i] = hi[parent];
-      hr[i] = hr[parent];
+      if (!ranks_before(e.s[parent], e.id[parent], s, id)) break;  // parent already worse
+      e.move(i, parent);
       i = parent;
     }
-    hs[i] = s;
-    hi[i] = id;
-    hr[i] = row;
+    e.put(i, s, id, row);
   } else {
-    if (!ranks_before(s, id, hs[0], hi[0])) return;
+    if (!ranks_before(s, id, e.s[0], e.id[0])) return;
     int64_t i = 0;  // sift down from the root
     for (;;) {
       int64_t c = 2 * i + 1;
       if (c >= k) break;
-      if (c + 1 < k && ranks_before(hs[c], hi[c], hs[c + 1], hi[c + 1])) ++c;  // the worse child
-      if (!ranks_before(s, id, hs[c], hi[c])) break;  // s no better than the worse child: stop
-      hs[i] = hs[c];
-      hi[i] = hi[c];
-      hr[i] = hr[c];
+      if (c + 1 < k && ranks_before(e.s[c], e.id[c], e.s[c + 1], e.id[c + 1])) ++c;  // the worse child
+      if (!ranks_before(s, id, e.s[c], e.id[c])) break;  // s no better than the worse child: stop
+      e.move(i, c);
       i = c;
     }
-    hs[i] = s;
-    hi[i] = id;
-    hr[i] = row;
+    e.put(i, s, id, row);
   }
-  if (n == k) top.thr[x] = rank_key(hs[0]);
+  if (n == k) top.thr[x] = rank_key(e.s[0]);
 }
 
 // k <= 16 on AVX-512 and AVX2: the entries unordered in one vector's lanes (two on AVX2). The
@@ -108,29 +114,22 @@ constexpr int64_t kLaneTopK = 16;
 
 inline void lane_offer(TopK& top, int64_t x, float s, int64_t id, int64_t row) {
   const int64_t k = top.k;
-  float* hs = top.score + x * k;
-  int64_t* hi = top.id + x * k;
-  int64_t* hr = top.row + x * k;
-  int64_t& n = top.count[x];
-  if (n < k) {
-    hs[n] = s;
-    hi[n] = id;
-    hr[n] = row;
-    if (++n < k) return;
+  Slots e(top, x);
+  if (e.n < k) {
+    e.put(e.n, s, id, row);
+    if (++e.n < k) return;
   } else {
     // Offered scores passed s >= thr, so none is NaN and thr is the lanes' exact minimum.
-    uint32_t at = lanes_equal(hs, k, top.thr[x]);
+    uint32_t at = lanes_equal(e.s, k, top.thr[x]);
     int w = __builtin_ctz(at);
     for (at &= at - 1; at; at &= at - 1) {  // tied minima: the largest id is the worst
       const int j = __builtin_ctz(at);
-      if (hi[j] > hi[w]) w = j;
+      if (e.id[j] > e.id[w]) w = j;
     }
-    if (!ranks_before(s, id, hs[w], hi[w])) return;
-    hs[w] = s;
-    hi[w] = id;
-    hr[w] = row;
+    if (!ranks_before(s, id, e.s[w], e.id[w])) return;
+    e.put(w, s, id, row);
   }
-  top.thr[x] = lanes_min(hs, k);
+  top.thr[x] = lanes_min(e.s, k);
 }
 #endif
 
