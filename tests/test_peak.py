@@ -60,3 +60,27 @@ def test_no_kernel_runs_above_its_peak(cpu_isa, dtype, num_threads):
         peak = max(peak, _extension._C.peak_gflops(kind, 1, 0.05))
         kernel = max(kernel, flops / _best_of(lambda: maxsim_grouped(q, c, DEFAULT_GROUPS, backend="cpu"), 2) / 1e9)
     assert kernel <= 1.1 * peak, f"{cpu_isa} {kind}: kernel {kernel:.1f} GFLOP/s above the peak {peak:.1f}"
+
+
+def test_default_isa_runs_bf16_on_the_faster_instruction():
+    """Where AVX512-BF16 exists, the default ISA must be the one whose bf16 micro-kernel
+    instruction does more FLOPs on this core: vdpbf16ps (avx512_bf16) on AMD Zen 4/5, where
+    it runs at twice the FMA's FLOPs, widened fp32 FMAs (avx512) on Intel Xeons, where it runs
+    at half (isa_select.cpp). Both peaks are taken at their best of three interleaved short
+    windows; the two candidates differ by 2x, so the 0.8 margin only absorbs noise."""
+    supported = _extension.supported_cpu_isas()
+    if "avx512_bf16" not in supported:
+        pytest.skip("no AVX512-BF16 on this CPU")
+    default = _extension.set_cpu_isa("auto")
+    assert default in ("avx512_bf16", "avx512")
+    chosen = _extension.cpu_isa()
+    other = "avx512" if chosen == "avx512_bf16" else "avx512_bf16"
+    best = {chosen: 0.0, other: 0.0}
+    try:
+        for _ in range(3):
+            for isa in best:
+                _extension.set_cpu_isa(isa)
+                best[isa] = max(best[isa], _extension._C.peak_gflops("bf16", 1, 0.02))
+    finally:
+        _extension.set_cpu_isa(default)
+    assert best[chosen] >= 0.8 * best[other], f"default {chosen} runs bf16 at {best}"
