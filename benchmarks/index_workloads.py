@@ -75,8 +75,10 @@ def best_seconds(fn: Callable, rounds: int = 5, warmup: int = 1) -> float:
     return best
 
 
-def bandwidth_gbs(rounds: int = 5) -> float:
-    big = torch.ones((1 << 30) // 4)
+def bandwidth_gbs(rounds: int = 5, nbytes: int = 1 << 30) -> float:
+    """Read bandwidth of torch.sum over a float32 tensor of `nbytes`: 1 GiB is DRAM's; the
+    bytes of a slab measure the cache level that slab lives in between searches."""
+    big = torch.ones(max(1, nbytes // 4))
     return big.numel() * 4 / best_seconds(big.sum, rounds) / 1e9
 
 

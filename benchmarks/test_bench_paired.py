@@ -62,5 +62,5 @@ def test_bench_paired(benchmark, dtype, provider):
     torch.testing.assert_close(out.float().reshape(expected.shape), expected, rtol=2e-2, atol=2e-2 * RQ)
     benchmark.group = f"P1-{dtype}"
     benchmark.extra_info.update(workload="P1", dtype=dtype, provider=provider, flops=FLOPS)
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(fn, rounds=15, warmup_rounds=2, iterations=1)  # a noisy 2-core host: 15 rounds
     benchmark.extra_info["gflops"] = FLOPS / benchmark.stats.stats.median / 1e9
