@@ -37,10 +37,11 @@ const IsaKernels* by_name(const char* name) {
 // vdpbf16ps does 32 bf16 multiply-adds per zmm instruction against an FMA's 16 fp32 ones, but
 // how fast a core issues it decides whether consuming bf16 natively pays. AMD's Zen 4/5 issue it
 // like an FMA: twice the FLOPs (bf16 467 vs fp32 233 GFLOP/s on a 2-core EPYC, `_C.peak_gflops`).
-// Intel's AVX512-BF16 Xeons issue it at a quarter of that (176 vs 360 GFLOP/s on a 2-core
-// Xeon with AVX512-FP16), so there the avx512 kernels, which widen bf16 to fp32 (exact) for the
-// FMA micro-kernel, run bf16 twice as fast (MaxSim (1, 1), 256 x 20k queries x candidates:
-// 3.9 vs 7.7 ms). A fixed rule rather than a timing probe at load keeps the choice, and so the
+// An Intel Xeon with AVX512-FP16 issues it at half the FMA's FLOPs (bf16 176 vs fp32 360 GFLOP/s
+// on 2 cores), so there the avx512 kernels, which widen bf16 to fp32 (exact) for the FMA
+// micro-kernel, run bf16 twice as fast (MaxSim (1, 1), 256 x 20k queries x candidates: 3.9 vs
+// 7.7 ms). Other Intel cores with AVX512-BF16 are assumed alike (not measured; the test
+// test_default_isa_runs_bf16_on_the_faster_instruction checks the rule on the machine it runs on). A fixed rule rather than a timing probe at load keeps the choice, and so the
 // results' rounding, the same on every run of one machine. METAEMBED_CPU_ISA overrides it.
 bool bf16_dot_outruns_fma() {
 #if defined(__GNUC__) && defined(__x86_64__)
