@@ -669,8 +669,9 @@ struct ExactScan {
   // (1, 1) search and cascade first stage): the threshold test runs on the micro-kernel's
   // accumulators (Policy::micro_epilogue), so a candidate that reaches no bar, nearly all of
   // them, is never stored or re-read. Scores are those of the tile path: max(-inf, dot), then 0
-  // for a masked query token.
-  static constexpr bool kFusedTest = E::kDirectRows && NR % 16 == 0 && NR <= 64;
+  // for a masked query token. A policy that widens its rows (bf16 on the avx512 kernels)
+  // converts each group's MR rows once, for every query panel of the block.
+  static constexpr bool kFusedTest = NR % 16 == 0 && NR <= 64;
 
   static bool fused_test_path(const IndexProblem& IP) {
     return kFusedTest && one_token_path(IP.p) && !IP.masked && IP.p.groups.rc_eff == 1 && IP.p.kc >= IP.p.d;
@@ -685,10 +686,16 @@ struct ExactScan {
     const float* thr = top.thr + qv.a0;  // group 0
     const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
     for_candidate_groups(IP, r0, r1, MR, [&](const Cand* cands, int count) {
-      const T* rows[MR];
+      const typename E::RowT* rows[MR];
       for (int r = 0; r < MR; ++r) {
         const Cand& c = cands[r < count ? r : count - 1];
-        rows[r] = token_row<T>(IP, *c.seg, c.b, 0);
+        const T* src = token_row<T>(IP, *c.seg, c.b, 0);
+        if constexpr (E::kDirectRows) {
+          rows[r] = src;
+        } else {  // padding rows repeat the last real row, converted once
+          if (r < count) Policy::convert(src, w.crows + r * P.kc, D);
+          rows[r] = w.crows + (r < count ? r : count - 1) * P.kc;
+        }
       }
       for (int64_t p = 0; p < qv.panels; ++p) {
         const int64_t l0 = p * NR, lanes = min64(NR, n - l0);
