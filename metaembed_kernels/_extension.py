@@ -106,7 +106,8 @@ def cpu_isa() -> str:
 
     By default the best this CPU supports, except that "avx512_bf16" (bf16 consumed by
     vdpbf16ps) is chosen only where that instruction outruns the fp32 FMA (AMD Zen 4/5); on
-    Intel's AVX512-BF16 Xeons "avx512" widens bf16 to fp32 and runs it twice as fast.
+    Intel (measured: a Xeon with AVX512-FP16, where vdpbf16ps does half the FMA's FLOPs)
+    "avx512" widens bf16 to fp32 and runs it twice as fast.
     ``METAEMBED_CPU_ISA`` or ``set_cpu_isa`` force one.
     """
     return _C.cpu_isa() if _C is not None else "none"

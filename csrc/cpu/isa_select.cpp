@@ -41,8 +41,9 @@ const IsaKernels* by_name(const char* name) {
 // on 2 cores), so there the avx512 kernels, which widen bf16 to fp32 (exact) for the FMA
 // micro-kernel, run bf16 twice as fast (MaxSim (1, 1), 256 x 20k queries x candidates: 3.9 vs
 // 7.7 ms). Other Intel cores with AVX512-BF16 are assumed alike (not measured; the test
-// test_default_isa_runs_bf16_on_the_faster_instruction checks the rule on the machine it runs on). A fixed rule rather than a timing probe at load keeps the choice, and so the
-// results' rounding, the same on every run of one machine. METAEMBED_CPU_ISA overrides it.
+// test_default_isa_runs_bf16_on_the_faster_instruction checks the rule on the machine it runs
+// on). A fixed rule rather than a timing probe at load keeps the choice, and so the results'
+// rounding, the same on every run of one machine. METAEMBED_CPU_ISA overrides it.
 bool bf16_dot_outruns_fma() {
 #if defined(__GNUC__) && defined(__x86_64__)
   unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
