@@ -19,7 +19,7 @@ from helpers import (
     requires_extension,
     score_tolerance,
 )
-from metaembed_kernels import DEFAULT_GROUPS, matryoshka_infonce, maxsim_grouped, reference
+from metaembed_kernels import DEFAULT_GROUPS, matryoshka_infonce, maxsim_grouped, maxsim_paired_grouped, reference
 
 pytestmark = requires_extension
 
@@ -375,3 +375,43 @@ def test_every_isa_candidate_lanes_nonfinite(cpu_isa, dtype):
     plain, _ = ops("maxsim_grouped")(q, c, grq, grc, qm, cm)
     assert torch.equal(saved.isnan(), plain.isnan())
     assert torch.equal(saved.nan_to_num(), plain.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("op", ["grouped", "paired"])
+def test_every_isa_register_fold_without_argmax(cpu_isa, op, dtype):
+    """A forward that saves no argmax folds whole register tiles into the running max
+    (engine.h, fold_tile; Policy::MaxFold): tiles past the first boundaries, the last short
+    tile, masks that are neither prefixes nor non-empty, and NaN / inf in valid and masked
+    candidate tokens at every row of a tile. The scores equal the float64 reference, NaN
+    where it has NaN, and the same forward with the argmax saved (the per-row fold)."""
+    gen = torch.Generator().manual_seed(12)
+    nq, nc, rq, rc, d = 5, 7, 9, 29, 24  # rc = 3 tiles of 8 + a tail of 5
+    groups = ((1, 1), (2, 4), (3, 8), (9, 16), (5, 29), (9, 24))
+    q, qm = normal_values((nq, rq, d), gen, dtype), torch.rand(nq, rq, generator=gen) > 0.3
+    shape = (nc, rc, d) if op == "grouped" else (nq, nc, rc, d)
+    c, cm = normal_values(shape, gen, dtype), torch.rand(shape[:-1], generator=gen) > 0.3
+    cm[1] = False  # an empty candidate
+    cm[2, :16] = False  # valid tokens only in the last tiles
+    for j, value in zip(range(8, 16), ["nan", "inf", "-inf", "nan", "nan", "inf", "-inf", "nan"]):
+        c[..., 3 + j % 4, j, j % d] = float(value)  # every row of the second tile, valid or masked
+    c[..., 4, 27, 1] = float("nan")  # the tail tile
+    if op == "grouped":
+        fn, ref_fn, name = maxsim_grouped, reference.maxsim_grouped, "maxsim_grouped"
+    else:
+        fn, ref_fn, name = maxsim_paired_grouped, reference.maxsim_grouped_paired, "maxsim_paired_grouped"
+    for masks in ((qm, cm), (None, None)):
+        out = fn(q, c, groups, q_mask=masks[0], c_mask=masks[1], backend="cpu").double()
+        ref = ref_fn(q.double(), c.double(), groups, *masks)
+        assert torch.equal(out.isnan(), ref.isnan()), f"NaN at {out.isnan().nonzero().tolist()}"
+        infinite = ref.isinf()
+        assert torch.equal(out[infinite], ref[infinite])
+        finite = torch.isfinite(ref)
+        # score_tolerance's bound, from the op's own MaxSim of |q| and |c|
+        magnitude = ref_fn(q.nan_to_num(0, 0, 0).double().abs(), c.nan_to_num(0, 0, 0).double().abs(), groups)
+        tol = 4 * (d + rq) * 2.0**-24 * magnitude + 1e-30
+        assert_close(out[finite], ref[finite], tol[finite], f"scores, masks: {masks[0] is not None}")
+        grq, grc = [g[0] for g in groups], [g[1] for g in groups]
+        saved, _ = ops_of("cpu")(name)(q, c, grq, grc, *masks, True)
+        assert torch.equal(saved.isnan(), out.isnan())
+        assert torch.equal(saved.nan_to_num(), out.float().nan_to_num())

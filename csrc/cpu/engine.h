@@ -245,6 +245,23 @@ struct Engine {
     Policy::template micro<M>(rows, qp, kc, tile, acc);
   }
 
+  // runmax[l] = max(runmax[l], S[r][l]) over the rows r < M whose bit of `valid` is set, the
+  // rows never leaving registers (Policy::MaxFold): score_candidate's fold without argmax for a
+  // tile computed over all of D at once.
+  template <int M>
+  static void fold_tile(int mr, const RowT* const* rows, const PackT* qp, int64_t kc, uint32_t valid, Acc* runmax) {
+    if constexpr (M > 1) {
+      if (mr < M) return fold_tile<M - 1>(mr, rows, qp, kc, valid, runmax);
+    }
+    if constexpr (Policy::kFoldMax) {
+      typename Policy::MaxFold f(runmax);
+      Policy::template micro_epilogue<M>(rows, qp, kc, nullptr, false, [&](int r, const auto* v) {
+        if (valid >> r & 1u) f.fold(v);
+      });
+      f.store(runmax);
+    }
+  }
+
   // ---- few query tokens: dot products along D -----------------------------------------
   //
   // The micro-kernel spreads query tokens over NR SIMD lanes; a query block with only a few
@@ -298,6 +315,22 @@ struct Engine {
     return int(ntok);
   }
 
+  // rows[r] = candidate row j0 + r, dims [k0, k0 + kc): in place, or converted to Acc in
+  // w.crows (row stride KC). Rows r >= mr (padding) repeat the last real row.
+  static void tile_rows(const T* cand, int64_t cs1, int64_t j0, int mr, int64_t k0, int64_t kc, int64_t KC,
+                        Work& w, const RowT** rows) {
+    for (int r = 0; r < MR; ++r) {
+      const int rr = r < mr ? r : mr - 1;
+      const T* src = cand + (j0 + rr) * cs1 + k0;
+      if constexpr (kDirectRows) {
+        rows[r] = src;
+      } else {
+        if (r < mr) Policy::convert(src, w.crows + r * KC, kc);
+        rows[r] = w.crows + rr * KC;
+      }
+    }
+  }
+
   // Fills w.bmax[k][t] = max_{j < bounds[k], c valid} S[j][t], w.bvalid[k] = whether any
   // j < bounds[k] is valid (validity comes from the mask alone: -inf is an ordinary value)
   // and, when kArgmax, w.bidx[k][t] = the lowest maximising valid j (-1 when none).
@@ -328,19 +361,25 @@ struct Engine {
           for (int64_t off = 0; off < int64_t(sizeof(T)) * D; off += 64) __builtin_prefetch(row + off, 0, 2);
         }
       }
+      // The whole tile in one D chunk and no boundary before its last row: fold on registers.
+      if (!kArgmax && Policy::kFoldMax && nt == 0 && KC == D && bounds[kb] >= j0 + mr) {
+        const RowT* rows[MR];
+        tile_rows(cand, cs1, j0, mr, 0, D, KC, w, rows);
+        uint32_t valid = 0;
+        for (int r = 0; r < mr; ++r) valid |= uint32_t(!cmask || cmask[(j0 + r) * cm1]) << r;
+        for (int64_t p = 0; p < np; ++p) fold_tile<MR>(mr, rows, qv.pack + p * pe, D, valid, w.runmax + p * NR);
+        seen_valid = seen_valid || valid != 0;
+        if (j0 + mr == bounds[kb]) {
+          w.bvalid[kb] = seen_valid;
+          std::memcpy(w.bmax + kb * lanes, w.runmax, sizeof(Acc) * lanes);
+          ++kb;
+        }
+        continue;
+      }
       for (int64_t k0 = 0; k0 < D; k0 += KC) {
         const int64_t kc = min64(KC, D - k0);
         const RowT* rows[MR];
-        for (int r = 0; r < MR; ++r) {
-          const int rr = r < mr ? r : mr - 1;  // padding rows repeat the last real row
-          const T* src = cand + (j0 + rr) * cs1 + k0;
-          if constexpr (kDirectRows) {
-            rows[r] = src;
-          } else {
-            if (r < mr) Policy::convert(src, w.crows + r * KC, kc);
-            rows[r] = w.crows + rr * KC;
-          }
-        }
+        tile_rows(cand, cs1, j0, mr, k0, kc, KC, w, rows);
         if (nt > 0) {
           for (int r = 0; r < mr; ++r) dots(rows[r], qrows, nt, k0, kc, w.tile + r * NR, k0 > 0);
         } else {
@@ -1132,6 +1171,8 @@ struct AccPacking {
   static void stream_fence() {}
   // Whether the policy has store_score_row (Engine::lane_direct_tile); none by default.
   static constexpr bool kDirectScoreRows = false;
+  // Whether the policy has micro_epilogue and MaxFold (Engine::fold_tile); none by default.
+  static constexpr bool kFoldMax = false;
   template <class T>
   static constexpr bool kDirectRows = std::is_same_v<T, Acc>;
   template <class T>

@@ -155,6 +155,29 @@ struct Avx512Policy : AccPacking<float, 32> {
     }
   }
 
+  // Engine::score_candidate's running max without argmax, on the micro-kernel's registers:
+  // lanes [0, 32) of one panel. fold(v) takes a row where v > m; a NaN row is remembered in a
+  // lane mask and written as NaN by store(), after which max(v, m) keeps it (a NaN m is never
+  // replaced: MAXPS returns its second operand when either is NaN). So a NaN similarity
+  // sticks, as in torch.amax, and no branch or blend sits in the FMA loop's epilogue.
+  static constexpr bool kFoldMax = true;
+  struct MaxFold {
+    __m512 m0, m1;
+    __mmask16 nan0 = 0, nan1 = 0;
+    explicit MaxFold(const float* runmax) : m0(_mm512_loadu_ps(runmax)), m1(_mm512_loadu_ps(runmax + 16)) {}
+    void fold(const __m512* v) {
+      nan0 |= _mm512_cmp_ps_mask(v[0], v[0], _CMP_UNORD_Q);
+      nan1 |= _mm512_cmp_ps_mask(v[1], v[1], _CMP_UNORD_Q);
+      m0 = _mm512_max_ps(v[0], m0);  // v > m ? v : m
+      m1 = _mm512_max_ps(v[1], m1);
+    }
+    void store(float* runmax) const {
+      const __m512 nan = _mm512_set1_ps(__builtin_nanf(""));
+      _mm512_storeu_ps(runmax, _mm512_mask_mov_ps(m0, nan0, nan));
+      _mm512_storeu_ps(runmax + 16, _mm512_mask_mov_ps(m1, nan1, nan));
+    }
+  };
+
   // Candidate-lane score rows: two 64-byte aligned non-temporal stores, fenced once per task.
   static constexpr bool kStreamScores = true;
   static void stream_row(float* dst, const float* src) {
@@ -193,6 +216,19 @@ struct Avx512Policy : AccPacking<float, 32> {
   template <class T>
   static void convert(const T* src, float* dst, int64_t n) {
     int64_t k = 0;
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      // bf16 -> fp32 is the bf16 in a word's high half: one word permute (VPERMW, zeroing the
+      // low halves) per 16 values, where load16's zero-extend and shift take two ALU ops, both on
+      // the FMA ports (this conversion is the bf16 micro-kernel's overhead).
+      const __m512i lo_words = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0,
+                                                5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+      const __m512i hi_words = _mm512_add_epi16(lo_words, _mm512_set1_epi32(16 << 16));
+      for (; k + 32 <= n; k += 32) {
+        const __m512i x = _mm512_loadu_si512(src + k);
+        _mm512_storeu_ps(dst + k, _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, lo_words, x)));
+        _mm512_storeu_ps(dst + k + 16, _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, hi_words, x)));
+      }
+    }
     for (; k + 16 <= n; k += 16) _mm512_storeu_ps(dst + k, load16(src + k));
     if (k < n) {
       const __mmask16 m = __mmask16((1u << (n - k)) - 1);
