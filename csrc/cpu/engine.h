@@ -247,16 +247,19 @@ struct Engine {
 
   // runmax[l] = max(runmax[l], S[r][l]) over the rows r < M whose bit of `valid` is set, the
   // rows never leaving registers (Policy::MaxFold): score_candidate's fold without argmax for a
-  // tile computed over all of D at once.
+  // tile computed over all of D at once. After row r, when bit r of `snap` is set, the running
+  // max so far is also stored at snap_at[r] (a boundary's snapshot).
   template <int M>
-  static void fold_tile(int mr, const RowT* const* rows, const PackT* qp, int64_t kc, uint32_t valid, Acc* runmax) {
+  static void fold_tile(int mr, const RowT* const* rows, const PackT* qp, int64_t kc, uint32_t valid, Acc* runmax,
+                        uint32_t snap, Acc* const* snap_at) {
     if constexpr (M > 1) {
-      if (mr < M) return fold_tile<M - 1>(mr, rows, qp, kc, valid, runmax);
+      if (mr < M) return fold_tile<M - 1>(mr, rows, qp, kc, valid, runmax, snap, snap_at);
     }
     if constexpr (Policy::kFoldMax) {
       typename Policy::MaxFold f(runmax);
       Policy::template micro_epilogue<M>(rows, qp, kc, nullptr, false, [&](int r, const auto* v) {
         if (valid >> r & 1u) f.fold(v);
+        if (snap >> r & 1u) f.store(snap_at[r]);
       });
       f.store(runmax);
     }
@@ -361,19 +364,26 @@ struct Engine {
           for (int64_t off = 0; off < int64_t(sizeof(T)) * D; off += 64) __builtin_prefetch(row + off, 0, 2);
         }
       }
-      // The whole tile in one D chunk and no boundary before its last row: fold on registers.
-      if (!kArgmax && Policy::kFoldMax && nt == 0 && KC == D && bounds[kb] >= j0 + mr) {
+      // The whole tile in one D chunk: fold on registers, snapshotting at the bounds in it.
+      if (!kArgmax && Policy::kFoldMax && nt == 0 && KC == D) {
         const RowT* rows[MR];
         tile_rows(cand, cs1, j0, mr, 0, D, KC, w, rows);
-        uint32_t valid = 0;
-        for (int r = 0; r < mr; ++r) valid |= uint32_t(!cmask || cmask[(j0 + r) * cm1]) << r;
-        for (int64_t p = 0; p < np; ++p) fold_tile<MR>(mr, rows, qv.pack + p * pe, D, valid, w.runmax + p * NR);
-        seen_valid = seen_valid || valid != 0;
-        if (j0 + mr == bounds[kb]) {
-          w.bvalid[kb] = seen_valid;
-          std::memcpy(w.bmax + kb * lanes, w.runmax, sizeof(Acc) * lanes);
-          ++kb;
+        uint32_t valid = 0, snap = 0;
+        int64_t bound_at[MR];
+        for (int r = 0; r < mr; ++r) {
+          valid |= uint32_t(!cmask || cmask[(j0 + r) * cm1]) << r;
+          if (j0 + r + 1 == bounds[kb]) {
+            snap |= 1u << r;
+            w.bvalid[kb] = seen_valid || valid != 0;  // valid holds rows 0 .. r so far
+            bound_at[r] = kb++;
+          }
         }
+        for (int64_t p = 0; p < np; ++p) {
+          Acc* snap_at[MR];
+          for (int r = 0; r < mr; ++r) snap_at[r] = snap >> r & 1u ? w.bmax + bound_at[r] * lanes + p * NR : nullptr;
+          fold_tile<MR>(mr, rows, qv.pack + p * pe, D, valid, w.runmax + p * NR, snap, snap_at);
+        }
+        seen_valid = seen_valid || valid != 0;
         continue;
       }
       for (int64_t k0 = 0; k0 < D; k0 += KC) {

@@ -34,6 +34,17 @@ struct Avx2Policy : AccPacking<float, 16> {
   // candidate-lane layout away from budgets with a 1-row tail tile: r_c = 1 has no choice of j.)
   template <int M>
   static inline void micro(const float* const* rows, const float* qp, int64_t kc, float* tile, bool accumulate) {
+    micro_epilogue<M>(rows, qp, kc, tile, accumulate, [tile](int r, const __m256* v) {
+      _mm256_storeu_ps(tile + r * NR, v[0]);
+      _mm256_storeu_ps(tile + r * NR + 8, v[1]);
+    });
+  }
+
+  // The micro-kernel with its last step left to the caller: epi(r, v) receives row r's
+  // finished lanes in registers, v[h] = lanes [8 h, 8 h + 8). `tile` is read only to accumulate.
+  template <int M, class Epilogue>
+  static inline void micro_epilogue(const float* const* rows, const float* qp, int64_t kc, const float* tile,
+                                    bool accumulate, Epilogue&& epi) {
     constexpr int S = M == 1 ? 4 : 1;
     __m256 lo[S][M], hi[S][M];
     const float* rp[M];
@@ -77,10 +88,29 @@ struct Avx2Policy : AccPacking<float, 16> {
         lo[0][r] = _mm256_add_ps(lo[0][r], lo[s][r]);
         hi[0][r] = _mm256_add_ps(hi[0][r], hi[s][r]);
       }
-      _mm256_storeu_ps(tile + r * NR, lo[0][r]);
-      _mm256_storeu_ps(tile + r * NR + 8, hi[0][r]);
+      const __m256 v[2] = {lo[0][r], hi[0][r]};
+      epi(r, v);
     }
   }
+
+  // Engine::score_candidate's running max without argmax on the registers (as
+  // Avx512Policy::MaxFold, with the NaN lanes kept as a vector mask): lanes [0, 16) of a panel.
+  static constexpr bool kFoldMax = true;
+  struct MaxFold {
+    __m256 m0, m1, nan0 = _mm256_setzero_ps(), nan1 = _mm256_setzero_ps();
+    explicit MaxFold(const float* runmax) : m0(_mm256_loadu_ps(runmax)), m1(_mm256_loadu_ps(runmax + 8)) {}
+    void fold(const __m256* v) {
+      nan0 = _mm256_or_ps(nan0, _mm256_cmp_ps(v[0], v[0], _CMP_UNORD_Q));
+      nan1 = _mm256_or_ps(nan1, _mm256_cmp_ps(v[1], v[1], _CMP_UNORD_Q));
+      m0 = _mm256_max_ps(v[0], m0);  // v > m ? v : m; a NaN m stays
+      m1 = _mm256_max_ps(v[1], m1);
+    }
+    void store(float* runmax) const {
+      const __m256 nan = _mm256_set1_ps(__builtin_nanf(""));
+      _mm256_storeu_ps(runmax, _mm256_blendv_ps(m0, nan, nan0));
+      _mm256_storeu_ps(runmax + 8, _mm256_blendv_ps(m1, nan, nan1));
+    }
+  };
 
   template <class T>
   static void convert(const T* src, float* dst, int64_t n) {
