@@ -415,3 +415,37 @@ def test_every_isa_register_fold_without_argmax(cpu_isa, op, dtype):
         saved, _ = ops_of("cpu")(name)(q, c, grq, grc, *masks, True)
         assert torch.equal(saved.isnan(), out.isnan())
         assert torch.equal(saved.nan_to_num(), out.float().nan_to_num())
+
+
+@pytest.mark.parametrize("op", ["grouped", "paired"])
+def test_every_isa_register_fold_argmax_takes_the_first_valid_minus_infinity(cpu_isa, op):
+    """With the argmax saved (a forward under autograd) the register fold takes a candidate's
+    first valid row unconditionally: when every valid similarity is -inf (q = 1e20, c = -1e20
+    overflow), the argmax is still the first valid token and the gradient reaches it, as in the
+    float64 reference (torch.argmax semantics). Query-panel layout: r_q = 9 tokens."""
+    nq, nc, rq, rc, d = 2, 3, 9, 21, 5
+    groups = ((1, 1), (9, 4), (4, 21))
+    q = torch.full((nq, rq, d), 1e20)
+    shape = (nc, rc, d) if op == "grouped" else (nq, nc, rc, d)
+    c = torch.full(shape, -1e20)
+    c_mask = torch.ones(shape[:-1], dtype=torch.bool)
+    c_mask[..., 0, :10] = False  # candidate 0: first valid token 10, in the second tile
+    fn, ref_fn = ((maxsim_grouped, reference.maxsim_grouped) if op == "grouped"
+                  else (maxsim_paired_grouped, reference.maxsim_grouped_paired))
+    weights = torch.linspace(0.5, 1.5, len(groups) * nq * nc).view(len(groups), nq, nc)
+    outs, grads = [], []
+    for run in ("cpu", "oracle"):
+        qq, cc = q.clone().double().requires_grad_(), c.clone().double().requires_grad_()
+        if run == "cpu":
+            qq, cc = q.clone().requires_grad_(), c.clone().requires_grad_()
+            out = fn(qq, cc, groups, c_mask=c_mask, backend="cpu")
+        else:
+            out = ref_fn(qq.float(), cc.float(), groups, None, c_mask)
+        outs.append(out.detach().float())
+        grads.append(torch.autograd.grad((out * weights).sum(), (qq, cc)))
+    assert torch.equal(outs[0], outs[1])  # candidate 0 is empty (0) at r_c = 1 and 4, else -inf
+    assert torch.isneginf(outs[0][..., 1:]).all() and torch.isneginf(outs[0][2]).all()
+    for name, got, want in zip(("dq", "dc"), *grads):
+        assert torch.equal(got != 0, want != 0), f"{name}: gradient on {(got != 0).nonzero().tolist()[:5]} ..."
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=0, msg=name)
+    assert (grads[0][1][..., 0, 10, :] != 0).all() and (grads[0][1][..., 0, :10, :] == 0).all()

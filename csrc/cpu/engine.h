@@ -245,21 +245,35 @@ struct Engine {
     Policy::template micro<M>(rows, qp, kc, tile, acc);
   }
 
-  // runmax[l] = max(runmax[l], S[r][l]) over the rows r < M whose bit of `valid` is set, the
-  // rows never leaving registers (Policy::MaxFold): score_candidate's fold without argmax for a
-  // tile computed over all of D at once. After row r, when bit r of `snap` is set, the running
-  // max so far is also stored at snap_at[r] (a boundary's snapshot).
-  template <int M>
-  static void fold_tile(int mr, const RowT* const* rows, const PackT* qp, int64_t kc, uint32_t valid, Acc* runmax,
-                        uint32_t snap, Acc* const* snap_at) {
+  // runmax[l] = max(runmax[l], S[r][l]) over the rows r < M whose bit of `valid` is set (and,
+  // with kArgmax, runidx[l] = the lowest maximising row index j0 + r, NaN first), the rows never
+  // leaving registers (Policy::MaxFold / ArgmaxFold): score_candidate's fold for a tile computed
+  // over all of D at once. `seen` says whether the candidate had a valid row before the tile.
+  // After row r, when bit r of `snap` is set, the state so far is also stored at snap_max[r]
+  // (and snap_idx[r]): a boundary's snapshot.
+  template <int M, bool kArgmax>
+  static void fold_tile(int mr, const RowT* const* rows, const PackT* qp, int64_t kc, int64_t j0, uint32_t valid,
+                        bool seen, Acc* runmax, int32_t* runidx, uint32_t snap, Acc* const* snap_max,
+                        int32_t* const* snap_idx) {
     if constexpr (M > 1) {
-      if (mr < M) return fold_tile<M - 1>(mr, rows, qp, kc, valid, runmax, snap, snap_at);
+      if (mr < M)
+        return fold_tile<M - 1, kArgmax>(mr, rows, qp, kc, j0, valid, seen, runmax, runidx, snap, snap_max, snap_idx);
     }
-    if constexpr (Policy::kFoldMax) {
+    if constexpr (Policy::kFoldMax && kArgmax) {
+      typename Policy::ArgmaxFold f(runmax, runidx);
+      Policy::template micro_epilogue<M>(rows, qp, kc, nullptr, false, [&](int r, const auto* v) {
+        if (valid >> r & 1u) {
+          f.fold(v, int32_t(j0 + r), !seen);
+          seen = true;
+        }
+        if (snap >> r & 1u) f.store(snap_max[r], snap_idx[r]);
+      });
+      f.store(runmax, runidx);
+    } else if constexpr (Policy::kFoldMax) {
       typename Policy::MaxFold f(runmax);
       Policy::template micro_epilogue<M>(rows, qp, kc, nullptr, false, [&](int r, const auto* v) {
         if (valid >> r & 1u) f.fold(v);
-        if (snap >> r & 1u) f.store(snap_at[r]);
+        if (snap >> r & 1u) f.store(snap_max[r]);
       });
       f.store(runmax);
     }
@@ -365,7 +379,7 @@ struct Engine {
         }
       }
       // The whole tile in one D chunk: fold on registers, snapshotting at the bounds in it.
-      if (!kArgmax && Policy::kFoldMax && nt == 0 && KC == D) {
+      if (Policy::kFoldMax && nt == 0 && KC == D) {
         const RowT* rows[MR];
         tile_rows(cand, cs1, j0, mr, 0, D, KC, w, rows);
         uint32_t valid = 0, snap = 0;
@@ -379,9 +393,14 @@ struct Engine {
           }
         }
         for (int64_t p = 0; p < np; ++p) {
-          Acc* snap_at[MR];
-          for (int r = 0; r < mr; ++r) snap_at[r] = snap >> r & 1u ? w.bmax + bound_at[r] * lanes + p * NR : nullptr;
-          fold_tile<MR>(mr, rows, qv.pack + p * pe, D, valid, w.runmax + p * NR, snap, snap_at);
+          Acc* snap_max[MR];
+          int32_t* snap_idx[MR];
+          for (int r = 0; r < mr; ++r) {
+            snap_max[r] = snap >> r & 1u ? w.bmax + bound_at[r] * lanes + p * NR : nullptr;
+            snap_idx[r] = snap >> r & 1u ? w.bidx + bound_at[r] * lanes + p * NR : nullptr;
+          }
+          fold_tile<MR, kArgmax>(mr, rows, qv.pack + p * pe, D, j0, valid, seen_valid, w.runmax + p * NR,
+                                 w.runidx + p * NR, snap, snap_max, snap_idx);
         }
         seen_valid = seen_valid || valid != 0;
         continue;
@@ -1181,7 +1200,7 @@ struct AccPacking {
   static void stream_fence() {}
   // Whether the policy has store_score_row (Engine::lane_direct_tile); none by default.
   static constexpr bool kDirectScoreRows = false;
-  // Whether the policy has micro_epilogue and MaxFold (Engine::fold_tile); none by default.
+  // Whether the policy has micro_epilogue, MaxFold and ArgmaxFold (Engine::fold_tile); none by default.
   static constexpr bool kFoldMax = false;
   template <class T>
   static constexpr bool kDirectRows = std::is_same_v<T, Acc>;

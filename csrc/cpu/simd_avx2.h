@@ -112,6 +112,33 @@ struct Avx2Policy : AccPacking<float, 16> {
     }
   };
 
+  // With the argmax (as Avx512Policy::ArgmaxFold): take where !(S <= m) and m is not NaN, or
+  // unconditionally on the candidate's first valid row.
+  struct ArgmaxFold {
+    __m256 m0, m1;
+    __m256i i0, i1;
+    ArgmaxFold(const float* runmax, const int32_t* runidx)
+        : m0(_mm256_loadu_ps(runmax)), m1(_mm256_loadu_ps(runmax + 8)),
+          i0(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(runidx))),
+          i1(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(runidx + 8))) {}
+    static void take(__m256 v, int32_t j, bool first, __m256& m, __m256i& i) {
+      const __m256 k = first ? _mm256_castsi256_ps(_mm256_set1_epi32(-1))
+                             : _mm256_and_ps(_mm256_cmp_ps(v, m, _CMP_NLE_UQ), _mm256_cmp_ps(m, m, _CMP_ORD_Q));
+      m = _mm256_blendv_ps(m, v, k);
+      i = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(i), _mm256_castsi256_ps(_mm256_set1_epi32(j)), k));
+    }
+    void fold(const __m256* v, int32_t j, bool first) {
+      take(v[0], j, first, m0, i0);
+      take(v[1], j, first, m1, i1);
+    }
+    void store(float* runmax, int32_t* runidx) const {
+      _mm256_storeu_ps(runmax, m0);
+      _mm256_storeu_ps(runmax + 8, m1);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(runidx), i0);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(runidx + 8), i1);
+    }
+  };
+
   template <class T>
   static void convert(const T* src, float* dst, int64_t n) {
     int64_t k = 0;

@@ -178,6 +178,33 @@ struct Avx512Policy : AccPacking<float, 32> {
     }
   };
 
+  // The same fold tracking the argmax (score_candidate with kArgmax): row j is taken where
+  //   S > m, or S is NaN and m is not   ==   !(S <= m) (unordered: true) and m is not NaN,
+  // and unconditionally when it is the candidate's first valid row (`first`).
+  struct ArgmaxFold {
+    __m512 m0, m1;
+    __m512i i0, i1;
+    ArgmaxFold(const float* runmax, const int32_t* runidx)
+        : m0(_mm512_loadu_ps(runmax)), m1(_mm512_loadu_ps(runmax + 16)),
+          i0(_mm512_loadu_si512(runidx)), i1(_mm512_loadu_si512(runidx + 16)) {}
+    static void take(__m512 v, int32_t j, bool first, __m512& m, __m512i& i) {
+      const __mmask16 k = first ? __mmask16(0xFFFF)
+                                : _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(m, m, _CMP_ORD_Q), v, m, _CMP_NLE_UQ);
+      m = _mm512_mask_mov_ps(m, k, v);
+      i = _mm512_mask_mov_epi32(i, k, _mm512_set1_epi32(j));
+    }
+    void fold(const __m512* v, int32_t j, bool first) {
+      take(v[0], j, first, m0, i0);
+      take(v[1], j, first, m1, i1);
+    }
+    void store(float* runmax, int32_t* runidx) const {
+      _mm512_storeu_ps(runmax, m0);
+      _mm512_storeu_ps(runmax + 16, m1);
+      _mm512_storeu_si512(runidx, i0);
+      _mm512_storeu_si512(runidx + 16, i1);
+    }
+  };
+
   // Candidate-lane score rows: two 64-byte aligned non-temporal stores, fenced once per task.
   static constexpr bool kStreamScores = true;
   static void stream_row(float* dst, const float* src) {
