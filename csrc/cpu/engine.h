@@ -249,17 +249,18 @@ struct Engine {
   // with kArgmax, runidx[l] = the lowest maximising row index j0 + r, NaN first), the rows never
   // leaving registers (Policy::MaxFold / ArgmaxFold): score_candidate's fold for a tile computed
   // over all of D at once. `seen` says whether the candidate had a valid row before the tile.
-  // After row r, when bit r of `snap` is set, the state so far is also stored at snap_max[r]
-  // (and snap_idx[r]): a boundary's snapshot. Out of line: inlined into score_candidate, the
+  // After row r, when bit r of `snap` is set, the state so far is also stored in row
+  // bound_at[r] of bmax (and bidx), rows `lanes` apart: a boundary's snapshot. Out of line: inlined into score_candidate, the
   // AVX2 fp32 argmax fold (12 accumulators and 4 fold registers of the 16 ymm) ran 10% slower
   // than the stored tile it replaces; out of line, 25% faster (maxsim_grouped under autograd).
   template <int M, bool kArgmax>
   __attribute__((noinline)) static void fold_tile(int mr, const RowT* const* rows, const PackT* qp, int64_t kc, int64_t j0, uint32_t valid,
-                        bool seen, Acc* runmax, int32_t* runidx, uint32_t snap, Acc* const* snap_max,
-                        int32_t* const* snap_idx) {
+                        bool seen, Acc* runmax, int32_t* runidx, uint32_t snap, const int64_t* bound_at,
+                        Acc* bmax, int32_t* bidx, int64_t lanes) {
     if constexpr (M > 1) {
       if (mr < M)
-        return fold_tile<M - 1, kArgmax>(mr, rows, qp, kc, j0, valid, seen, runmax, runidx, snap, snap_max, snap_idx);
+        return fold_tile<M - 1, kArgmax>(mr, rows, qp, kc, j0, valid, seen, runmax, runidx, snap, bound_at, bmax,
+                                         bidx, lanes);
     }
     if constexpr (Policy::kFoldMax && kArgmax) {
       typename Policy::ArgmaxFold f(runmax, runidx);
@@ -268,14 +269,14 @@ struct Engine {
           f.fold(v, int32_t(j0 + r), !seen);
           seen = true;
         }
-        if (snap >> r & 1u) f.store(snap_max[r], snap_idx[r]);
+        if (snap >> r & 1u) f.store(bmax + bound_at[r] * lanes, bidx + bound_at[r] * lanes);
       });
       f.store(runmax, runidx);
     } else if constexpr (Policy::kFoldMax) {
       typename Policy::MaxFold f(runmax);
       Policy::template micro_epilogue<M>(rows, qp, kc, nullptr, false, [&](int r, const auto* v) {
         if (valid >> r & 1u) f.fold(v);
-        if (snap >> r & 1u) f.store(snap_max[r]);
+        if (snap >> r & 1u) f.store(bmax + bound_at[r] * lanes);
       });
       f.store(runmax);
     }
@@ -385,7 +386,7 @@ struct Engine {
         const RowT* rows[MR];
         tile_rows(cand, cs1, j0, mr, 0, D, KC, w, rows);
         uint32_t valid = 0, snap = 0;
-        int64_t bound_at[MR];
+        int64_t bound_at[MR];  // read only where snap has the row's bit
         for (int r = 0; r < mr; ++r) {
           valid |= uint32_t(!cmask || cmask[(j0 + r) * cm1]) << r;
           if (j0 + r + 1 == bounds[kb]) {
@@ -394,16 +395,9 @@ struct Engine {
             bound_at[r] = kb++;
           }
         }
-        for (int64_t p = 0; p < np; ++p) {
-          Acc* snap_max[MR];
-          int32_t* snap_idx[MR];
-          for (int r = 0; r < mr; ++r) {
-            snap_max[r] = snap >> r & 1u ? w.bmax + bound_at[r] * lanes + p * NR : nullptr;
-            snap_idx[r] = snap >> r & 1u ? w.bidx + bound_at[r] * lanes + p * NR : nullptr;
-          }
+        for (int64_t p = 0; p < np; ++p)
           fold_tile<MR, kArgmax>(mr, rows, qv.pack + p * pe, D, j0, valid, seen_valid, w.runmax + p * NR,
-                                 w.runidx + p * NR, snap, snap_max, snap_idx);
-        }
+                                 w.runidx + p * NR, snap, bound_at, w.bmax + p * NR, w.bidx + p * NR, lanes);
         seen_valid = seen_valid || valid != 0;
         continue;
       }
