@@ -107,6 +107,18 @@ struct Avx512Policy : AccPacking<float, 32> {
   template <int M, class Epilogue>
   static inline void micro_epilogue(const float* const* rows, const float* qp, int64_t kc, const float* tile,
                                     bool accumulate, Epilogue&& epi) {
+    micro_epilogue<M>(rows, qp, kc, tile, accumulate, epi, NoBeside{});
+  }
+
+  // The same with beside() called after every kBesideSteps steps of d, inside the FMA loop:
+  // a little independent work that the FMAs hide (Engine::LinePrefetch: the next
+  // candidate's rows). Once per block rather than per step: its state would not fit in the
+  // general registers next to the 8 row pointers, so it lives in memory between calls.
+  static constexpr bool kWorkBeside = true;
+  static constexpr int kBesideSteps = 4;
+  template <int M, class Epilogue, class Beside>
+  static inline void micro_epilogue(const float* const* rows, const float* qp, int64_t kc, const float* tile,
+                                    bool accumulate, Epilogue&& epi, Beside&& beside) {
     constexpr int S = M == 1 ? 4 : 1;
     __m512 lo[S][M], hi[S][M];
     const float* rp[M];
@@ -118,9 +130,8 @@ struct Avx512Policy : AccPacking<float, 32> {
 #pragma GCC unroll 4
       for (int s = 1; s < S; ++s) lo[s][r] = hi[s][r] = _mm512_setzero_ps();
     }
-    int64_t k = 0;
-#pragma GCC unroll 2
-    for (; k + S <= kc; k += S) {
+    // Steps k .. k + S - 1, step k + s into accumulator set s.
+    auto steps = [&](int64_t k) __attribute__((always_inline)) {
 #pragma GCC unroll 4
       for (int s = 0; s < S; ++s) {
         const __m512 q0 = _mm512_loadu_ps(qp + (k + s) * NR);
@@ -132,7 +143,17 @@ struct Avx512Policy : AccPacking<float, 32> {
           hi[s][r] = _mm512_fmadd_ps(c, q1, hi[s][r]);
         }
       }
+    };
+    int64_t k = 0;
+    if constexpr (!std::is_same_v<std::decay_t<Beside>, NoBeside>) {
+      for (; k + kBesideSteps <= kc; k += kBesideSteps) {
+#pragma GCC unroll 4
+        for (int u = 0; u < kBesideSteps; u += S) steps(k + u);
+        beside();
+      }
     }
+#pragma GCC unroll 2
+    for (; k + S <= kc; k += S) steps(k);
     for (; k < kc; ++k) {
       const __m512 q0 = _mm512_loadu_ps(qp + k * NR);
       const __m512 q1 = _mm512_loadu_ps(qp + k * NR + 16);
