@@ -275,7 +275,7 @@ struct Engine {
       for (; p < end; p += 64) __builtin_prefetch(p, 0, 2);
     }
   };
-  static constexpr bool kPrefetchBeside = Policy::kWorkBeside && std::is_same_v<RowT, Acc>;
+  static constexpr bool kPrefetchBeside = Policy::kWorkBeside;
 
   // runmax[l] = max(runmax[l], S[r][l]) over the rows r < M whose bit of `valid` is set (and,
   // with kArgmax, runidx[l] = the lowest maximising row index j0 + r, NaN first), the rows never
@@ -1252,8 +1252,8 @@ struct AccPacking {
   static constexpr bool kDirectScoreRows = false;
   // Whether the policy has micro_epilogue, MaxFold and ArgmaxFold (Engine::fold_tile); none by default.
   static constexpr bool kFoldMax = false;
-  // Whether micro_epilogue (on Acc rows) also takes a beside() job, called after every
-  // kBesideSteps steps of d; none by default.
+  // Whether micro_epilogue also takes a beside() job, called after every kBesideSteps steps
+  // of d (a multiple of 4); none by default.
   static constexpr bool kWorkBeside = false;
   static constexpr int kBesideSteps = 1;
   template <class T>

@@ -47,11 +47,17 @@ struct Avx512Bf16Policy : Avx512Policy {
     });
   }
 
-  // As Avx512Policy::micro_epilogue: row r's finished lanes go to epi(r, v).
+  // As Avx512Policy::micro_epilogue: row r's finished lanes go to epi(r, v); with beside()
+  // after every kBesideSteps dims (kBesideSteps / 2 pairs).
   using Avx512Policy::micro_epilogue;
   template <int M, class Epilogue>
   static inline void micro_epilogue(const bf16_t* const* rows, const uint16_t* qp, int64_t kc, const float* tile,
                                     bool accumulate, Epilogue&& epi) {
+    micro_epilogue<M>(rows, qp, kc, tile, accumulate, epi, NoBeside{});
+  }
+  template <int M, class Epilogue, class Beside>
+  static inline void micro_epilogue(const bf16_t* const* rows, const uint16_t* qp, int64_t kc, const float* tile,
+                                    bool accumulate, Epilogue&& epi, Beside&& beside) {
     __m512 lo[M], hi[M];
     const bf16_t* rp[M];
 #pragma GCC unroll 8
@@ -61,8 +67,8 @@ struct Avx512Bf16Policy : Avx512Policy {
       hi[r] = accumulate ? _mm512_loadu_ps(tile + r * NR + 16) : _mm512_setzero_ps();
     }
     const int64_t pairs = kc / 2;
-#pragma GCC unroll 2
-    for (int64_t p = 0; p < pairs; ++p) {
+    // Dims 2p and 2p + 1.
+    auto pair = [&](int64_t p) __attribute__((always_inline)) {
       const __m512bh q0 = (__m512bh)_mm512_loadu_si512(qp + p * 2 * NR);
       const __m512bh q1 = (__m512bh)_mm512_loadu_si512(qp + p * 2 * NR + NR);
 #pragma GCC unroll 8
@@ -73,7 +79,18 @@ struct Avx512Bf16Policy : Avx512Policy {
         lo[r] = _mm512_dpbf16_ps(lo[r], c, q0);
         hi[r] = _mm512_dpbf16_ps(hi[r], c, q1);
       }
+    };
+    int64_t p = 0;
+    if constexpr (!std::is_same_v<std::decay_t<Beside>, NoBeside>) {
+      constexpr int kPairs = kBesideSteps / 2;
+      for (; p + kPairs <= pairs; p += kPairs) {
+#pragma GCC unroll 2
+        for (int u = 0; u < kPairs; ++u) pair(p + u);
+        beside();
+      }
     }
+#pragma GCC unroll 2
+    for (; p < pairs; ++p) pair(p);
     if (kc & 1) {  // last dim alone: (c, 0) against the packed (q, 0)
       const __m512bh q0 = (__m512bh)_mm512_loadu_si512(qp + pairs * 2 * NR);
       const __m512bh q1 = (__m512bh)_mm512_loadu_si512(qp + pairs * 2 * NR + NR);
@@ -101,6 +118,7 @@ struct Avx512Bf16Policy : Avx512Policy {
 struct Avx512Bf16WidePolicy : Avx512Bf16Policy {
   static constexpr int NR = 64;
   static constexpr int MR = 6;
+  static constexpr bool kWorkBeside = false;  // its micro_epilogue takes no beside() job
   static constexpr int kVecs = NR / 16;
   static constexpr bool kDirectScoreRows = false;  // store_score_row writes 32 lanes
 
