@@ -1253,7 +1253,7 @@ struct AccPacking {
   // Whether the policy has micro_epilogue, MaxFold and ArgmaxFold (Engine::fold_tile); none by default.
   static constexpr bool kFoldMax = false;
   // Whether micro_epilogue also takes a beside() job, called after every kBesideSteps steps
-  // of d (a multiple of 4); none by default.
+  // of d (Engine::LinePrefetch); none by default (kBesideSteps is then unused).
   static constexpr bool kWorkBeside = false;
   static constexpr int kBesideSteps = 1;
   template <class T>
