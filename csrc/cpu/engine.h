@@ -84,6 +84,8 @@ inline size_t align64(size_t n) { return (n + 63) & ~size_t(63); }
 struct NoBeside {
   void operator()() const {}
 };
+template <class Beside>
+inline constexpr bool kHasBeside = !std::is_same_v<std::decay_t<Beside>, NoBeside>;
 
 template <class Policy, class T>
 struct Engine {
@@ -275,16 +277,16 @@ struct Engine {
       for (; p < end; p += 64) __builtin_prefetch(p, 0, 2);
     }
   };
-  static constexpr bool kPrefetchBeside = Policy::kWorkBeside;
 
   // runmax[l] = max(runmax[l], S[r][l]) over the rows r < M whose bit of `valid` is set (and,
   // with kArgmax, runidx[l] = the lowest maximising row index j0 + r, NaN first), the rows never
   // leaving registers (Policy::MaxFold / ArgmaxFold): score_candidate's fold for a tile computed
   // over all of D at once. `seen` says whether the candidate had a valid row before the tile.
   // After row r, when bit r of `snap` is set, the state so far is also stored in row
-  // bound_at[r] of bmax (and bidx), rows `lanes` apart: a boundary's snapshot. Out of line: inlined into score_candidate, the
-  // AVX2 fp32 argmax fold (12 accumulators and 4 fold registers of the 16 ymm) ran 10% slower
-  // than the stored tile it replaces; out of line, 25% faster (maxsim_grouped under autograd).
+  // bound_at[r] of bmax (and bidx), rows `lanes` apart: a boundary's snapshot. Out of line:
+  // inlined into score_candidate, the AVX2 fp32 argmax fold (12 accumulators and 4 fold
+  // registers of the 16 ymm) ran 10% slower than the stored tile it replaces; out of line, 25%
+  // faster (maxsim_grouped under autograd).
   template <int M, bool kArgmax>
   __attribute__((noinline)) static void fold_tile(int mr, const RowT* const* rows, const PackT* qp, int64_t kc, int64_t j0, uint32_t valid,
                         bool seen, Acc* runmax, int32_t* runidx, uint32_t snap, const int64_t* bound_at,
@@ -297,7 +299,7 @@ struct Engine {
     if constexpr (Policy::kFoldMax) {
       // The micro-kernel, `prefetch` spread over its loop where the policy can.
       auto micro = [&](auto&& epi) {
-        if constexpr (kPrefetchBeside) {
+        if constexpr (Policy::kWorkBeside) {
           LinePrefetch pf = prefetch;  // a local, so that the compiler may keep it in registers
           pf.spread(kc / Policy::kBesideSteps / 2);
           Policy::template micro_epilogue<M>(rows, qp, kc, nullptr, false, epi, [&pf] { pf.step(); });
@@ -1252,10 +1254,9 @@ struct AccPacking {
   static constexpr bool kDirectScoreRows = false;
   // Whether the policy has micro_epilogue, MaxFold and ArgmaxFold (Engine::fold_tile); none by default.
   static constexpr bool kFoldMax = false;
-  // Whether micro_epilogue also takes a beside() job, called after every kBesideSteps steps
-  // of d (Engine::LinePrefetch); none by default (kBesideSteps is then unused).
+  // Whether micro_epilogue also takes a beside() job, called after every Policy::kBesideSteps
+  // steps of d (Engine::LinePrefetch); none by default.
   static constexpr bool kWorkBeside = false;
-  static constexpr int kBesideSteps = 1;
   template <class T>
   static constexpr bool kDirectRows = std::is_same_v<T, Acc>;
   template <class T>

@@ -112,8 +112,8 @@ struct Avx512Policy : AccPacking<float, 32> {
 
   // The same with beside() called after every kBesideSteps steps of d, inside the FMA loop:
   // a little independent work that the FMAs hide (Engine::LinePrefetch: the next
-  // candidate's rows). Once per block rather than per step: its state would not fit in the
-  // general registers next to the 8 row pointers, so it lives in memory between calls.
+  // candidate's rows). Once per block rather than per step, so that its state can live in
+  // memory between calls: the 8 row pointers leave no general registers for it.
   static constexpr bool kWorkBeside = true;
   static constexpr int kBesideSteps = 4;
   template <int M, class Epilogue, class Beside>
@@ -145,7 +145,7 @@ struct Avx512Policy : AccPacking<float, 32> {
       }
     };
     int64_t k = 0;
-    if constexpr (!std::is_same_v<std::decay_t<Beside>, NoBeside>) {
+    if constexpr (kHasBeside<Beside>) {
       for (; k + kBesideSteps <= kc; k += kBesideSteps) {
 #pragma GCC unroll 4
         for (int u = 0; u < kBesideSteps; u += S) steps(k + u);

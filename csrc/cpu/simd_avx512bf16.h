@@ -81,7 +81,7 @@ struct Avx512Bf16Policy : Avx512Policy {
       }
     };
     int64_t p = 0;
-    if constexpr (!std::is_same_v<std::decay_t<Beside>, NoBeside>) {
+    if constexpr (kHasBeside<Beside>) {
       constexpr int kPairs = kBesideSteps / 2;
       for (; p + kPairs <= pairs; p += kPairs) {
 #pragma GCC unroll 2
