@@ -199,6 +199,20 @@ struct BlockFold {
 };
 
 #if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+// The lanes of `live` whose query token t0 + l is valid (qvalid[t0 + l] != 0; all of `live`
+// when qvalid is nullptr, i.e. q has no mask).
+inline __mmask16 valid_tokens16(const uint8_t* qvalid, int64_t t0, __mmask16 live) {
+  if (!qvalid) return live;
+  const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid + t0);
+  return _mm_mask_test_epi8_mask(live, q8, q8);
+}
+
+// v with the lanes of masked query tokens zeroed (a masked token adds 0 to its query's sum),
+// those outside `live` too; v as it is when q has no mask.
+inline __m512 zero_masked_tokens16(__m512 v, const uint8_t* qvalid, int64_t t0, __mmask16 live) {
+  return qvalid ? _mm512_maskz_mov_ps(valid_tokens16(qvalid, t0, live), v) : v;
+}
+
 // Token i of 16 consecutive queries whose rq (2 or 4) tokens fill lanes q * rq + i of the rq
 // chunks v[0..rq): lane q of the result is lane q * rq + i of the concatenated chunks.
 inline __m512 query_token16(const __m512* v, int rq, int i) {
@@ -279,10 +293,7 @@ inline void one_token_offers(const float* tile, int64_t panel, const int* rows, 
     if (nv) {
       v = _mm512_set1_ps(-INFINITY);
       for (int r = 0; r < nv; ++r) v = _mm512_max_ps(_mm512_loadu_ps(base + rows[r] * NR), v);  // row > v ? row : v
-      if (qvalid) {
-        const __m128i qv = _mm_maskz_loadu_epi8(live, qvalid + l0);
-        v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(live, qv, qv), v);
-      }
+      v = zero_masked_tokens16(v, qvalid, l0, live);
     }
     return _mm512_mask_cmp_ps_mask(live, v, _mm512_maskz_loadu_ps(live, thr + l0), _CMP_GE_OQ);
   };
@@ -557,11 +568,7 @@ struct ExactScan {
       const float* base = tile + (t0 / NR) * MR * NR + t0 % NR;
       __m512 v = _mm512_set1_ps(-INFINITY);
       for (int k = 0; k < nv; ++k) v = _mm512_max_ps(_mm512_loadu_ps(base + rows[k] * NR), v);
-      if (qvalid) {
-        const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid + t0);
-        v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(live, q8, q8), v);
-      }
-      _mm512_mask_storeu_ps(dst + t0, live, v);
+      _mm512_mask_storeu_ps(dst + t0, live, zero_masked_tokens16(v, qvalid, t0, live));
     }
     if (rq == 1) return;
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -1336,11 +1343,7 @@ struct Int8Scan {
           const __mmask16 live = __mmask16((1u << n) - 1);
           const __m512i corr = _mm512_loadu_si512(w.lane_corr);
           const __m512 lscale = _mm512_loadu_ps(w.lane_scale), err = _mm512_maskz_loadu_ps(live, w.err_sum);
-          __mmask16 qmask = live;
-          if (qvalid) {
-            const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid);
-            qmask = _mm_mask_test_epi8_mask(live, q8, q8);
-          }
+          const __mmask16 qmask = valid_tokens16(qvalid, 0, live);
           for_candidate_groups(IP, r0, r1, m, [&](const Cand* cands, int count) {
             run_tile(cands, count, 0, int(rc), /*to_float=*/false);
             __m512 bar = _mm512_maskz_loadu_ps(live, thr);
@@ -1415,11 +1418,7 @@ struct Int8Scan {
                 const __mmask16 live = __mmask16((1u << min64(16, n - l0)) - 1);
                 __m512 v = _mm512_setzero_ps();
                 if (nv) {
-                  v = token_max16(l0);
-                  if (qvalid) {
-                    const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid + l0);
-                    v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(live, q8, q8), v);
-                  }
+                  v = zero_masked_tokens16(token_max16(l0), qvalid, l0, live);
                 }
                 test16(l0, live, v);
               }
@@ -1436,12 +1435,9 @@ struct Int8Scan {
                     const int64_t t0 = l0 * rq + 16 * k;
                     v[k] = _mm512_setzero_ps();  // chunks past the last token: dead queries only
                     if (t0 >= ntok) continue;
-                    v[k] = token_max16(t0);
-                    if (qvalid) {  // a masked token adds 0 (+0: the sum keeps its value)
-                      const __mmask16 tl = __mmask16((1u << min64(16, ntok - t0)) - 1);
-                      const __m128i q8 = _mm_maskz_loadu_epi8(tl, qvalid + t0);
-                      v[k] = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(tl, q8, q8), v[k]);
-                    }
+                    // a masked token adds 0 (+0: the sum keeps its value)
+                    const __mmask16 tl = __mmask16((1u << min64(16, ntok - t0)) - 1);
+                    v[k] = zero_masked_tokens16(token_max16(t0), qvalid, t0, tl);
                   }
                   for (int64_t i = 0; i < grq; ++i) a = _mm512_add_ps(a, query_token16(v, int(rq), int(i)));
                 }
@@ -1450,13 +1446,9 @@ struct Int8Scan {
             } else {  // lane = token al * rq + i
               if (nv)
                 for (int64_t t0 = 0; t0 < ntok; t0 += 16) {
-                  __m512 v = token_max16(t0);
-                  if (qvalid) {  // a masked token adds 0 (+0: the sum keeps its value)
-                    const __mmask16 live = __mmask16((1u << min64(16, ntok - t0)) - 1);
-                    const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid + t0);
-                    v = _mm512_maskz_mov_ps(_mm_mask_test_epi8_mask(live, q8, q8), v);
-                  }
-                  _mm512_storeu_ps(tmax + t0, v);
+                  // a masked token adds 0 (+0: the sum keeps its value)
+                  const __mmask16 live = __mmask16((1u << min64(16, ntok - t0)) - 1);
+                  _mm512_storeu_ps(tmax + t0, zero_masked_tokens16(token_max16(t0), qvalid, t0, live));
                 }
               const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
               for (int64_t l0 = 0; l0 < n; l0 += 16) {
