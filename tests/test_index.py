@@ -252,6 +252,35 @@ def test_shortlist_cascade_reranks_exactly(dtype):
     assert torch.equal(index.search(q, 5, budget=(4, 8), shortlist=((1, 1), 500))[1], exact[1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_query_rerank_splits_its_rows_across_threads(dtype, num_threads):
+    """A cascade serving one query reranks its k1 rows on every thread, each thread a slice of
+    them (index_ops.cpp: slices of >= ~1 MFLOP, so 2-3 here at (8, 16), D = 64): every slot holds
+    the exact score whatever the thread count, and the slots past the live candidates stay
+    empty (id -1, score -inf)."""
+    gen = torch.Generator().manual_seed(6)
+    index = MultiVectorIndex(64, 16, dtype=dtype)
+    index.add(exact_candidates(300, 16, 64, dtype, gen))
+    index.remove(torch.arange(0, 300, 3))  # 200 live
+    q = helpers.exact_values((1, 8, 64), gen)
+    c, _, all_ids, _ = stored_vectors(index)
+    compute = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    full = maxsim_grouped(q.to(compute).double(), c.double(), ((8, 16),), backend="reference")[0, 0]
+    score_of = dict(zip(all_ids.tolist(), full.tolist()))
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        for k1 in (150, 250):  # 250 > 200 live: 50 empty rows in the shortlist
+            scores, ids = index.search(q, k1, budget=(8, 16), shortlist=((1, 1), k1))
+            first = [i for i in index.search(q, k1, budget=(1, 1))[1][0].tolist() if i >= 0]
+            ranked = sorted(first, key=lambda i: (-score_of[i], i))
+            live = len(ranked)
+            assert live == min(k1, 200)
+            assert ids[0, :live].tolist() == ranked, f"threads={threads} k1={k1}"
+            assert scores[0, :live].double().tolist() == [score_of[i] for i in ranked]
+            assert ids[0, live:].tolist() == [-1] * (k1 - live)
+            assert bool(torch.isneginf(scores[0, live:]).all())
+
+
 def test_thread_counts_and_bitwise_determinism(num_threads):
     gen = torch.Generator().manual_seed(9)
     index = MultiVectorIndex(48, 16, dtype="bfloat16")

@@ -847,8 +847,8 @@ struct ExactScan {
          });
   }
 
-  static void score_rows(const IndexProblem& IP, const int64_t* rows, int64_t K, int64_t a0, int64_t a1, void* ws,
-                         float* out) {
+  static void score_rows(const IndexProblem& IP, const int64_t* rows, int64_t K, int64_t a0, int64_t a1, int64_t x0,
+                         int64_t x1, void* ws, float* out) {
     const Problem& P = IP.p;
     typename E::Work w = E::carve(P, ws);
     Extra x = carve_extra(P, ws);
@@ -859,7 +859,7 @@ struct ExactScan {
       int64_t xk = 0;
       scan(IP, qv, w, x,
            [&](int, auto&& fn) {
-             for (int64_t xx = 0; xx < K; ++xx) {
+             for (int64_t xx = x0; xx < x1; ++xx) {
                Cand c;
                if (candidate_of_row(IP, rows[a * K + xx], c)) {
                  xk = xx;
@@ -1493,13 +1493,13 @@ struct Int8Scan {
     });
   }
 
-  static void score_rows(const IndexProblem& IP, const int64_t* rows, int64_t K, int64_t a0, int64_t a1, void* ws,
-                         float* out) {
+  static void score_rows(const IndexProblem& IP, const int64_t* rows, int64_t K, int64_t a0, int64_t a1, int64_t x0,
+                         int64_t x1, void* ws, float* out) {
     const Problem& P = IP.p;
     Work w = carve(P, ws);
     const int64_t G = P.groups.num_groups;
     for (int64_t a = a0; a < a1; ++a)
-      for (int64_t x = 0; x < K; ++x) {
+      for (int64_t x = x0; x < x1; ++x) {
         Cand c;
         if (!candidate_of_row(IP, rows[a * K + x], c)) continue;
         exact_scores(IP, a, c, w, w.exact);

@@ -66,9 +66,10 @@ struct IndexKernelSet {
   void (*pack_queries)(const IndexProblem&, int64_t qblock);
   // Global rows [r0, r1) against query block `qblock`, into this thread's top-k state.
   void (*search)(const IndexProblem&, int64_t qblock, int64_t r0, int64_t r1, void* ws, TopK& top);
-  // out[g][a][x] = s_g(a, row rows[a * K + x]) (-inf for row -1), queries [a0, a1).
-  void (*score_rows)(const IndexProblem&, const int64_t* rows, int64_t K, int64_t a0, int64_t a1, void* ws,
-                     float* out);
+  // out[g][a][x] = s_g(a, row rows[a * K + x]) for queries [a0, a1) and x in [x0, x1) (rows
+  // out of range, e.g. -1, are skipped: their slots keep what they held).
+  void (*score_rows)(const IndexProblem&, const int64_t* rows, int64_t K, int64_t a0, int64_t a1, int64_t x0,
+                     int64_t x1, void* ws, float* out);
 };
 
 struct IndexIsaKernels {

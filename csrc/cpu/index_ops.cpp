@@ -413,10 +413,21 @@ at::Tensor index_score_rows_cpu(const at::Tensor& q, const c10::optional<at::Ten
   at::Tensor out = at::full({G, nq, K}, -INFINITY, q.options().dtype(at::kFloat));
   if (nq == 0 || K == 0) return out;
   const at::Tensor r = rows.contiguous();
-  const double work = 2.0 * K * P.plan.rq_eff * P.plan.rc_eff * q.size(2);
-  at::parallel_for(0, nq, std::max<int64_t>(1, int64_t(1e6 / std::max(work, 1.0))), [&](int64_t a0, int64_t a1) {
+  // Work items: (query a, one of `pieces` slices of its K rows), so that a few queries (a
+  // cascade serving one query at a time) still use every thread; each item writes only its own
+  // slots of `out`. At least ~1 MFLOP per item.
+  const double row_flops = 2.0 * P.plan.rq_eff * P.plan.rc_eff * q.size(2);
+  const int64_t threads = at::get_num_threads();
+  const int64_t rows_min = std::max<int64_t>(1, int64_t(1e6 / std::max(row_flops, 1.0)));
+  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(cdiv(threads, nq), K / rows_min));
+  const int64_t items_min = std::max<int64_t>(1, cdiv(rows_min, cdiv(K, pieces)));
+  at::parallel_for(0, nq * pieces, items_min, [&](int64_t i0, int64_t i1) {
     Workspace ws(P);
-    P.ks->score_rows(P.ip, r.data_ptr<int64_t>(), K, a0, a1, ws.get(), out.data_ptr<float>());
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t a = i / pieces, piece = i % pieces;
+      P.ks->score_rows(P.ip, r.data_ptr<int64_t>(), K, a, a + 1, piece * K / pieces, (piece + 1) * K / pieces,
+                       ws.get(), out.data_ptr<float>());
+    }
   });
   return out;
 }
