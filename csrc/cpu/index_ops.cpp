@@ -348,16 +348,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> index_search_cpu(
   const int64_t chunks =
       by_queries ? std::min<int64_t>(at::get_num_threads(), nqb)
                  : std::max<int64_t>(1, std::min<int64_t>({int64_t(at::get_num_threads()), N, int64_t(work / 2e6) + 1}));
-  at::Tensor hs = at::empty({chunks, X, kk}, f32);
-  at::Tensor hid = at::empty({chunks, X, kk}, i64);
-  at::Tensor hrow = at::empty({chunks, X, kk}, i64);
-  at::Tensor hcount = at::zeros({chunks, X}, i64);
-  at::Tensor hthr = at::full({chunks, X}, -INFINITY, f32);
+  // Each chunk's top-k state (index_order.h): plain buffers, not tensors (a search of a small
+  // index is mostly fixed costs).
+  std::vector<float> hs(size_t(chunks * X * kk)), hthr(size_t(chunks * X), -INFINITY);
+  std::vector<int64_t> hid(size_t(chunks * X * kk)), hrow(size_t(chunks * X * kk)), hcount(size_t(chunks * X), 0);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     Workspace ws(P);
     for (int64_t c = c0; c < c1; ++c) {
-      TopK top{kk, hs[c].data_ptr<float>(), hid[c].data_ptr<int64_t>(), hrow[c].data_ptr<int64_t>(),
-               hcount[c].data_ptr<int64_t>(), hthr[c].data_ptr<float>()};
+      TopK top{kk, hs.data() + c * X * kk, hid.data() + c * X * kk, hrow.data() + c * X * kk, hcount.data() + c * X,
+               hthr.data() + c * X};
       if (by_queries) {  // query blocks [qb0, qb1) against every row
         for (int64_t qb = c * nqb / chunks; qb < (c + 1) * nqb / chunks; ++qb) P.ks->search(ip, qb, 0, N, ws.get(), top);
       } else {  // rows [r0, r1) against every query block
@@ -368,10 +367,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> index_search_cpu(
   });
 
   // Merge the chunks' heaps: per (g, a), every entry, sorted by (score desc, id asc).
-  const float* s_all = hs.data_ptr<float>();
-  const int64_t* id_all = hid.data_ptr<int64_t>();
-  const int64_t* row_all = hrow.data_ptr<int64_t>();
-  const int64_t* cnt = hcount.data_ptr<int64_t>();
+  const float* s_all = hs.data();
+  const int64_t* id_all = hid.data();
+  const int64_t* row_all = hrow.data();
+  const int64_t* cnt = hcount.data();
   float* os = out_s.data_ptr<float>();
   int64_t* oid = out_id.data_ptr<int64_t>();
   int64_t* orow = out_row.data_ptr<int64_t>();
