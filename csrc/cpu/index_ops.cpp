@@ -319,6 +319,21 @@ void prepare(Prepared& P, const at::Tensor& q, const c10::optional<at::Tensor>& 
   });
 }
 
+// `chunks` arrays of n elements each (initialised to `fill`), each starting on a cache line of
+// its own, so that threads writing different chunks never share a line.
+template <class V>
+struct ChunkBuffer {
+  ChunkBuffer(int64_t chunks, int64_t n, V fill = V())
+      : stride(cdiv(std::max<int64_t>(n, 1) * int64_t(sizeof(V)), 64) * 64 / int64_t(sizeof(V))),
+        buf(size_t(chunks * stride + 64 / int64_t(sizeof(V))), fill) {}
+  V* chunk(int64_t c) {
+    V* base = reinterpret_cast<V*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    return base + c * stride;
+  }
+  int64_t stride;
+  std::vector<V> buf;
+};
+
 struct Workspace {
   explicit Workspace(const Prepared& P) : buf(new uint8_t[P.ks->workspace_bytes(P.ip)]) {}
   void* get() { return buf.get(); }
@@ -348,15 +363,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> index_search_cpu(
   const int64_t chunks =
       by_queries ? std::min<int64_t>(at::get_num_threads(), nqb)
                  : std::max<int64_t>(1, std::min<int64_t>({int64_t(at::get_num_threads()), N, int64_t(work / 2e6) + 1}));
-  // Each chunk's top-k state (index_order.h): plain buffers, not tensors (a search of a small
-  // index is mostly fixed costs).
-  std::vector<float> hs(size_t(chunks * X * kk)), hthr(size_t(chunks * X), -INFINITY);
-  std::vector<int64_t> hid(size_t(chunks * X * kk)), hrow(size_t(chunks * X * kk)), hcount(size_t(chunks * X), 0);
+  // Each chunk's top-k state (index_order.h) in plain buffers, not tensors (a search of a
+  // small index is mostly fixed costs), every chunk's part on cache lines of its own: the
+  // threads write their bars and heaps all through the scan.
+  ChunkBuffer<float> hs(chunks, X * kk), hthr(chunks, X, -INFINITY);
+  ChunkBuffer<int64_t> hid(chunks, X * kk), hrow(chunks, X * kk), hcount(chunks, X, 0);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     Workspace ws(P);
     for (int64_t c = c0; c < c1; ++c) {
-      TopK top{kk, hs.data() + c * X * kk, hid.data() + c * X * kk, hrow.data() + c * X * kk, hcount.data() + c * X,
-               hthr.data() + c * X};
+      TopK top{kk, hs.chunk(c), hid.chunk(c), hrow.chunk(c), hcount.chunk(c), hthr.chunk(c)};
       if (by_queries) {  // query blocks [qb0, qb1) against every row
         for (int64_t qb = c * nqb / chunks; qb < (c + 1) * nqb / chunks; ++qb) P.ks->search(ip, qb, 0, N, ws.get(), top);
       } else {  // rows [r0, r1) against every query block
@@ -367,29 +382,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> index_search_cpu(
   });
 
   // Merge the chunks' heaps: per (g, a), every entry, sorted by (score desc, id asc).
-  const float* s_all = hs.data();
-  const int64_t* id_all = hid.data();
-  const int64_t* row_all = hrow.data();
-  const int64_t* cnt = hcount.data();
   float* os = out_s.data_ptr<float>();
   int64_t* oid = out_id.data_ptr<int64_t>();
   int64_t* orow = out_row.data_ptr<int64_t>();
   at::parallel_for(0, X, 16, [&](int64_t x0, int64_t x1) {
-    std::vector<int64_t> order;
-    std::vector<std::pair<int64_t, int64_t>> where;  // (chunk, slot)
+    std::vector<std::pair<int64_t, int64_t>> where;  // (chunk, slot of entry x * kk + e)
     for (int64_t x = x0; x < x1; ++x) {
       where.clear();
       for (int64_t c = 0; c < chunks; ++c)
-        for (int64_t e = 0; e < cnt[c * X + x]; ++e) where.emplace_back(c, e);
-      auto at_ = [&](const std::pair<int64_t, int64_t>& w) { return (w.first * X + x) * kk + w.second; };
+        for (int64_t e = 0; e < hcount.chunk(c)[x]; ++e) where.emplace_back(c, x * kk + e);
       const int64_t take = std::min<int64_t>(k, int64_t(where.size()));
       std::partial_sort(where.begin(), where.begin() + take, where.end(), [&](const auto& a, const auto& b) {
-        return ranks_before(s_all[at_(a)], id_all[at_(a)], s_all[at_(b)], id_all[at_(b)]);
+        return ranks_before(hs.chunk(a.first)[a.second], hid.chunk(a.first)[a.second], hs.chunk(b.first)[b.second],
+                            hid.chunk(b.first)[b.second]);
       });
       for (int64_t e = 0; e < take; ++e) {
-        os[x * k + e] = s_all[at_(where[e])];
-        oid[x * k + e] = id_all[at_(where[e])];
-        orow[x * k + e] = row_all[at_(where[e])];
+        const auto [c, slot] = where[e];
+        os[x * k + e] = hs.chunk(c)[slot];
+        oid[x * k + e] = hid.chunk(c)[slot];
+        orow[x * k + e] = hrow.chunk(c)[slot];
       }
     }
   });
