@@ -131,3 +131,19 @@ def test_every_isa_packs_each_query(cpu_isa, rq, dtype):
     assert q.stride() == (2 * rq * 37, 2 * 37, 1)
     check_scores(q, c, q_mask, c_mask, groups, "cpu", cpu_isa)
     check_gradients(q, c, q_mask, c_mask, groups, dtype, "cpu", cpu_isa, seed=rq)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rq,rc,d", [(16, 64, 128), (16, 25, 300), (9, 33, 200), (16, 17, 64), (12, 40, 513)])
+def test_every_isa_queries_of_16_tokens_or_fewer(cpu_isa, rq, rc, d, dtype):
+    """Queries of <= 16 tokens take the 16 x 16 tile on AVX-512 (one query register against 16
+    candidate rows at a fixed stride of 64, 128, 256 or 512 floats): full and zero-padded tiles,
+    the lone last row of r_c = 8 m + 1 (25, 17, 33), D = 513 past the widest stride (the 8 x 32
+    tile), float rows read in place at D = 64 and 128 and copied when strided: forward and
+    gradients on every instruction set here."""
+    case = Case(4, 3, rq, rc, d, masked=True, seed=rq + rc)
+    q, c, q_mask, c_mask, groups = make_inputs(case, dtype, exact_values)
+    check_scores(q, c, q_mask, c_mask, groups, "cpu", cpu_isa)
+    check_gradients(q, c, q_mask, c_mask, groups, dtype, "cpu", cpu_isa, seed=rq)
+    strided = torch.cat([c, c], dim=-1)[..., :d]  # row stride 2 D: never the tile's stride
+    check_scores(q, strided, q_mask, c_mask, groups, "cpu", f"{cpu_isa} strided")

@@ -112,6 +112,7 @@ struct Engine {
     int32_t* bidx;    // [num_bounds][panels * NR]
     uint8_t* bvalid;  // [num_bounds]        the prefix holds a valid candidate token
     Acc* crows;       // [MR][kc]           candidate rows converted to Acc
+    Acc* rows16;      // [16][rows16_stride] candidate rows for the 16 x 16 tile (Policy::kTile16)
     Acc* scores;      // [queries_per_block][G]
     Acc* dscores;     // [queries_per_block][G]
     Acc* bound_w;     // [num_bounds]
@@ -145,6 +146,7 @@ struct Engine {
     n += align64(sizeof(Acc) * lanes) + align64(sizeof(int32_t) * lanes);
     n += align64(sizeof(Acc) * nb * lanes) + align64(sizeof(int32_t) * nb * lanes) + align64(nb);
     n += align64(sizeof(Acc) * MR * P.kc);
+    n += align64(rows16_bytes(P));
     n += 2 * align64(sizeof(Acc) * qpb * G);
     n += align64(sizeof(Acc) * nb);
     n += align64(sizeof(PackT) * ceil_div(P.groups.rq_eff, NR) * panel_elems(P));
@@ -160,6 +162,12 @@ struct Engine {
     const size_t rc = size_t(P.groups.rc_eff), nb = size_t(P.groups.num_bounds), i32 = sizeof(int32_t);
     return {sizeof(PackT) * rc * size_t(panel_elems(P)), i32 * rc * NR, i32 * rc * NR, i32 * nb * NR,
             sizeof(Acc) * rc * MR * NR, sizeof(Acc) * nb * MR * NR, i32 * nb * MR * NR};
+  }
+
+  // w.rows16: 16 rows at the tile's stride (the smallest of 64, 128, 256, 512 >= D).
+  static size_t rows16_bytes(const Problem& P) {
+    if (!Policy::kTile16 || P.d > 512) return 0;
+    return sizeof(Acc) * 16 * size_t(P.d <= 64 ? 64 : P.d <= 128 ? 128 : P.d <= 256 ? 256 : 512);
   }
 
   static size_t candidate_grad_bytes(const Problem& P) {
@@ -188,6 +196,7 @@ struct Engine {
     w.bidx = static_cast<int32_t*>(take(sizeof(int32_t) * nb * lanes));
     w.bvalid = static_cast<uint8_t*>(take(nb));
     w.crows = static_cast<Acc*>(take(sizeof(Acc) * MR * P.kc));
+    w.rows16 = static_cast<Acc*>(take(rows16_bytes(P)));
     w.scores = static_cast<Acc*>(take(sizeof(Acc) * qpb * G));
     w.dscores = static_cast<Acc*>(take(sizeof(Acc) * qpb * G));
     w.bound_w = static_cast<Acc*>(take(sizeof(Acc) * nb));
@@ -278,6 +287,31 @@ struct Engine {
     }
   };
 
+  // fold_tile's fold of the rows that micro(epi) hands to epi(r, v) in registers (shared with
+  // fold_tile16).
+  template <bool kArgmax, class Micro>
+  static inline void fold_rows(Micro&& micro, int64_t j0, uint32_t valid, bool seen, Acc* runmax, int32_t* runidx,
+                               uint32_t snap, const int64_t* bound_at, Acc* bmax, int32_t* bidx, int64_t lanes) {
+    if constexpr (kArgmax) {
+      typename Policy::ArgmaxFold f(runmax, runidx);
+      micro([&](int r, const auto* v) {
+        if (valid >> r & 1u) {
+          f.fold(v, int32_t(j0 + r), !seen);
+          seen = true;
+        }
+        if (snap >> r & 1u) f.store(bmax + bound_at[r] * lanes, bidx + bound_at[r] * lanes);
+      });
+      f.store(runmax, runidx);
+    } else {
+      typename Policy::MaxFold f(runmax);
+      micro([&](int r, const auto* v) {
+        if (valid >> r & 1u) f.fold(v);
+        if (snap >> r & 1u) f.store(bmax + bound_at[r] * lanes);
+      });
+      f.store(runmax);
+    }
+  }
+
   // runmax[l] = max(runmax[l], S[r][l]) over the rows r < M whose bit of `valid` is set (and,
   // with kArgmax, runidx[l] = the lowest maximising row index j0 + r, NaN first), the rows never
   // leaving registers (Policy::MaxFold / ArgmaxFold): score_candidate's fold for a tile computed
@@ -310,24 +344,7 @@ struct Engine {
           Policy::template micro_epilogue<M>(rows, qp, kc, nullptr, false, epi);
         }
       };
-      if constexpr (kArgmax) {
-        typename Policy::ArgmaxFold f(runmax, runidx);
-        micro([&](int r, const auto* v) {
-          if (valid >> r & 1u) {
-            f.fold(v, int32_t(j0 + r), !seen);
-            seen = true;
-          }
-          if (snap >> r & 1u) f.store(bmax + bound_at[r] * lanes, bidx + bound_at[r] * lanes);
-        });
-        f.store(runmax, runidx);
-      } else {
-        typename Policy::MaxFold f(runmax);
-        micro([&](int r, const auto* v) {
-          if (valid >> r & 1u) f.fold(v);
-          if (snap >> r & 1u) f.store(bmax + bound_at[r] * lanes);
-        });
-        f.store(runmax);
-      }
+      fold_rows<kArgmax>(micro, j0, valid, seen, runmax, runidx, snap, bound_at, bmax, bidx, lanes);
     }
   }
 
@@ -400,6 +417,100 @@ struct Engine {
     }
   }
 
+  // fold_tile for a 16-row tile of the 16 x 16 kernel (Policy::micro16x16): rows at stride RS
+  // from `rows`, the first 16 lanes of one panel.
+  template <int RS, bool kArgmax>
+  __attribute__((noinline)) static void fold_tile16(const Acc* rows, const PackT* qp, int64_t kc, int64_t j0,
+                                                    uint32_t valid, bool seen, Acc* runmax, int32_t* runidx,
+                                                    uint32_t snap, const int64_t* bound_at, Acc* bmax, int32_t* bidx,
+                                                    int64_t lanes, LinePrefetch& prefetch) {
+    if constexpr (Policy::kTile16) {
+      auto micro = [&](auto&& epi) {
+        LinePrefetch pf = prefetch;  // a local, so that the compiler may keep it in registers
+        pf.spread(kc / Policy::kBesideSteps / 2);
+        Policy::template micro16x16<RS>(rows, qp, kc, epi, [&pf] { pf.step(); });
+        pf.finish();
+        prefetch = pf;
+      };
+      fold_rows<kArgmax>(micro, j0, valid, seen, runmax, runidx, snap, bound_at, bmax, bidx, lanes);
+    }
+  }
+
+  // Whether score_candidate takes score_candidate16: a policy with the 16 x 16 tile, one panel
+  // whose tokens fit 16 lanes, and D in one chunk of at most 512 (the tile's row stride).
+  static bool tile16_path(const Problem& P, const QView& qv, int nt) {
+    if constexpr (Policy::kTile16 && Policy::kFoldMax && std::is_same_v<PackT, float>) {
+      return nt == 0 && P.kc == P.d && P.d <= 512 && qv.panels == 1 && qv.n * P.groups.rq_eff <= 16;
+    }
+    return false;
+  }
+
+  // score_candidate on 16 x 16 tiles (tile16_path): rows j0 .. j0 + 15 at the fixed stride RS,
+  // read in place when they already are (float rows of stride RS), else converted or copied
+  // into w.rows16, a partial tile padded with zero rows (never folded). Every element is the
+  // value the 8 x 32 tiles give it, bitwise: a sequential FMA chain over d, except a row that
+  // the 8-row tiling leaves alone in a 1-row tile (rc = 8 m + 1: the last row), which that tile
+  // sums in 4 interleaved chains; that row goes through fold_tile<1> here too.
+  template <int RS, bool kArgmax>
+  static void score_candidate16(const Problem& P, const QView& qv, const T* cand, int64_t cs1, const uint8_t* cmask,
+                                int64_t cm1, Work& w, const T* next) {
+    const int64_t D = P.d, rc = P.groups.rc_eff, lanes = NR;
+    const int64_t* bounds = P.groups.bounds;
+    for (int64_t t = 0; t < lanes; ++t) w.runmax[t] = -INFINITY;
+    if (kArgmax)
+      for (int64_t t = 0; t < lanes; ++t) w.runidx[t] = -1;
+    int64_t kb = 0;  // next boundary to snapshot
+    bool seen_valid = false;
+    const int64_t rc16 = rc % MR == 1 ? rc - 1 : rc;  // rows of the 16 x 16 tiles
+    for (int64_t j0 = 0; j0 < rc; j0 += 16) {
+      const int mr = int(min64(16, rc16 - j0));
+      if (mr <= 0) break;
+      LinePrefetch prefetch;
+      if (next && cs1 == D) {
+        prefetch = LinePrefetch::range(next + j0 * cs1, int64_t(sizeof(T)) * mr * D);
+      } else if (next) {
+        for (int r = 0; r < mr; ++r) {
+          const char* row = reinterpret_cast<const char*>(next + (j0 + r) * cs1);
+          for (int64_t off = 0; off < int64_t(sizeof(T)) * D; off += 64) __builtin_prefetch(row + off, 0, 2);
+        }
+      }
+      const Acc* rows = w.rows16;
+      if (std::is_same_v<T, Acc> && cs1 == RS && mr == 16) {
+        rows = reinterpret_cast<const Acc*>(cand + j0 * cs1);
+      } else {
+        for (int r = 0; r < mr; ++r) Policy::convert(cand + (j0 + r) * cs1, w.rows16 + r * RS, D);
+        for (int r = mr; r < 16; ++r) std::memset(w.rows16 + r * RS, 0, sizeof(Acc) * D);
+      }
+      uint32_t valid = 0, snap = 0;
+      int64_t bound_at[16];  // read only where snap has the row's bit
+      for (int r = 0; r < mr; ++r) {
+        valid |= uint32_t(!cmask || cmask[(j0 + r) * cm1]) << r;
+        if (j0 + r + 1 == bounds[kb]) {
+          snap |= 1u << r;
+          w.bvalid[kb] = seen_valid || valid != 0;  // valid holds rows 0 .. r so far
+          bound_at[r] = kb++;
+        }
+      }
+      fold_tile16<RS, kArgmax>(rows, qv.pack, D, j0, valid, seen_valid, w.runmax, w.runidx, snap, bound_at, w.bmax,
+                               w.bidx, lanes, prefetch);
+      seen_valid = seen_valid || valid != 0;
+    }
+    if (rc16 < rc) {  // the lone last row, as the 8-row tiling computes it
+      const int64_t j = rc - 1;
+      const RowT* rows[MR];
+      tile_rows(cand, cs1, j, 1, 0, D, P.kc, w, rows);
+      const uint32_t valid = uint32_t(!cmask || cmask[j * cm1]), snap = j + 1 == bounds[kb] ? 1u : 0u;
+      int64_t bound_at[1] = {kb};
+      if (snap) {
+        w.bvalid[kb] = seen_valid || valid != 0;
+        ++kb;
+      }
+      LinePrefetch none;
+      fold_tile<MR, kArgmax>(1, rows, qv.pack, D, j, valid, seen_valid, w.runmax, w.runidx, snap, bound_at, w.bmax,
+                             w.bidx, lanes, none);
+    }
+  }
+
   // Fills w.bmax[k][t] = max_{j < bounds[k], c valid} S[j][t], w.bvalid[k] = whether any
   // j < bounds[k] is valid (validity comes from the mask alone: -inf is an ordinary value)
   // and, when kArgmax, w.bidx[k][t] = the lowest maximising valid j (-1 when none).
@@ -414,6 +525,12 @@ struct Engine {
   static void score_candidate(const Problem& P, const QView& qv, const T* cand, int64_t cs1,
                               const uint8_t* cmask, int64_t cm1, Work& w, const T* next = nullptr,
                               const Acc* const* qrows = nullptr, int nt = 0) {
+    if (tile16_path(P, qv, nt)) {
+      if (P.d <= 64) return score_candidate16<64, kArgmax>(P, qv, cand, cs1, cmask, cm1, w, next);
+      if (P.d <= 128) return score_candidate16<128, kArgmax>(P, qv, cand, cs1, cmask, cm1, w, next);
+      if (P.d <= 256) return score_candidate16<256, kArgmax>(P, qv, cand, cs1, cmask, cm1, w, next);
+      return score_candidate16<512, kArgmax>(P, qv, cand, cs1, cmask, cm1, w, next);
+    }
     const int64_t D = P.d, KC = P.kc, rc = P.groups.rc_eff, np = qv.panels, lanes = np * NR;
     const int64_t pe = panel_elems(P);
     const int64_t* bounds = P.groups.bounds;
@@ -1257,6 +1374,9 @@ struct AccPacking {
   // Whether micro_epilogue also takes a beside() job, called after every Policy::kBesideSteps
   // steps of d (Engine::LinePrefetch); none by default.
   static constexpr bool kWorkBeside = false;
+  // Whether the policy has micro16x16, a 16 x 16 tile for query views of <= 16 tokens
+  // (Engine::fold_tile16); none by default.
+  static constexpr bool kTile16 = false;
   template <class T>
   static constexpr bool kDirectRows = std::is_same_v<T, Acc>;
   template <class T>

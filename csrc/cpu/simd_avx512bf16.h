@@ -9,6 +9,7 @@ namespace cpu {
 namespace {
 
 struct Avx512Bf16Policy : Avx512Policy {
+  static constexpr bool kTile16 = false;  // Avx512Policy's 16 x 16 tile takes float panels only
   template <class T>
   using Pack = std::conditional_t<std::is_same_v<T, bf16_t>, uint16_t, float>;
   template <class T>
