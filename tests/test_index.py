@@ -120,6 +120,28 @@ def test_search_grouped_matches_brute_force_with_ties(scan_isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_one_query_of_16_tokens_or_fewer(scan_isa, dtype):
+    """One query of <= 16 tokens at r_c > 8 takes the engine's 16 x 16 tile on AVX-512: rows
+    read in place where 16 of them share a slab at the tile's stride (float32 at D = 64 and
+    128: tokens 16-31, 32-47, 48-63), converted or copied elsewhere, zero-padded partial tiles,
+    the lone last row of r_c = 8 m + 1 (33, 17, 25, 41); exact against brute force, as a search
+    and as a cascade's rerank of every row."""
+    gen = torch.Generator().manual_seed(8)
+    for rq, rc, d, budgets in ((16, 64, 64, [(16, 64), (16, 40), (7, 33)]),
+                               (12, 64, 128, [(12, 64), (12, 17), (5, 25)]),
+                               (16, 41, 300, [(16, 41), (9, 24)])):
+        index = MultiVectorIndex(d, rc, dtype=dtype)
+        index.add(exact_candidates(60, rc, d, dtype, gen))
+        q = helpers.exact_values((1, rq, d), gen)
+        for budget in budgets:
+            expected = brute_force(index, q, [budget], 7)
+            for shortlist in (None, ((1, 1), 60)):
+                s, i = index.search(q, 7, budget=budget, shortlist=shortlist)
+                assert_same_results((s[None], i[None]), expected, exact=True,
+                                    name=f"{scan_isa} {dtype} D={d} {budget} shortlist={shortlist}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_masks_removed_filtered_and_segments(scan_isa, dtype, monkeypatch):
     from metaembed_kernels.index import storage
 

@@ -481,12 +481,14 @@ struct ExactScan {
     float* scores;    // [G][qpb]
     uint8_t* bvalid;  // [num_bounds]
     uint8_t* qvalid;  // [qpb * rq_eff]
+    float* tile16;    // [16][NR]: the 16 x 16 tile's rows (tile16)
     FewBuffers few;
   };
 
   static size_t extra_bytes(const Problem& P) {
     return align64(sizeof(float) * P.queries_per_block * P.groups.num_groups) + align64(P.groups.num_bounds) +
-           align64(P.queries_per_block * P.groups.rq_eff) + FewBuffers::bytes(P) + 64;
+           align64(P.queries_per_block * P.groups.rq_eff) + align64(sizeof(float) * 16 * NR) + FewBuffers::bytes(P) +
+           64;
   }
 
   static size_t workspace_bytes(const IndexProblem& IP) { return E::workspace_bytes(IP.p) + extra_bytes(IP.p); }
@@ -500,6 +502,8 @@ struct ExactScan {
     p += align64(P.groups.num_bounds);
     x.qvalid = reinterpret_cast<uint8_t*>(p);
     p += align64(P.queries_per_block * P.groups.rq_eff);
+    x.tile16 = reinterpret_cast<float*>(p);
+    p += align64(sizeof(float) * 16 * NR);
     x.few = FewBuffers::carve(P, reinterpret_cast<void*>(p));
     return x;
   }
@@ -540,6 +544,48 @@ struct ExactScan {
         for (int64_t p = 0; p < qv.panels; ++p)
           E::template micro_dispatch<MR>(M, rows, qv.pack + p * pe + k0 * NR, kc, w.tile + p * MR * NR, k0 > 0);
       }
+    }
+  }
+
+  // Rows j0 .. j0 + mr (mr <= 16) of candidate c against a view of <= 16 query tokens on the
+  // engine's 16 x 16 tile (E::tile16_path), into out [16][NR] (lanes 16-31 repeat 0-15; rows past mr
+  // come from zero rows). The rows are read in place when 16 of them sit at the tile's stride
+  // in one slab (float, D = RS), else converted or copied into w.rows16. Values bitwise tile()'s
+  // for rows in tiles of 2 or more (sequential FMA chains over d).
+  template <int RS>
+  static void tile16(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, const Cand& c,
+                     int64_t j0, int mr, float* out) {
+    const int64_t D = IP.p.d;
+    const float* rows = w.rows16;
+    if (std::is_same_v<T, float> && D == RS && mr == 16 && IP.tok_slab[j0] == IP.tok_slab[j0 + 15]) {
+      rows = reinterpret_cast<const float*>(token_row<T>(IP, *c.seg, c.b, j0));
+    } else {
+      for (int r = 0; r < mr; ++r) Policy::convert(token_row<T>(IP, *c.seg, c.b, j0 + r), w.rows16 + r * RS, D);
+      for (int r = mr; r < 16; ++r) std::memset(w.rows16 + r * RS, 0, sizeof(float) * D);
+    }
+    if constexpr (Policy::kTile16) {
+      Policy::template micro16x16<RS>(rows, qv.pack, D, [out](int r, const auto* v) {
+        std::memcpy(out + r * NR, &v[0], sizeof(v[0]));
+        std::memcpy(out + r * NR + NR / 2, &v[1], sizeof(v[1]));
+      }, NoBeside{});
+    }
+  }
+
+  // BlockFold over a candidate of r_c > MR rows on 16 x 16 tiles: bitwise the MR-row tiles'
+  // fold, the lone last row of r_c = MR m + 1 (a 1-row tile, summed in 4 interleaved chains)
+  // included, through tile() as there.
+  template <int RS>
+  static void fold_tiles16(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
+                           BlockFold<NR, MR>& f, const Cand& c, const Acc* const* qrows, int nt) {
+    const int64_t rc = IP.p.groups.rc_eff, rc16 = rc % MR == 1 ? rc - 1 : rc;
+    for (int64_t j0 = 0; j0 < rc16; j0 += 16) {
+      const int mr = int(min64(16, rc16 - j0));
+      tile16<RS>(IP, qv, w, c, j0, mr, x.tile16);
+      f.fold(c, x.tile16, 0, mr, j0);
+    }
+    if (rc16 < rc) {
+      tile(IP, qv, w, &c, 1, 1, rc - 1, 1, qrows, nt);
+      f.fold(c, w.tile, 0, 1, rc - 1);
     }
   }
 
@@ -622,6 +668,14 @@ struct ExactScan {
       } else if (rc <= MR) {
         tile(IP, qv, w, cands, 1, 1, 0, int(rc), qrows, nt);
         fold_candidate(cands[0], 0);
+        emit(cands[0], x.scores);
+      } else if (E::tile16_path(P, qv, nt)) {  // <= 16 query tokens: the 16 x 16 tile
+        f.begin();
+        if (P.d <= 64) fold_tiles16<64>(IP, qv, w, x, f, cands[0], qrows, nt);
+        else if (P.d <= 128) fold_tiles16<128>(IP, qv, w, x, f, cands[0], qrows, nt);
+        else if (P.d <= 256) fold_tiles16<256>(IP, qv, w, x, f, cands[0], qrows, nt);
+        else fold_tiles16<512>(IP, qv, w, x, f, cands[0], qrows, nt);
+        f.finish();
         emit(cands[0], x.scores);
       } else {
         f.begin();
