@@ -417,6 +417,46 @@ struct Engine {
     }
   }
 
+  // A candidate's running maxima from -inf (and argmax -1) over `lanes` lanes.
+  template <bool kArgmax>
+  static void reset_running(Work& w, int64_t lanes) {
+    for (int64_t t = 0; t < lanes; ++t) w.runmax[t] = -INFINITY;
+    if (kArgmax)
+      for (int64_t t = 0; t < lanes; ++t) w.runidx[t] = -1;
+  }
+
+  // Prefetch (into L2) of the next candidate's rows j0 .. j0 + mr: a range to spread over the
+  // tile's FMAs when the rows are contiguous, else issued at once (nothing without a next).
+  static LinePrefetch next_rows_prefetch(const T* next, int64_t cs1, int64_t D, int64_t j0, int mr) {
+    LinePrefetch prefetch;
+    if (next && cs1 == D) {
+      prefetch = LinePrefetch::range(next + j0 * cs1, int64_t(sizeof(T)) * mr * D);
+    } else if (next) {
+      for (int r = 0; r < mr; ++r) {
+        const char* row = reinterpret_cast<const char*>(next + (j0 + r) * cs1);
+        for (int64_t off = 0; off < int64_t(sizeof(T)) * D; off += 64) __builtin_prefetch(row + off, 0, 2);
+      }
+    }
+    return prefetch;
+  }
+
+  // A tile's rows j0 .. j0 + mr: bit r of `valid` = row r's token is valid; bit r of `snap` =
+  // a boundary ends after row r, whose snapshot goes to row bound_at[r] (w.bvalid set here; kb
+  // advances past it). `seen_valid`: a valid row before the tile.
+  static void tile_row_bits(const uint8_t* cmask, int64_t cm1, int64_t j0, int mr, const int64_t* bounds,
+                            bool seen_valid, Work& w, int64_t& kb, uint32_t& valid, uint32_t& snap,
+                            int64_t* bound_at) {
+    valid = snap = 0;
+    for (int r = 0; r < mr; ++r) {
+      valid |= uint32_t(!cmask || cmask[(j0 + r) * cm1]) << r;
+      if (j0 + r + 1 == bounds[kb]) {
+        snap |= 1u << r;
+        w.bvalid[kb] = seen_valid || valid != 0;  // valid holds rows 0 .. r so far
+        bound_at[r] = kb++;
+      }
+    }
+  }
+
   // fold_tile for a 16-row tile of the 16 x 16 kernel (Policy::micro16x16): rows at stride RS
   // from `rows`, the first 16 lanes of one panel.
   template <int RS, bool kArgmax>
@@ -456,24 +496,14 @@ struct Engine {
                                 int64_t cm1, Work& w, const T* next) {
     const int64_t D = P.d, rc = P.groups.rc_eff, lanes = NR;
     const int64_t* bounds = P.groups.bounds;
-    for (int64_t t = 0; t < lanes; ++t) w.runmax[t] = -INFINITY;
-    if (kArgmax)
-      for (int64_t t = 0; t < lanes; ++t) w.runidx[t] = -1;
+    reset_running<kArgmax>(w, lanes);
     int64_t kb = 0;  // next boundary to snapshot
     bool seen_valid = false;
     const int64_t rc16 = rc % MR == 1 ? rc - 1 : rc;  // rows of the 16 x 16 tiles
     for (int64_t j0 = 0; j0 < rc; j0 += 16) {
       const int mr = int(min64(16, rc16 - j0));
       if (mr <= 0) break;
-      LinePrefetch prefetch;
-      if (next && cs1 == D) {
-        prefetch = LinePrefetch::range(next + j0 * cs1, int64_t(sizeof(T)) * mr * D);
-      } else if (next) {
-        for (int r = 0; r < mr; ++r) {
-          const char* row = reinterpret_cast<const char*>(next + (j0 + r) * cs1);
-          for (int64_t off = 0; off < int64_t(sizeof(T)) * D; off += 64) __builtin_prefetch(row + off, 0, 2);
-        }
-      }
+      LinePrefetch prefetch = next_rows_prefetch(next, cs1, D, j0, mr);
       const Acc* rows = w.rows16;
       if (std::is_same_v<T, Acc> && cs1 == RS && mr == 16) {
         rows = reinterpret_cast<const Acc*>(cand + j0 * cs1);
@@ -481,16 +511,9 @@ struct Engine {
         for (int r = 0; r < mr; ++r) Policy::convert(cand + (j0 + r) * cs1, w.rows16 + r * RS, D);
         for (int r = mr; r < 16; ++r) std::memset(w.rows16 + r * RS, 0, sizeof(Acc) * D);
       }
-      uint32_t valid = 0, snap = 0;
+      uint32_t valid, snap;
       int64_t bound_at[16];  // read only where snap has the row's bit
-      for (int r = 0; r < mr; ++r) {
-        valid |= uint32_t(!cmask || cmask[(j0 + r) * cm1]) << r;
-        if (j0 + r + 1 == bounds[kb]) {
-          snap |= 1u << r;
-          w.bvalid[kb] = seen_valid || valid != 0;  // valid holds rows 0 .. r so far
-          bound_at[r] = kb++;
-        }
-      }
+      tile_row_bits(cmask, cm1, j0, mr, bounds, seen_valid, w, kb, valid, snap, bound_at);
       fold_tile16<RS, kArgmax>(rows, qv.pack, D, j0, valid, seen_valid, w.runmax, w.runidx, snap, bound_at, w.bmax,
                                w.bidx, lanes, prefetch);
       seen_valid = seen_valid || valid != 0;
@@ -499,12 +522,9 @@ struct Engine {
       const int64_t j = rc - 1;
       const RowT* rows[MR];
       tile_rows(cand, cs1, j, 1, 0, D, P.kc, w, rows);
-      const uint32_t valid = uint32_t(!cmask || cmask[j * cm1]), snap = j + 1 == bounds[kb] ? 1u : 0u;
-      int64_t bound_at[1] = {kb};
-      if (snap) {
-        w.bvalid[kb] = seen_valid || valid != 0;
-        ++kb;
-      }
+      uint32_t valid, snap;
+      int64_t bound_at[1];
+      tile_row_bits(cmask, cm1, j, 1, bounds, seen_valid, w, kb, valid, snap, bound_at);
       LinePrefetch none;
       fold_tile<MR, kArgmax>(1, rows, qv.pack, D, j, valid, seen_valid, w.runmax, w.runidx, snap, bound_at, w.bmax,
                              w.bidx, lanes, none);
@@ -534,38 +554,21 @@ struct Engine {
     const int64_t D = P.d, KC = P.kc, rc = P.groups.rc_eff, np = qv.panels, lanes = np * NR;
     const int64_t pe = panel_elems(P);
     const int64_t* bounds = P.groups.bounds;
-    for (int64_t t = 0; t < lanes; ++t) w.runmax[t] = -INFINITY;
-    if (kArgmax)
-      for (int64_t t = 0; t < lanes; ++t) w.runidx[t] = -1;
+    reset_running<kArgmax>(w, lanes);
     int64_t kb = 0;  // next boundary to snapshot
     bool seen_valid = false;
     for (int64_t j0 = 0; j0 < rc; j0 += MR) {
       const int mr = int(min64(MR, rc - j0));
       // The next candidate's rows j0 .. j0 + mr, into L2: spread over the tile's FMAs when the
       // rows are contiguous and the tile folds on registers, else at once.
-      LinePrefetch prefetch;
-      if (next && cs1 == D) {
-        prefetch = LinePrefetch::range(next + j0 * cs1, int64_t(sizeof(T)) * mr * D);
-      } else if (next) {
-        for (int r = 0; r < mr; ++r) {
-          const char* row = reinterpret_cast<const char*>(next + (j0 + r) * cs1);
-          for (int64_t off = 0; off < int64_t(sizeof(T)) * D; off += 64) __builtin_prefetch(row + off, 0, 2);
-        }
-      }
+      LinePrefetch prefetch = next_rows_prefetch(next, cs1, D, j0, mr);
       // The whole tile in one D chunk: fold on registers, snapshotting at the bounds in it.
       if (Policy::kFoldMax && nt == 0 && KC == D) {
         const RowT* rows[MR];
         tile_rows(cand, cs1, j0, mr, 0, D, KC, w, rows);
-        uint32_t valid = 0, snap = 0;
+        uint32_t valid, snap;
         int64_t bound_at[MR];  // read only where snap has the row's bit
-        for (int r = 0; r < mr; ++r) {
-          valid |= uint32_t(!cmask || cmask[(j0 + r) * cm1]) << r;
-          if (j0 + r + 1 == bounds[kb]) {
-            snap |= 1u << r;
-            w.bvalid[kb] = seen_valid || valid != 0;  // valid holds rows 0 .. r so far
-            bound_at[r] = kb++;
-          }
-        }
+        tile_row_bits(cmask, cm1, j0, mr, bounds, seen_valid, w, kb, valid, snap, bound_at);
         for (int64_t p = 0; p < np; ++p)
           fold_tile<MR, kArgmax>(mr, rows, qv.pack + p * pe, D, j0, valid, seen_valid, w.runmax + p * NR,
                                  w.runidx + p * NR, snap, bound_at, w.bmax + p * NR, w.bidx + p * NR, lanes,
