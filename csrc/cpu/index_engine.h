@@ -1122,8 +1122,9 @@ struct Int8Scan {
   // compiles without FP contraction, -std=c++20), a transpose puts the 16 tokens' lane l in one
   // register, and the lanes are summed in dot()'s order from +0, then the tail past the last
   // full 16 elements element by element. One pass over v for 16 tokens, where dot() is a
-  // latency-bound chain and a horizontal sum per token (the int8 rerank at (16, 64) ran 1.8x
-  // faster end to end). Below 8 tokens the transpose costs more than it saves: dot().
+  // latency-bound chain and a horizontal sum per token (an int8 cascade to (16, 64) with 16
+  // queries, whose rerank is this, ran 1.5x faster end to end). Below 8 tokens the transpose
+  // costs more than it saves: dot().
   static void token_maxima(const Problem& P, int64_t a, int64_t rq_used, const float* v, float* m) {
     static_assert(kDotWidth == 16, "lane l of a 16-lane accumulator is dot()'s part[l]");
     const int64_t D = P.d, D16 = D / kDotWidth * kDotWidth;
