@@ -325,13 +325,12 @@ template <class V>
 struct ChunkBuffer {
   ChunkBuffer(int64_t chunks, int64_t n, V fill = V())
       : stride(cdiv(std::max<int64_t>(n, 1) * int64_t(sizeof(V)), 64) * 64 / int64_t(sizeof(V))),
-        buf(size_t(chunks * stride + 64 / int64_t(sizeof(V))), fill) {}
-  V* chunk(int64_t c) {
-    V* base = reinterpret_cast<V*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
-    return base + c * stride;
-  }
+        buf(size_t(chunks * stride + 64 / int64_t(sizeof(V))), fill),
+        base(reinterpret_cast<V*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63))) {}
+  V* chunk(int64_t c) const { return base + c * stride; }
   int64_t stride;
   std::vector<V> buf;
+  V* base;  // buf's first 64-byte aligned element
 };
 
 struct Workspace {
