@@ -164,10 +164,26 @@ struct Engine {
             sizeof(Acc) * rc * MR * NR, sizeof(Acc) * nb * MR * NR, i32 * nb * MR * NR};
   }
 
-  // w.rows16: 16 rows at the tile's stride (the smallest of 64, 128, 256, 512 >= D).
+  // The 16 x 16 tile's row stride for D <= 512: the smallest of 64, 128, 256, 512 that holds D.
+  // A compile-time stride lets the micro-kernel address its 16 rows off one pointer.
+  static constexpr int64_t tile16_stride(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 256 ? 256 : 512; }
+
+  // Calls body(std::integral_constant<int, tile16_stride(d)>{}): the one place that turns D into
+  // the template stride (score_candidate16 here, the index's fold_tiles16).
+  template <class Body>
+  static decltype(auto) with_tile16_stride(int64_t d, Body&& body) {
+    switch (tile16_stride(d)) {
+      case 64: return body(std::integral_constant<int, 64>{});
+      case 128: return body(std::integral_constant<int, 128>{});
+      case 256: return body(std::integral_constant<int, 256>{});
+      default: return body(std::integral_constant<int, 512>{});
+    }
+  }
+
+  // w.rows16: 16 rows at the tile's stride.
   static size_t rows16_bytes(const Problem& P) {
     if (!Policy::kTile16 || P.d > 512) return 0;
-    return sizeof(Acc) * 16 * size_t(P.d <= 64 ? 64 : P.d <= 128 ? 128 : P.d <= 256 ? 256 : 512);
+    return sizeof(Acc) * 16 * size_t(tile16_stride(P.d));
   }
 
   static size_t candidate_grad_bytes(const Problem& P) {
@@ -525,9 +541,9 @@ struct Engine {
       uint32_t valid, snap;
       int64_t bound_at[1];
       tile_row_bits(cmask, cm1, j, 1, bounds, seen_valid, w, kb, valid, snap, bound_at);
-      LinePrefetch none;
+      LinePrefetch prefetch = next_rows_prefetch(next, cs1, D, j, 1);
       fold_tile<MR, kArgmax>(1, rows, qv.pack, D, j, valid, seen_valid, w.runmax, w.runidx, snap, bound_at, w.bmax,
-                             w.bidx, lanes, none);
+                             w.bidx, lanes, prefetch);
     }
   }
 
@@ -546,10 +562,9 @@ struct Engine {
                               const uint8_t* cmask, int64_t cm1, Work& w, const T* next = nullptr,
                               const Acc* const* qrows = nullptr, int nt = 0) {
     if (tile16_path(P, qv, nt)) {
-      if (P.d <= 64) return score_candidate16<64, kArgmax>(P, qv, cand, cs1, cmask, cm1, w, next);
-      if (P.d <= 128) return score_candidate16<128, kArgmax>(P, qv, cand, cs1, cmask, cm1, w, next);
-      if (P.d <= 256) return score_candidate16<256, kArgmax>(P, qv, cand, cs1, cmask, cm1, w, next);
-      return score_candidate16<512, kArgmax>(P, qv, cand, cs1, cmask, cm1, w, next);
+      return with_tile16_stride(P.d, [&](auto rs) {
+        score_candidate16<decltype(rs)::value, kArgmax>(P, qv, cand, cs1, cmask, cm1, w, next);
+      });
     }
     const int64_t D = P.d, KC = P.kc, rc = P.groups.rc_eff, np = qv.panels, lanes = np * NR;
     const int64_t pe = panel_elems(P);

@@ -671,10 +671,9 @@ struct ExactScan {
         emit(cands[0], x.scores);
       } else if (E::tile16_path(P, qv, nt)) {  // <= 16 query tokens: the 16 x 16 tile
         f.begin();
-        if (P.d <= 64) fold_tiles16<64>(IP, qv, w, x, f, cands[0], qrows, nt);
-        else if (P.d <= 128) fold_tiles16<128>(IP, qv, w, x, f, cands[0], qrows, nt);
-        else if (P.d <= 256) fold_tiles16<256>(IP, qv, w, x, f, cands[0], qrows, nt);
-        else fold_tiles16<512>(IP, qv, w, x, f, cands[0], qrows, nt);
+        E::with_tile16_stride(P.d, [&](auto rs) {
+          fold_tiles16<decltype(rs)::value>(IP, qv, w, x, f, cands[0], qrows, nt);
+        });
         f.finish();
         emit(cands[0], x.scores);
       } else {
