@@ -25,6 +25,7 @@ import torch
 from .. import _validation as V
 from . import persistence
 from . import search as S
+from .int8_rounding import rounding_factor, second_moment
 from .storage import (INDEX_DTYPES, Store, bytes_per_candidate)
 
 _ADD_CHUNK_BYTES = 64 << 20  # float32 bytes converted at a time by `add`
@@ -264,10 +265,17 @@ class MultiVectorIndex:
                 raise ValueError(f"c{where} holds values beyond the bfloat16 range (they round to inf)")
         if c_mask is not None and not bool(c_mask.all()):
             st.enable_masks()
+        rounding = None
+        if st.dtype == "int8":  # score-aware codes: the error kept out of this batch's shared directions
+            moment, count = torch.zeros(st.dim, st.dim, dtype=torch.float64, device=st.device), 0
+            for r0 in range(0, n, chunk):
+                m, k = second_moment(c[r0: r0 + chunk], None if c_mask is None else c_mask[r0: r0 + chunk])
+                moment, count = moment + m, count + k
+            rounding = rounding_factor(moment, count)
         seg = st.reserve(n)
         for r0 in range(0, n, chunk):
             r1 = min(n, r0 + chunk)
-            st.write(seg, c[r0:r1], ids[r0:r1], None if c_mask is None else c_mask[r0:r1])
+            st.write(seg, c[r0:r1], ids[r0:r1], None if c_mask is None else c_mask[r0:r1], rounding)
         st.next_id = max(st.next_id, int(ids.max()) + 1)
         return ids
 

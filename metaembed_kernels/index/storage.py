@@ -31,15 +31,18 @@ hold exactly these bytes, see persistence.py):
 
 int8 is per-vector symmetric quantisation: for a vector v (computed in float32),
 
-    scale = max_d |v_d| / 127,    x_d = clamp(round_half_even(v_d / scale), -127, 127)
+    scale = max_d |v_d| / 127,    x_d in [-127, 127] an integer near v_d / scale
 
 (scale 0 and x = 0 for a zero vector), and the index scores the *dequantised* vector
 
     v'_d = float32(x_d) * scale        (one float32 multiply)
 
-exactly as ``maxsim_grouped(q, v')`` would; |v_d - v'_d| <= scale / 2. -128 is never
-produced, so |x_d| <= 127 and x_d can be negated or multiplied by 127-bounded integers
-without overflow (the int8 kernels rely on this).
+exactly as ``maxsim_grouped(q, v')`` would. ``add`` chooses the integers by score-aware
+rounding (int8_rounding.py: error feedback that keeps the error out of the directions the
+added vectors share; |v_d - v'_d| is then a few half-steps at most, not <= scale / 2);
+``quantize_int8`` without a rounding factor rounds half to even. -128 is never produced, so
+|x_d| <= 127 and x_d can be negated or multiplied by 127-bounded integers without overflow
+(the int8 kernels rely on this).
 
 Segments
 --------
@@ -60,9 +63,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .int8_rounding import INT8_MAX, feedback_round
+
 INDEX_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
-INT8_MAX = 127
 MIN_SEGMENT_ROWS = 4096
 
 
@@ -86,14 +90,19 @@ def compute_dtype(dtype: str) -> torch.dtype:
     return torch.bfloat16 if dtype == "bfloat16" else torch.float32
 
 
-def quantize_int8(v: torch.Tensor):
+def quantize_int8(v: torch.Tensor, rounding: Optional[torch.Tensor] = None):
     """Per-vector symmetric int8 of v (..., D): (x int8 (..., D), scales float32 (..., 2)),
     scales[..., 0] the scale, scales[..., 1] the L2 norm of the dequantised vector, computed in
-    float64 and rounded up to float32."""
+    float64 and rounded up to float32. `rounding`: None rounds to nearest; a factor from
+    int8_rounding.rounding_factor chooses score-aware codes at the same scales."""
     v = v.to(torch.float32)
     scale = v.abs().amax(dim=-1) / INT8_MAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    x = torch.round(v / safe.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    w = v / safe.unsqueeze(-1)
+    if rounding is None:
+        x = torch.round(w).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    else:
+        x = feedback_round(w.reshape(-1, v.shape[-1]), rounding).reshape(v.shape).to(torch.int8)
     norm64 = dequantize_int8(x, scale).double().norm(dim=-1)
     norm = norm64.float()
     norm = torch.where(norm.double() < norm64, torch.nextafter(norm, torch.full_like(norm, float("inf"))), norm)
@@ -214,12 +223,14 @@ class Store:
         return seg
 
     # ---- writing rows -------------------------------------------------------------------
-    def write(self, seg: Segment, vectors: torch.Tensor, ids: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        """Append rows: vectors (n, Rc, D) already finite, on the device; ids (n,) int64."""
+    def write(self, seg: Segment, vectors: torch.Tensor, ids: torch.Tensor, mask: Optional[torch.Tensor],
+              rounding: Optional[torch.Tensor] = None) -> None:
+        """Append rows: vectors (n, Rc, D) already finite, on the device; ids (n,) int64;
+        rounding: int8 only, quantize_int8's."""
         n0, n = seg.n, vectors.shape[0]
         rows = slice(n0, n0 + n)
         if self.dtype == "int8":
-            x, scale = quantize_int8(vectors)
+            x, scale = quantize_int8(vectors, rounding)
         else:
             x, scale = vectors.to(INDEX_DTYPES[self.dtype]), None
         for s, (lo, hi) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
