@@ -39,7 +39,8 @@ int8 is per-vector symmetric quantisation: for a vector v (computed in float32),
 
 exactly as ``maxsim_grouped(q, v')`` would. ``add`` chooses the integers by score-aware
 rounding (int8_rounding.py: error feedback that keeps the error out of the directions the
-added vectors share; |v_d - v'_d| is then a few half-steps at most, not <= scale / 2);
+added vectors share; |v_d - v'_d| is then within a few steps, 1.9 scale at most on the index
+benchmark's vectors, instead of <= scale / 2);
 ``quantize_int8`` without a rounding factor rounds half to even. -128 is never produced, so
 |x_d| <= 127 and x_d can be negated or multiplied by 127-bounded integers without overflow
 (the int8 kernels rely on this).
