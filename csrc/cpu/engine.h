@@ -180,6 +180,22 @@ struct Engine {
     }
   }
 
+  // Rows of a candidate's r_c that go through 16 x 16 tiles: all but the lone last row of
+  // r_c = MR m + 1, which the MR-row tiling computes in a 1-row tile (4 interleaved chains) and
+  // which stays there, so that every value is bitwise the MR-row tiling's.
+  static constexpr int64_t tile16_rows(int64_t rc) { return rc % MR == 1 ? rc - 1 : rc; }
+
+  // A 16 x 16 tile's rows at stride RS: `in_place` when non-null (16 rows there already), else
+  // row_at(r) for r < mr converted (or copied) into w.rows16, followed by zero rows up to 16
+  // (computed, never folded: no uninitialised memory is read).
+  template <int RS, class RowAt>
+  static const Acc* tile16_rows_at(const Acc* in_place, RowAt&& row_at, int mr, int64_t D, Work& w) {
+    if (in_place) return in_place;
+    for (int r = 0; r < mr; ++r) Policy::convert(row_at(r), w.rows16 + r * RS, D);
+    for (int r = mr; r < 16; ++r) std::memset(w.rows16 + r * RS, 0, sizeof(Acc) * D);
+    return w.rows16;
+  }
+
   // w.rows16: 16 rows at the tile's stride.
   static size_t rows16_bytes(const Problem& P) {
     if (!Policy::kTile16 || P.d > 512) return 0;
@@ -515,18 +531,13 @@ struct Engine {
     reset_running<kArgmax>(w, lanes);
     int64_t kb = 0;  // next boundary to snapshot
     bool seen_valid = false;
-    const int64_t rc16 = rc % MR == 1 ? rc - 1 : rc;  // rows of the 16 x 16 tiles
-    for (int64_t j0 = 0; j0 < rc; j0 += 16) {
+    const int64_t rc16 = tile16_rows(rc);
+    for (int64_t j0 = 0; j0 < rc16; j0 += 16) {
       const int mr = int(min64(16, rc16 - j0));
-      if (mr <= 0) break;
       LinePrefetch prefetch = next_rows_prefetch(next, cs1, D, j0, mr);
-      const Acc* rows = w.rows16;
-      if (std::is_same_v<T, Acc> && cs1 == RS && mr == 16) {
-        rows = reinterpret_cast<const Acc*>(cand + j0 * cs1);
-      } else {
-        for (int r = 0; r < mr; ++r) Policy::convert(cand + (j0 + r) * cs1, w.rows16 + r * RS, D);
-        for (int r = mr; r < 16; ++r) std::memset(w.rows16 + r * RS, 0, sizeof(Acc) * D);
-      }
+      const bool in_place = std::is_same_v<T, Acc> && cs1 == RS && mr == 16;
+      const Acc* rows = tile16_rows_at<RS>(in_place ? reinterpret_cast<const Acc*>(cand + j0 * cs1) : nullptr,
+                                           [&](int r) { return cand + (j0 + r) * cs1; }, mr, D, w);
       uint32_t valid, snap;
       int64_t bound_at[16];  // read only where snap has the row's bit
       tile_row_bits(cmask, cm1, j0, mr, bounds, seen_valid, w, kb, valid, snap, bound_at);

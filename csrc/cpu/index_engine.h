@@ -556,13 +556,10 @@ struct ExactScan {
   static void tile16(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, const Cand& c,
                      int64_t j0, int mr, float* out) {
     const int64_t D = IP.p.d;
-    const float* rows = w.rows16;
-    if (std::is_same_v<T, float> && D == RS && mr == 16 && IP.tok_slab[j0] == IP.tok_slab[j0 + 15]) {
-      rows = reinterpret_cast<const float*>(token_row<T>(IP, *c.seg, c.b, j0));
-    } else {
-      for (int r = 0; r < mr; ++r) Policy::convert(token_row<T>(IP, *c.seg, c.b, j0 + r), w.rows16 + r * RS, D);
-      for (int r = mr; r < 16; ++r) std::memset(w.rows16 + r * RS, 0, sizeof(float) * D);
-    }
+    const bool in_place = std::is_same_v<T, float> && D == RS && mr == 16 && IP.tok_slab[j0] == IP.tok_slab[j0 + 15];
+    const float* rows = E::template tile16_rows_at<RS>(
+        in_place ? reinterpret_cast<const float*>(token_row<T>(IP, *c.seg, c.b, j0)) : nullptr,
+        [&](int r) { return token_row<T>(IP, *c.seg, c.b, j0 + r); }, mr, D, w);
     if constexpr (Policy::kTile16) {
       Policy::template micro16x16<RS>(rows, qv.pack, D, [out](int r, const auto* v) {
         std::memcpy(out + r * NR, &v[0], sizeof(v[0]));
@@ -577,7 +574,7 @@ struct ExactScan {
   template <int RS>
   static void fold_tiles16(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
                            BlockFold<NR, MR>& f, const Cand& c, const Acc* const* qrows, int nt) {
-    const int64_t rc = IP.p.groups.rc_eff, rc16 = rc % MR == 1 ? rc - 1 : rc;
+    const int64_t rc = IP.p.groups.rc_eff, rc16 = E::tile16_rows(rc);
     for (int64_t j0 = 0; j0 < rc16; j0 += 16) {
       const int mr = int(min64(16, rc16 - j0));
       tile16<RS>(IP, qv, w, c, j0, mr, x.tile16);
