@@ -102,12 +102,14 @@ def has_kernel(device_type: str) -> bool:
 
 
 def cpu_isa() -> str:
-    """The instruction set the CPU kernels dispatch to: "avx512_bf16", "avx512", "avx2" or "generic".
+    """The instruction set the CPU kernels dispatch to: "amx", "avx512_bf16", "avx512", "avx2" or "generic".
 
-    By default the best this CPU supports, except that "avx512_bf16" (bf16 consumed by
-    vdpbf16ps) is chosen only where that instruction outruns the fp32 FMA (AMD Zen 4/5); on
-    Intel (measured: a Xeon with AVX512-FP16, where vdpbf16ps does half the FMA's FLOPs)
-    "avx512" widens bf16 to fp32 and runs it twice as fast.
+    By default the best this CPU supports: "amx" (bf16 similarity tiles on AMX-BF16's
+    TDPBF16PS, everything else as "avx512") where the CPU has AMX and Linux grants this process
+    the tile state; else "avx512_bf16" (bf16 consumed by vdpbf16ps) only where that instruction
+    outruns the fp32 FMA (AMD Zen 4/5); on Intel without AMX (measured: a Xeon with
+    AVX512-FP16, where vdpbf16ps does half the FMA's FLOPs) "avx512" widens bf16 to fp32 and
+    runs it twice as fast.
     ``METAEMBED_CPU_ISA`` or ``set_cpu_isa`` force one.
     """
     return _C.cpu_isa() if _C is not None else "none"

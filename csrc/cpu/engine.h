@@ -119,6 +119,12 @@ struct Engine {
     PackT* qpack1;    // one query packed alone (hard negatives)
     Acc* qrows;       // [kDotTokens][D]    query tokens as Acc rows (few-token path)
     Acc* dcand;       // [rc_eff][D]        one candidate's gradient rows (only when T is not Acc)
+    // kAmxPath only (empty otherwise): a query view's B blocks, 16 padded rows, one C tile pair.
+    uint16_t* amx_b;     // [max_panels][amx_ksteps][2][16 * 32]  (Policy::amx_tile16's `b`)
+    uint16_t* amx_rows;  // [16][amx_ksteps * 32]                  rows copied and zero-padded
+    float* amx_out;      // [16][32]
+    const void* amx_b_of;  // the view amx_b holds: pack pointer and first query (null: none yet)
+    int64_t amx_b_a0;
     // kCandidateLanes only (empty otherwise): one candidate block and one row group's tiles.
     PackT* lpanel;    // [rc_eff][panel_elems]  token j of NR candidates, lane = candidate
     int32_t* lvalid;  // [rc_eff][NR]           candidate token j valid (0 for padding lanes)
@@ -153,6 +159,7 @@ struct Engine {
     n += align64(sizeof(Acc) * kDotTokens * P.d);
     n += align64(candidate_grad_bytes(P));
     for (size_t b : lanes_bytes(P)) n += align64(b);
+    for (size_t b : amx_bytes(P)) n += align64(b);
     return n + 64;
   }
 
@@ -162,6 +169,16 @@ struct Engine {
     const size_t rc = size_t(P.groups.rc_eff), nb = size_t(P.groups.num_bounds), i32 = sizeof(int32_t);
     return {sizeof(PackT) * rc * size_t(panel_elems(P)), i32 * rc * NR, i32 * rc * NR, i32 * nb * NR,
             sizeof(Acc) * rc * MR * NR, sizeof(Acc) * nb * MR * NR, i32 * nb * MR * NR};
+  }
+
+  // bf16 candidates on AMX tiles (Policy::kAmx): score_candidate_amx.
+  static constexpr bool kAmxPath = Policy::kAmx && std::is_same_v<T, bf16_t>;
+  static int64_t amx_ksteps(const Problem& P) { return ceil_div(P.d, 32); }
+  static std::array<size_t, 3> amx_bytes(const Problem& P) {
+    if constexpr (!kAmxPath) return {};
+    const size_t ks = size_t(amx_ksteps(P));
+    return {sizeof(uint16_t) * size_t(max_panels(P)) * ks * 2 * 16 * 32, sizeof(uint16_t) * 16 * ks * 32,
+            sizeof(float) * 16 * 32};
   }
 
   // The 16 x 16 tile's row stride for D <= 512: the smallest of 64, 128, 256, 512 that holds D.
@@ -243,6 +260,12 @@ struct Engine {
     w.ltile = static_cast<Acc*>(take(lb[4]));
     w.lbmax = static_cast<Acc*>(take(lb[5]));
     w.lbidx = static_cast<int32_t*>(take(lb[6]));
+    const std::array<size_t, 3> ab = amx_bytes(P);
+    w.amx_b = static_cast<uint16_t*>(take(ab[0]));
+    w.amx_rows = static_cast<uint16_t*>(take(ab[1]));
+    w.amx_out = static_cast<float*>(take(ab[2]));
+    w.amx_b_of = nullptr;
+    w.amx_b_a0 = -1;
     return w;
   }
 
@@ -558,6 +581,82 @@ struct Engine {
     }
   }
 
+  // The B blocks of view qv's panels (Policy::amx_tile16's layout) from its float panels
+  // (bf16 widened exactly, so the top halves are the bf16 bits), dims past D zero; kept while
+  // the view stays (a query block, or one query in w.qpack1: the key is the pack and first query).
+  static void amx_pack_view(const Problem& P, const QView& qv, Work& w) {
+    if (w.amx_b_of == qv.pack && w.amx_b_a0 == qv.a0) return;
+    const int64_t D = P.d, ks = amx_ksteps(P), pe = panel_elems(P);
+    for (int64_t p = 0; p < qv.panels; ++p) {
+      const PackT* src = qv.pack + p * pe;
+      uint16_t* dst = w.amx_b + p * ks * 2 * 16 * 32;
+      for (int64_t s = 0; s < ks; ++s)
+        for (int h = 0; h < 2; ++h)
+          for (int pr = 0; pr < 16; ++pr) {
+            uint16_t* row = dst + ((2 * s + h) * 16 + pr) * 32;
+            for (int e = 0; e < 2; ++e) {
+              const int64_t k = 32 * s + 2 * pr + e;
+              for (int l = 0; l < 16; ++l) {
+                uint32_t bits = 0;
+                if (k < D) std::memcpy(&bits, src + k * NR + 16 * h + l, 4);
+                row[2 * l + e] = uint16_t(bits >> 16);
+              }
+            }
+          }
+    }
+    w.amx_b_of = qv.pack;
+    w.amx_b_a0 = qv.a0;
+  }
+
+  // score_candidate for bf16 on AMX tiles (kAmxPath): rows j0 .. j0 + 15 against each panel's
+  // 32 lanes (16 when the panel holds no more tokens), all of D per tile; the rows are read in
+  // place when D is a multiple of 32 and the tile is full, else copied into w.amx_rows with zero
+  // dims up to the 32 multiple and zero rows up to 16 (computed, never folded). Folded by
+  // fold_rows like every register tile. An element's value does not depend on its row's place
+  // in the tile, or on the tiling: one sum over D in TDPBF16PS's order.
+  template <bool kArgmax>
+  static void score_candidate_amx(const Problem& P, const QView& qv, const T* cand, int64_t cs1, const uint8_t* cmask,
+                                  int64_t cm1, Work& w, const T* next) {
+    if constexpr (kAmxPath) {
+      const int64_t D = P.d, rc = P.groups.rc_eff, np = qv.panels, lanes = np * NR;
+      const int64_t ks = amx_ksteps(P), dp = ks * 32, tokens = qv.n * P.groups.rq_eff;
+      const int64_t* bounds = P.groups.bounds;
+      amx_pack_view(P, qv, w);
+      Policy::amx_configure();
+      reset_running<kArgmax>(w, lanes);
+      int64_t kb = 0;  // next boundary to snapshot
+      bool seen_valid = false;
+      for (int64_t j0 = 0; j0 < rc; j0 += 16) {
+        const int mr = int(min64(16, rc - j0));
+        next_rows_prefetch(next, cs1, D, j0, mr).finish();
+        const uint16_t* rows = reinterpret_cast<const uint16_t*>(cand + j0 * cs1);
+        int64_t stride = int64_t(sizeof(T)) * cs1;
+        if (D != dp || mr < 16) {
+          for (int r = 0; r < 16; ++r) {
+            uint16_t* dst = w.amx_rows + r * dp;
+            const int64_t n = r < mr ? D : 0;
+            if (n) std::memcpy(dst, cand + (j0 + r) * cs1, sizeof(T) * n);
+            std::memset(dst + n, 0, sizeof(uint16_t) * (dp - n));
+          }
+          rows = w.amx_rows;
+          stride = int64_t(sizeof(uint16_t)) * dp;
+        }
+        uint32_t valid, snap;
+        int64_t bound_at[16];  // read only where snap has the row's bit
+        tile_row_bits(cmask, cm1, j0, mr, bounds, seen_valid, w, kb, valid, snap, bound_at);
+        for (int64_t p = 0; p < np; ++p) {
+          const int halves = tokens - p * NR > 16 ? 2 : 1;
+          Policy::amx_tile16(rows, stride, w.amx_b + p * ks * 2 * 16 * 32, ks, halves, w.amx_out);
+          auto micro = [&](auto&& epi) { Policy::amx_rows(w.amx_out, mr, halves, epi); };
+          fold_rows<kArgmax>(micro, j0, valid, seen_valid, w.runmax + p * NR, w.runidx + p * NR, snap, bound_at,
+                             w.bmax + p * NR, w.bidx + p * NR, lanes);
+        }
+        seen_valid = seen_valid || valid != 0;
+      }
+      Policy::amx_release();
+    }
+  }
+
   // Fills w.bmax[k][t] = max_{j < bounds[k], c valid} S[j][t], w.bvalid[k] = whether any
   // j < bounds[k] is valid (validity comes from the mask alone: -inf is an ordinary value)
   // and, when kArgmax, w.bidx[k][t] = the lowest maximising valid j (-1 when none).
@@ -572,6 +671,7 @@ struct Engine {
   static void score_candidate(const Problem& P, const QView& qv, const T* cand, int64_t cs1,
                               const uint8_t* cmask, int64_t cm1, Work& w, const T* next = nullptr,
                               const Acc* const* qrows = nullptr, int nt = 0) {
+    if (kAmxPath && nt == 0) return score_candidate_amx<kArgmax>(P, qv, cand, cs1, cmask, cm1, w, next);
     if (tile16_path(P, qv, nt)) {
       return with_tile16_stride(P.d, [&](auto rs) {
         score_candidate16<decltype(rs)::value, kArgmax>(P, qv, cand, cs1, cmask, cm1, w, next);
@@ -1406,6 +1506,8 @@ struct AccPacking {
   // Whether the policy has micro16x16, a 16 x 16 tile for query views of <= 16 tokens
   // (Engine::fold_tile16); none by default.
   static constexpr bool kTile16 = false;
+  // Whether the policy has AMX tiles for bf16 (simd_amx.h; Engine::score_candidate_amx); none by default.
+  static constexpr bool kAmx = false;
   template <class T>
   static constexpr bool kDirectRows = std::is_same_v<T, Acc>;
   template <class T>

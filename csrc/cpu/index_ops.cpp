@@ -45,7 +45,7 @@ const IndexKernelSet& index_kernels_for(int32_t cdtype, int64_t block_tokens) {
   const std::string isa = active_kernels()->name;
   const IndexIsaKernels* k = index_generic_kernels();
   if (isa == "avx2" && index_avx2_kernels()) k = index_avx2_kernels();
-  if (isa == "avx512" || isa == "avx512_bf16") {
+  if (isa == "avx512" || isa == "avx512_bf16" || isa == "amx") {  // amx: the index scans on avx512
     const bool vnni = cpu_has_vnni() && index_avx512_kernels();
     if (cdtype == kIndexInt8) {
       k = vnni ? index_avx512_kernels() : (index_avx2_kernels() ? index_avx2_kernels() : k);

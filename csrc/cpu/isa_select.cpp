@@ -1,8 +1,12 @@
 // Run-time choice of the CPU kernels' instruction set: the best one this CPU supports,
-// or METAEMBED_CPU_ISA (generic | avx2 | avx512 | avx512_bf16) at load time, or set_active_isa().
+// or METAEMBED_CPU_ISA (generic | avx2 | avx512 | avx512_bf16 | amx) at load time, or set_active_isa().
 #include <atomic>
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <cpuid.h>
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 #include <cstdlib>
 #include <cstring>
@@ -14,6 +18,25 @@ namespace metaembed {
 namespace cpu {
 namespace {
 
+// AMX-TILE and AMX-BF16 (CPUID.(7, 0):EDX bits 24 and 22), and the tile data state granted to
+// this process: Linux (5.16+) enables it per process on request (ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); without the grant a tile instruction faults. Asked once; torch's oneDNN
+// asks the same.
+bool amx_usable() {
+#if defined(__GNUC__) && defined(__linux__) && defined(__x86_64__)
+  static const bool usable = [] {
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if (!(edx >> 24 & 1u) || !(edx >> 22 & 1u)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
 bool cpu_has(const char* isa) {
 #if defined(__GNUC__) && defined(__x86_64__)
   if (std::strcmp(isa, "avx2") == 0)
@@ -22,6 +45,7 @@ bool cpu_has(const char* isa) {
     return cpu_has("avx2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (std::strcmp(isa, "avx512_bf16") == 0) return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
+  if (std::strcmp(isa, "amx") == 0) return cpu_has("avx512") && amx_usable();
 #endif
   return std::strcmp(isa, "generic") == 0;
 }
@@ -31,6 +55,7 @@ const IsaKernels* by_name(const char* name) {
   if (std::strcmp(name, "avx2") == 0) return cpu_has("avx2") ? avx2_kernels() : nullptr;
   if (std::strcmp(name, "avx512") == 0) return cpu_has("avx512") ? avx512_kernels() : nullptr;
   if (std::strcmp(name, "avx512_bf16") == 0) return cpu_has("avx512_bf16") ? avx512bf16_kernels() : nullptr;
+  if (std::strcmp(name, "amx") == 0) return cpu_has("amx") ? amx_kernels() : nullptr;
   return nullptr;
 }
 
@@ -55,7 +80,10 @@ bool bf16_dot_outruns_fma() {
 #endif
 }
 
+// AMX first: its bf16 tiles do 16 x 16 x 32 multiply-adds per instruction (fp32 and fp16 run
+// the avx512 kernels there).
 const IsaKernels* best() {
+  if (const IsaKernels* k = by_name("amx")) return k;
   if (bf16_dot_outruns_fma())
     if (const IsaKernels* k = by_name("avx512_bf16")) return k;
   for (const char* name : {"avx512", "avx2", "generic"})
@@ -79,7 +107,7 @@ const IsaKernels* active_kernels() { return active().load(); }
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (const char* name : {"generic", "avx2", "avx512", "avx512_bf16"})
+  for (const char* name : {"generic", "avx2", "avx512", "avx512_bf16", "amx"})
     if (by_name(name)) out.emplace_back(name);
   return out;
 }

@@ -147,12 +147,13 @@ struct IsaKernels {
   PeakLoop peak_fp32, peak_bf16;
 };
 
-// Defined in isa_generic.cpp / isa_avx2.cpp / isa_avx512.cpp / isa_avx512bf16.cpp. The
+// Defined in isa_generic.cpp / isa_avx2.cpp / isa_avx512.cpp / isa_avx512bf16.cpp / isa_amx.cpp. The
 // SIMD variants return nullptr when the compiler could not target them.
 const IsaKernels* generic_kernels();
 const IsaKernels* avx2_kernels();
 const IsaKernels* avx512_kernels();
 const IsaKernels* avx512bf16_kernels();
+const IsaKernels* amx_kernels();
 
 }  // namespace cpu
 }  // namespace metaembed
