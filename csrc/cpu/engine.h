@@ -125,6 +125,7 @@ struct Engine {
     float* amx_out;      // [16][32]
     const void* amx_b_of;  // the view amx_b holds: pack pointer and first query (null: none yet)
     int64_t amx_b_a0;
+    bool amx_configured;   // this thread's tiles are configured (amx_begin) until AmxScope ends
     // kCandidateLanes only (empty otherwise): one candidate block and one row group's tiles.
     PackT* lpanel;    // [rc_eff][panel_elems]  token j of NR candidates, lane = candidate
     int32_t* lvalid;  // [rc_eff][NR]           candidate token j valid (0 for padding lanes)
@@ -266,6 +267,7 @@ struct Engine {
     w.amx_out = static_cast<float*>(take(ab[2]));
     w.amx_b_of = nullptr;
     w.amx_b_a0 = -1;
+    w.amx_configured = false;
     return w;
   }
 
@@ -581,6 +583,28 @@ struct Engine {
     }
   }
 
+  // Tile state is per thread and other AMX users (torch's oneDNN) reconfigure it between our
+  // calls, so a kernel call configures the tiles at its first AMX tile (amx_begin: ldtilecfg
+  // costs about 100 ns with its release, as much as a 128-dim 8 x 32 tile) and releases them
+  // when it ends: an AmxScope lives beside each carved Work.
+  static void amx_begin(Work& w) {
+    if constexpr (kAmxPath) {
+      if (!w.amx_configured) {
+        Policy::amx_configure();
+        w.amx_configured = true;
+      }
+    }
+  }
+  struct AmxScope {
+    Work& w;
+    ~AmxScope() {
+      if constexpr (kAmxPath) {
+        if (w.amx_configured) Policy::amx_release();
+        w.amx_configured = false;
+      }
+    }
+  };
+
   // The B blocks of view qv's panels (Policy::amx_tile16's layout) from its float panels
   // (bf16 widened exactly, so the top halves are the bf16 bits), dims past D zero; kept while
   // the view stays (a query block, or one query in w.qpack1: the key is the pack and first query).
@@ -622,7 +646,7 @@ struct Engine {
       const int64_t ks = amx_ksteps(P), dp = ks * 32, tokens = qv.n * P.groups.rq_eff;
       const int64_t* bounds = P.groups.bounds;
       amx_pack_view(P, qv, w);
-      Policy::amx_configure();
+      amx_begin(w);
       reset_running<kArgmax>(w, lanes);
       int64_t kb = 0;  // next boundary to snapshot
       bool seen_valid = false;
@@ -653,8 +677,52 @@ struct Engine {
         }
         seen_valid = seen_valid || valid != 0;
       }
-      Policy::amx_release();
     }
+  }
+
+  // Rows src[0, M) (M <= MR; D bf16 each) as the A tile of amx_panel8 (kAmxPath), with view qv's
+  // B blocks: read in place when MR rows sit at one stride and D is a multiple of 32, else
+  // copied into w.amx_rows with zero dims up to the multiple and zero rows up to MR (computed,
+  // never read). Returns the row stride in bytes; the rows' pointer goes to *rows.
+  static int64_t amx_load_rows(const Problem& P, const QView& qv, const T* const* src, int M, Work& w,
+                               const uint16_t** rows) {
+    const int64_t D = P.d, dp = amx_ksteps(P) * 32;
+    amx_pack_view(P, qv, w);
+    amx_begin(w);
+    if (D == dp && M == MR) {
+      const int64_t step = src[1] - src[0];
+      bool uniform = step > 0;
+      for (int r = 2; r < MR && uniform; ++r) uniform = src[r] - src[r - 1] == step;
+      if (uniform) {
+        *rows = reinterpret_cast<const uint16_t*>(src[0]);
+        return int64_t(sizeof(T)) * step;
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      uint16_t* dst = w.amx_rows + r * dp;
+      const int64_t n = r < M ? D : 0;
+      if (n) std::memcpy(dst, src[r], sizeof(T) * n);
+      std::memset(dst + n, 0, sizeof(uint16_t) * (dp - n));
+    }
+    *rows = w.amx_rows;
+    return int64_t(sizeof(uint16_t)) * dp;
+  }
+
+  // The MR x NR tile of amx_load_rows' rows against panel p, into out [MR][NR].
+  static void amx_panel8(const Problem& P, const uint16_t* rows, int64_t stride, int64_t p, Work& w, Acc* out) {
+    if constexpr (kAmxPath) {
+      const int64_t ks = amx_ksteps(P);
+      Policy::amx_tile8(rows, stride, w.amx_b + p * ks * 2 * 16 * 32, ks, out);
+    }
+  }
+
+  // MR x NR tiles of rows src[0, M) against every panel of view qv, into tile [panel][MR][NR]
+  // (w.tile's layout), on AMX: the index's multi-candidate tiles. Each element is
+  // score_candidate_amx's value.
+  static void amx_tile_rows(const Problem& P, const QView& qv, const T* const* src, int M, Work& w, Acc* tile) {
+    const uint16_t* rows;
+    const int64_t stride = amx_load_rows(P, qv, src, M, w, &rows);
+    for (int64_t p = 0; p < qv.panels; ++p) amx_panel8(P, rows, stride, p, w, tile + p * MR * NR);
   }
 
   // Fills w.bmax[k][t] = max_{j < bounds[k], c valid} S[j][t], w.bvalid[k] = whether any
@@ -887,6 +955,7 @@ struct Engine {
   static void maxsim_forward(const Problem& P, int64_t qblock, int64_t b0, int64_t b1, void* ws, void* out_,
                              SavedArgmax save) {
     Work w = carve(P, ws);
+    const AmxScope amx_scope{w};
     const QView qv = block_view(P, qblock);
     const int64_t G = P.groups.num_groups;
     Acc* out = static_cast<Acc*>(out_);
@@ -1158,6 +1227,7 @@ struct Engine {
 
   static void maxsim_forward_lanes(const Problem& P, int64_t x0, int64_t x1, void* ws, void* out, SavedArgmax save) {
     Work w = carve(P, ws);
+    const AmxScope amx_scope{w};
     // rows past lane_rows(P) of each tile are never written by the micro-kernel; the
     // epilogue folds all MR rows (fixed trip counts), so they start as defined zeros
     std::memset(static_cast<void*>(w.ltile), 0, sizeof(Acc) * P.groups.rc_eff * MR * NR);
@@ -1171,6 +1241,7 @@ struct Engine {
   static void maxsim_backward(const Problem& P, const void* grad_, int64_t b0, int64_t b1, void* ws,
                               void* dq_, void* dc_, SavedArgmax saved) {
     Work w = carve(P, ws);
+    const AmxScope amx_scope{w};
     const Acc* grad = static_cast<const Acc*>(grad_);
     const int64_t G = P.groups.num_groups;
     for (int64_t b = b0; b < b1; ++b) {
@@ -1206,6 +1277,7 @@ struct Engine {
   static void infonce_forward(const Problem& P, const int64_t* labels, double scale, int64_t b0, int64_t b1,
                               void* ws, void* m_, void* l_, void* pos_) {
     Work w = carve(P, ws);
+    const AmxScope amx_scope{w};
     Acc* m = static_cast<Acc*>(m_);
     Acc* l = static_cast<Acc*>(l_);
     Acc* pos = static_cast<Acc*>(pos_);
@@ -1234,6 +1306,7 @@ struct Engine {
   static void infonce_forward_hard(const Problem& P, const Tokens& hn, int64_t K, double scale, int64_t a0,
                                    int64_t a1, void* ws, void* m_, void* l_) {
     Work w = carve(P, ws);
+    const AmxScope amx_scope{w};
     Acc* m = static_cast<Acc*>(m_);
     Acc* l = static_cast<Acc*>(l_);
     const int64_t G = P.groups.num_groups;
@@ -1252,6 +1325,7 @@ struct Engine {
   static void infonce_backward(const Problem& P, const int64_t* labels, double scale, const void* grad_,
                                const void* lse_, int64_t b0, int64_t b1, void* ws, void* dq_, void* dc_) {
     Work w = carve(P, ws);
+    const AmxScope amx_scope{w};
     const Acc* grad = static_cast<const Acc*>(grad_);
     const Acc* lse = static_cast<const Acc*>(lse_);
     const int64_t G = P.groups.num_groups;
@@ -1281,6 +1355,7 @@ struct Engine {
                                     const void* grad_, const void* lse_, int64_t a0, int64_t a1, void* ws,
                                     void* dq_, void* dhn_) {
     Work w = carve(P, ws);
+    const AmxScope amx_scope{w};
     const Acc* grad = static_cast<const Acc*>(grad_);
     const Acc* lse = static_cast<const Acc*>(lse_);
     const int64_t G = P.groups.num_groups;
@@ -1356,6 +1431,7 @@ struct Engine {
                                              const Tokens& hn, int64_t K, int64_t qblock, void* ws, void* m_,
                                              void* l_, void* pos_, void* jq_, const int64_t* goff, int64_t rows) {
     Work w = carve(P, ws);
+    const AmxScope amx_scope{w};
     Acc* m = static_cast<Acc*>(m_);
     Acc* l = static_cast<Acc*>(l_);
     Acc* pos = static_cast<Acc*>(pos_);
@@ -1414,6 +1490,7 @@ struct Engine {
   static void paired_forward(const Problem& P, const Tokens& cand, int64_t N, int64_t a0, int64_t a1, void* ws,
                              void* out_, SavedArgmax save) {
     Work w = carve(P, ws);
+    const AmxScope amx_scope{w};
     Acc* out = static_cast<Acc*>(out_);
     const int64_t G = P.groups.num_groups;
     for (int64_t a = a0; a < a1; ++a) {
@@ -1437,6 +1514,7 @@ struct Engine {
   static void paired_backward(const Problem& P, const Tokens& cand, int64_t N, const void* grad_, int64_t a0,
                               int64_t a1, void* ws, void* dq_, void* dc_, SavedArgmax saved) {
     Work w = carve(P, ws);
+    const AmxScope amx_scope{w};
     const Acc* grad = static_cast<const Acc*>(grad_);
     const int64_t G = P.groups.num_groups;
     for (int64_t a = a0; a < a1; ++a) {

@@ -198,7 +198,7 @@ struct BlockFold {
   }
 };
 
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+#if defined(METAEMBED_INDEX_ZMM)
 // The lanes of `live` whose query token t0 + l is valid (qvalid[t0 + l] != 0; all of `live`
 // when qvalid is nullptr, i.e. q has no mask).
 inline __mmask16 valid_tokens16(const uint8_t* qvalid, int64_t t0, __mmask16 live) {
@@ -247,7 +247,7 @@ inline const uint8_t* block_qvalid(const IndexProblem& IP, int64_t a0, int64_t n
 template <class Bar>
 inline uint32_t lanes_reaching16(const float* s, Bar thr) {
   constexpr bool kPerLane = std::is_pointer_v<Bar>;
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+#if defined(METAEMBED_INDEX_ZMM)
   __m512 bar;
   if constexpr (kPerLane) bar = _mm512_loadu_ps(thr);
   else bar = _mm512_set1_ps(thr);
@@ -283,7 +283,7 @@ template <int NR, class Offer>
 inline void one_token_offers(const float* tile, int64_t panel, const int* rows, int nv, int64_t n,
                              const uint8_t* qvalid, const float* thr, Offer&& offer) {
   static_assert(NR % 16 == 0, "16 query lanes never straddle two panels");
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+#if defined(METAEMBED_INDEX_ZMM)
   // Scores of lanes [l0, l0 + 16) and the lanes that reach their bars (live: lanes < n).
   auto lanes16 = [&](int64_t l0, __m512& v) -> __mmask16 {
     const float* base = tile + (l0 / NR) * panel + l0 % NR;
@@ -523,6 +523,9 @@ struct ExactScan {
     for (int ci = 0; ci < count; ++ci)
       for (int jj = 0; jj < per; ++jj) src[r++] = token_row<T>(IP, *cands[ci].seg, cands[ci].b, j0 + jj);
     for (; r < MR; ++r) src[r] = src[count * per - 1];
+    if constexpr (E::kAmxPath) {  // bf16 on AMX tiles: all of D at once, rows past M zero
+      if (nt == 0) return E::amx_tile_rows(P, qv, src, M, w, w.tile);
+    }
     for (int64_t k0 = 0; k0 < D; k0 += KC) {
       const int64_t kc = min64(KC, D - k0);
       const RowT* rows[MR];
@@ -586,7 +589,7 @@ struct ExactScan {
     }
   }
 
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+#if defined(METAEMBED_INDEX_ZMM)
   static constexpr bool kLaneFold = NR % 16 == 0;
   // BlockFold's begin / fold / finish for one group and a candidate whose r_c rows are tile rows
   // [r0, r0 + r_c), 16 query tokens at a time: token maxima over the valid rows from -inf (as
@@ -721,7 +724,7 @@ struct ExactScan {
     });
   }
 
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+#if defined(METAEMBED_INDEX_ZMM)
   // The plain GEMM case of the one-token path (r_c = 1, no candidate mask, D in one chunk: every
   // (1, 1) search and cascade first stage): the threshold test runs on the micro-kernel's
   // accumulators (Policy::micro_epilogue), so a candidate that reaches no bar, nearly all of
@@ -744,16 +747,37 @@ struct ExactScan {
     const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
     for_candidate_groups(IP, r0, r1, MR, [&](const Cand* cands, int count) {
       const typename E::RowT* rows[MR];
+      const T* srcs[MR];
       for (int r = 0; r < MR; ++r) {
         const Cand& c = cands[r < count ? r : count - 1];
         const T* src = token_row<T>(IP, *c.seg, c.b, 0);
-        if constexpr (E::kDirectRows) {
+        srcs[r] = src;
+        if constexpr (E::kAmxPath) {
+          rows[r] = nullptr;  // unused: the tile comes from amx_tile_rows
+        } else if constexpr (E::kDirectRows) {
           rows[r] = src;
         } else {  // padding rows repeat the last real row, converted once
           if (r < count) Policy::convert(src, w.crows + r * P.kc, D);
           rows[r] = w.crows + (r < count ? r : count - 1) * P.kc;
         }
       }
+      // The tile's rows handed to epi(r, acc) in registers: the micro-kernel's, or on AMX those
+      // of panel p's tile, stored in w.amx_out.
+      const uint16_t* amx_rows = nullptr;
+      int64_t amx_stride = 0;
+      if constexpr (E::kAmxPath) amx_stride = E::amx_load_rows(P, qv, srcs, count, w, &amx_rows);
+      auto panel_rows = [&](int64_t p, auto&& epi) {
+        if constexpr (E::kAmxPath) {
+          E::amx_panel8(P, amx_rows, amx_stride, p, w, w.amx_out);
+          for (int r = 0; r < MR; ++r) {
+            __m512 acc[V];
+            for (int i = 0; i < V; ++i) acc[i] = _mm512_loadu_ps(w.amx_out + r * NR + 16 * i);
+            epi(r, static_cast<const __m512*>(acc));
+          }
+        } else {
+          Policy::template micro_epilogue<MR>(rows, qv.pack + p * pe, D, nullptr, false, epi);
+        }
+      };
       for (int64_t p = 0; p < qv.panels; ++p) {
         const int64_t l0 = p * NR, lanes = min64(NR, n - l0);
         const uint64_t live = lanes >= 64 ? ~uint64_t(0) : (uint64_t(1) << lanes) - 1;
@@ -766,7 +790,7 @@ struct ExactScan {
         for (int h = 0; h < V; ++h) bar[h] = _mm512_maskz_loadu_ps(__mmask16(live >> (16 * h)), thr + l0 + 16 * h);
         uint64_t hits[MR];
         uint64_t any = 0;
-        Policy::template micro_epilogue<MR>(rows, qv.pack + p * pe, D, nullptr, false, [&](int r, const __m512* acc) {
+        panel_rows(p, [&](int r, const __m512* acc) {
           __m512 v[V];
           uint64_t h = 0;
 #pragma GCC unroll 4
@@ -802,6 +826,7 @@ struct ExactScan {
   static void search(const IndexProblem& IP, int64_t qblock, int64_t r0, int64_t r1, void* ws, TopK& top) {
     const Problem& P = IP.p;
     typename E::Work w = E::carve(P, ws);
+    const typename E::AmxScope amx_scope{w};
     Extra x = carve_extra(P, ws);
     const typename E::QView qv = E::block_view(P, qblock);
     const Acc* qrows[E::kDotTokens];
@@ -817,7 +842,7 @@ struct ExactScan {
         for (int c = 0; c < kFewC; ++c) rows[c] = row0 + cands[c < count ? c : count - 1].b * rstride;
         if (IP.tok_width[j] > 1) few_token_prefetch(rows, rstride, D);
       };
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+#if defined(METAEMBED_INDEX_ZMM)
       if constexpr (!std::is_same_v<Ops, UseEngineDots>) {
         // One group and no candidate mask (a single-budget search): the few-token scan with
         // the running maxima in registers. Same arithmetic as few_token_scan: per token, the
@@ -901,6 +926,7 @@ struct ExactScan {
                          int64_t x1, void* ws, float* out) {
     const Problem& P = IP.p;
     typename E::Work w = E::carve(P, ws);
+    const typename E::AmxScope amx_scope{w};
     Extra x = carve_extra(P, ws);
     const int64_t G = P.groups.num_groups;
     for (int64_t a = a0; a < a1; ++a) {
@@ -943,7 +969,7 @@ struct ExactScan {
 // The (scale, norm) pairs of 16 consecutive rows' token, `stride` floats apart (2 * the slab's
 // vectors per row), deinterleaved: scale[c] = sn[c * stride], norm[c] = sn[c * stride + 1].
 inline void scale_norm16(const float* sn, int64_t stride, float* scale, float* norm) {
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+#if defined(METAEMBED_INDEX_ZMM)
   if (stride == 2) {  // one vector per row: 32 contiguous floats
     const __m512 lo = _mm512_loadu_ps(sn), hi = _mm512_loadu_ps(sn + 16);
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -1112,7 +1138,7 @@ struct Int8Scan {
     }
   }
 
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+#if defined(METAEMBED_INDEX_ZMM)
   // The same for i < rq_used, 16 tokens at a time, bitwise dot()'s values: lane l of token i's
   // accumulator is dot()'s part[l] (the same products and sums, each rounded: this file
   // compiles without FP contraction, -std=c++20), a transpose puts the 16 tokens' lane l in one
@@ -1175,7 +1201,7 @@ struct Int8Scan {
         const int8_t* xr = token_row<int8_t>(IP, *c.seg, c.b, j);
         const float s = token_scale(IP, *c.seg, c.b, j)[0];
         for (int64_t d = 0; d < D; ++d) w.vbuf[d] = float(xr[d]) * s;  // the dequantised vector
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+#if defined(METAEMBED_INDEX_ZMM)
         token_maxima(P, a, rq_used, w.vbuf, m);
 #else
         token_maxima_by_dot(P, a, 0, rq_used, w.vbuf, m);
@@ -1262,7 +1288,7 @@ struct Int8Scan {
           if (w.exact[g] >= top.thr[xi]) topk_offer(top, xi, w.exact[g], id, row);
         }
       };
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+#if defined(METAEMBED_INDEX_ZMM)
       // One group and no candidate mask (a single-budget search): the few-token scan with every
       // running value in registers. Same arithmetic as few_token_scan below: per token, the max
       // over j of float(it - corr) * (sq * s_j) from -inf; a query's A = 0 + its valid tokens'
@@ -1421,7 +1447,7 @@ struct Int8Scan {
       }
     };
 
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+#if defined(METAEMBED_INDEX_ZMM)
     // One group and r_c <= MR (a candidate's rows fit one tile: every single-budget search up
     // to r_c = MR): the approximate scores, their upper bounds and the bar test come straight
     // from the integer tile, 16 lanes at a time, without the float tile or BlockFold's passes.

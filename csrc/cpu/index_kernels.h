@@ -88,6 +88,7 @@ const IndexIsaKernels* index_generic_kernels();
 const IndexIsaKernels* index_avx2_kernels();
 const IndexIsaKernels* index_avx512_kernels();      // int8 through AVX512-VNNI
 const IndexIsaKernels* index_avx512bf16_kernels();  // bf16 through AVX512-BF16
+const IndexIsaKernels* index_amx_kernels();         // bf16 through AMX-BF16 tiles
 
 }  // namespace cpu
 }  // namespace metaembed

@@ -45,12 +45,14 @@ const IndexKernelSet& index_kernels_for(int32_t cdtype, int64_t block_tokens) {
   const std::string isa = active_kernels()->name;
   const IndexIsaKernels* k = index_generic_kernels();
   if (isa == "avx2" && index_avx2_kernels()) k = index_avx2_kernels();
-  if (isa == "avx512" || isa == "avx512_bf16" || isa == "amx") {  // amx: the index scans on avx512
+  if (isa == "avx512" || isa == "avx512_bf16" || isa == "amx") {
     const bool vnni = cpu_has_vnni() && index_avx512_kernels();
     if (cdtype == kIndexInt8) {
       k = vnni ? index_avx512_kernels() : (index_avx2_kernels() ? index_avx2_kernels() : k);
     } else if (cdtype == kBF16 && isa == "avx512_bf16" && index_avx512bf16_kernels()) {
       k = index_avx512bf16_kernels();
+    } else if (cdtype == kBF16 && isa == "amx" && index_amx_kernels()) {
+      k = index_amx_kernels();
     } else if (vnni) {
       k = index_avx512_kernels();
     } else if (index_avx2_kernels()) {

@@ -73,7 +73,12 @@ inline void heap_offer(TopK& top, int64_t x, float s, int64_t id, int64_t row) {
 // compare, replaces it, and takes the new minimum with one reduction: no data-dependent sift
 // branches (half the time of the heap's offer at k = 10 and a third at k = 16 with AVX-512, on
 // a replayed (1, 1) search's offers). Lanes >= k are never loaded.
-#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16)
+// The 512-bit index paths (this top-k, index_engine.h's fused threshold tests and lane folds):
+// in the translation units compiled for AVX-512 (index_isa_avx512*.cpp, index_isa_amx.cpp).
+#if defined(METAEMBED_INDEX_AVX512) || defined(METAEMBED_INDEX_AVX512BF16) || defined(METAEMBED_INDEX_AMX)
+#define METAEMBED_INDEX_ZMM 1
+#endif
+#if defined(METAEMBED_INDEX_ZMM)
 #define METAEMBED_INDEX_LANE_TOPK 1
 // Bit i set for each i < k with hs[i] == v.
 inline uint32_t lanes_equal(const float* hs, int64_t k, float v) {

@@ -23,10 +23,11 @@ struct AmxPolicy : Avx512Policy {
 
   // Tile registers: 0, 1 accumulate lanes [0, 16) and [16, 32); 2 holds 16 candidate rows of 32
   // dims (A); 3, 4 the query lanes' matching 16 dim pairs (B, pair-interleaved). All 16 x 64 B.
+  // 5 (A) and 6, 7 (C) are their 8-row versions, for the engine's MR = 8 row tiles (amx_tile8).
   struct alignas(64) TileConfig {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {64, 64, 64, 64, 64};
-    uint8_t rows[16] = {16, 16, 16, 16, 16};
+    uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16, 16, 16, 8, 8, 8};
   };
 
   // Loads the tile configuration on the calling thread. Tile state is per thread and any other
@@ -63,6 +64,23 @@ struct AmxPolicy : Avx512Policy {
       }
     }
     _tile_stored(0, out, 32 * sizeof(float));
+  }
+
+  // amx_tile16 for 8 rows and both halves, stored straight into an MR x NR tile: out[r * NR + l]
+  // (the engine's register-tile layout) for r < 8, l < 32.
+  static void amx_tile8(const uint16_t* a, int64_t a_stride, const uint16_t* b, int64_t ksteps, float* out) {
+    static_assert(MR == 8 && NR == 32, "amx_tile8 fills the engine's 8 x 32 tile");
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int64_t s = 0; s < ksteps; ++s) {
+      _tile_loadd(5, a + s * kAmxK, a_stride);
+      _tile_loadd(3, b + (2 * s) * kAmxBlock, 64);
+      _tile_loadd(4, b + (2 * s + 1) * kAmxBlock, 64);
+      _tile_dpbf16ps(6, 5, 3);
+      _tile_dpbf16ps(7, 5, 4);
+    }
+    _tile_stored(6, out, NR * sizeof(float));
+    _tile_stored(7, out + 16, NR * sizeof(float));
   }
 
   // epi(r, v) for rows r < mr of amx_tile16's `out`, v[h] = lanes [16 h, 16 h + 16) (zeros for the
