@@ -126,6 +126,7 @@ struct Engine {
     const void* amx_b_of;  // the view amx_b holds: pack pointer and first query (null: none yet)
     int64_t amx_b_a0;
     bool amx_configured;   // this thread's tiles are configured (amx_begin) until AmxScope ends
+    uint16_t* amx_lanes_b; // [rc_eff][amx_panel_blocks]  kCandidateLanes: token j of the block's candidates
     // kCandidateLanes only (empty otherwise): one candidate block and one row group's tiles.
     PackT* lpanel;    // [rc_eff][panel_elems]  token j of NR candidates, lane = candidate
     int32_t* lvalid;  // [rc_eff][NR]           candidate token j valid (0 for padding lanes)
@@ -175,11 +176,12 @@ struct Engine {
   // bf16 candidates on AMX tiles (Policy::kAmx): score_candidate_amx.
   static constexpr bool kAmxPath = Policy::kAmx && std::is_same_v<T, bf16_t>;
   static int64_t amx_ksteps(const Problem& P) { return ceil_div(P.d, 32); }
-  static std::array<size_t, 3> amx_bytes(const Problem& P) {
+  static int64_t amx_panel_blocks(const Problem& P) { return amx_ksteps(P) * 2 * 16 * 32; }  // uint16 per panel
+  static std::array<size_t, 4> amx_bytes(const Problem& P) {
     if constexpr (!kAmxPath) return {};
-    const size_t ks = size_t(amx_ksteps(P));
-    return {sizeof(uint16_t) * size_t(max_panels(P)) * ks * 2 * 16 * 32, sizeof(uint16_t) * 16 * ks * 32,
-            sizeof(float) * 16 * 32};
+    const size_t ks = size_t(amx_ksteps(P)), pb = sizeof(uint16_t) * size_t(amx_panel_blocks(P));
+    const size_t lanes = P.layout == kCandidateLanes ? pb * size_t(P.groups.rc_eff) : 0;
+    return {pb * size_t(max_panels(P)), sizeof(uint16_t) * 16 * ks * 32, sizeof(float) * 16 * 32, lanes};
   }
 
   // The 16 x 16 tile's row stride for D <= 512: the smallest of 64, 128, 256, 512 that holds D.
@@ -261,10 +263,11 @@ struct Engine {
     w.ltile = static_cast<Acc*>(take(lb[4]));
     w.lbmax = static_cast<Acc*>(take(lb[5]));
     w.lbidx = static_cast<int32_t*>(take(lb[6]));
-    const std::array<size_t, 3> ab = amx_bytes(P);
+    const std::array<size_t, 4> ab = amx_bytes(P);
     w.amx_b = static_cast<uint16_t*>(take(ab[0]));
     w.amx_rows = static_cast<uint16_t*>(take(ab[1]));
     w.amx_out = static_cast<float*>(take(ab[2]));
+    w.amx_lanes_b = static_cast<uint16_t*>(take(ab[3]));
     w.amx_b_of = nullptr;
     w.amx_b_a0 = -1;
     w.amx_configured = false;
@@ -605,31 +608,47 @@ struct Engine {
     }
   };
 
-  // The B blocks of view qv's panels (Policy::amx_tile16's layout) from its float panels
-  // (bf16 widened exactly, so the top halves are the bf16 bits), dims past D zero; kept while
-  // the view stays (a query block, or one query in w.qpack1: the key is the pack and first query).
-  static void amx_pack_view(const Problem& P, const QView& qv, Work& w) {
-    if (w.amx_b_of == qv.pack && w.amx_b_a0 == qv.a0) return;
-    const int64_t D = P.d, ks = amx_ksteps(P), pe = panel_elems(P);
-    for (int64_t p = 0; p < qv.panels; ++p) {
-      const PackT* src = qv.pack + p * pe;
-      uint16_t* dst = w.amx_b + p * ks * 2 * 16 * 32;
-      for (int64_t s = 0; s < ks; ++s)
-        for (int h = 0; h < 2; ++h)
-          for (int pr = 0; pr < 16; ++pr) {
-            uint16_t* row = dst + ((2 * s + h) * 16 + pr) * 32;
-            for (int e = 0; e < 2; ++e) {
-              const int64_t k = 32 * s + 2 * pr + e;
-              for (int l = 0; l < 16; ++l) {
-                uint32_t bits = 0;
-                if (k < D) std::memcpy(&bits, src + k * NR + 16 * h + l, 4);
-                row[2 * l + e] = uint16_t(bits >> 16);
-              }
+  // The B blocks (Policy::amx_tile16's layout) of one float panel of NR lanes (bf16 widened
+  // exactly, so the top halves are the bf16 bits), dims past D zero.
+  static void amx_blocks(const PackT* panel, int64_t D, int64_t ks, uint16_t* dst) {
+    for (int64_t s = 0; s < ks; ++s)
+      for (int h = 0; h < 2; ++h)
+        for (int pr = 0; pr < 16; ++pr) {
+          uint16_t* row = dst + ((2 * s + h) * 16 + pr) * 32;
+          for (int e = 0; e < 2; ++e) {
+            const int64_t k = 32 * s + 2 * pr + e;
+            for (int l = 0; l < 16; ++l) {
+              uint32_t bits = 0;
+              if (k < D) std::memcpy(&bits, panel + k * NR + 16 * h + l, 4);
+              row[2 * l + e] = uint16_t(bits >> 16);
             }
           }
-    }
+        }
+  }
+
+  // The B blocks of view qv's panels, kept while the view stays (a query block, or one query in
+  // w.qpack1: the key is the pack and first query).
+  static void amx_pack_view(const Problem& P, const QView& qv, Work& w) {
+    if (w.amx_b_of == qv.pack && w.amx_b_a0 == qv.a0) return;
+    for (int64_t p = 0; p < qv.panels; ++p)
+      amx_blocks(qv.pack + p * panel_elems(P), P.d, amx_ksteps(P), w.amx_b + p * amx_panel_blocks(P));
     w.amx_b_of = qv.pack;
     w.amx_b_a0 = qv.a0;
+  }
+
+  // A tile of MR float rows (exact bf16 values; rows past `real` repeat the last real one, as
+  // the micro-kernel's tiles do) as bf16 in w.amx_rows, zero dims up to the 32 multiple.
+  static void amx_rows_from_float(const Acc* const* rows, int64_t D, Work& w) {
+    const int64_t dp = ceil_div(D, 32) * 32;
+    for (int r = 0; r < MR; ++r) {
+      uint16_t* dst = w.amx_rows + r * dp;
+      for (int64_t k = 0; k < D; ++k) {
+        uint32_t bits;
+        std::memcpy(&bits, rows[r] + k, 4);
+        dst[k] = uint16_t(bits >> 16);
+      }
+      for (int64_t k = D; k < dp; ++k) dst[k] = 0;
+    }
   }
 
   // score_candidate for bf16 on AMX tiles (kAmxPath): rows j0 .. j0 + 15 against each panel's
@@ -1030,6 +1049,7 @@ struct Engine {
         any[l] |= v[l];
       }
       Policy::pack_lanes(src, P.d, w.lpanel + j * pe);
+      if constexpr (kAmxPath) amx_blocks(w.lpanel + j * pe, P.d, amx_ksteps(P), w.amx_lanes_b + j * amx_panel_blocks(P));
       if (j + 1 == P.groups.bounds[kb]) std::memcpy(w.lbvalid + NR * kb++, any, sizeof(any));
     }
   }
@@ -1041,6 +1061,15 @@ struct Engine {
     const RowT* base = static_cast<const RowT*>(P.qpack) + ag * rq * D;
     const RowT* rows[MR];
     for (int r = 0; r < MR; ++r) rows[r] = base + (r < real ? r : real - 1) * D;
+    if constexpr (kAmxPath) {  // bf16 on AMX: all MR rows (past lane_rows(P): repeats, never stored)
+      amx_rows_from_float(rows, D, w);
+      amx_begin(w);
+      const int64_t ks = amx_ksteps(P);
+      for (int64_t j = 0; j < P.groups.rc_eff; ++j)
+        Policy::amx_tile8(w.amx_rows, int64_t(sizeof(uint16_t)) * ks * 32, w.amx_lanes_b + j * amx_panel_blocks(P), ks,
+                          w.ltile + j * MR * NR);
+      return;
+    }
     for (int64_t j = 0; j < P.groups.rc_eff; ++j)
       micro_dispatch<MR>(lane_rows(P), rows, w.lpanel + j * pe, D, w.ltile + j * MR * NR, false);
   }
@@ -1209,7 +1238,7 @@ struct Engine {
     return P.groups.rq_eff == 1 && P.groups.rc_eff == 1 && P.groups.num_groups == 1 && lane_rows(P) == MR;
   }
 
-  static void lane_direct_tile(const Problem& P, int64_t ag, int nqg, int64_t b0, int nl, const Work& w, Acc* out,
+  static void lane_direct_tile(const Problem& P, int64_t ag, int nqg, int64_t b0, int nl, Work& w, Acc* out,
                                bool stream) {
     if constexpr (Policy::kDirectScoreRows) {
       const RowT* base = static_cast<const RowT*>(P.qpack) + ag * P.d;
@@ -1217,11 +1246,20 @@ struct Engine {
       for (int r = 0; r < MR; ++r) rows[r] = base + (r < nqg ? r : nqg - 1) * P.d;
       uint32_t keep = 0;  // lanes whose candidate token is valid (padding lanes are not)
       for (int l = 0; l < NR; ++l) keep |= uint32_t(w.lvalid[l] != 0) << l;
-      Policy::template micro_epilogue<MR>(rows, w.lpanel, P.d, nullptr, false, [&](int r, const auto* v) {
+      auto store = [&](int r, const auto* v) {
         if (r >= nqg) return;
         const int64_t a = ag + r;
         Policy::store_score_row(v, query_token_valid(P, a, 0) ? keep : 0u, out + a * P.nc + b0, nl, stream);
-      });
+      };
+      if constexpr (kAmxPath) {  // bf16 on AMX: the tile through w.amx_out
+        amx_rows_from_float(rows, P.d, w);
+        amx_begin(w);
+        const int64_t ks = amx_ksteps(P);
+        Policy::amx_tile8(w.amx_rows, int64_t(sizeof(uint16_t)) * ks * 32, w.amx_lanes_b, ks, w.amx_out);
+        Policy::amx_rows(w.amx_out, nqg, 2, store);
+      } else {
+        Policy::template micro_epilogue<MR>(rows, w.lpanel, P.d, nullptr, false, store);
+      }
     }
   }
 
