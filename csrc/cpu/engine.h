@@ -112,7 +112,7 @@ struct Engine {
     int32_t* bidx;    // [num_bounds][panels * NR]
     uint8_t* bvalid;  // [num_bounds]        the prefix holds a valid candidate token
     Acc* crows;       // [MR][kc]           candidate rows converted to Acc
-    Acc* rows16;      // [16][rows16_stride] candidate rows for the 16 x 16 tile (Policy::kTile16)
+    RowT* rows16;     // [16][rows16_stride] candidate rows for the 16 x 16 tile (Policy::kTile16)
     Acc* scores;      // [queries_per_block][G]
     Acc* dscores;     // [queries_per_block][G]
     Acc* bound_w;     // [num_bounds]
@@ -205,21 +205,26 @@ struct Engine {
   // which stays there, so that every value is bitwise the MR-row tiling's.
   static constexpr int64_t tile16_rows(int64_t rc) { return rc % MR == 1 ? rc - 1 : rc; }
 
-  // A 16 x 16 tile's rows at stride RS: `in_place` when non-null (16 rows there already), else
-  // row_at(r) for r < mr converted (or copied) into w.rows16, followed by zero rows up to 16
-  // (computed, never folded: no uninitialised memory is read).
+  // A 16 x 16 tile's rows (RowT) at stride RS: `in_place` when non-null (16 rows there
+  // already), else row_at(r) for r < mr copied (kDirectRows) or converted into w.rows16,
+  // followed by zero rows up to 16 (computed, never folded: no uninitialised memory is read).
   template <int RS, class RowAt>
-  static const Acc* tile16_rows_at(const Acc* in_place, RowAt&& row_at, int mr, int64_t D, Work& w) {
+  static const RowT* tile16_rows_at(const RowT* in_place, RowAt&& row_at, int mr, int64_t D, Work& w) {
     if (in_place) return in_place;
-    for (int r = 0; r < mr; ++r) Policy::convert(row_at(r), w.rows16 + r * RS, D);
-    for (int r = mr; r < 16; ++r) std::memset(w.rows16 + r * RS, 0, sizeof(Acc) * D);
+    for (int r = 0; r < mr; ++r) {
+      if constexpr (kDirectRows)
+        std::memcpy(static_cast<void*>(w.rows16 + r * RS), row_at(r), sizeof(RowT) * D);
+      else
+        Policy::convert(row_at(r), w.rows16 + r * RS, D);
+    }
+    for (int r = mr; r < 16; ++r) std::memset(static_cast<void*>(w.rows16 + r * RS), 0, sizeof(RowT) * D);
     return w.rows16;
   }
 
   // w.rows16: 16 rows at the tile's stride.
   static size_t rows16_bytes(const Problem& P) {
     if (!Policy::kTile16 || P.d > 512) return 0;
-    return sizeof(Acc) * 16 * size_t(tile16_stride(P.d));
+    return sizeof(RowT) * 16 * size_t(tile16_stride(P.d));
   }
 
   static size_t candidate_grad_bytes(const Problem& P) {
@@ -248,7 +253,7 @@ struct Engine {
     w.bidx = static_cast<int32_t*>(take(sizeof(int32_t) * nb * lanes));
     w.bvalid = static_cast<uint8_t*>(take(nb));
     w.crows = static_cast<Acc*>(take(sizeof(Acc) * MR * P.kc));
-    w.rows16 = static_cast<Acc*>(take(rows16_bytes(P)));
+    w.rows16 = static_cast<RowT*>(take(rows16_bytes(P)));
     w.scores = static_cast<Acc*>(take(sizeof(Acc) * qpb * G));
     w.dscores = static_cast<Acc*>(take(sizeof(Acc) * qpb * G));
     w.bound_w = static_cast<Acc*>(take(sizeof(Acc) * nb));
@@ -520,7 +525,7 @@ struct Engine {
   // fold_tile for a 16-row tile of the 16 x 16 kernel (Policy::micro16x16): rows at stride RS
   // from `rows`, the first 16 lanes of one panel.
   template <int RS, bool kArgmax>
-  __attribute__((noinline)) static void fold_tile16(const Acc* rows, const PackT* qp, int64_t kc, int64_t j0,
+  __attribute__((noinline)) static void fold_tile16(const RowT* rows, const PackT* qp, int64_t kc, int64_t j0,
                                                     uint32_t valid, bool seen, Acc* runmax, int32_t* runidx,
                                                     uint32_t snap, const int64_t* bound_at, Acc* bmax, int32_t* bidx,
                                                     int64_t lanes, LinePrefetch& prefetch) {
@@ -536,17 +541,18 @@ struct Engine {
     }
   }
 
-  // Whether score_candidate takes score_candidate16: a policy with the 16 x 16 tile, one panel
-  // whose tokens fit 16 lanes, and D in one chunk of at most 512 (the tile's row stride).
+  // Whether score_candidate takes score_candidate16: a policy with the 16 x 16 tile (for its
+  // rows and panels: float, or the avx512_bf16 policy's bf16 pairs), one panel whose tokens fit
+  // 16 lanes, and D in one chunk of at most 512 (the tile's row stride).
   static bool tile16_path(const Problem& P, const QView& qv, int nt) {
-    if constexpr (Policy::kTile16 && Policy::kFoldMax && std::is_same_v<PackT, float>) {
+    if constexpr (Policy::kTile16 && Policy::kFoldMax) {
       return nt == 0 && P.kc == P.d && P.d <= 512 && qv.panels == 1 && qv.n * P.groups.rq_eff <= 16;
     }
     return false;
   }
 
   // score_candidate on 16 x 16 tiles (tile16_path): rows j0 .. j0 + 15 at the fixed stride RS,
-  // read in place when they already are (float rows of stride RS), else converted or copied
+  // read in place when they already are (RowT rows of stride RS), else converted or copied
   // into w.rows16, a partial tile padded with zero rows (never folded). Every element is the
   // value the 8 x 32 tiles give it, bitwise: a sequential FMA chain over d, except a row that
   // the 8-row tiling leaves alone in a 1-row tile (rc = 8 m + 1: the last row), which that tile
@@ -563,8 +569,8 @@ struct Engine {
     for (int64_t j0 = 0; j0 < rc16; j0 += 16) {
       const int mr = int(min64(16, rc16 - j0));
       LinePrefetch prefetch = next_rows_prefetch(next, cs1, D, j0, mr);
-      const bool in_place = std::is_same_v<T, Acc> && cs1 == RS && mr == 16;
-      const Acc* rows = tile16_rows_at<RS>(in_place ? reinterpret_cast<const Acc*>(cand + j0 * cs1) : nullptr,
+      const bool in_place = kDirectRows && cs1 == RS && mr == 16;
+      const RowT* rows = tile16_rows_at<RS>(in_place ? reinterpret_cast<const RowT*>(cand + j0 * cs1) : nullptr,
                                            [&](int r) { return cand + (j0 + r) * cs1; }, mr, D, w);
       uint32_t valid, snap;
       int64_t bound_at[16];  // read only where snap has the row's bit

@@ -550,37 +550,88 @@ struct ExactScan {
     }
   }
 
+  // Prefetch (into L2) of a 16 x 16 tile's rows, spread over the loop of the tile before it
+  // (Policy::micro16x16's beside()). A 16-row tile reads its rows a pair of dims at a time, so
+  // each row's next line is a demand miss; one query at a large budget, streamed from DRAM,
+  // waited on them (search at (16, 64), Nq = 1: a third of the memory bandwidth). The rows of
+  // one slab are contiguous per candidate: a tile's 16 rows are at most 16 runs of lines.
+  struct TileRowsPrefetch {
+    const char* next[16];  // line-aligned
+    const char* end[16];
+    int runs = 0, cur = 0;
+    int64_t per = 0;  // lines per step()
+
+    // Rows j0 .. j0 + mr of candidate c.
+    void add_rows(const IndexProblem& IP, const Cand& c, int64_t j0, int mr) {
+      const int64_t row_bytes = int64_t(sizeof(T)) * IP.p.d;
+      for (int64_t j = j0; j < j0 + mr;) {
+        int64_t j1 = j + 1;  // rows j .. j1 of one slab: contiguous
+        while (j1 < j0 + mr && IP.tok_slab[j1] == IP.tok_slab[j]) ++j1;
+        const char* b = reinterpret_cast<const char*>(token_row<T>(IP, *c.seg, c.b, j));
+        next[runs] = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(b) & ~uintptr_t(63));
+        end[runs++] = b + (j1 - j) * row_bytes;
+        j = j1;
+      }
+    }
+    // Spread the lines over `calls` calls of step().
+    void spread(int64_t calls) {
+      int64_t lines = 0;
+      for (int r = 0; r < runs; ++r) lines += (end[r] - next[r] + 63) / 64;
+      per = (lines + calls - 1) / (calls > 0 ? calls : 1);
+    }
+    __attribute__((always_inline)) void step() {
+      for (int64_t i = 0; i < per && cur < runs; ++i) {
+        __builtin_prefetch(next[cur], 0, 2);
+        next[cur] += 64;
+        if (next[cur] >= end[cur]) ++cur;
+      }
+    }
+    void finish() {
+      while (cur < runs) step();
+    }
+  };
+
   // Rows j0 .. j0 + mr (mr <= 16) of candidate c against a view of <= 16 query tokens on the
   // engine's 16 x 16 tile (E::tile16_path), into out [16][NR] (lanes 16-31 repeat 0-15; rows past mr
-  // come from zero rows). The rows are read in place when 16 of them sit at the tile's stride
-  // in one slab (float, D = RS), else converted or copied into w.rows16. Values bitwise tile()'s
-  // for rows in tiles of 2 or more (sequential FMA chains over d).
+  // come from zero rows), prefetching `ahead`'s rows meanwhile. The rows are read in place when
+  // 16 of them sit at the tile's stride in one slab (RowT, D = RS), else converted or copied
+  // into w.rows16. Values bitwise tile()'s for rows in tiles of 2 or more (sequential chains
+  // over d).
   template <int RS>
   static void tile16(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, const Cand& c,
-                     int64_t j0, int mr, float* out) {
+                     int64_t j0, int mr, float* out, TileRowsPrefetch& ahead) {
     const int64_t D = IP.p.d;
-    const bool in_place = std::is_same_v<T, float> && D == RS && mr == 16 && IP.tok_slab[j0] == IP.tok_slab[j0 + 15];
-    const float* rows = E::template tile16_rows_at<RS>(
-        in_place ? reinterpret_cast<const float*>(token_row<T>(IP, *c.seg, c.b, j0)) : nullptr,
+    const bool in_place = E::kDirectRows && D == RS && mr == 16 && IP.tok_slab[j0] == IP.tok_slab[j0 + 15];
+    const RowT* rows = E::template tile16_rows_at<RS>(
+        in_place ? reinterpret_cast<const RowT*>(token_row<T>(IP, *c.seg, c.b, j0)) : nullptr,
         [&](int r) { return token_row<T>(IP, *c.seg, c.b, j0 + r); }, mr, D, w);
     if constexpr (Policy::kTile16) {
+      ahead.spread(D / Policy::kBesideSteps);
       Policy::template micro16x16<RS>(rows, qv.pack, D, [out](int r, const auto* v) {
         std::memcpy(out + r * NR, &v[0], sizeof(v[0]));
         std::memcpy(out + r * NR + NR / 2, &v[1], sizeof(v[1]));
-      }, NoBeside{});
+      }, [&ahead] { ahead.step(); });
+      ahead.finish();
     }
   }
 
   // BlockFold over a candidate of r_c > MR rows on 16 x 16 tiles: bitwise the MR-row tiles'
   // fold, the lone last row of r_c = MR m + 1 (a 1-row tile, summed in 4 interleaved chains)
-  // included, through tile() as there.
+  // included, through tile() as there. Each tile prefetches the next one's rows: the
+  // candidate's, then the first tile of the next row of its segment (the scan's next
+  // candidate unless a filter skips it).
   template <int RS>
   static void fold_tiles16(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
                            BlockFold<NR, MR>& f, const Cand& c, const Acc* const* qrows, int nt) {
     const int64_t rc = IP.p.groups.rc_eff, rc16 = E::tile16_rows(rc);
     for (int64_t j0 = 0; j0 < rc16; j0 += 16) {
       const int mr = int(min64(16, rc16 - j0));
-      tile16<RS>(IP, qv, w, c, j0, mr, x.tile16);
+      TileRowsPrefetch ahead;
+      if (j0 + 16 < rc16)
+        ahead.add_rows(IP, c, j0 + 16, int(min64(16, rc16 - j0 - 16)));
+      else if (c.b + 1 < c.seg->n)
+        ahead.add_rows(IP, Cand{c.seg, c.b + 1}, 0, int(min64(16, rc16)));
+      tile16<RS>(IP, qv, w, c, j0, mr, x.tile16, ahead);
       f.fold(c, x.tile16, 0, mr, j0);
     }
     if (rc16 < rc) {

@@ -9,7 +9,7 @@ namespace cpu {
 namespace {
 
 struct Avx512Bf16Policy : Avx512Policy {
-  static constexpr bool kTile16 = false;  // Avx512Policy's 16 x 16 tile takes float panels only
+  static constexpr bool kTile16 = true;  // float panels: Avx512Policy's micro16x16; bf16: below
   template <class T>
   using Pack = std::conditional_t<std::is_same_v<T, bf16_t>, uint16_t, float>;
   template <class T>
@@ -20,6 +20,7 @@ struct Avx512Bf16Policy : Avx512Policy {
   }
 
   using Avx512Policy::micro;
+  using Avx512Policy::micro16x16;
   using Avx512Policy::pack_lanes;
   using Avx512Policy::pack_token;
 
@@ -108,6 +109,47 @@ struct Avx512Bf16Policy : Avx512Policy {
       epi(r, v);
     }
   }
+  // The 16 x 16 tile for a query view of <= 16 tokens (Engine::tile16_path) on bf16 pairs:
+  // candidate rows r < 16 at stride RS (bf16 elements), lanes 0-15 of the panel (the first
+  // vector of each pair's 32 lanes), 16 accumulators. Each element is the 8 x 32 tile's chain
+  // (one VDPBF16PS per pair of dims in order, then the odd last dim against (q, 0)), so values
+  // are bitwise micro_epilogue's. A pair costs 1 load + 16 VDPBF16PS with a broadcast operand,
+  // against the 8 x 32 tile's 2 + 8 per 16 when half of its lanes would be idle.
+  template <int RS, class Epilogue, class Beside>
+  static inline void micro16x16(const bf16_t* rows, const uint16_t* qp, int64_t kc, Epilogue&& epi, Beside&& beside) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    auto pair = [&](int64_t p) __attribute__((always_inline)) {
+      const __m512bh q = (__m512bh)_mm512_loadu_si512(qp + p * 2 * NR);
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        uint32_t two;  // c[j][2p] in the low half, c[j][2p+1] in the high half
+        std::memcpy(&two, rows + r * RS + 2 * p, sizeof(two));
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(two)), q);
+      }
+    };
+    const int64_t pairs = kc / 2;
+    constexpr int kPairs = kBesideSteps / 2;
+    int64_t p = 0;
+    for (; p + kPairs <= pairs; p += kPairs) {
+#pragma GCC unroll 2
+      for (int u = 0; u < kPairs; ++u) pair(p + u);
+      beside();
+    }
+    for (; p < pairs; ++p) pair(p);
+    if (kc & 1) {  // last dim alone: (c, 0) against the packed (q, 0)
+      const __m512bh q = (__m512bh)_mm512_loadu_si512(qp + pairs * 2 * NR);
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r)
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(rows[r * RS + kc - 1].bits)), q);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) {
+      const __m512 v[2] = {acc[r], acc[r]};
+      epi(r, v);
+    }
+  }
 };
 
 // The index's bfloat16 scan with many query lanes: 64-lane query panels (four vectors) by 6
@@ -120,6 +162,7 @@ struct Avx512Bf16WidePolicy : Avx512Bf16Policy {
   static constexpr int NR = 64;
   static constexpr int MR = 6;
   static constexpr bool kWorkBeside = false;  // its micro_epilogue takes no beside() job
+  static constexpr bool kTile16 = false;      // many query lanes: never a view of <= 16 tokens
   static constexpr int kVecs = NR / 16;
   static constexpr bool kDirectScoreRows = false;  // store_score_row writes 32 lanes
 
