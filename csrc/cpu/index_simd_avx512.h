@@ -9,6 +9,7 @@
 //   sum_d (x_d + 128) y_d = <x, y> + 128 sum_d y_d, and the host subtracts the query side's
 //   128 sum_d y_d (QInfo::corr). Query panels are [ceil(D/4)][NR lanes][4 bytes].
 #pragma once
+#include <type_traits>
 #include <utility>
 
 #include "index_engine.h"
@@ -114,8 +115,68 @@ struct Avx512Dots {
     for (; r < M; ++r) rows_block<NT, 1>(rows + r, q, k0, n, tile + r * nr, nr, accumulate);
   }
 
+  // bfloat16 rows 32 dims at a time as two float32 vectors without a widening shuffle: the
+  // even dims are each 32-bit lane's low half shifted up, the odd dims its high half with the
+  // low half cleared; the query's 32 dims are split the same way (two permutes, shared by the
+  // four rows). Exact float32 products as load16's; about 40% fewer instructions per byte,
+  // which lets a one-query scan (a memory-bound GEMV) keep more of its row stream in flight.
+  template <int NT>
+  static inline void rows4_bf16_pairs(const bf16_t* const* rows, const float* const* q, int64_t n, __m512* out) {
+    constexpr bool kSplit = NT <= 2;  // separate even / odd chains while registers allow
+    __m512 even[4][NT], odd[4][kSplit ? NT : 1];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) {
+        even[r][t] = _mm512_setzero_ps();
+        if constexpr (kSplit) odd[r][t] = _mm512_setzero_ps();
+      }
+    const __m512i high = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+    const __m512i even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd_idx = _mm512_add_epi32(even_idx, _mm512_set1_epi32(1));
+    for (int64_t d = 0; d < n; d += 32) {
+      // Past n: the rows' and the query's lanes load as zeros (never read).
+      const __mmask32 m = __mmask32(n - d >= 32 ? ~uint32_t(0) : (uint32_t(1) << (n - d)) - 1);
+      const __mmask16 mlo = __mmask16(m), mhi = __mmask16(m >> 16);
+      __m512 ce[4], co[4];
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const __m512i x = _mm512_maskz_loadu_epi16(m, rows[r] + d);
+        ce[r] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        co[r] = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+      }
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) {
+        const __m512 lo = _mm512_maskz_loadu_ps(mlo, q[t] + d), hi = _mm512_maskz_loadu_ps(mhi, q[t] + d + 16);
+        const __m512 qe = _mm512_permutex2var_ps(lo, even_idx, hi), qo = _mm512_permutex2var_ps(lo, odd_idx, hi);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          even[r][t] = _mm512_fmadd_ps(ce[r], qe, even[r][t]);
+          if constexpr (kSplit) {
+            odd[r][t] = _mm512_fmadd_ps(co[r], qo, odd[r][t]);
+          } else {
+            even[r][t] = _mm512_fmadd_ps(co[r], qo, even[r][t]);
+          }
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) {
+      if constexpr (kSplit) {
+        out[t] = fold4(_mm512_add_ps(even[0][t], odd[0][t]), _mm512_add_ps(even[1][t], odd[1][t]),
+                       _mm512_add_ps(even[2][t], odd[2][t]), _mm512_add_ps(even[3][t], odd[3][t]));
+      } else {
+        out[t] = fold4(even[0][t], even[1][t], even[2][t], even[3][t]);
+      }
+    }
+  }
+
   template <int NT, class RowT>
   static inline void rows4(const RowT* const* rows, const float* const* q, int64_t n, __m512* out) {
+    if constexpr (std::is_same_v<RowT, bf16_t>) {
+      rows4_bf16_pairs<NT>(rows, q, n, out);
+      return;
+    }
     __m512 acc[4][NT];
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r)
