@@ -2,8 +2,9 @@
 // pragmas (internal linkage, like engine.h):
 //
 // * Avx512Dots: few-token dot products along D (one query at a small budget), float32 or
-//   bfloat16 rows against float32 query rows. Rows go four (one token) or two at a time so
-//   that 4 / 2 x tokens FMA chains are in flight; masked loads for the D tail.
+//   bfloat16 rows against float32 query rows; masked loads for the D tail. The 16-row scan
+//   (dots16) reads float32 rows one after another and bfloat16 rows four side by side as
+//   even / odd halves; the chunked path (dots) two or four rows side by side.
 // * VnniInt8Ops: the int8 scan's integer kernels with VPDPBUSD (u8 x s8 -> s32, four
 //   products per lane). Candidates are the unsigned operand: x + 128 (xor 0x80), so
 //   sum_d (x_d + 128) y_d = <x, y> + 128 sum_d y_d, and the host subtracts the query side's
@@ -171,44 +172,58 @@ struct Avx512Dots {
     }
   }
 
+  // out[16 t] = <row, q_t> for t < NT: the row read once, front to back, two FMA chains per
+  // token while registers allow, each reduced to a scalar at the end.
   template <int NT, class RowT>
-  static inline void rows4(const RowT* const* rows, const float* const* q, int64_t n, __m512* out) {
-    if constexpr (std::is_same_v<RowT, bf16_t>) {
-      rows4_bf16_pairs<NT>(rows, q, n, out);
-      return;
-    }
-    __m512 acc[4][NT];
+  static inline void row_dots(const RowT* row, const float* const* q, int64_t n, float* out) {
+    constexpr int kChains = NT <= 2 ? 2 : 1;
+    __m512 acc[NT][kChains];
 #pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r)
+    for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 2
+      for (int h = 0; h < kChains; ++h) acc[t][h] = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 * kChains <= n; d += 16 * kChains)
+#pragma GCC unroll 2
+      for (int h = 0; h < kChains; ++h) {
+        const __m512 c = load16(row + d + 16 * h);
 #pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < n; d += 16) {
-      const __mmask16 m = n - d >= 16 ? __mmask16(0xFFFF) : tail_mask16(n - d);
-      __m512 c[4];
-#pragma GCC unroll 4
-      for (int r = 0; r < 4; ++r) c[r] = m == 0xFFFF ? load16(rows[r] + d) : load16_tail(rows[r] + d, m);
-#pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) {
-        const __m512 qt = _mm512_maskz_loadu_ps(m, q[t] + d);
-#pragma GCC unroll 4
-        for (int r = 0; r < 4; ++r) acc[r][t] = _mm512_fmadd_ps(c[r], qt, acc[r][t]);
+        for (int t = 0; t < NT; ++t) acc[t][h] = _mm512_fmadd_ps(c, _mm512_loadu_ps(q[t] + d + 16 * h), acc[t][h]);
       }
+    for (; d < n; d += 16) {
+      const __mmask16 m = n - d >= 16 ? __mmask16(0xFFFF) : tail_mask16(n - d);
+      const __m512 c = load16_tail(row + d, m);
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) acc[t][0] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(m, q[t] + d), acc[t][0]);
     }
 #pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) out[t] = fold4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
+    for (int t = 0; t < NT; ++t) {
+      __m512 a = acc[t][0];
+      if constexpr (kChains == 2) a = _mm512_add_ps(a, acc[t][1]);
+      out[16 * t] = _mm512_reduce_add_ps(a);
+    }
   }
 
+  // float32 rows one after another (row_dots), not four side by side: on a Zen 4 EPYC the
+  // side-by-side walk streamed a one-vector slab at 16 GB/s on 2 cores, one row at a time at
+  // 30-40 (its scalar reductions are cheap beside a memory-bound scan). bfloat16 rows stay
+  // four side by side (rows4_bf16_pairs): there they stream as fast either way, and the four
+  // rows share the query's even / odd permutes (one row at a time cost 1.4x at 4 tokens).
   template <int NT, class RowT>
   static void dots16_nt(const RowT* const* rows, const float* const* q, int64_t n, float* out) {
-    __m512 sums[NT];
-    lane_sums16<NT>([&](int r0, __m512* f) { rows4<NT>(rows + r0, q, n, f); }, sums);
+    if constexpr (std::is_same_v<RowT, bf16_t>) {
+      __m512 sums[NT];
+      lane_sums16<NT>([&](int r0, __m512* f) { rows4_bf16_pairs<NT>(rows + r0, q, n, f); }, sums);
 #pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + 16 * t, sums[t]);
+      for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + 16 * t, sums[t]);
+    } else {
+#pragma GCC unroll 2
+      for (int r = 0; r < 16; ++r) row_dots<NT>(rows[r], q, n, out + r);
+    }
   }
 
-  // out[t][r] = <row_r, q_t> over n elements for 16 rows and nt <= 4 query rows: one
-  // accumulator per (row, token), then the transposing reduction (the candidates' sums land in
-  // the lanes the few-token scan works in).
+  // out[t][r] = <row_r, q_t> over n elements for 16 rows and nt <= 4 query rows (the
+  // candidates' sums in the lanes the few-token scan works in).
   template <class RowT>
   static void dots16(const RowT* const* rows, const float* const* q, int nt, int64_t n, float* out) {
     switch (nt) {
