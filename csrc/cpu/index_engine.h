@@ -168,6 +168,28 @@ struct BlockFold {
     }
   }
 
+  // fold()'s bookkeeping for rows j0 .. j0 + count - 1 of candidate c when the caller folds
+  // the rows itself (ExactScan::fold_tile_rows: from registers): bit r of `valid` where token
+  // j0 + r is valid, bit r of `snap` where row r closes bound bound_at[r] (whose snapshot the
+  // caller takes after folding row r); any_valid, bvalid and kb advance as in fold().
+  void row_bits(const Cand& c, int64_t j0, int count, uint32_t& valid, uint32_t& snap, int64_t* bound_at) {
+    const Groups& G = IP.p.groups;
+    valid = snap = 0;
+    for (int r = 0; r < count; ++r) {
+      const int64_t j = j0 + r;
+      if (token_valid(IP, *c.seg, c.b, j)) {
+        valid |= uint32_t(1) << r;
+        any_valid = true;
+      }
+      if (j + 1 == G.bounds[kb]) {
+        snap |= uint32_t(1) << r;
+        bound_at[r] = kb;
+        bvalid[kb] = any_valid;
+        ++kb;
+      }
+    }
+  }
+
   // scores[g * n + al] = s_g(a0 + al, candidate): query tokens summed in order; a token facing
   // no valid candidate vector in the prefix (bvalid 0) contributes 0, as a masked token does.
   void finish() {
@@ -227,6 +249,16 @@ inline __m512 query_token16(const __m512* v, int rq, int i) {
   const __m512 lo = _mm512_permutex2var_ps(v[0], idx, v[1]), hi = _mm512_permutex2var_ps(v[2], idx, v[3]);
   return _mm512_permutex2var_ps(lo, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23), hi);
 }
+#endif
+
+// m[0, W) = max(v, m) lane by lane, W the vector's lanes: BlockFold's `row > m ? row : m`
+// (MAXPS returns its second operand when the first is not greater, NaN included).
+#if defined(METAEMBED_INDEX_ZMM)
+inline void max_into(float* m, __m512 v) { _mm512_storeu_ps(m, _mm512_max_ps(v, _mm512_loadu_ps(m))); }
+#endif
+#if defined(METAEMBED_INDEX_ZMM) || defined(METAEMBED_INDEX_AVX2)
+inline void max_into(float* m, __m256 v) { _mm256_storeu_ps(m, _mm256_max_ps(v, _mm256_loadu_ps(m))); }
+#define METAEMBED_INDEX_MAX_INTO 1
 #endif
 
 // Query-token validity of a block as 0/1 bytes (nullptr when q has no mask).
@@ -550,6 +582,60 @@ struct ExactScan {
     }
   }
 
+  // Tiles of r_c > MR rows over all of D at once fold on registers: the micro-kernel hands each
+  // finished row to BlockFold's max (max_into) and snapshot instead of storing the tile for
+  // fold() to read back. Same arithmetic and order, so scores are bitwise the stored path's;
+  // exact search at (16, 64), 16 queries, on the 64-lane bf16 tile: the stored tile and its
+  // fold were 8% of the scan.
+#if defined(METAEMBED_INDEX_MAX_INTO)
+  static constexpr bool kRegisterFold = Policy::kFoldMax && !E::kAmxPath;
+#else
+  static constexpr bool kRegisterFold = false;
+#endif
+
+  template <int M, class Epi>
+  static void micro_fold(int mr, const RowT* const* rows, const typename E::PackT* qp, int64_t kc, Epi&& epi) {
+    if constexpr (M > 1) {
+      if (mr < M) return micro_fold<M - 1>(mr, rows, qp, kc, epi);
+    }
+    Policy::template micro_epilogue<M>(rows, qp, kc, nullptr, false, epi);
+  }
+
+  // Rows j0 .. j0 + mr (mr <= MR) of candidate c against every panel of the view, folded into
+  // f (BlockFold::fold's effect) from registers. Needs P.kc == P.d and nt == 0.
+  static void fold_tile_rows(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w,
+                             BlockFold<NR, MR>& f, const Cand& c, int64_t j0, int mr) {
+    if constexpr (kRegisterFold) {
+      const int64_t D = IP.p.d, pe = E::panel_elems(IP.p);
+      const RowT* rows[MR];
+      for (int r = 0; r < mr; ++r) {
+        const T* src = token_row<T>(IP, *c.seg, c.b, j0 + r);
+        if constexpr (E::kDirectRows) {
+          rows[r] = src;
+        } else {
+          Policy::convert(src, w.crows + r * D, D);
+          rows[r] = w.crows + r * D;
+        }
+      }
+      uint32_t valid, snap;
+      int64_t bound_at[MR];  // read only where snap has the row's bit
+      f.row_bits(c, j0, mr, valid, snap, bound_at);
+      float* run = f.run();
+      const bool copy = run != f.bmax;  // one bound: the fold runs in its snapshot already
+      for (int64_t p = 0; p < qv.panels; ++p) {
+        float* m = run + p * NR;
+        float* snapshots = f.bmax + p * NR;
+        micro_fold<MR>(mr, rows, qv.pack + p * pe, D, [&](int r, const auto* v) {
+          constexpr int W = int(sizeof(*v) / sizeof(float));
+          if (valid >> r & 1u) {
+            for (int h = 0; h < NR / W; ++h) max_into(m + h * W, v[h]);
+          }
+          if (copy && (snap >> r & 1u)) std::memcpy(snapshots + bound_at[r] * f.lanes, m, sizeof(float) * NR);
+        });
+      }
+    }
+  }
+
   // Prefetch (into L2) of a 16 x 16 tile's rows, spread over the loop of the tile before it
   // (Policy::micro16x16's beside()). A 16-row tile reads its rows a pair of dims at a time, so
   // each row's next line is a demand miss; one query at a large budget, streamed from DRAM,
@@ -725,6 +811,11 @@ struct ExactScan {
         E::with_tile16_stride(P.d, [&](auto rs) {
           fold_tiles16<decltype(rs)::value>(IP, qv, w, x, f, cands[0], qrows, nt);
         });
+        f.finish();
+        emit(cands[0], x.scores);
+      } else if (kRegisterFold && nt == 0 && P.kc == P.d) {
+        f.begin();
+        for (int64_t j0 = 0; j0 < rc; j0 += MR) fold_tile_rows(IP, qv, w, f, cands[0], j0, int(min64(MR, rc - j0)));
         f.finish();
         emit(cands[0], x.scores);
       } else {
