@@ -143,12 +143,12 @@ struct BlockFold {
 
   // Rows [r0, r0 + count) of `tile` are tokens j0 .. j0 + count - 1 of candidate c.
   void fold(const Cand& c, const float* tile, int r0, int count, int64_t j0) {
-    const Groups& G = IP.p.groups;
+    uint32_t valid, snap;
+    int64_t bound_at[32];  // count <= 32: one tile's rows
+    row_bits(c, j0, count, valid, snap, bound_at);
     float* m = run();
     for (int r = 0; r < count; ++r) {
-      const int64_t j = j0 + r;
-      if (token_valid(IP, *c.seg, c.b, j)) {
-        any_valid = true;
+      if (valid >> r & 1u) {
         if (L == NR) {
           for (int64_t p = 0; p < panels; ++p) {
             const float* row = tile + (p * MR + r0 + r) * NR;
@@ -160,18 +160,15 @@ struct BlockFold {
           for (int l = 0; l < L; ++l) m[l] = row[l] > m[l] ? row[l] : m[l];
         }
       }
-      if (j + 1 == G.bounds[kb]) {
-        if (m != bmax) std::memcpy(bmax + kb * lanes, m, sizeof(float) * fold_lanes);
-        bvalid[kb] = any_valid;
-        ++kb;
-      }
+      if ((snap >> r & 1u) && m != bmax) std::memcpy(bmax + bound_at[r] * lanes, m, sizeof(float) * fold_lanes);
     }
   }
 
-  // fold()'s bookkeeping for rows j0 .. j0 + count - 1 of candidate c when the caller folds
-  // the rows itself (ExactScan::fold_tile_rows: from registers): bit r of `valid` where token
-  // j0 + r is valid, bit r of `snap` where row r closes bound bound_at[r] (whose snapshot the
-  // caller takes after folding row r); any_valid, bvalid and kb advance as in fold().
+  // The bookkeeping of rows j0 .. j0 + count - 1 (count <= 32) of candidate c, for fold() and
+  // for callers that fold rows from registers (ExactScan::fold_tile_rows, Int8Scan::fold_int_rows):
+  // bit r of `valid` where token j0 + r is valid, bit r of `snap` where row r closes bound
+  // bound_at[r] (whose snapshot the caller takes after folding row r); any_valid, bvalid[bound]
+  // (whether a row up to the bound was valid) and kb advance.
   void row_bits(const Cand& c, int64_t j0, int count, uint32_t& valid, uint32_t& snap, int64_t* bound_at) {
     const Groups& G = IP.p.groups;
     valid = snap = 0;
