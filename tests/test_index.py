@@ -195,7 +195,11 @@ def test_many_queries(scan_isa, dtype, num_threads):
                                       # sums by permutes, 16 queries per chunk, partial chunks
                                       (15, 4, 8, 36, 40, ((4, 8), (4, 3), (2, 5))),
                                       (17, 2, 6, 20, 40, ((2, 6), (2, 2))),
-                                      (1, 4, 13, 130, 70, ((1, 1), (2, 4), (4, 8), (3, 13), (1, 5)))):
+                                      (1, 4, 13, 130, 70, ((1, 1), (2, 4), (4, 8), (3, 13), (1, 5))),
+                                      # the few-token dots' D tails: all of D one (AVX2 int8:
+                                      # 32 bytes, float32: 8 dims), and 45 = 32 + 8 + 5; 1-4 tokens
+                                      (1, 4, 8, 20, 70, ((1, 1), (3, 8), (4, 2))),
+                                      (2, 2, 5, 45, 70, ((1, 1), (2, 5), (1, 3)))):
         q = helpers.exact_values((nq, rq, d), gen)
         q_mask, c_mask = helpers.random_masks(nq, rq, n, rc, gen)
         c = exact_candidates(n, rc, d, dtype, gen)

@@ -876,6 +876,42 @@ struct ExactScan {
     return kFusedTest && one_token_path(IP.p) && !IP.masked && IP.p.groups.rc_eff == 1 && IP.p.kc >= IP.p.d;
   }
 
+  // Token 0 of a group's MR candidates for the fused test: srcs[r] as stored, rows[r] as the
+  // micro-kernel reads it (in place, or converted once into w.crows; unused on AMX). Padding
+  // rows r >= count repeat the last real row.
+  static void fused_test_rows(const IndexProblem& IP, typename E::Work& w, const Cand* cands, int count,
+                              const typename E::RowT** rows, const T** srcs) {
+    const Problem& P = IP.p;
+    for (int r = 0; r < MR; ++r) {
+      const Cand& c = cands[r < count ? r : count - 1];
+      const T* src = token_row<T>(IP, *c.seg, c.b, 0);
+      srcs[r] = src;
+      if constexpr (E::kAmxPath) {
+        rows[r] = nullptr;  // unused: the tile comes from amx_tile_rows
+      } else if constexpr (E::kDirectRows) {
+        rows[r] = src;
+      } else {
+        if (r < count) Policy::convert(src, w.crows + r * P.kc, P.d);
+        rows[r] = w.crows + (r < count ? r : count - 1) * P.kc;
+      }
+    }
+  }
+
+  // Offers the hits of one panel (bit l of hits[r]: lane l0 + l of tile row r reached its bar;
+  // the row's scores stored in w.tile), re-reading the bar that rises as the top k fills.
+  static void offer_panel_hits(TopK& top, const typename E::QView& qv, const float* tile, const Cand* cands,
+                               int count, const uint64_t* hits, int64_t l0) {
+    const float* thr = top.thr + qv.a0;  // group 0
+    for (int r = 0; r < count; ++r) {
+      const Cand& c = cands[r];
+      for (uint64_t h = hits[r]; h; h &= h - 1) {
+        const int l = __builtin_ctzll(h);
+        const float s = tile[r * NR + l];
+        if (s >= thr[l0 + l]) topk_offer(top, qv.a0 + l0 + l, s, c.seg->ids[c.b], c.seg->row0 + c.b);
+      }
+    }
+  }
+
   static void search_fused_test(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
                                 TopK& top, int64_t r0, int64_t r1) {
     constexpr int V = NR / 16;  // vectors per tile row
@@ -887,19 +923,7 @@ struct ExactScan {
     for_candidate_groups(IP, r0, r1, MR, [&](const Cand* cands, int count) {
       const typename E::RowT* rows[MR];
       const T* srcs[MR];
-      for (int r = 0; r < MR; ++r) {
-        const Cand& c = cands[r < count ? r : count - 1];
-        const T* src = token_row<T>(IP, *c.seg, c.b, 0);
-        srcs[r] = src;
-        if constexpr (E::kAmxPath) {
-          rows[r] = nullptr;  // unused: the tile comes from amx_tile_rows
-        } else if constexpr (E::kDirectRows) {
-          rows[r] = src;
-        } else {  // padding rows repeat the last real row, converted once
-          if (r < count) Policy::convert(src, w.crows + r * P.kc, D);
-          rows[r] = w.crows + (r < count ? r : count - 1) * P.kc;
-        }
-      }
+      fused_test_rows(IP, w, cands, count, rows, srcs);
       // The tile's rows handed to epi(r, acc) in registers: the micro-kernel's, or on AMX those
       // of panel p's tile, stored in w.amx_out.
       const uint16_t* amx_rows = nullptr;
@@ -942,16 +966,102 @@ struct ExactScan {
           hits[r] = h;
           any |= h;
         });
-        if (!any) continue;
-        for (int r = 0; r < count; ++r) {
-          const Cand& c = cands[r];
-          for (uint64_t h = hits[r]; h; h &= h - 1) {
-            const int l = __builtin_ctzll(h);
-            const float s = w.tile[r * NR + l];
-            if (s >= thr[l0 + l])  // the bar rises as the top k fills
-              topk_offer(top, qv.a0 + l0 + l, s, c.seg->ids[c.b], c.seg->row0 + c.b);
+        if (any) offer_panel_hits(top, qv, w.tile, cands, count, hits, l0);
+      }
+    });
+  }
+#elif defined(METAEMBED_INDEX_AVX2)
+  // The same fused test on the AVX2 policy's 16-lane tile rows (two ymm per row): lane masks
+  // from compares and MOVMSKPS instead of mask registers. A (1, 1) search of 256 queries over
+  // 20,000 float32 candidates spent half its time storing and re-reading tiles without it.
+  static constexpr bool kFusedTest = NR == 16;
+
+  static bool fused_test_path(const IndexProblem& IP) {
+    return kFusedTest && one_token_path(IP.p) && !IP.masked && IP.p.groups.rc_eff == 1 && IP.p.kc >= IP.p.d;
+  }
+
+  // Token 0 of a group's MR candidates for the fused test: srcs[r] as stored, rows[r] as the
+  // micro-kernel reads it (in place, or converted once into w.crows; unused on AMX). Padding
+  // rows r >= count repeat the last real row.
+  static void fused_test_rows(const IndexProblem& IP, typename E::Work& w, const Cand* cands, int count,
+                              const typename E::RowT** rows, const T** srcs) {
+    const Problem& P = IP.p;
+    for (int r = 0; r < MR; ++r) {
+      const Cand& c = cands[r < count ? r : count - 1];
+      const T* src = token_row<T>(IP, *c.seg, c.b, 0);
+      srcs[r] = src;
+      if constexpr (E::kAmxPath) {
+        rows[r] = nullptr;  // unused: the tile comes from amx_tile_rows
+      } else if constexpr (E::kDirectRows) {
+        rows[r] = src;
+      } else {
+        if (r < count) Policy::convert(src, w.crows + r * P.kc, P.d);
+        rows[r] = w.crows + (r < count ? r : count - 1) * P.kc;
+      }
+    }
+  }
+
+  // Offers the hits of one panel (bit l of hits[r]: lane l0 + l of tile row r reached its bar;
+  // the row's scores stored in w.tile), re-reading the bar that rises as the top k fills.
+  static void offer_panel_hits(TopK& top, const typename E::QView& qv, const float* tile, const Cand* cands,
+                               int count, const uint64_t* hits, int64_t l0) {
+    const float* thr = top.thr + qv.a0;  // group 0
+    for (int r = 0; r < count; ++r) {
+      const Cand& c = cands[r];
+      for (uint64_t h = hits[r]; h; h &= h - 1) {
+        const int l = __builtin_ctzll(h);
+        const float s = tile[r * NR + l];
+        if (s >= thr[l0 + l]) topk_offer(top, qv.a0 + l0 + l, s, c.seg->ids[c.b], c.seg->row0 + c.b);
+      }
+    }
+  }
+
+  static void search_fused_test(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
+                                TopK& top, int64_t r0, int64_t r1) {
+    const Problem& P = IP.p;
+    const int64_t n = qv.n, D = P.d, pe = E::panel_elems(P);
+    const uint8_t* qvalid = block_qvalid(IP, qv.a0, n, x.qvalid);
+    const float* thr = top.thr + qv.a0;  // group 0
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for_candidate_groups(IP, r0, r1, MR, [&](const Cand* cands, int count) {
+      const typename E::RowT* rows[MR];
+      const T* srcs[MR];
+      fused_test_rows(IP, w, cands, count, rows, srcs);
+      for (int64_t p = 0; p < qv.panels; ++p) {
+        const int64_t l0 = p * NR, lanes = min64(NR, n - l0);
+        const uint64_t live = (uint64_t(1) << lanes) - 1;
+        __m256 keep[2], bar[2];  // keep: lanes whose query token is valid (and live)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(lanes - 8 * h)), iota);
+          keep[h] = _mm256_castsi256_ps(in);
+          bar[h] = _mm256_maskload_ps(thr + l0 + 8 * h, in);  // lanes past n: never loaded
+        }
+        if (qvalid) {
+          alignas(16) uint8_t q8[16] = {};
+          std::memcpy(q8, qvalid + l0, size_t(lanes));
+          const __m128i qb = _mm_load_si128(reinterpret_cast<const __m128i*>(q8));
+          for (int h = 0; h < 2; ++h) {
+            const __m256i qi = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(qb, 8) : qb);
+            keep[h] = _mm256_and_ps(keep[h], _mm256_castsi256_ps(_mm256_cmpgt_epi32(qi, _mm256_setzero_si256())));
           }
         }
+        uint64_t hits[MR];
+        uint64_t any = 0;
+        Policy::template micro_epilogue<MR>(rows, qv.pack + p * pe, D, nullptr, false, [&](int r, const __m256* acc) {
+          __m256 v[2];
+          uint64_t h = 0;
+          for (int i = 0; i < 2; ++i) {
+            v[i] = _mm256_and_ps(_mm256_max_ps(acc[i], minus_inf), keep[i]);  // dot > -inf ? dot : -inf; masked: 0
+            h |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(v[i], bar[i], _CMP_GE_OQ))) << (8 * i);
+          }
+          h &= live;
+          if (h)
+            for (int i = 0; i < 2; ++i) _mm256_storeu_ps(w.tile + r * NR + 8 * i, v[i]);
+          hits[r] = h;
+          any |= h;
+        });
+        if (any) offer_panel_hits(top, qv, w.tile, cands, count, hits, l0);
       }
     });
   }
