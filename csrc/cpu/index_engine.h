@@ -863,19 +863,7 @@ struct ExactScan {
     });
   }
 
-#if defined(METAEMBED_INDEX_ZMM)
-  // The plain GEMM case of the one-token path (r_c = 1, no candidate mask, D in one chunk: every
-  // (1, 1) search and cascade first stage): the threshold test runs on the micro-kernel's
-  // accumulators (Policy::micro_epilogue), so a candidate that reaches no bar, nearly all of
-  // them, is never stored or re-read. Scores are those of the tile path: max(-inf, dot), then 0
-  // for a masked query token. A policy that widens its rows (bf16 on the avx512 kernels)
-  // converts each group's MR rows once, for every query panel of the block.
-  static constexpr bool kFusedTest = NR % 16 == 0 && NR <= 64;
-
-  static bool fused_test_path(const IndexProblem& IP) {
-    return kFusedTest && one_token_path(IP.p) && !IP.masked && IP.p.groups.rc_eff == 1 && IP.p.kc >= IP.p.d;
-  }
-
+#if defined(METAEMBED_INDEX_ZMM) || defined(METAEMBED_INDEX_AVX2)
   // Token 0 of a group's MR candidates for the fused test: srcs[r] as stored, rows[r] as the
   // micro-kernel reads it (in place, or converted once into w.crows; unused on AMX). Padding
   // rows r >= count repeat the last real row.
@@ -911,6 +899,16 @@ struct ExactScan {
       }
     }
   }
+#endif
+
+#if defined(METAEMBED_INDEX_ZMM)
+  // The plain GEMM case of the one-token path (r_c = 1, no candidate mask, D in one chunk: every
+  // (1, 1) search and cascade first stage): the threshold test runs on the micro-kernel's
+  // accumulators (Policy::micro_epilogue), so a candidate that reaches no bar, nearly all of
+  // them, is never stored or re-read. Scores are those of the tile path: max(-inf, dot), then 0
+  // for a masked query token. A policy that widens its rows (bf16 on the avx512 kernels)
+  // converts each group's MR rows once, for every query panel of the block.
+  static constexpr bool kFusedTest = NR % 16 == 0 && NR <= 64;
 
   static void search_fused_test(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
                                 TopK& top, int64_t r0, int64_t r1) {
@@ -976,46 +974,6 @@ struct ExactScan {
   // 20,000 float32 candidates spent half its time storing and re-reading tiles without it.
   static constexpr bool kFusedTest = NR == 16;
 
-  static bool fused_test_path(const IndexProblem& IP) {
-    return kFusedTest && one_token_path(IP.p) && !IP.masked && IP.p.groups.rc_eff == 1 && IP.p.kc >= IP.p.d;
-  }
-
-  // Token 0 of a group's MR candidates for the fused test: srcs[r] as stored, rows[r] as the
-  // micro-kernel reads it (in place, or converted once into w.crows; unused on AMX). Padding
-  // rows r >= count repeat the last real row.
-  static void fused_test_rows(const IndexProblem& IP, typename E::Work& w, const Cand* cands, int count,
-                              const typename E::RowT** rows, const T** srcs) {
-    const Problem& P = IP.p;
-    for (int r = 0; r < MR; ++r) {
-      const Cand& c = cands[r < count ? r : count - 1];
-      const T* src = token_row<T>(IP, *c.seg, c.b, 0);
-      srcs[r] = src;
-      if constexpr (E::kAmxPath) {
-        rows[r] = nullptr;  // unused: the tile comes from amx_tile_rows
-      } else if constexpr (E::kDirectRows) {
-        rows[r] = src;
-      } else {
-        if (r < count) Policy::convert(src, w.crows + r * P.kc, P.d);
-        rows[r] = w.crows + (r < count ? r : count - 1) * P.kc;
-      }
-    }
-  }
-
-  // Offers the hits of one panel (bit l of hits[r]: lane l0 + l of tile row r reached its bar;
-  // the row's scores stored in w.tile), re-reading the bar that rises as the top k fills.
-  static void offer_panel_hits(TopK& top, const typename E::QView& qv, const float* tile, const Cand* cands,
-                               int count, const uint64_t* hits, int64_t l0) {
-    const float* thr = top.thr + qv.a0;  // group 0
-    for (int r = 0; r < count; ++r) {
-      const Cand& c = cands[r];
-      for (uint64_t h = hits[r]; h; h &= h - 1) {
-        const int l = __builtin_ctzll(h);
-        const float s = tile[r * NR + l];
-        if (s >= thr[l0 + l]) topk_offer(top, qv.a0 + l0 + l, s, c.seg->ids[c.b], c.seg->row0 + c.b);
-      }
-    }
-  }
-
   static void search_fused_test(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w, Extra& x,
                                 TopK& top, int64_t r0, int64_t r1) {
     const Problem& P = IP.p;
@@ -1067,10 +1025,13 @@ struct ExactScan {
   }
 #else
   static constexpr bool kFusedTest = false;
-  static bool fused_test_path(const IndexProblem&) { return false; }
   static void search_fused_test(const IndexProblem&, const typename E::QView&, typename E::Work&, Extra&, TopK&,
                                 int64_t, int64_t) {}
 #endif
+
+  static bool fused_test_path(const IndexProblem& IP) {
+    return kFusedTest && one_token_path(IP.p) && !IP.masked && IP.p.groups.rc_eff == 1 && IP.p.kc >= IP.p.d;
+  }
 
   static void search(const IndexProblem& IP, int64_t qblock, int64_t r0, int64_t r1, void* ws, TopK& top) {
     const Problem& P = IP.p;
