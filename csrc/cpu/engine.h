@@ -37,6 +37,19 @@ struct f16_t {
   uint16_t bits;
 };
 
+// f(std::integral_constant<int, NT>{}) with NT = nt, 1 <= nt <= kFewQueryTokens: the
+// few-token dot kernels are unrolled over the query tokens, one instantiation per count.
+template <class F>
+inline decltype(auto) with_token_count(int nt, F&& f) {
+  static_assert(kFewQueryTokens == 4, "one case per few-token count");
+  switch (nt) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
 inline float scalar_to_float(float x) { return x; }
 inline double scalar_to_float(double x) { return x; }
 inline float scalar_to_float(bf16_t h) {
@@ -443,12 +456,7 @@ struct Engine {
 
   // out[t] (+)= <row[0, n), q[t][k0, k0 + n)> for t < nt <= kDotTokens.
   static void dots(const RowT* row, const Acc* const* q, int nt, int64_t k0, int64_t n, Acc* out, bool accumulate) {
-    switch (nt) {
-      case 1: return dots_n<1>(row, q, k0, n, out, accumulate);
-      case 2: return dots_n<2>(row, q, k0, n, out, accumulate);
-      case 3: return dots_n<3>(row, q, k0, n, out, accumulate);
-      default: return dots_n<4>(row, q, k0, n, out, accumulate);
-    }
+    return with_token_count(nt, [&](auto t) { return dots_n<decltype(t)::value>(row, q, k0, n, out, accumulate); });
   }
 
   // When the view's tokens are few enough, converts them to Acc rows in w.qrows, points

@@ -1391,6 +1391,20 @@ struct Int8Scan {
   }
 #endif
 
+  // The one-group bar test's rescores: each lane l set in hits (query a + l, bar thr[l]) whose
+  // upper bound us[l] still reaches its bar -- bars rise as the top k fills, so an earlier
+  // lane's offer can lift a later one's -- gets c's exact score offered to its top k.
+  static void rescore_hits(const IndexProblem& IP, TopK& top, int64_t a, const float* thr, uint32_t hits,
+                           const float* us, const Cand& c, Work& w) {
+    const int64_t id = c.seg->ids[c.b], row = c.seg->row0 + c.b;
+    for (; hits; hits &= hits - 1) {
+      const int l = __builtin_ctz(hits);
+      if (us[l] < thr[l]) continue;
+      exact_scores(IP, a + l, c, w, w.exact);
+      if (w.exact[0] >= thr[l]) topk_offer(top, a + l, w.exact[0], id, row);
+    }
+  }
+
   // Exact scores of query a against candidate c: float32 dots of q with the dequantised
   // vectors x_jd * s_j, out[g] for the groups with r_q <= rq_lim and r_c <= rc_lim (every group
   // by default; the others are not computed, out[g] left as is). A
@@ -1698,14 +1712,7 @@ struct Int8Scan {
               if (!hits) continue;
               alignas(64) float us[16];
               _mm512_store_ps(us, u);
-              const Cand& cc = cands[c];
-              const int64_t id = cc.seg->ids[cc.b], row = cc.seg->row0 + cc.b;
-              for (; hits; hits &= hits - 1) {
-                const int l = __builtin_ctz(hits);
-                if (us[l] < thr[l]) continue;  // the bar rises as the top k fills
-                exact_scores(IP, a0 + l, cc, w, w.exact);
-                if (w.exact[0] >= thr[l]) topk_offer(top, a0 + l, w.exact[0], id, row);
-              }
+              rescore_hits(IP, top, a0, thr, hits, us, cands[c], w);
               bar = _mm512_maskz_loadu_ps(live, thr);
             }
           });
@@ -1735,7 +1742,6 @@ struct Int8Scan {
               return v;
             };
             const __m512 vnmax = _mm512_set1_ps(nmax);
-            const int64_t id = cc.seg->ids[cc.b], row = cc.seg->row0 + cc.b;
             // the bar test of queries [l0, l0 + 16) given their A (kept in registers: a masked
             // store read back at once would stall on store forwarding)
             auto test16 = [&](int64_t l0, __mmask16 live, __m512 a) {
@@ -1744,12 +1750,7 @@ struct Int8Scan {
               if (!hits) return;
               alignas(64) float us[16];
               _mm512_store_ps(us, u);
-              for (; hits; hits &= hits - 1) {
-                const int l = __builtin_ctz(hits);
-                if (us[l] < thr[l0 + l]) continue;  // the bar rises as the top k fills
-                exact_scores(IP, a0 + l0 + l, cc, w, w.exact);
-                if (w.exact[0] >= thr[l0 + l]) topk_offer(top, a0 + l0 + l, w.exact[0], id, row);
-              }
+              rescore_hits(IP, top, a0 + l0, thr + l0, hits, us, cc, w);
             };
             if (rq == 1) {  // lane = query
               for (int64_t l0 = 0; l0 < n; l0 += 16) {
@@ -1863,14 +1864,7 @@ struct Int8Scan {
             alignas(32) float us[16];
             _mm256_store_ps(us, u[0]);
             _mm256_store_ps(us + 8, u[1]);
-            const Cand& cc = cands[c];
-            const int64_t id = cc.seg->ids[cc.b], row = cc.seg->row0 + cc.b;
-            for (; hits; hits &= hits - 1) {
-              const int l = __builtin_ctz(hits);
-              if (us[l] < thr[l]) continue;  // the bar rises as the top k fills
-              exact_scores(IP, a0 + l, cc, w, w.exact);
-              if (w.exact[0] >= thr[l]) topk_offer(top, a0 + l, w.exact[0], id, row);
-            }
+            rescore_hits(IP, top, a0, thr, hits, us, cands[c], w);
             bar[0] = _mm256_maskload_ps(thr, live[0]);
             bar[1] = _mm256_maskload_ps(thr + 8, live[1]);
           }

@@ -133,12 +133,7 @@ struct Avx2Dots {
   // out[t][r] = <rows[r], q_t> over n elements for 16 rows and nt <= 4 query rows.
   template <class RowT>
   static void dots16(const RowT* const* rows, const float* const* q, int nt, int64_t n, float* out) {
-    switch (nt) {
-      case 1: return dots16_nt<1>(rows, q, n, out);
-      case 2: return dots16_nt<2>(rows, q, n, out);
-      case 3: return dots16_nt<3>(rows, q, n, out);
-      default: return dots16_nt<4>(rows, q, n, out);
-    }
+    return with_token_count(nt, [&](auto t) { return dots16_nt<decltype(t)::value>(rows, q, n, out); });
   }
 
   // tile[r * nr + t] (+)= <rows[r][0, n), q_t[k0, k0 + n)> for M rows (float32, converted)
@@ -160,12 +155,8 @@ struct Avx2Dots {
 
   static void dots(const float* const* rows, int M, const float* const* q, int nt, int64_t k0, int64_t n, float* tile,
                    int nr, bool accumulate) {
-    switch (nt) {
-      case 1: return dots_nt<1>(rows, M, q, k0, n, tile, nr, accumulate);
-      case 2: return dots_nt<2>(rows, M, q, k0, n, tile, nr, accumulate);
-      case 3: return dots_nt<3>(rows, M, q, k0, n, tile, nr, accumulate);
-      default: return dots_nt<4>(rows, M, q, k0, n, tile, nr, accumulate);
-    }
+    return with_token_count(
+        nt, [&](auto t) { return dots_nt<decltype(t)::value>(rows, M, q, k0, n, tile, nr, accumulate); });
   }
 };
 
@@ -264,12 +255,7 @@ struct Avx2Int8Ops {
 
   // out[t][r] = <x_r, y_t> for 16 rows and t < nt (<= 4) query rows of dpad bytes (zero past D).
   static void dots(const int8_t* const* src, const int8_t* qrows, int64_t dpad, int nt, int64_t D, int32_t* out) {
-    switch (nt) {
-      case 1: return dots_nt<1>(src, qrows, dpad, D, out);
-      case 2: return dots_nt<2>(src, qrows, dpad, D, out);
-      case 3: return dots_nt<3>(src, qrows, dpad, D, out);
-      default: return dots_nt<4>(src, qrows, dpad, D, out);
-    }
+    return with_token_count(nt, [&](auto t) { return dots_nt<decltype(t)::value>(src, qrows, dpad, D, out); });
   }
 };
 

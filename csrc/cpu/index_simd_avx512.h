@@ -226,23 +226,14 @@ struct Avx512Dots {
   // candidates' sums in the lanes the few-token scan works in).
   template <class RowT>
   static void dots16(const RowT* const* rows, const float* const* q, int nt, int64_t n, float* out) {
-    switch (nt) {
-      case 1: return dots16_nt<1>(rows, q, n, out);
-      case 2: return dots16_nt<2>(rows, q, n, out);
-      case 3: return dots16_nt<3>(rows, q, n, out);
-      default: return dots16_nt<4>(rows, q, n, out);
-    }
+    return with_token_count(nt, [&](auto t) { return dots16_nt<decltype(t)::value>(rows, q, n, out); });
   }
 
   template <class RowT>
   static void dots(const RowT* const* rows, int M, const float* const* q, int nt, int64_t k0, int64_t n, float* tile,
                    int nr, bool accumulate) {
-    switch (nt) {
-      case 1: return dots_nt<1>(rows, M, q, k0, n, tile, nr, accumulate);
-      case 2: return dots_nt<2>(rows, M, q, k0, n, tile, nr, accumulate);
-      case 3: return dots_nt<3>(rows, M, q, k0, n, tile, nr, accumulate);
-      default: return dots_nt<4>(rows, M, q, k0, n, tile, nr, accumulate);
-    }
+    return with_token_count(
+        nt, [&](auto t) { return dots_nt<decltype(t)::value>(rows, M, q, k0, n, tile, nr, accumulate); });
   }
 };
 
@@ -369,12 +360,7 @@ struct VnniInt8OpsT {
   // bytes (zero past D), reduced by lane_sums16: the candidates' sums land in the lanes the
   // few-token scan works in.
   static void dots(const int8_t* const* src, const int8_t* qrows, int64_t dpad, int nt, int64_t D, int32_t* out) {
-    switch (nt) {
-      case 1: return dots_nt<1>(src, qrows, dpad, D, out);
-      case 2: return dots_nt<2>(src, qrows, dpad, D, out);
-      case 3: return dots_nt<3>(src, qrows, dpad, D, out);
-      default: return dots_nt<4>(src, qrows, dpad, D, out);
-    }
+    return with_token_count(nt, [&](auto t) { return dots_nt<decltype(t)::value>(src, qrows, dpad, D, out); });
   }
 };
 
