@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -109,6 +110,14 @@ def candidate_plans(dtype: torch.dtype, rq: int, rc: int, d: int):
     out += index_launch.gate_plans(dtype, rq, rc, d)
     out += own_candidate_plans(dtype, rq, rc, d)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def shape_plans(dtype_name: str, rq: int, rc: int, d: int):
+    """candidate_plans, planned once per shape: collect() fills this cache before the compile
+    workers fork, so they inherit it (planning a shape takes ~0.2 s, which every one of the
+    gate's ~600 compiles used to repeat)."""
+    return tuple(candidate_plans(DTYPES[dtype_name], rq, rc, d))
 
 
 def own_candidate_plans(dtype: torch.dtype, rq: int, rc: int, d: int):
@@ -256,7 +265,7 @@ def collect(targets: Sequence[int], dtype_names: Sequence[str], dims: Sequence[i
         for dtype_name in dtype_names:
             for rq, rc in shapes:
                 for d in dims:
-                    for index, (workload, plan) in enumerate(candidate_plans(DTYPES[dtype_name], rq, rc, d)):
+                    for index, (workload, plan) in enumerate(shape_plans(dtype_name, rq, rc, d)):
                         signature, constexprs, attrs = specialise(plan)
                         key = (target, plan.kernel.__name__, repr(sorted(signature.items())),
                                repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
@@ -278,7 +287,7 @@ def compile_job(job: Job) -> Row:
     from triton.compiler import ASTSource
 
     row = job.row
-    _, plan = candidate_plans(DTYPES[job.dtype_name], job.rq, job.rc, job.dims[0])[job.plan_index]
+    _, plan = shape_plans(job.dtype_name, job.rq, job.rc, job.dims[0])[job.plan_index]
     signature, constexprs, attrs = specialise(plan)
     start = time.perf_counter()
     try:
