@@ -40,17 +40,25 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 
 install: $(VENV)/.built
 
-# The fast inner loop: everything but the compile gates (marker `gate`, run by `make gate`).
+# The fast inner loop: everything but the compile gates (marker `gate`, run by `make gate`),
+# one pytest-xdist worker per core (tests/conftest.py gives each its share of torch's threads;
+# work stealing, as a few tests take 10-30 s where most take milliseconds).
+XDIST := -n auto --dist worksteal
 test: install
-	$(PY) -m pytest tests -q -ra -m "not gate" --durations=15
+	$(PY) -m pytest tests -q -ra -m "not gate" --durations=15 $(XDIST)
 
 test-fast: install
-	$(PY) -m pytest tests -q -x -m "not gate and not slow"
+	$(PY) -m pytest tests -q -x -m "not gate and not slow" $(XDIST)
 
 # Ahead-of-time compile gates (Triton kernels for sm_80 and sm_90; several minutes).
 gate: install
 	$(PY) -m pytest tests -q -ra -m gate --durations=5
 
+# --no-compile (the peers here, the cached venvs of scripts/): byte-compiling every module of
+# torch, transformers & co. at install time is most of a venv's creation (a colpali host venv,
+# wheels cached: 52.6 s with it, 20.2 s without), and these venvs start a few processes, each
+# compiling (and caching, unless PYTHONDONTWRITEBYTECODE) only what it imports: `import torch`
+# costs ~1.5 s more without .pyc files. The dev venv, which starts hundreds, keeps them.
 # Peers (benchmarks/requirements-peers.txt): one pip call per line, torch pinned on each, so
 # a peer that fails to install is only skipped by the benchmarks. The stamp is written only
 # when every line installed, so a failed line is retried by the next `make bench`. pip's
@@ -63,7 +71,7 @@ $(VENV)/.peers: $(VENV)/.deps $(PEERS_REQ)
 	n=$$(echo "$$lines" | wc -l); i=0; failed=0; \
 	while read -r args; do i=$$((i + 1)); t=$$(date +%s); \
 	  printf 'bench-deps [%d/%d] pip install %s ... ' $$i $$n "$$args"; \
-	  if $(PIP) install -q --disable-pip-version-check $$args torch==$(TORCH_VERSION) </dev/null \
+	  if $(PIP) install -q --no-compile --disable-pip-version-check $$args torch==$(TORCH_VERSION) </dev/null \
 	       >>$(VENV)/bench-deps.log 2>&1; then echo "ok ($$(( $$(date +%s) - t )) s)"; \
 	  else failed=1; echo "FAILED, its peer will be skipped:"; \
 	       grep -v "$(PIP_NOISE)" $(VENV)/bench-deps.log | tail -5 | sed 's/^/    /'; fi; \

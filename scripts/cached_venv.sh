@@ -22,7 +22,7 @@ cached_venv() {
     rm -rf "$tmp"
     python3 -m venv "$tmp"
     # (pip's notes about this machine's empty extra index folders are filtered out)
-    "$tmp/bin/python" -m pip install -q --disable-pip-version-check "$@" </dev/null 2>&1 \
+    "$tmp/bin/python" -m pip install -q --no-compile --disable-pip-version-check "$@" </dev/null 2>&1 \
       | { grep -v "is ignored: it is neither a file nor a directory" || true; }
     if ! "$tmp/bin/python" -c "$check"; then
       echo "   $tmp does not hold what was asked for ($*)"

@@ -6,6 +6,7 @@
 #   3. it imports, and every op has a CPU and a CUDA kernel registered;
 #   4. registers / shared memory / spills per kernel and arch from -Xptxas=-v: fails on any spill;
 #   5. tests/test_cuda.py with the CUDA kernels running on the CPU emulator (csrc/cuda/emulate.h).
+# --venv-only: step 1 only (.ci/run builds the venv while `make test` runs).
 # Environment: METAEMBED_CUDA_VENV (default ~/.cache/metaembed-kernels/cuda-venv),
 # METAEMBED_CUDA_BUILD (default ~/.cache/metaembed-kernels/cuda-build), CUDA_HOME
 # (/usr/local/cuda), TORCH_CUDA_ARCH_LIST ("8.0;9.0a"), MAX_JOBS (2).
@@ -36,6 +37,7 @@ step() { echo "== cuda-gate [$(($(date +%s) - T0))s] $*"; }
 step "torch==$TORCH_PIN (CUDA build), ninja, numpy, pytest in $VENV"
 cached_venv "$VENV" "import torch, ninja, numpy, pytest; assert torch.__version__.split('+')[0] == '$TORCH_PIN' and torch.version.cuda" \
   "torch==$TORCH_PIN" ninja numpy pytest || { echo "cuda-gate: no CUDA build of torch $TORCH_PIN in $VENV"; exit 1; }
+[ "${1:-}" = "--venv-only" ] && { step "venv ready"; return 0; }
 "$VENV/bin/python" -c "import torch; print('   torch', torch.__version__, '| CUDA', torch.version.cuda, '| GPU present:', torch.cuda.is_available())"
 
 # ---- 2. out-of-tree build -------------------------------------------------------------

@@ -8,7 +8,9 @@
 #      no TORCH_CUDA_ARCH_LIST (the Docker-build case that once crashed in torch's
 #      _get_cuda_arch_flags): it must build the CUDA part, for setup.py's default archs;
 #   3. the cpu-backend tests and the Triton interpreter tests on this torch / triton;
-#   4. the Triton compile gate for sm_80 and sm_90 on this triton (no spills, MMA, smem).
+#   4. the Triton compile gate for sm_80 and sm_90 on this triton (no spills, MMA, smem), for
+#      bf16 and fp32 (fp16 would compile bf16's kernels again with another element type; the
+#      gate of `make gate` compiles all three on the dev triton).
 # Cache (scripts/cached_venv.sh): the venv is built in VENV.partial and renamed into place
 # only once complete and checked (an interrupted download never leaves a half venv to
 # reuse), under a lock; a venv whose pins or imports no longer match is rebuilt.
@@ -33,9 +35,9 @@ step() { echo "== test-compat [$(($(date +%s) - T0))s] $*"; }
 
 # ---- 1. environment -------------------------------------------------------------------
 . scripts/cached_venv.sh
-step "torch==$COMPAT_TORCH (CUDA build, ~4.7 GB), triton==$COMPAT_TRITON, numpy==$COMPAT_NUMPY, ninja, pytest in $VENV"
-cached_venv "$VENV" "import torch, triton, ninja, numpy, pytest; assert torch.__version__.split('+')[0] == '$COMPAT_TORCH' and torch.version.cuda and triton.__version__ == '$COMPAT_TRITON' and numpy.__version__ == '$COMPAT_NUMPY'" \
-  "torch==$COMPAT_TORCH" "triton==$COMPAT_TRITON" "numpy==$COMPAT_NUMPY" ninja pytest \
+step "torch==$COMPAT_TORCH (CUDA build, ~4.7 GB), triton==$COMPAT_TRITON, numpy==$COMPAT_NUMPY, ninja, pytest(-xdist) in $VENV"
+cached_venv "$VENV" "import torch, triton, ninja, numpy, pytest, xdist; assert torch.__version__.split('+')[0] == '$COMPAT_TORCH' and torch.version.cuda and triton.__version__ == '$COMPAT_TRITON' and numpy.__version__ == '$COMPAT_NUMPY'" \
+  "torch==$COMPAT_TORCH" "triton==$COMPAT_TRITON" "numpy==$COMPAT_NUMPY" ninja pytest "pytest-xdist>=3.2" \
   || { echo "test-compat: no torch $COMPAT_TORCH (CUDA) + triton $COMPAT_TRITON in $VENV"; exit 1; }
 [ "${1:-}" = "--venv-only" ] && { step "venv ready"; return 0; }
 "$VENV/bin/python" -c "import torch, triton; print('   torch', torch.__version__, '| CUDA', torch.version.cuda, '| triton', triton.__version__, '| GPU visible:', torch.cuda.is_available())"
@@ -70,11 +72,12 @@ EOF
 TESTS="tests/test_cpu_backend.py tests/test_maxsim.py tests/test_loss.py tests/test_ops.py tests/test_validation.py tests/test_triton.py"
 step "pytest (cpu backend, Triton interpreter): $TESTS"
 (cd "$BUILD/src" && TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest $TESTS -q -p no:cacheprovider -ra \
-  -m "not gate and not gpu" --durations=5)
+  -m "not gate and not gpu" --durations=5 -n auto --dist worksteal)
 
 # ---- 4. the Triton compile gate on this triton ----------------------------------------
-step "Triton compile gate (sm_80, sm_90) on triton $COMPAT_TRITON"
-(cd "$BUILD/src" && "$VENV/bin/python" -m pytest tests/test_triton.py -q -p no:cacheprovider -ra -m gate)
+step "Triton compile gate (sm_80, sm_90; bf16, fp32) on triton $COMPAT_TRITON"
+(cd "$BUILD/src" && METAEMBED_GATE_DTYPES=bf16,fp32 "$VENV/bin/python" -m pytest tests/test_triton.py -q \
+  -p no:cacheprovider -ra -m gate)
 step "passed"
 }
 

@@ -14,6 +14,16 @@ sys.path.insert(0, os.path.dirname(__file__))  # `import helpers`
 from metaembed_kernels import _extension  # noqa: E402
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (make test: -n auto), each worker takes its share of torch's threads:
+    two workers on two cores each running two OpenMP threads oversubscribe them (measured: the
+    suite 405 s that way, 360 s with one thread per worker). Tests of thread counts set their
+    own (the num_threads fixture)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False, help="run tests marked slow")
 

@@ -58,8 +58,11 @@ def test_bench_terminal_shows_the_summary_first_and_writes_the_wide_tables(tmp_p
     wide = tmp_path / "per_provider.md"
     cmd = [sys.executable, "-m", "pytest", "benchmarks/test_bench_cpu.py", "--benchmark-only", "--benchmark-quiet",
            "-q", "-rs", "-p", "no:cacheprovider", "-k", "W0-float32-cpu or W0-float32-matmul or W0-float32-pylate"]
+    # not as an xdist worker (make test runs under pytest-xdist): pytest-benchmark would see
+    # PYTEST_XDIST_WORKER and refuse --benchmark-only
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, METAEMBED_BENCH_TABLES=str(wide)))
+                            env=dict(env, METAEMBED_BENCH_TABLES=str(wide)))
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
     summary_at = out.index("metaembed-kernels: the cpu backend in this run")
