@@ -16,6 +16,11 @@ Build switches (environment variables):
     TORCH_CUDA_ARCH_LIST   CUDA architectures. Unset: the visible GPUs' (torch's default), or
                            DEFAULT_CUDA_ARCHS ("8.0;9.0+PTX": A100, H100/H200, PTX for newer
                            GPUs) when no GPU is visible (a Docker build stage, a CPU CI box).
+    METAEMBED_CPU_ISAS     the CPU kernels' instruction-set variants to build besides generic:
+                           all (default), none, or a comma list of avx2, avx512, avx512_bf16,
+                           amx (the last two build on avx512). Only the built ones are
+                           selectable at run time. The CUDA gate and test-compat builds use
+                           none: those variants hold no torch code and take half the build.
     METAEMBED_PTXAS_VERBOSE 1: -Xptxas=-v (registers and spills per kernel; the CUDA gate).
     METAEMBED_DEBUG        1: -O0 -g, for debuggers and sanitizers.
     MAX_JOBS               parallel compile jobs (ninja), as for any torch extension.
@@ -139,6 +144,26 @@ def shared_cxx_runtime(cxx=None, maps="/proc/self/maps") -> list:
     return []
 
 
+CPU_ISAS = ("avx2", "avx512", "avx512_bf16", "amx")  # the variants beside generic (csrc/cpu/isa_*.cpp)
+
+
+def omitted_cpu_isas(value: str) -> list:
+    """The CPU ISA variants METAEMBED_CPU_ISAS leaves out (their files compile to stubs that
+    report them unsupported). Raises ValueError naming what was expected."""
+    value = value.strip().lower()
+    if value in ("", "all"):
+        return []
+    wanted = set() if value == "none" else {name.strip() for name in value.split(",") if name.strip()}
+    unknown = sorted(wanted - set(CPU_ISAS))
+    if unknown:
+        raise ValueError(f"METAEMBED_CPU_ISAS: unknown {unknown}; expected all, none or a comma list of "
+                         f"{', '.join(CPU_ISAS)}")
+    needy = sorted(wanted & {"avx512_bf16", "amx"})
+    if needy and "avx512" not in wanted:
+        raise ValueError(f"METAEMBED_CPU_ISAS: {', '.join(needy)} build on avx512's kernels: add avx512")
+    return [name for name in CPU_ISAS if name not in wanted]
+
+
 def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -154,9 +179,14 @@ def extensions():
     kwargs = dict(
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"] + shared_cxx_runtime(),
-        define_macros=[],  # torch adds Py_LIMITED_API (its oldest supported Python) for py_limited_api
+        # torch adds Py_LIMITED_API (its oldest supported Python) for py_limited_api
+        define_macros=[(f"METAEMBED_OMIT_{name.upper()}", "1")
+                       for name in omitted_cpu_isas(os.environ.get("METAEMBED_CPU_ISAS", "all"))],
         py_limited_api=True,
     )
+    if kwargs["define_macros"]:
+        print(f"metaembed-kernels: METAEMBED_CPU_ISAS={os.environ['METAEMBED_CPU_ISAS']}: not building "
+              f"{', '.join(omitted_cpu_isas(os.environ['METAEMBED_CPU_ISAS']))}", file=sys.stderr)
     build_cuda, reason = cuda_decision(_flag("METAEMBED_BUILD_CUDA", "auto"), torch.version.cuda, CUDA_HOME,
                                        nvcc_version(CUDA_HOME))
     if not build_cuda:

@@ -7,6 +7,8 @@
 #   2. the extension built OUT OF TREE with METAEMBED_BUILD_CUDA=auto, no GPU visible and
 #      no TORCH_CUDA_ARCH_LIST (the Docker-build case that once crashed in torch's
 #      _get_cuda_arch_flags): it must build the CUDA part, for setup.py's default archs;
+#      METAEMBED_CPU_ISAS=none: the CPU kernels' ISA variants (no torch code in them; make test
+#      tests each) are left out, which halves the build;
 #   3. the cpu-backend tests and the Triton interpreter tests on this torch / triton;
 #   4. the Triton compile gate for sm_80 and sm_90 on this triton (no spills, MMA, smem), for
 #      bf16 and fp32 (fp16 would compile bf16's kernels again with another element type; the
@@ -47,7 +49,7 @@ step "syncing sources to $BUILD/src"
 mkdir -p "$BUILD/src" "$BUILD/temp"
 "$VENV/bin/python" scripts/sync_sources.py "$BUILD/src"
 step "building (METAEMBED_BUILD_CUDA=auto, no TORCH_CUDA_ARCH_LIST, no GPU, MAX_JOBS=$MAX_JOBS)"
-if ! (cd "$BUILD/src" && METAEMBED_BUILD_CUDA=auto "$VENV/bin/python" setup.py -q build_ext --inplace \
+if ! (cd "$BUILD/src" && METAEMBED_CPU_ISAS=none METAEMBED_BUILD_CUDA=auto "$VENV/bin/python" setup.py -q build_ext --inplace \
       --build-temp "$BUILD/temp") >"$BUILD/build.log" 2>&1; then
   grep -E "error|Error" "$BUILD/build.log" | head -40 || true
   tail -30 "$BUILD/build.log"
@@ -59,6 +61,7 @@ grep "metaembed-kernels:" "$BUILD/build.log" | sed 's/^/   /' || true
 import torch
 from metaembed_kernels import _extension
 assert _extension.is_loaded(), _extension.load_error()
+assert list(_extension.supported_cpu_isas()) == ['generic'], _extension.supported_cpu_isas()  # METAEMBED_CPU_ISAS=none
 assert _extension._C.built_with_cuda(), "METAEMBED_BUILD_CUDA=auto built no CUDA kernels with a CUDA torch and nvcc"
 assert _extension.has_kernel("cpu") and _extension.has_kernel("cuda")
 print("   extension: cpu + cuda kernels registered; built against torch", _extension.build_info()["torch"],

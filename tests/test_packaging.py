@@ -237,6 +237,27 @@ def test_ptxas_verbose_only_in_the_cuda_gate():
     assert read("setup.py").count('"-Xptxas=-v"') == 1  # one place adds it
 
 
+def test_cpu_isas_build_switch():
+    setup = load_setup()
+    assert setup.omitted_cpu_isas("all") == [] and setup.omitted_cpu_isas("") == []
+    assert setup.omitted_cpu_isas("none") == ["avx2", "avx512", "avx512_bf16", "amx"]
+    assert setup.omitted_cpu_isas(" AVX2 ") == ["avx512", "avx512_bf16", "amx"]
+    assert setup.omitted_cpu_isas("avx512,amx") == ["avx2", "avx512_bf16"]
+    with pytest.raises(ValueError, match=r"unknown \['sse4'\]; expected all, none or a comma list of avx2"):
+        setup.omitted_cpu_isas("avx2,sse4")
+    with pytest.raises(ValueError, match="amx build on avx512's kernels"):
+        setup.omitted_cpu_isas("avx2,amx")
+    # every omitted variant's files compile to stubs: one guard per file, the macro setup.py defines
+    for name in setup.CPU_ISAS:
+        stem = name.replace("_", "")
+        for path in (f"csrc/cpu/isa_{stem}.cpp", f"csrc/cpu/index_isa_{stem}.cpp"):
+            assert read(path).count(f"!defined(METAEMBED_OMIT_{name.upper()})") == 1, path
+    # the out-of-tree builds of the CUDA gate and test-compat build none and check it
+    for script in ("scripts/cuda_gate.sh", "scripts/test_compat.sh"):
+        assert "METAEMBED_CPU_ISAS=none" in read(script)
+        assert "list(_extension.supported_cpu_isas()) == ['generic']" in read(script)
+
+
 # ---- test layout ------------------------------------------------------------------------
 def test_make_test_is_the_fast_loop_and_ci_runs_everything():
     makefile = read("Makefile")

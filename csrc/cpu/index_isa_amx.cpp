@@ -7,7 +7,7 @@
 #include <memory>
 #include <type_traits>
 
-#if defined(__GNUC__) && defined(__x86_64__) && (__GNUC__ >= 11)
+#if defined(__GNUC__) && defined(__x86_64__) && (__GNUC__ >= 11) && !defined(METAEMBED_OMIT_AMX)
 #define METAEMBED_INDEX_AMX 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,amx-tile,amx-bf16")

@@ -7,7 +7,7 @@
 #include <memory>
 #include <type_traits>
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(METAEMBED_OMIT_AVX2)
 #define METAEMBED_INDEX_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")

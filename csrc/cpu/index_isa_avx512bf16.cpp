@@ -7,7 +7,7 @@
 #include <memory>
 #include <type_traits>
 
-#if defined(__GNUC__) && defined(__x86_64__) && (__GNUC__ >= 10)
+#if defined(__GNUC__) && defined(__x86_64__) && (__GNUC__ >= 10) && !defined(METAEMBED_OMIT_AVX512_BF16)
 #define METAEMBED_INDEX_AVX512BF16 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")

@@ -6,7 +6,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__GNUC__) && defined(__x86_64__) && (__GNUC__ >= 11)
+#if defined(__GNUC__) && defined(__x86_64__) && (__GNUC__ >= 11) && !defined(METAEMBED_OMIT_AMX)
 #define METAEMBED_AMX 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,amx-tile,amx-bf16")
