@@ -54,11 +54,13 @@ test-fast: install
 gate: install
 	$(PY) -m pytest tests -q -ra -m gate --durations=5
 
-# --no-compile (the peers here, the cached venvs of scripts/): byte-compiling every module of
-# torch, transformers & co. at install time is most of a venv's creation (a colpali host venv,
-# wheels cached: 52.6 s with it, 20.2 s without), and these venvs start a few processes, each
-# compiling (and caching, unless PYTHONDONTWRITEBYTECODE) only what it imports: `import torch`
-# costs ~1.5 s more without .pyc files. The dev venv, which starts hundreds, keeps them.
+# --no-compile (the peers here; scripts/cached_venv.sh: the CUDA-gate and compat venvs):
+# byte-compiling every module of torch & co. at install time is most of a venv's creation (a
+# colpali host venv, wheels cached: 52.6 s with it, 20.2 s without), and these serve a few
+# processes, each compiling only what it imports (`import torch` ~1.5 s more without .pyc
+# files; at every start where PYTHONDONTWRITEBYTECODE=1, as on these machines). The dev venv and the
+# host venvs keep them: they start hundreds of processes, or import transformers in each (the
+# host tests took 99 s instead of ~20 s without them).
 # Peers (benchmarks/requirements-peers.txt): one pip call per line, torch pinned on each, so
 # a peer that fails to install is only skipped by the benchmarks. The stamp is written only
 # when every line installed, so a failed line is retried by the next `make bench`. pip's

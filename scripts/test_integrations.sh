@@ -66,7 +66,7 @@ for host in "${HOSTS[@]}"; do
       [ -n "$args" ] || continue
       echo "   pip install $args"
       # shellcheck disable=SC2086  # one line = one argument list
-      "$venv/bin/python" -m pip install -q --no-compile --disable-pip-version-check $args "torch==$TORCH_VERSION" </dev/null 2>&1 \
+      "$venv/bin/python" -m pip install -q --disable-pip-version-check $args "torch==$TORCH_VERSION" </dev/null 2>&1 \
         | { grep -v "is ignored: it is neither a file nor a directory" || true; }
       [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "test-integrations: pip failed: $args" >&2; exit 1; }
     done
