@@ -176,17 +176,17 @@ def extensions():
     # chosen at run time (csrc/cpu/isa_select.cpp).
     cxx = opt + ["-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    omitted = omitted_cpu_isas(os.environ.get("METAEMBED_CPU_ISAS", "all"))
     kwargs = dict(
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"] + shared_cxx_runtime(),
         # torch adds Py_LIMITED_API (its oldest supported Python) for py_limited_api
-        define_macros=[(f"METAEMBED_OMIT_{name.upper()}", "1")
-                       for name in omitted_cpu_isas(os.environ.get("METAEMBED_CPU_ISAS", "all"))],
+        define_macros=[(f"METAEMBED_OMIT_{name.upper()}", "1") for name in omitted],
         py_limited_api=True,
     )
-    if kwargs["define_macros"]:
+    if omitted:
         print(f"metaembed-kernels: METAEMBED_CPU_ISAS={os.environ['METAEMBED_CPU_ISAS']}: not building "
-              f"{', '.join(omitted_cpu_isas(os.environ['METAEMBED_CPU_ISAS']))}", file=sys.stderr)
+              f"{', '.join(omitted)}", file=sys.stderr)
     build_cuda, reason = cuda_decision(_flag("METAEMBED_BUILD_CUDA", "auto"), torch.version.cuda, CUDA_HOME,
                                        nvcc_version(CUDA_HOME))
     if not build_cuda:
