@@ -221,6 +221,34 @@ def test_many_queries(scan_isa, dtype, num_threads):
                 assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+def test_int8_near_ties_need_the_error_bound(scan_isa):
+    """int8 candidates one integer step apart: their exact scores differ by less than the query's
+    quantisation error, so the integer scan's approximate order is not the exact one and only
+    the bound (approximate score + N_max * err >= bar) keeps every true top-k candidate for the
+    exact rescore. One query at small budgets (the few-token scans, single group and grouped)
+    and 16 queries (the integer tiles); exact against brute force."""
+    gen = torch.Generator().manual_seed(31)
+    n, rc, d = 400, 8, 64
+    base = torch.randint(-100, 101, (1, rc, d), generator=gen)
+    x = (base + torch.randint(-1, 2, (n, rc, d), generator=gen)).clamp(-127, 127)
+    x[..., 0] = 127  # every scale exactly 2^-7: dequantising is exact
+    c = x.float() / 128
+    index = MultiVectorIndex(d, rc, dtype="int8")
+    index.add(c)
+    # quarters in [-1, 1] with a 1 in every token: sq = 1/127, so y = round(127 q) leaves a
+    # residual on every quarter that is not 0 or +-1
+    for nq in (1, 16):
+        q = helpers.exact_values((nq, 4, d), gen)
+        q[..., 1] = 1.0
+        for budget in ((1, 1), (2, 4), (4, 8)):
+            got = index.search(q, 10, budget=budget)
+            assert_same_results((got[0][None], got[1][None]), brute_force(index, q, (budget,), 10), exact=True,
+                                name=f"{scan_isa} nq={nq} {budget}")
+        groups = ((1, 1), (2, 4), (4, 8))
+        assert_same_results(index.search_grouped(q, 10, groups), brute_force(index, q, groups, 10), exact=True,
+                            name=f"{scan_isa} nq={nq} grouped")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_random_values_within_tolerance(dtype):
     gen = torch.Generator().manual_seed(3)

@@ -258,6 +258,60 @@ inline void max_into(float* m, __m256 v) { _mm256_storeu_ps(m, _mm256_max_ps(v, 
 #define METAEMBED_INDEX_MAX_INTO 1
 #endif
 
+// 16 float lanes, one per candidate of a few-token group (kFewC): one zmm, or two ymm on AVX2.
+// The single-group few-token scans keep their running values in these. max(a, b) is MAXPS's
+// `a > b ? a : b` (b when either is NaN), the order BlockFold folds in.
+#if defined(METAEMBED_INDEX_ZMM) || defined(METAEMBED_INDEX_AVX2)
+#define METAEMBED_INDEX_LANES16 1
+struct Lanes16 {
+#if defined(METAEMBED_INDEX_ZMM)
+  __m512 v;
+  static Lanes16 set1(float x) { return {_mm512_set1_ps(x)}; }
+  static Lanes16 load(const float* p) { return {_mm512_load_ps(p)}; }  // 64-byte aligned
+  // float(p[l] - minus), p 64-byte aligned
+  static Lanes16 from_i32(const int32_t* p, int32_t minus) {
+    return {_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(p), _mm512_set1_epi32(minus)))};
+  }
+  void store(float* p) const { _mm512_store_ps(p, v); }
+  // bit l set for the lanes of `live` with v[l] >= bar (false for NaN)
+  uint32_t reaching(float bar, uint32_t live) const {
+    return _mm512_mask_cmp_ps_mask(__mmask16(live), v, _mm512_set1_ps(bar), _CMP_GE_OQ);
+  }
+#else
+  __m256 lo, hi;
+  static Lanes16 set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+  static Lanes16 load(const float* p) { return {_mm256_load_ps(p), _mm256_load_ps(p + 8)}; }
+  static Lanes16 from_i32(const int32_t* p, int32_t minus) {
+    const __m256i m = _mm256_set1_epi32(minus);
+    auto half = [&](const int32_t* h) {
+      return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(h)), m));
+    };
+    return {half(p), half(p + 8)};
+  }
+  void store(float* p) const {
+    _mm256_store_ps(p, lo);
+    _mm256_store_ps(p + 8, hi);
+  }
+  uint32_t reaching(float bar, uint32_t live) const {
+    const __m256 b = _mm256_set1_ps(bar);
+    const uint32_t bits = uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(lo, b, _CMP_GE_OQ))) |
+                          uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(hi, b, _CMP_GE_OQ))) << 8;
+    return bits & live;
+  }
+#endif
+};
+// Free functions, not hidden friends: g++ does not apply `#pragma GCC target` to those.
+#if defined(METAEMBED_INDEX_ZMM)
+inline Lanes16 max(Lanes16 a, Lanes16 b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline Lanes16 operator+(Lanes16 a, Lanes16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Lanes16 operator*(Lanes16 a, Lanes16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+#else
+inline Lanes16 max(Lanes16 a, Lanes16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline Lanes16 operator+(Lanes16 a, Lanes16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline Lanes16 operator*(Lanes16 a, Lanes16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+#endif
+#endif
+
 // Query-token validity of a block as 0/1 bytes (nullptr when q has no mask).
 inline const uint8_t* block_qvalid(const IndexProblem& IP, int64_t a0, int64_t n, uint8_t* buf) {
   const Problem& P = IP.p;
@@ -1052,7 +1106,7 @@ struct ExactScan {
         for (int c = 0; c < kFewC; ++c) rows[c] = row0 + cands[c < count ? c : count - 1].b * rstride;
         if (IP.tok_width[j] > 1) few_token_prefetch(rows, rstride, D);
       };
-#if defined(METAEMBED_INDEX_ZMM)
+#if defined(METAEMBED_INDEX_LANES16)
       if constexpr (!std::is_same_v<Ops, UseEngineDots>) {
         // One group and no candidate mask (a single-budget search): the few-token scan with
         // the running maxima in registers. Same arithmetic as few_token_scan: per token, the
@@ -1062,24 +1116,24 @@ struct ExactScan {
           const int64_t grq = P.groups.rq[0], rq = P.groups.rq_eff, rc = P.groups.rc_eff;
           for_candidate_groups(IP, r0, r1, kFewC, [&](const Cand* cands, int count) {
             alignas(64) float sims[kFewT][kFewC];
-            __m512 run[kFewT];
-            for (int t = 0; t < nt; ++t) run[t] = _mm512_set1_ps(-INFINITY);
+            Lanes16 run[kFewT];
+            for (int t = 0; t < nt; ++t) run[t] = Lanes16::set1(-INFINITY);
             for (int64_t j = 0; j < rc; ++j) {
               const T* rows[kFewC];
               token_rows(cands, count, j, rows);
               Ops::dots16(rows, qrows, nt, D, &sims[0][0]);
-              for (int t = 0; t < nt; ++t) run[t] = _mm512_max_ps(_mm512_load_ps(sims[t]), run[t]);  // s > run ? s : run
+              for (int t = 0; t < nt; ++t) run[t] = max(Lanes16::load(sims[t]), run[t]);  // s > run ? s : run
             }
-            const __mmask16 real = __mmask16((1u << count) - 1);
+            const uint32_t real = (1u << count) - 1;
             for (int64_t al = 0; al < qv.n; ++al) {
-              __m512 a = _mm512_setzero_ps();
+              Lanes16 a = Lanes16::set1(0.f);
               for (int64_t i = 0; i < grq; ++i)
-                if (!qvalid || qvalid[al * rq + i]) a = _mm512_add_ps(a, run[al * rq + i]);
+                if (!qvalid || qvalid[al * rq + i]) a = a + run[al * rq + i];
               const int64_t xi = qv.a0 + al;
-              uint32_t hits = _mm512_mask_cmp_ps_mask(real, a, _mm512_set1_ps(top.thr[xi]), _CMP_GE_OQ);
+              uint32_t hits = a.reaching(top.thr[xi], real);
               if (!hits) continue;
               alignas(64) float sc[kFewC];
-              _mm512_store_ps(sc, a);
+              a.store(sc);
               for (; hits; hits &= hits - 1) {
                 const int c = __builtin_ctz(hits);
                 if (sc[c] >= top.thr[xi])  // the bar rises as the top k fills
@@ -1192,6 +1246,19 @@ inline void scale_norm16(const float* sn, int64_t stride, float* scale, float* n
   _mm512_store_ps(scale, _mm512_i32gather_ps(at, sn, 4));
   _mm512_store_ps(norm, _mm512_i32gather_ps(at, sn + 1, 4));
 #else
+#if defined(METAEMBED_INDEX_AVX2)
+  if (stride == 2) {  // 8 rows at a time: even floats (scales) and odd ones (norms), then in order
+    for (int h = 0; h < 2; ++h) {
+      const __m256 a = _mm256_loadu_ps(sn + 16 * h), b = _mm256_loadu_ps(sn + 16 * h + 8);
+      auto in_order = [](__m256 v) {  // [0 1 4 5 | 2 3 6 7] -> [0 .. 7]
+        return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0xD8));
+      };
+      _mm256_store_ps(scale + 8 * h, in_order(_mm256_shuffle_ps(a, b, 0x88)));
+      _mm256_store_ps(norm + 8 * h, in_order(_mm256_shuffle_ps(a, b, 0xDD)));
+    }
+    return;
+  }
+#endif
   for (int c = 0; c < 16; ++c) {
     scale[c] = sn[c * stride];
     norm[c] = sn[c * stride + 1];
@@ -1512,7 +1579,7 @@ struct Int8Scan {
           if (w.exact[g] >= top.thr[xi]) topk_offer(top, xi, w.exact[g], id, row);
         }
       };
-#if defined(METAEMBED_INDEX_ZMM)
+#if defined(METAEMBED_INDEX_LANES16)
       // One group and no candidate mask (a single-budget search): the few-token scan with every
       // running value in registers. Same arithmetic as few_token_scan below: per token, the max
       // over j of float(it - corr) * (sq * s_j) from -inf; a query's A = 0 + its valid tokens'
@@ -1522,29 +1589,27 @@ struct Int8Scan {
         for_candidate_groups(IP, r0, r1, kFewC, [&](const Cand* cands, int count) {
           alignas(64) int32_t it[kFewT][kFewC];
           alignas(64) float scl[kFewC], nrm[kFewC];
-          __m512 run[kFewT], vnmax = _mm512_setzero_ps();
-          for (int t = 0; t < nt; ++t) run[t] = _mm512_set1_ps(-INFINITY);
+          Lanes16 run[kFewT], vnmax = Lanes16::set1(0.f);
+          for (int t = 0; t < nt; ++t) run[t] = Lanes16::set1(-INFINITY);
           for (int64_t j = 0; j < rc; ++j) {
             token_dots(cands, count, j, it, scl, nrm);
-            const __m512 vs = _mm512_load_ps(scl);
-            vnmax = _mm512_max_ps(_mm512_load_ps(nrm), vnmax);
+            const Lanes16 vs = Lanes16::load(scl);
+            vnmax = max(Lanes16::load(nrm), vnmax);
             for (int t = 0; t < nt; ++t) {
-              const __m512 a = _mm512_mul_ps(
-                  _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(it[t]), _mm512_set1_epi32(lcorr[t]))),
-                  _mm512_mul_ps(_mm512_set1_ps(lscale[t]), vs));
-              run[t] = _mm512_max_ps(a, run[t]);  // a > run ? a : run
+              const Lanes16 a = Lanes16::from_i32(it[t], lcorr[t]) * (Lanes16::set1(lscale[t]) * vs);
+              run[t] = max(a, run[t]);  // a > run ? a : run
             }
           }
-          const __mmask16 real = __mmask16((1u << count) - 1);
+          const uint32_t real = (1u << count) - 1;
           for (int64_t al = 0; al < n; ++al) {
-            __m512 a = _mm512_setzero_ps();
+            Lanes16 a = Lanes16::set1(0.f);
             for (int64_t i = 0; i < grq; ++i)
-              if (!qvalid || qvalid[al * rq + i]) a = _mm512_add_ps(a, run[al * rq + i]);
-            const __m512 ub = _mm512_add_ps(a, _mm512_mul_ps(vnmax, _mm512_set1_ps(w.err_sum[al])));
-            uint32_t hits = _mm512_mask_cmp_ps_mask(real, ub, _mm512_set1_ps(top.thr[a0 + al]), _CMP_GE_OQ);
+              if (!qvalid || qvalid[al * rq + i]) a = a + run[al * rq + i];
+            const Lanes16 ub = a + vnmax * Lanes16::set1(w.err_sum[al]);
+            uint32_t hits = ub.reaching(top.thr[a0 + al], real);
             if (!hits) continue;
             alignas(64) float u[kFewC];
-            _mm512_store_ps(u, ub);
+            ub.store(u);
             for (; hits; hits &= hits - 1) {
               const int c = __builtin_ctz(hits);
               if (u[c] >= top.thr[a0 + al]) rescore(al, cands[c]);  // the bar rises as the top k fills
