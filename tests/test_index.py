@@ -559,6 +559,42 @@ def test_non_finite_query_vectors_the_search_never_reads_are_accepted(small_inde
         index.search(past, 3, budget=(3, 4))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_query_dtypes_and_strides_convert_as_torch(dtype):
+    """The C++ op converts the queries itself (float16 / bfloat16 / float32 of any strides; float64
+    through torch): the results equal those of the same queries converted by torch's .to() and
+    made contiguous first, bit for bit, masked vectors (NaN here) included; a float32 value past
+    bfloat16's range rounds to inf, as torch's, and is rejected for a bfloat16 index."""
+    gen = torch.Generator().manual_seed(11)
+    index = MultiVectorIndex(24, 4, dtype=dtype)
+    index.add(torch.randn(40, 4, 24, generator=gen))
+    compute = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    wide = torch.randn(3, 10, 72, generator=gen) * torch.logspace(-3, 3, 72)  # every magnitude rounds
+    mask = torch.tensor([[True, False, True, True, True], [False, True, True, False, True],
+                         [True, True, False, True, True]])
+    forms = {"D-major": wide[:, :5, :24].transpose(1, 2).contiguous().transpose(1, 2)}
+    for qdtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        forms[f"{qdtype} contiguous"] = wide[:, :5, :24].to(qdtype, copy=True)
+        forms[f"{qdtype} strided"] = wide.to(qdtype, copy=True)[:, ::2, ::3]  # a fresh copy's view: every stride > 1
+    for name, q in forms.items():
+        assert q.stride(2) != 1 or "contiguous" in name, name
+        q[~mask] = float("nan")  # in place: the strides stay
+        reference = q.to(compute).contiguous()
+        for kwargs in (dict(), dict(budget=(2, 1)), dict(budget=(5, 3))):
+            got = index.search(q, 6, q_mask=mask, **kwargs)
+            expected = index.search(reference, 6, q_mask=mask, **kwargs)
+            assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0]), (name, kwargs)
+        grouped = index.search_grouped(q, 6, [(1, 1), (5, 4)], q_mask=mask)
+        expected = index.search_grouped(reference, 6, [(1, 1), (5, 4)], q_mask=mask)
+        assert torch.equal(grouped[1], expected[1]) and torch.equal(grouped[0], expected[0]), name
+    past_bf16 = torch.full((1, 2, 24), 3.3999e38)  # finite in float32, inf in bfloat16
+    if dtype == "bfloat16":
+        with pytest.raises(ValueError, match="infinite"):
+            index.search(past_bf16, 3)
+    else:
+        index.search(past_bf16, 3)
+
+
 def test_op_rejects_inconsistent_arguments():
     """The op re-checks what memory safety depends on (a direct torch.ops call)."""
     if not S._has_cpu_ops():

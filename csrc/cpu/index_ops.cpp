@@ -20,9 +20,11 @@
 #include <cstring>
 #include <memory>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/half.h"
 #include "index_kernels.h"
 #include "index_order.h"
 #include "isa_select.h"
@@ -123,13 +125,63 @@ bool tokens_finite(const at::Tensor& q, const uint8_t* mask, int64_t mask_row, i
   return finite.load();
 }
 
+// One query element as float32 bits: exact from float32, float16 and bfloat16.
+template <class Src>
+inline uint32_t element_bits(const Src* p) {
+  if constexpr (std::is_same_v<Src, uint32_t>) return *p;                    // float32
+  else if constexpr (std::is_same_v<Src, uint16_t>) return uint32_t(*p) << 16;  // bfloat16
+  else return f16_to_f32_bits(p->x);                                         // float16
+}
+
+// x (Nq, rq_eff, D) of any strides converted to `compute` (float32 or bfloat16, rounding to
+// nearest even as torch's .to()), D contiguous; masked tokens are zeros and never read. Done
+// here because a torch .to() costs more than the scan of a small index (about 7 us against a
+// whole search of 20 us for 64 rows).
+template <class Src>
+at::Tensor convert_queries(const at::Tensor& x, const uint8_t* mask, int64_t mask_row, at::ScalarType compute) {
+  const int64_t nq = x.size(0), rq = x.size(1), D = x.size(2);
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
+  at::Tensor out = at::empty({nq, rq, D}, x.options().dtype(compute));
+  const Src* src = reinterpret_cast<const Src*>(x.data_ptr());
+  const bool to_bf16 = compute == at::kBFloat16;
+  uint32_t* o32 = to_bf16 ? nullptr : reinterpret_cast<uint32_t*>(out.data_ptr());
+  uint16_t* o16 = to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr;
+  at::parallel_for(0, nq * rq, std::max<int64_t>(1, (int64_t(1) << 14) / D), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t a = t / rq, i = t % rq;
+      const bool valid = !mask || mask[a * mask_row + i];
+      const Src* row = src + a * s0 + i * s1;
+      if (to_bf16) {
+        for (int64_t d = 0; d < D; ++d) o16[t * D + d] = valid ? f32_to_bf16_bits(element_bits(row + d * s2)) : 0;
+      } else {
+        for (int64_t d = 0; d < D; ++d) o32[t * D + d] = valid ? element_bits(row + d * s2) : 0;
+      }
+    }
+  });
+  return out;
+}
+
 // The queries as the kernels read them: the first rq_eff tokens (all any group reads) in the
 // compute dtype, D contiguous. Each valid one must be finite: a NaN or infinite query vector
-// cannot be ranked. Tokens past rq_eff and masked tokens are neither converted nor checked.
+// cannot be ranked. Tokens past rq_eff and masked tokens are never checked.
 at::Tensor read_queries(const at::Tensor& q, const uint8_t* mask, int64_t rq_eff, at::ScalarType compute) {
   at::Tensor x = q.narrow(1, 0, rq_eff);
-  if (x.scalar_type() != compute) x = x.to(compute);
-  if (x.stride(2) != 1) x = x.contiguous();
+  const bool exact_in_place = x.scalar_type() == compute && x.stride(2) == 1;
+  if (!exact_in_place) {
+    switch (x.scalar_type()) {
+      case at::kFloat:
+        x = convert_queries<uint32_t>(x, mask, q.size(1), compute);
+        break;
+      case at::kBFloat16:
+        x = convert_queries<uint16_t>(x, mask, q.size(1), compute);
+        break;
+      case at::kHalf:
+        x = convert_queries<c10::Half>(x, mask, q.size(1), compute);
+        break;
+      default:  // float64: torch's rounding, straight from double
+        x = x.to(compute).contiguous();
+    }
+  }
   const bool finite = compute == at::kBFloat16 ? tokens_finite<uint16_t>(x, mask, q.size(1), rq_eff, 0x7f80)
                                                : tokens_finite<uint32_t>(x, mask, q.size(1), rq_eff, 0x7f800000u);
   TORCH_CHECK_VALUE(finite, "q holds NaN or infinite values in vectors the search reads (the budget's first r_q "
@@ -351,11 +403,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> index_search_cpu(
   const IndexProblem& ip = P.ip;
   const int64_t G = P.plan.size(), nq = q.size(0), X = G * nq;
   const auto f32 = q.options().dtype(at::kFloat), i64 = q.options().dtype(at::kLong);
-  at::Tensor out_s = at::full({G, nq, k}, -INFINITY, f32);
-  at::Tensor out_id = at::full({G, nq, k}, -1, i64);
-  at::Tensor out_row = at::full({G, nq, k}, -1, i64);
+  // Filled by the merge below: every slot past a query's results gets score -inf, id and row -1.
+  at::Tensor out_s = at::empty({G, nq, k}, f32);
+  at::Tensor out_id = at::empty({G, nq, k}, i64);
+  at::Tensor out_row = at::empty({G, nq, k}, i64);
   const int64_t N = ip.total_rows;
-  if (nq == 0 || N == 0) return {out_s, out_id, out_row};
+  if (nq == 0 || N == 0) return {out_s.fill_(-INFINITY), out_id.fill_(-1), out_row.fill_(-1)};
 
   const int64_t kk = std::min(k, N);  // a heap never holds more than every row
   const double work = 2.0 * nq * P.plan.rq_eff * P.plan.rc_eff * q.size(2) * double(N);
@@ -403,6 +456,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> index_search_cpu(
         oid[x * k + e] = hid.chunk(c)[slot];
         orow[x * k + e] = hrow.chunk(c)[slot];
       }
+      std::fill(os + x * k + take, os + (x + 1) * k, -INFINITY);
+      std::fill(oid + x * k + take, oid + (x + 1) * k, int64_t(-1));
+      std::fill(orow + x * k + take, orow + (x + 1) * k, int64_t(-1));
     }
   });
   return {out_s, out_id, out_row};

@@ -318,6 +318,9 @@ class MultiVectorIndex:
         rc = self._store.num_vectors
         if budget is None:
             return (rq, rc)
+        if type(budget) is tuple and len(budget) == 2 and type(budget[0]) is int and type(budget[1]) is int:
+            if 1 <= budget[0] <= rq and 1 <= budget[1] <= rc:  # the common case, without the abc checks below
+                return budget
         if isinstance(budget, (str, bytes)) or not isinstance(budget, Sequence) or len(budget) != 2 or any(
                 isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in budget):
             raise TypeError(f"{name} must be an (r_q, r_c) pair of ints, got {budget!r}")
@@ -329,6 +332,8 @@ class MultiVectorIndex:
 
     @staticmethod
     def _check_k(name: str, k) -> int:
+        if type(k) is int and k > 0:  # the common case, without the abc check below
+            return k
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):
             raise TypeError(f"{name} must be a positive int, got {k!r}")
         if k <= 0:

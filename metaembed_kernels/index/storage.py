@@ -151,14 +151,19 @@ class Segment:
     def capacity(self) -> int:
         return self.ids.shape[0]
 
+    def rows(self, array: torch.Tensor) -> torch.Tensor:
+        """Rows [0, n) of one of the segment's arrays: the array itself when it holds no spare
+        capacity (a slice costs microseconds a small search notices)."""
+        return array if array.shape[0] == self.n else array[: self.n]
+
     def view(self, arrays):
-        return None if arrays is None else [a[: self.n] for a in arrays]
+        return None if arrays is None else [self.rows(a) for a in arrays]
 
     def live_view(self) -> torch.Tensor:
-        return self.live[: self.n]
+        return self.rows(self.live)
 
     def ids_view(self) -> torch.Tensor:
-        return self.ids[: self.n]
+        return self.rows(self.ids)
 
 
 @dataclass
@@ -288,7 +293,7 @@ class Store:
     def slab_views(self, seg: Segment, r_c: int):
         """(data, scales, masks) lists of the slabs a budget with r_c reads, rows [0, n)."""
         count = slabs_for(self.bounds, r_c)
-        data = [d[: seg.n] for d in seg.data[:count]]
-        scales = None if seg.scales is None else [x[: seg.n] for x in seg.scales[:count]]
-        masks = None if seg.masks is None else [m[: seg.n] for m in seg.masks[:count]]
+        data = seg.view(seg.data[:count])
+        scales = None if seg.scales is None else seg.view(seg.scales[:count])
+        masks = None if seg.masks is None else seg.view(seg.masks[:count])
         return data, scales, masks
