@@ -409,6 +409,34 @@ def test_slab_layout_reads_only_the_prefix():
         assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
+def test_rows_are_tested_only_when_something_is_removed_or_filtered(monkeypatch):
+    """The op gets no live-row lists while every row of every segment may be returned (the
+    scan then never tests a row), one list per segment once any segment has a removal or a
+    filter, and the results stay exact either way."""
+    seen = []
+    real_op_lists = S._op_lists
+
+    def spy(store, r_c, allowed):
+        out = real_op_lists(store, r_c, allowed)
+        seen.append(out[4])
+        return out
+
+    monkeypatch.setattr(S, "_op_lists", spy)
+    index = MultiVectorIndex(8, 2, dtype="float32")
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):  # two adds
+        index.add(helpers.exact_values((9, 2, 8), gen))
+    q = helpers.exact_values((2, 2, 8), gen)
+    index.search(q, 4)
+    assert seen[-1] == [], "nothing removed or filtered: no row lists"
+    index.search(q, 4, filter_ids=[0, 3])
+    assert len(seen[-1]) == len(index._store.segments)
+    index.remove([1])
+    got = index.search(q, 20)
+    assert len(seen[-1]) == len(index._store.segments) and 1 not in got[1].tolist()
+    assert_same_results(index.search_grouped(q, 20, [(2, 2)]), brute_force(index, q, [(2, 2)], 20), exact=True)
+
+
 def test_import_is_light():
     """Importing MultiVectorIndex loads no host library, tqdm or triton beyond what importing
     the kernels loads, and importing the kernels does not import the index."""

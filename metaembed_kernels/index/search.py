@@ -131,8 +131,9 @@ def _op_lists(store: Store, r_c: int, allowed: Sequence[Optional[torch.Tensor]])
         rows.append(seg.n)
         if a is not None:
             allow.append(a)
-    if len(allow) != len(rows):  # one segment with a filter: every segment gets one
+    if allow and len(allow) != len(rows):  # some segments with a filter: every segment gets one
         allow = [a if a is not None else seg.live_view() for seg, a in zip(store.segments, allowed)]
+    # none: no list at all, so the scan never tests a row (a byte load and a branch per row)
     return data, scales, masks, ids, allow, rows
 
 
