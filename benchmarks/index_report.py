@@ -6,7 +6,9 @@
 Cases and targets: index_workloads.py. Quality (recall@10 against exact float32 search at
 (16, 64) on real MetaEmbed vectors, int8, the cascade's k1 and the test-time scaling table) runs
 when benchmarks/index_data.py has cached the vectors. Times are the fastest of --rounds runs
-after a warm-up (the least disturbed on a shared 2-core machine), torch's default threads.
+after a warm-up (the least disturbed on a shared 2-core machine), torch's default threads; the
+two sides of a ratio are timed interleaved (index_workloads.best_seconds_each), so a slow phase
+of the host falls on both.
 """
 from __future__ import annotations
 
@@ -37,21 +39,24 @@ def speed(rows, args, skip):
     q = W.queries(256)
     if "floor" not in skip:
         for dt in ("bfloat16", "int8"):
-            t = W.best_seconds(lambda: idx[dt].search(q[:1], W.K, budget=(1, 1)), R)
+            # The search and both yardsticks interleaved (W.best_seconds_each). A slab smaller
+            # than the last-level cache is read from it between searches, so DRAM's bandwidth
+            # flatters the scan there; torch.sum over the same bytes does not.
             slab = W.slab_bytes(idx[dt], 1)
-            gbs = slab / t / 1e9
+            (dram, dram_bytes), (same_sum, same_bytes) = W.sum_reader(), W.sum_reader(slab)
+            t, t_dram, t_same = W.best_seconds_each(
+                [lambda: idx[dt].search(q[:1], W.K, budget=(1, 1)), dram, same_sum], R)
+            gbs, dram_gbs, same = slab / t / 1e9, dram_bytes / t_dram / 1e9, same_bytes / t_same / 1e9
+            del dram, same_sum
             row(rows, f"floor: {dt} search (1, 1), Nq = 1, N = 200k", f"{t * 1e3:.2f} ms = {gbs:.1f} GB/s",
-                f"{bw:.1f} GB/s", f"{gbs / bw:.2f}", ">= 0.70")
-            # A slab smaller than the last-level cache is read from it between searches, so
-            # DRAM's bandwidth flatters the scan there; torch.sum over the same bytes does not.
-            same = W.bandwidth_gbs(R, slab)
+                f"{dram_gbs:.1f} GB/s", f"{gbs / dram_gbs:.2f}", ">= 0.70")
             row(rows, f"floor: {dt} search (1, 1) vs torch.sum over the slab's bytes", f"{gbs:.1f} GB/s",
                 f"{same:.1f} GB/s", f"{gbs / same:.2f}", ">= 0.70", f"slab {slab / 1e6:.0f} MB")
     if "int8" not in skip:
         for budget in ((1, 1), (2, 4), (4, 8)):
             for nq in (1, 16):
-                t16 = W.best_seconds(lambda: idx["bfloat16"].search(q[:nq], W.K, budget=budget), R)
-                t8 = W.best_seconds(lambda: idx["int8"].search(q[:nq], W.K, budget=budget), R)
+                t16, t8 = W.best_seconds_each([lambda: idx["bfloat16"].search(q[:nq], W.K, budget=budget),
+                                               lambda: idx["int8"].search(q[:nq], W.K, budget=budget)], R)
                 row(rows, f"int8 vs bf16 search {budget}, Nq = {nq}, N = 200k", f"{t8 * 1e3:.1f} ms",
                     f"{t16 * 1e3:.1f} ms", f"{t16 / t8:.2f}x", ">= 1.6x")
         ratio = idx["int8"].nbytes / idx["bfloat16"].nbytes
@@ -62,17 +67,17 @@ def speed(rows, args, skip):
     if "grouped" not in skip:
         for dt in ("bfloat16", "int8"):
             qq = q[:16]
-            tg = W.best_seconds(lambda: small[dt].search_grouped(qq, W.K, DEFAULT_GROUPS), max(1, R // 2))
-            t5 = W.best_seconds(lambda: [small[dt].search(qq, W.K, budget=g) for g in DEFAULT_GROUPS],
-                                max(1, R // 2))
+            tg, t5 = W.best_seconds_each([lambda: small[dt].search_grouped(qq, W.K, DEFAULT_GROUPS),
+                                          lambda: [small[dt].search(qq, W.K, budget=g) for g in DEFAULT_GROUPS]],
+                                         max(1, R // 2), burst=1)
             row(rows, f"search_grouped (5 budgets) vs 5 searches, {dt}, Nq = 16, N = 20k", f"{tg * 1e3:.0f} ms",
                 f"{t5 * 1e3:.0f} ms", f"{t5 / tg:.2f}x", ">= 2x")
     if "fusion" not in skip:
         for dt, tdt in (("bfloat16", torch.bfloat16),):
             c = W.synthetic_candidates(W.N_SMALL, tdt)
             qq = q[:16].to(tdt)
-            ts = W.best_seconds(lambda: small[dt].search(qq, W.K), max(1, R // 2))
-            tm = W.best_seconds(lambda: maxsim_grouped(qq, c), max(1, R // 2))
+            ts, tm = W.best_seconds_each([lambda: small[dt].search(qq, W.K), lambda: maxsim_grouped(qq, c)],
+                                         max(1, R // 2), burst=1)
             row(rows, f"fusion: search (16, 64) {dt}, Nq = 16, N = 20k", f"{ts * 1e3:.0f} ms",
                 f"{tm * 1e3:.0f} ms (maxsim_grouped)", f"{ts / tm:.2f}", "<= 1.15")
             del c
@@ -83,11 +88,11 @@ def speed(rows, args, skip):
             qq = q[:nq].to(tdt)
             for budget in ((1, 1), (2, 4)):
                 rq, rc = budget
-                tmm = W.best_seconds(W.matmul_same_flops(nq, rq, W.N_SMALL, rc, tdt), R)
                 cs = c[:, :rc].contiguous()
                 qs = qq[:, :rq].contiguous()
-                tms = W.best_seconds(lambda: maxsim_grouped(qs, cs), R)
-                tse = W.best_seconds(lambda: small[dt].search(qq, W.K, budget=budget), R)
+                tmm, tms, tse = W.best_seconds_each([W.matmul_same_flops(nq, rq, W.N_SMALL, rc, tdt),
+                                                     lambda: maxsim_grouped(qs, cs),
+                                                     lambda: small[dt].search(qq, W.K, budget=budget)], R)
                 row(rows, f"batched maxsim_grouped {budget} {dt}, Nq = {nq}, N = 20k", f"{tms * 1e3:.1f} ms",
                     f"{tmm * 1e3:.1f} ms (matmul)", f"{tmm / tms:.2f}x", ">= 1.0x")
                 row(rows, f"batched search {budget} {dt}, Nq = {nq}, N = 20k", f"{tse * 1e3:.1f} ms",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,11 +75,39 @@ def best_seconds(fn: Callable, rounds: int = 5, warmup: int = 1) -> float:
     return best
 
 
+def best_seconds_each(fns: Sequence[Callable], rounds: int = 5, warmup: int = 1, burst: int = 2) -> List[float]:
+    """The fastest run of each of `fns`, their runs interleaved in bursts (A A B B A A B B ...).
+
+    A ratio of two times is only fair if both saw the same machine: on a shared host the
+    speed drifts by 2x over seconds (torch.matmul of one shape: 80 to 171 ms in one session),
+    so timing A's rounds and then B's can put them in different phases. Interleaving spreads
+    every phase over all of them; within a burst, the repeats find the caches as the
+    function's own previous run left them (the first run after another function may not).
+    About `rounds` timed runs each (rounded up to whole bursts)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(max(1, -(-rounds // burst))):
+        for i, fn in enumerate(fns):
+            for _ in range(burst):
+                t = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
+def sum_reader(nbytes: int = 1 << 30) -> Tuple[Callable, int]:
+    """torch.sum over a float32 tensor of about `nbytes`, and the bytes it reads."""
+    big = torch.ones(max(1, nbytes // 4))
+    return big.sum, big.numel() * 4
+
+
 def bandwidth_gbs(rounds: int = 5, nbytes: int = 1 << 30) -> float:
     """Read bandwidth of torch.sum over a float32 tensor of `nbytes`: 1 GiB is DRAM's; the
     bytes of a slab measure the cache level that slab lives in between searches."""
-    big = torch.ones(max(1, nbytes // 4))
-    return big.numel() * 4 / best_seconds(big.sum, rounds) / 1e9
+    fn, read = sum_reader(nbytes)
+    return read / best_seconds(fn, rounds) / 1e9
 
 
 def slab_bytes(index: MultiVectorIndex, r_c: int) -> int:
