@@ -65,14 +65,7 @@ def queries(nq: int, seed: int = 7) -> torch.Tensor:
 
 def best_seconds(fn: Callable, rounds: int = 5, warmup: int = 1) -> float:
     """The fastest of `rounds` runs (the least disturbed on a shared machine)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return best_seconds_each([fn], rounds, warmup, burst=1)[0]
 
 
 def best_seconds_each(fns: Sequence[Callable], rounds: int = 5, warmup: int = 1, burst: int = 2) -> List[float]:
