@@ -199,7 +199,11 @@ def test_many_queries(scan_isa, dtype, num_threads):
                                       # the few-token dots' D tails: all of D one (AVX2 int8:
                                       # 32 bytes, float32: 8 dims), and 45 = 32 + 8 + 5; 1-4 tokens
                                       (1, 4, 8, 20, 70, ((1, 1), (3, 8), (4, 2))),
-                                      (2, 2, 5, 45, 70, ((1, 1), (2, 5), (1, 3)))):
+                                      (2, 2, 5, 45, 70, ((1, 1), (2, 5), (1, 3))),
+                                      # D a multiple of 16: AVX2 reads bfloat16 rows in pair
+                                      # order (even dims, odd dims) against a permuted query
+                                      (1, 4, 13, 64, 70, ((1, 1), (2, 4), (4, 8), (3, 13))),
+                                      (2, 2, 5, 32, 70, ((1, 1), (2, 5)))):
         q = helpers.exact_values((nq, rq, d), gen)
         q_mask, c_mask = helpers.random_masks(nq, rq, n, rc, gen)
         c = exact_candidates(n, rc, d, dtype, gen)

@@ -76,25 +76,72 @@ struct Cand {
   int64_t b;
 };
 
-// Candidates of global rows [r0, r1) that may be returned, in groups of up to m (<= 64),
-// handed to fn(const Cand* cands, int count).
+// fn(seg, b0, b1) for every segment's local rows [b0, b1) within global rows [r0, r1).
 template <class Fn>
-inline void for_candidate_groups(const IndexProblem& IP, int64_t r0, int64_t r1, int m, Fn&& fn) {
-  Cand buf[64];
+inline void for_segment_rows(const IndexProblem& IP, int64_t r0, int64_t r1, Fn&& fn) {
   for (int64_t s = 0; s < IP.num_segs; ++s) {
     const IndexSegment& seg = IP.segs[s];
     const int64_t b0 = std::max<int64_t>(r0 - seg.row0, 0), b1 = std::min<int64_t>(r1 - seg.row0, seg.n);
-    int count = 0;
-    for (int64_t b = b0; b < b1; ++b) {
-      if (seg.allowed && !seg.allowed[b]) continue;
-      buf[count++] = Cand{&seg, b};
-      if (count == m) {
-        fn(buf, count);
-        count = 0;
-      }
-    }
-    if (count) fn(buf, count);
+    if (b0 < b1) fn(seg, b0, b1);
   }
+}
+
+// The candidates of a segment's rows [b0, b1) that may be returned, in groups of up to m (<= 64),
+// handed to fn(const Cand* cands, int count).
+template <class Fn>
+inline void for_segment_candidate_groups(const IndexSegment& seg, int64_t b0, int64_t b1, int m, Fn&& fn) {
+  Cand buf[64];
+  int count = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    if (seg.allowed && !seg.allowed[b]) continue;
+    buf[count++] = Cand{&seg, b};
+    if (count == m) {
+      fn(buf, count);
+      count = 0;
+    }
+  }
+  if (count) fn(buf, count);
+}
+
+// Candidates of global rows [r0, r1) that may be returned, in groups of up to m (<= 64) of one
+// segment, handed to fn(const Cand* cands, int count).
+template <class Fn>
+inline void for_candidate_groups(const IndexProblem& IP, int64_t r0, int64_t r1, int m, Fn&& fn) {
+  for_segment_rows(IP, r0, r1, [&](const IndexSegment& seg, int64_t b0, int64_t b1) {
+    for_segment_candidate_groups(seg, b0, b1, m, fn);
+  });
+}
+
+// A group of up to 16 candidates of one segment: the rows in `cands`, or, when `cands` is
+// nullptr, the `count` consecutive rows from b0 (a segment with nothing removed or filtered:
+// no per-row list to build or read).
+struct RowGroup {
+  const IndexSegment* seg;
+  int64_t b0;
+  const Cand* cands;
+  int count;
+  // row of lane c; lanes past count repeat the last row
+  int64_t row(int c) const {
+    c = c < count ? c : count - 1;
+    return cands ? cands[c].b : b0 + c;
+  }
+  bool consecutive16() const { return count == 16 && (!cands || cands[15].b == b0 + 15); }
+  Cand cand(int c) const { return Cand{seg, row(c)}; }
+};
+
+// for_candidate_groups as RowGroups, fn(const RowGroup&): runs of consecutive rows where a
+// segment has no filter (the single-group few-token scans: building the list cost 5-10% of a
+// (1, 1) scan on a Zen 3).
+template <class Fn>
+inline void for_row_groups(const IndexProblem& IP, int64_t r0, int64_t r1, int m, Fn&& fn) {
+  for_segment_rows(IP, r0, r1, [&](const IndexSegment& seg, int64_t b0, int64_t b1) {
+    if (seg.allowed) {
+      for_segment_candidate_groups(seg, b0, b1, m,
+                                   [&](const Cand* cands, int count) { fn(RowGroup{&seg, cands[0].b, cands, count}); });
+      return;
+    }
+    for (int64_t b = b0; b < b1; b += m) fn(RowGroup{&seg, b, nullptr, int(std::min<int64_t>(m, b1 - b))});
+  });
 }
 
 // Global row -> candidate (binary search over the segments); false for a row out of range.
@@ -550,6 +597,13 @@ inline float few_dot(const T* row, const float* q, int64_t n) {
 
 // ExactScan's Ops for ISAs without their own few-token dots: the engine's, row by row.
 struct UseEngineDots {};
+
+// Whether Ops has bfloat16 few-token dots over query rows in pair order (Avx2Dots).
+template <class Ops>
+constexpr bool ops_pair_order() {
+  if constexpr (requires { Ops::kPairOrder; }) return Ops::kPairOrder;
+  else return false;
+}
 
 template <class Policy, class T, class Ops>
 struct ExactScan {
@@ -1099,12 +1153,38 @@ struct ExactScan {
       const int64_t D = P.d, nq = P.nq, G = P.groups.num_groups;
       const uint8_t* qvalid = block_qvalid(IP, qv.a0, qv.n, x.qvalid);
       // Token j of a group's 16 candidates (lanes past count repeat the last row).
-      auto token_rows = [&](const Cand* cands, int count, int64_t j, const T** rows) {
+      auto token_rows = [&](const RowGroup& g, int64_t j, const T** rows) {
         // A group's candidates share one segment: token j of row b is at a fixed stride.
-        const T* row0 = token_row<T>(IP, *cands[0].seg, 0, j);
+        const T* row0 = token_row<T>(IP, *g.seg, 0, j);
         const int64_t rstride = IP.tok_width[j] * D;
-        for (int c = 0; c < kFewC; ++c) rows[c] = row0 + cands[c < count ? c : count - 1].b * rstride;
+        if (g.consecutive16()) {
+          for (int c = 0; c < kFewC; ++c) rows[c] = row0 + (g.b0 + c) * rstride;
+        } else {
+          for (int c = 0; c < kFewC; ++c) rows[c] = row0 + g.row(c) * rstride;
+        }
         if (IP.tok_width[j] > 1) few_token_prefetch(rows, rstride, D);
+      };
+      // bfloat16 rows where the Ops read them in pair order: the query rows put in it
+      // (prepare_query_rows wrote them for this call alone). One query over 200k rows, 2 cores
+      // of a Zen 3 (medians of 5 alternating process pairs): (1, 1) 3.47 -> 3.05 ms, (2, 4)
+      // 16.1 -> 13.8 ms; at 3-4 tokens no faster (16 accumulators and the decoded halves spill).
+      bool pairs = false;
+      if constexpr (std::is_same_v<T, bf16_t> && ops_pair_order<Ops>()) {
+        pairs = D % 16 == 0 && nt <= 2;
+        if (pairs)
+          for (int t = 0; t < nt; ++t) Ops::to_pair_order(const_cast<Acc*>(qrows[t]), D);
+      }
+      // sims[t][c] = <rows[c], q_t> for the 16 rows
+      auto dots16 = [&](const T* const* rows, float (*sims)[kFewC]) {
+        if constexpr (std::is_same_v<Ops, UseEngineDots>) {
+          for (int c = 0; c < kFewC; ++c)
+            for (int t = 0; t < nt; ++t) sims[t][c] = few_dot(rows[c], qrows[t], D);
+        } else if constexpr (std::is_same_v<T, bf16_t> && ops_pair_order<Ops>()) {
+          if (pairs) Ops::dots16_pairs(rows, qrows, nt, D, &sims[0][0]);
+          else Ops::dots16(rows, qrows, nt, D, &sims[0][0]);
+        } else {
+          Ops::dots16(rows, qrows, nt, D, &sims[0][0]);
+        }
       };
 #if defined(METAEMBED_INDEX_LANES16)
       if constexpr (!std::is_same_v<Ops, UseEngineDots>) {
@@ -1114,17 +1194,17 @@ struct ExactScan {
         // maxima in order.
         if (G == 1 && !IP.masked) {
           const int64_t grq = P.groups.rq[0], rq = P.groups.rq_eff, rc = P.groups.rc_eff;
-          for_candidate_groups(IP, r0, r1, kFewC, [&](const Cand* cands, int count) {
+          for_row_groups(IP, r0, r1, kFewC, [&](const RowGroup& g) {
             alignas(64) float sims[kFewT][kFewC];
             Lanes16 run[kFewT];
             for (int t = 0; t < nt; ++t) run[t] = Lanes16::set1(-INFINITY);
             for (int64_t j = 0; j < rc; ++j) {
               const T* rows[kFewC];
-              token_rows(cands, count, j, rows);
-              Ops::dots16(rows, qrows, nt, D, &sims[0][0]);
+              token_rows(g, j, rows);
+              dots16(rows, sims);
               for (int t = 0; t < nt; ++t) run[t] = max(Lanes16::load(sims[t]), run[t]);  // s > run ? s : run
             }
-            const uint32_t real = (1u << count) - 1;
+            const uint32_t real = (1u << g.count) - 1;
             for (int64_t al = 0; al < qv.n; ++al) {
               Lanes16 a = Lanes16::set1(0.f);
               for (int64_t i = 0; i < grq; ++i)
@@ -1136,8 +1216,9 @@ struct ExactScan {
               a.store(sc);
               for (; hits; hits &= hits - 1) {
                 const int c = __builtin_ctz(hits);
+                const int64_t b = g.row(c);
                 if (sc[c] >= top.thr[xi])  // the bar rises as the top k fills
-                  topk_offer(top, xi, sc[c], cands[c].seg->ids[cands[c].b], cands[c].seg->row0 + cands[c].b);
+                  topk_offer(top, xi, sc[c], g.seg->ids[b], g.seg->row0 + b);
               }
             }
           });
@@ -1149,13 +1230,8 @@ struct ExactScan {
           IP, qv.n, nt, qvalid, r0, r1, x.few,
           [&](const Cand* cands, int count, int64_t j, float (*sims)[kFewC]) {
             const T* rows[kFewC];
-            token_rows(cands, count, j, rows);
-            if constexpr (std::is_same_v<Ops, UseEngineDots>) {
-              for (int c = 0; c < kFewC; ++c)
-                for (int t = 0; t < nt; ++t) sims[t][c] = few_dot(rows[c], qrows[t], D);
-            } else {
-              Ops::dots16(rows, qrows, nt, D, &sims[0][0]);
-            }
+            token_rows(RowGroup{cands[0].seg, cands[0].b, cands, count}, j, rows);
+            dots16(rows, sims);
           },
           [&](const Cand* cands, int count, const float* sc) {
             for (int64_t g = 0; g < G; ++g)
@@ -1548,20 +1624,19 @@ struct Int8Scan {
       const int32_t* lcorr = w.lane_corr;
       // Token j of a group's 16 candidates (lanes past count repeat the last): the integer dots
       // it[t][c] with the query tokens, the rows' scales and norms.
-      auto token_dots = [&](const Cand* cands, int count, int64_t j, int32_t (*it)[kFewC], float* scl, float* nrm) {
+      auto token_dots = [&](const RowGroup& g, int64_t j, int32_t (*it)[kFewC], float* scl, float* nrm) {
         // A group's candidates share one segment: token j of row b is at a fixed stride.
-        const IndexSegment& seg = *cands[0].seg;
-        const int8_t* rows = token_row<int8_t>(IP, seg, 0, j);
-        const float* sn = token_scale(IP, seg, 0, j);  // (scale, norm) pairs
+        const int8_t* rows = token_row<int8_t>(IP, *g.seg, 0, j);
+        const float* sn = token_scale(IP, *g.seg, 0, j);  // (scale, norm) pairs
         const int64_t rstride = IP.tok_width[j] * D, sstride = 2 * IP.tok_width[j];
         const int8_t* src[kFewC];
-        const int64_t b0 = cands[0].b;
-        if (count == kFewC && cands[kFewC - 1].b == b0 + kFewC - 1) {  // 16 consecutive rows
+        const int64_t b0 = g.b0;
+        if (g.consecutive16()) {
           for (int c = 0; c < kFewC; ++c) src[c] = rows + (b0 + c) * rstride;
           scale_norm16(sn + b0 * sstride, sstride, scl, nrm);
         } else {
           for (int c = 0; c < kFewC; ++c) {
-            const int64_t b = cands[c < count ? c : count - 1].b;
+            const int64_t b = g.row(c);
             src[c] = rows + b * rstride;
             scl[c] = sn[b * sstride];
             nrm[c] = sn[b * sstride + 1];
@@ -1586,13 +1661,13 @@ struct Int8Scan {
       // maxima in order; bound A + N_max * err.
       if (G == 1 && !IP.masked) {
         const int64_t grq = P.groups.rq[0];
-        for_candidate_groups(IP, r0, r1, kFewC, [&](const Cand* cands, int count) {
+        for_row_groups(IP, r0, r1, kFewC, [&](const RowGroup& g) {
           alignas(64) int32_t it[kFewT][kFewC];
           alignas(64) float scl[kFewC], nrm[kFewC];
           Lanes16 run[kFewT], vnmax = Lanes16::set1(0.f);
           for (int t = 0; t < nt; ++t) run[t] = Lanes16::set1(-INFINITY);
           for (int64_t j = 0; j < rc; ++j) {
-            token_dots(cands, count, j, it, scl, nrm);
+            token_dots(g, j, it, scl, nrm);
             const Lanes16 vs = Lanes16::load(scl);
             vnmax = max(Lanes16::load(nrm), vnmax);
             for (int t = 0; t < nt; ++t) {
@@ -1600,7 +1675,7 @@ struct Int8Scan {
               run[t] = max(a, run[t]);  // a > run ? a : run
             }
           }
-          const uint32_t real = (1u << count) - 1;
+          const uint32_t real = (1u << g.count) - 1;
           for (int64_t al = 0; al < n; ++al) {
             Lanes16 a = Lanes16::set1(0.f);
             for (int64_t i = 0; i < grq; ++i)
@@ -1612,7 +1687,7 @@ struct Int8Scan {
             ub.store(u);
             for (; hits; hits &= hits - 1) {
               const int c = __builtin_ctz(hits);
-              if (u[c] >= top.thr[a0 + al]) rescore(al, cands[c]);  // the bar rises as the top k fills
+              if (u[c] >= top.thr[a0 + al]) rescore(al, g.cand(c));  // the bar rises as the top k fills
             }
           }
         });
@@ -1625,7 +1700,7 @@ struct Int8Scan {
           [&](const Cand* cands, int count, int64_t j, float (*sims)[kFewC]) {
             alignas(64) int32_t it[kFewT][kFewC];
             alignas(64) float scl[kFewC], nrm[kFewC];
-            token_dots(cands, count, j, it, scl, nrm);
+            token_dots(RowGroup{cands[0].seg, cands[0].b, cands, count}, j, it, scl, nrm);
             for (int c = 0; c < kFewC; ++c) nmax[c] = j == 0 || nrm[c] > nmax[c] ? nrm[c] : nmax[c];
             for (int t = 0; t < nt; ++t)
               for (int c = 0; c < kFewC; ++c) sims[t][c] = float(it[t][c] - lcorr[t]) * (lscale[t] * scl[c]);

@@ -5,7 +5,8 @@
 //   bfloat16 rows against float32 query rows: rows one after another in blocks of 8 / NT,
 //   each row's sums kept in registers and the block's reduced together by horizontal adds
 //   (fold8 / fold4 / fold2: about one instruction per row instead of a horizontal sum per
-//   dot product).
+//   dot product). bfloat16 rows with D % 16 == 0 and 1-2 query tokens: dots16_pairs, with
+//   the query in pair order.
 // * Avx2Int8Ops: the int8 scan's integer kernels. No VNNI here, so the integer dots use
 //   VPMADDUBSW (u8 x s8 -> saturating s16 pairs) with the sign trick: |x| (<= 128 as u8) times
 //   y * sign(x) (|y| <= 127), so a pair sums to at most 2 * 128 * 127 = 32512 and never
@@ -134,6 +135,59 @@ struct Avx2Dots {
   template <class RowT>
   static void dots16(const RowT* const* rows, const float* const* q, int nt, int64_t n, float* out) {
     return with_token_count(nt, [&](auto t) { return dots16_nt<decltype(t)::value>(rows, q, n, out); });
+  }
+
+  // bfloat16 rows in pair order: 32 bytes of a row are 16 dims as two float32 vectors, the
+  // even dims (the 32-bit lanes shifted left by 16) and the odd ones (their high halves), no
+  // widening loads or shuffles: half the instructions of load8 per dim, so the few-token scan
+  // keeps more of a memory-bound stream in flight. The query rows must be in pair order
+  // (to_pair_order: per 16 dims, the 8 even ones then the 8 odd ones); n % 16 == 0.
+  static constexpr bool kPairOrder = true;
+
+  static void to_pair_order(float* q, int64_t n) {
+    for (int64_t d = 0; d + 16 <= n; d += 16) {
+      alignas(32) float x[16];
+      std::memcpy(x, q + d, sizeof(x));
+      for (int k = 0; k < 8; ++k) {
+        q[d + k] = x[2 * k];
+        q[d + 8 + k] = x[2 * k + 1];
+      }
+    }
+  }
+
+  template <int NT, int RB>
+  static inline void rows_block_pairs(const bf16_t* const* rows, const float* const* q, int64_t n, float* out) {
+    const __m256i high = _mm256_set1_epi32(int32_t(0xffff0000u));
+    __m256 sum[NT][RB];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const bf16_t* x = rows[r];
+      __m256 a0[NT], a1[NT];
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < n; d += 16) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + d));
+        const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; ++t) {
+          a0[t] = _mm256_fmadd_ps(even, _mm256_loadu_ps(q[t] + d), a0[t]);
+          a1[t] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(q[t] + d + 8), a1[t]);
+        }
+      }
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) sum[t][r] = _mm256_add_ps(a0[t], a1[t]);
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) store_sums<RB>(sum[t], out + t * 16);
+  }
+
+  // out[t][r] = <rows[r], q_t> for 16 bfloat16 rows and nt <= 4 query rows in pair order.
+  static void dots16_pairs(const bf16_t* const* rows, const float* const* q, int nt, int64_t n, float* out) {
+    return with_token_count(nt, [&](auto t) {
+      constexpr int NT = decltype(t)::value, RB = few_rows_block<NT>();
+      for (int r = 0; r < 16; r += RB) rows_block_pairs<NT, RB>(rows + r, q, n, out + r);
+    });
   }
 
   // tile[r * nr + t] (+)= <rows[r][0, n), q_t[k0, k0 + n)> for M rows (float32, converted)
