@@ -92,10 +92,12 @@ struct Avx2Dots {
   // rows, each row read front to back (two FMA chains per token; bfloat16 widened by load8),
   // the block's sums folded together. Rows side by side (8 rows 32 bytes at a time) streamed
   // slower: one float32 query at (1, 1) over 200k rows took 8.0-9.2 ms against 6.0-6.5 one
-  // row after another (2 cores of a Zen 3 EPYC, two processes each).
-  template <int NT, int RB, class RowT>
+  // row after another (2 cores of a Zen 3 EPYC, two processes each). kPairs: bfloat16 rows in
+  // pair order (dots16_pairs), n % 16 == 0.
+  template <int NT, int RB, class RowT, bool kPairs = false>
   static inline void rows_block(const RowT* const* rows, const float* const* q, int64_t k0, int64_t n, float* out,
                                 int64_t ostride) {
+    static_assert(!kPairs || std::is_same_v<RowT, bf16_t>, "pair order is for bfloat16 rows");
     __m256 sum[NT][RB];
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) {
@@ -105,14 +107,22 @@ struct Avx2Dots {
       for (int t = 0; t < NT; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
       int64_t d = 0;
       for (; d + 16 <= n; d += 16) {
-        const __m256 c0 = load8(x + d), c1 = load8(x + d + 8);
+        __m256 c0, c1;
+        if constexpr (kPairs) {  // 16 dims in one load: even dims (lanes << 16), odd (high halves)
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + d));
+          c0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+          c1 = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xffff0000u))));
+        } else {
+          c0 = load8(x + d);
+          c1 = load8(x + d + 8);
+        }
 #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
           a0[t] = _mm256_fmadd_ps(c0, _mm256_loadu_ps(q[t] + k0 + d), a0[t]);
           a1[t] = _mm256_fmadd_ps(c1, _mm256_loadu_ps(q[t] + k0 + d + 8), a1[t]);
         }
       }
-      for (; d < n; d += 8) {
+      for (; !kPairs && d < n; d += 8) {
         const __m256i m = lanes_below8(n - d);
         const __m256 c = n - d >= 8 ? load8(x + d) : tail8(x + d, n - d);
 #pragma GCC unroll 4
@@ -125,10 +135,10 @@ struct Avx2Dots {
     for (int t = 0; t < NT; ++t) store_sums<RB>(sum[t], out + t * ostride);
   }
 
-  template <int NT, class RowT>
+  template <int NT, class RowT, bool kPairs = false>
   static void dots16_nt(const RowT* const* rows, const float* const* q, int64_t n, float* out) {
     constexpr int RB = few_rows_block<NT>();
-    for (int r = 0; r < 16; r += RB) rows_block<NT, RB>(rows + r, q, 0, n, out + r, 16);
+    for (int r = 0; r < 16; r += RB) rows_block<NT, RB, RowT, kPairs>(rows + r, q, 0, n, out + r, 16);
   }
 
   // out[t][r] = <rows[r], q_t> over n elements for 16 rows and nt <= 4 query rows.
@@ -155,39 +165,9 @@ struct Avx2Dots {
     }
   }
 
-  template <int NT, int RB>
-  static inline void rows_block_pairs(const bf16_t* const* rows, const float* const* q, int64_t n, float* out) {
-    const __m256i high = _mm256_set1_epi32(int32_t(0xffff0000u));
-    __m256 sum[NT][RB];
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) {
-      const bf16_t* x = rows[r];
-      __m256 a0[NT], a1[NT];
-#pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < n; d += 16) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + d));
-        const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-        const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; ++t) {
-          a0[t] = _mm256_fmadd_ps(even, _mm256_loadu_ps(q[t] + d), a0[t]);
-          a1[t] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(q[t] + d + 8), a1[t]);
-        }
-      }
-#pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) sum[t][r] = _mm256_add_ps(a0[t], a1[t]);
-    }
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) store_sums<RB>(sum[t], out + t * 16);
-  }
-
   // out[t][r] = <rows[r], q_t> for 16 bfloat16 rows and nt <= 4 query rows in pair order.
   static void dots16_pairs(const bf16_t* const* rows, const float* const* q, int nt, int64_t n, float* out) {
-    return with_token_count(nt, [&](auto t) {
-      constexpr int NT = decltype(t)::value, RB = few_rows_block<NT>();
-      for (int r = 0; r < 16; r += RB) rows_block_pairs<NT, RB>(rows + r, q, n, out + r);
-    });
+    return with_token_count(nt, [&](auto t) { return dots16_nt<decltype(t)::value, bf16_t, true>(rows, q, n, out); });
   }
 
   // tile[r * nr + t] (+)= <rows[r][0, n), q_t[k0, k0 + n)> for M rows (float32, converted)
