@@ -203,7 +203,12 @@ def test_many_queries(scan_isa, dtype, num_threads):
                                       # D a multiple of 16: AVX2 reads bfloat16 rows in pair
                                       # order (even dims, odd dims) against a permuted query
                                       (1, 4, 13, 64, 70, ((1, 1), (2, 4), (4, 8), (3, 13))),
-                                      (2, 2, 5, 32, 70, ((1, 1), (2, 5)))):
+                                      (2, 2, 5, 32, 70, ((1, 1), (2, 5))),
+                                      # D a multiple of 32: AMX reads 16 consecutive rows in
+                                      # place (else copies them); 3 and 4 + 2 query halves per
+                                      # block, 2 and 3 k-steps
+                                      (40, 1, 3, 64, 70, ((1, 1), (1, 3))),
+                                      (90, 2, 2, 96, 70, ((1, 1),))):
         q = helpers.exact_values((nq, rq, d), gen)
         q_mask, c_mask = helpers.random_masks(nq, rq, n, rc, gen)
         c = exact_candidates(n, rc, d, dtype, gen)

@@ -37,6 +37,10 @@ struct f16_t {
   uint16_t bits;
 };
 
+// The AMX tile configurations (simd_amx.h): none loaded; amx_tile16 / amx_tile8's (tiles 5-7
+// of 8 rows); amx_halves_dot's (every tile 16 rows).
+enum AmxTiles : int { kAmxNoTiles = 0, kAmxRows8 = 1, kAmxHalves = 2 };
+
 // f(std::integral_constant<int, NT>{}) with NT = nt, 1 <= nt <= kFewQueryTokens: the
 // few-token dot kernels are unrolled over the query tokens, one instantiation per count.
 template <class F>
@@ -135,10 +139,10 @@ struct Engine {
     // kAmxPath only (empty otherwise): a query view's B blocks, 16 padded rows, one C tile pair.
     uint16_t* amx_b;     // [max_panels][amx_ksteps][2][16 * 32]  (Policy::amx_tile16's `b`)
     uint16_t* amx_rows;  // [16][amx_ksteps * 32]                  rows copied and zero-padded
-    float* amx_out;      // [16][32]
+    float* amx_out;      // [16][32] (amx_tile16), or [4][16][16] (amx_halves_store)
     const void* amx_b_of;  // the view amx_b holds: pack pointer and first query (null: none yet)
     int64_t amx_b_a0;
-    bool amx_configured;   // this thread's tiles are configured (amx_begin) until AmxScope ends
+    AmxTiles amx_config;   // the tile configuration loaded on this thread until AmxScope ends
     uint16_t* amx_lanes_b; // [rc_eff][amx_panel_blocks]  kCandidateLanes: token j of the block's candidates
     // kCandidateLanes only (empty otherwise): one candidate block and one row group's tiles.
     PackT* lpanel;    // [rc_eff][panel_elems]  token j of NR candidates, lane = candidate
@@ -194,7 +198,7 @@ struct Engine {
     if constexpr (!kAmxPath) return {};
     const size_t ks = size_t(amx_ksteps(P)), pb = sizeof(uint16_t) * size_t(amx_panel_blocks(P));
     const size_t lanes = P.layout == kCandidateLanes ? pb * size_t(P.groups.rc_eff) : 0;
-    return {pb * size_t(max_panels(P)), sizeof(uint16_t) * 16 * ks * 32, sizeof(float) * 16 * 32, lanes};
+    return {pb * size_t(max_panels(P)), sizeof(uint16_t) * 16 * ks * 32, sizeof(float) * 4 * 16 * 16, lanes};
   }
 
   // The 16 x 16 tile's row stride for D <= 512: the smallest of 64, 128, 256, 512 that holds D.
@@ -288,7 +292,7 @@ struct Engine {
     w.amx_lanes_b = static_cast<uint16_t*>(take(ab[3]));
     w.amx_b_of = nullptr;
     w.amx_b_a0 = -1;
-    w.amx_configured = false;
+    w.amx_config = kAmxNoTiles;
     return w;
   }
 
@@ -604,11 +608,11 @@ struct Engine {
   // calls, so a kernel call configures the tiles at its first AMX tile (amx_begin: ldtilecfg
   // costs about 100 ns with its release, as much as a 128-dim 8 x 32 tile) and releases them
   // when it ends: an AmxScope lives beside each carved Work.
-  static void amx_begin(Work& w) {
+  static void amx_begin(Work& w, AmxTiles which = kAmxRows8) {
     if constexpr (kAmxPath) {
-      if (!w.amx_configured) {
-        Policy::amx_configure();
-        w.amx_configured = true;
+      if (w.amx_config != which) {
+        Policy::amx_configure(which);
+        w.amx_config = which;
       }
     }
   }
@@ -616,8 +620,8 @@ struct Engine {
     Work& w;
     ~AmxScope() {
       if constexpr (kAmxPath) {
-        if (w.amx_configured) Policy::amx_release();
-        w.amx_configured = false;
+        if (w.amx_config) Policy::amx_release();
+        w.amx_config = kAmxNoTiles;
       }
     }
   };

@@ -973,8 +973,8 @@ struct ExactScan {
 
 #if defined(METAEMBED_INDEX_ZMM) || defined(METAEMBED_INDEX_AVX2)
   // Token 0 of a group's MR candidates for the fused test: srcs[r] as stored, rows[r] as the
-  // micro-kernel reads it (in place, or converted once into w.crows; unused on AMX). Padding
-  // rows r >= count repeat the last real row.
+  // micro-kernel reads it (in place, or converted once into w.crows). Padding rows r >= count
+  // repeat the last real row. (AMX: search_fused_test_amx.)
   static void fused_test_rows(const IndexProblem& IP, typename E::Work& w, const Cand* cands, int count,
                               const typename E::RowT** rows, const T** srcs) {
     const Problem& P = IP.p;
@@ -982,9 +982,7 @@ struct ExactScan {
       const Cand& c = cands[r < count ? r : count - 1];
       const T* src = token_row<T>(IP, *c.seg, c.b, 0);
       srcs[r] = src;
-      if constexpr (E::kAmxPath) {
-        rows[r] = nullptr;  // unused: the tile comes from amx_tile_rows
-      } else if constexpr (E::kDirectRows) {
+      if constexpr (E::kDirectRows) {
         rows[r] = src;
       } else {
         if (r < count) Policy::convert(src, w.crows + r * P.kc, P.d);
@@ -1025,27 +1023,18 @@ struct ExactScan {
     const int64_t n = qv.n, D = P.d, pe = E::panel_elems(P);
     const uint8_t* qvalid = block_qvalid(IP, qv.a0, n, x.qvalid);
     const float* thr = top.thr + qv.a0;  // group 0
+    if constexpr (E::kAmxPath) {
+      search_fused_test_amx(IP, qv, w, x, top, r0, r1);
+      return;
+    }
     const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
     for_candidate_groups(IP, r0, r1, MR, [&](const Cand* cands, int count) {
       const typename E::RowT* rows[MR];
       const T* srcs[MR];
       fused_test_rows(IP, w, cands, count, rows, srcs);
-      // The tile's rows handed to epi(r, acc) in registers: the micro-kernel's, or on AMX those
-      // of panel p's tile, stored in w.amx_out.
-      const uint16_t* amx_rows = nullptr;
-      int64_t amx_stride = 0;
-      if constexpr (E::kAmxPath) amx_stride = E::amx_load_rows(P, qv, srcs, count, w, &amx_rows);
+      // The tile's rows handed to epi(r, acc) in the micro-kernel's registers.
       auto panel_rows = [&](int64_t p, auto&& epi) {
-        if constexpr (E::kAmxPath) {
-          E::amx_panel8(P, amx_rows, amx_stride, p, w, w.amx_out);
-          for (int r = 0; r < MR; ++r) {
-            __m512 acc[V];
-            for (int i = 0; i < V; ++i) acc[i] = _mm512_loadu_ps(w.amx_out + r * NR + 16 * i);
-            epi(r, static_cast<const __m512*>(acc));
-          }
-        } else {
-          Policy::template micro_epilogue<MR>(rows, qv.pack + p * pe, D, nullptr, false, epi);
-        }
+        Policy::template micro_epilogue<MR>(rows, qv.pack + p * pe, D, nullptr, false, epi);
       };
       for (int64_t p = 0; p < qv.panels; ++p) {
         const int64_t l0 = p * NR, lanes = min64(NR, n - l0);
@@ -1075,6 +1064,88 @@ struct ExactScan {
         if (any) offer_panel_hits(top, qv, w.tile, cands, count, hits, l0);
       }
     });
+  }
+
+  // search_fused_test on AMX tiles: groups of 16 candidates (one A tile: the rows in place when
+  // they are consecutive and D is a multiple of 32, else copied and zero-padded) against up to
+  // four 16-query halves at a time (Policy::amx_halves_dot), then the same test as above on the
+  // stored tiles, 16 lanes per compare. Scores are bitwise score_candidate_amx's: max(-inf,
+  // dot), 0 for a masked query token.
+  static void search_fused_test_amx(const IndexProblem& IP, const typename E::QView& qv, typename E::Work& w,
+                                    Extra& x, TopK& top, int64_t r0, int64_t r1) {
+    if constexpr (E::kAmxPath) {
+      const Problem& P = IP.p;
+      const int64_t n = qv.n, D = P.d, ks = E::amx_ksteps(P), dp = ks * 32;
+      const int64_t halves = ceil_div(n, 16);
+      const uint8_t* qvalid = block_qvalid(IP, qv.a0, n, x.qvalid);
+      const float* thr = top.thr + qv.a0;  // group 0
+      const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+      E::amx_pack_view(P, qv, w);
+      E::amx_begin(w, kAmxHalves);
+      // Half h's B block at k-step 0 (panel h / 2's blocks, amx_tile16's layout); k-step s's
+      // is two blocks further per step.
+      constexpr int64_t kBlock = Policy::kAmxBlock;
+      auto half_b = [&](int64_t h) { return w.amx_b + (h / 2) * E::amx_panel_blocks(P) + (h % 2) * kBlock; };
+      const int64_t rstride = IP.tok_width[0] * D;  // elements between consecutive rows' token 0
+      for_row_groups(IP, r0, r1, 16, [&](const RowGroup& g) {
+        const uint16_t* a;
+        int64_t a_stride;
+        if (g.consecutive16() && D == dp) {
+          a = reinterpret_cast<const uint16_t*>(token_row<T>(IP, *g.seg, g.b0, 0));
+          a_stride = int64_t(sizeof(T)) * rstride;
+        } else {
+          for (int r = 0; r < 16; ++r) {
+            uint16_t* dst = w.amx_rows + r * dp;
+            const int64_t len = r < g.count ? D : 0;
+            if (len) std::memcpy(dst, token_row<T>(IP, *g.seg, g.row(r), 0), sizeof(T) * len);
+            std::memset(dst + len, 0, sizeof(uint16_t) * (dp - len));
+          }
+          a = w.amx_rows;
+          a_stride = int64_t(sizeof(uint16_t)) * dp;
+        }
+        const uint32_t real = (uint32_t(1) << g.count) - 1;  // tile rows that hold a candidate
+        for (int64_t h0 = 0; h0 < halves; h0 += 4) {
+          const int nh = int(min64(4, halves - h0));
+          const uint16_t* b[4];
+          for (int i = 0; i < nh; ++i) b[i] = half_b(h0 + i);
+          auto run = [&](auto nh_c) {
+            constexpr int NH = decltype(nh_c)::value;
+            Policy::template amx_halves_dot<NH>(a, a_stride, b, 2 * kBlock, ks);
+            Policy::template amx_halves_store<NH>(w.amx_out);
+          };
+          switch (nh) {
+            case 1: run(std::integral_constant<int, 1>{}); break;
+            case 2: run(std::integral_constant<int, 2>{}); break;
+            case 3: run(std::integral_constant<int, 3>{}); break;
+            default: run(std::integral_constant<int, 4>{}); break;
+          }
+          for (int i = 0; i < nh; ++i) {
+            const int64_t l0 = 16 * (h0 + i), lanes = min64(16, n - l0);
+            const __mmask16 live = __mmask16((uint32_t(1) << lanes) - 1);
+            __mmask16 keep = live;  // lanes whose query token is valid
+            if (qvalid) {
+              const __m128i q8 = _mm_maskz_loadu_epi8(live, qvalid + l0);
+              keep = _mm_test_epi8_mask(q8, q8);
+            }
+            const __m512 bar = _mm512_maskz_loadu_ps(live, thr + l0);
+            const float* tile = w.amx_out + 256 * i;
+            for (uint32_t rows = real; rows; rows &= rows - 1) {
+              const int r = __builtin_ctz(rows);
+              const __m512 v = _mm512_maskz_mov_ps(keep, _mm512_max_ps(_mm512_loadu_ps(tile + 16 * r), minus_inf));
+              uint32_t hits = _mm512_mask_cmp_ps_mask(live, v, bar, _CMP_GE_OQ);
+              if (!hits) continue;
+              alignas(64) float sc[16];
+              _mm512_store_ps(sc, v);
+              const int64_t row = g.row(r), id = g.seg->ids[row], grow = g.seg->row0 + row;
+              for (; hits; hits &= hits - 1) {
+                const int l = __builtin_ctz(hits);
+                if (sc[l] >= thr[l0 + l]) topk_offer(top, qv.a0 + l0 + l, sc[l], id, grow);  // the bar rises
+              }
+            }
+          }
+        }
+      });
+    }
   }
 #elif defined(METAEMBED_INDEX_AVX2)
   // The same fused test on the AVX2 policy's 16-lane tile rows (two ymm per row): lane masks
