@@ -84,6 +84,7 @@ def cases():
         (2, 16, 64, 129, 23),
         (17, 3, 9, 33, 61),
         (1, 2, 4, 130, 300),
+        (3, 8, 40, 64, 30),  # AMX: 16 rows of one slab read in place (D % 32 == 0), the rest copied
     ]
 
 

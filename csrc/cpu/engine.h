@@ -167,7 +167,7 @@ struct Engine {
     const int64_t np = max_panels(P), lanes = np * NR, nb = P.groups.num_bounds;
     const int64_t G = P.groups.num_groups, qpb = P.queries_per_block;
     size_t n = 0;
-    n += align64(sizeof(Acc) * np * MR * NR);
+    n += align64(sizeof(Acc) * np * kTileRows * NR);
     n += align64(sizeof(Acc) * lanes) + align64(sizeof(int32_t) * lanes);
     n += align64(sizeof(Acc) * nb * lanes) + align64(sizeof(int32_t) * nb * lanes) + align64(nb);
     n += align64(sizeof(Acc) * MR * P.kc);
@@ -192,6 +192,8 @@ struct Engine {
 
   // bf16 candidates on AMX tiles (Policy::kAmx): score_candidate_amx.
   static constexpr bool kAmxPath = Policy::kAmx && std::is_same_v<T, bf16_t>;
+  // Rows per panel that Work::tile holds: MR, or 16 on AMX (amx_tile16_rows).
+  static constexpr int kTileRows = kAmxPath ? 16 : MR;
   static int64_t amx_ksteps(const Problem& P) { return ceil_div(P.d, 32); }
   static int64_t amx_panel_blocks(const Problem& P) { return amx_ksteps(P) * 2 * 16 * 32; }  // uint16 per panel
   static std::array<size_t, 4> amx_bytes(const Problem& P) {
@@ -263,7 +265,7 @@ struct Engine {
       return r;
     };
     Work w;
-    w.tile = static_cast<Acc*>(take(sizeof(Acc) * np * MR * NR));
+    w.tile = static_cast<Acc*>(take(sizeof(Acc) * np * kTileRows * NR));
     w.runmax = static_cast<Acc*>(take(sizeof(Acc) * lanes));
     w.runidx = static_cast<int32_t*>(take(sizeof(int32_t) * lanes));
     w.bmax = static_cast<Acc*>(take(sizeof(Acc) * nb * lanes));
@@ -750,6 +752,42 @@ struct Engine {
     if constexpr (kAmxPath) {
       const int64_t ks = amx_ksteps(P);
       Policy::amx_tile8(rows, stride, w.amx_b + p * ks * 2 * 16 * 32, ks, out);
+    }
+  }
+
+  // 16 x NR tiles of rows src[0, mr) (mr <= 16; D bf16 each) against every panel of view qv,
+  // into tile [panel][16][NR] (kAmxPath): read in place when the 16 rows sit at one stride and
+  // D is a multiple of 32, else copied into w.amx_rows with zero dims and zero rows (computed,
+  // never read). Each element is score_candidate_amx's value.
+  static void amx_tile16_rows(const Problem& P, const QView& qv, const T* const* src, int mr, Work& w, Acc* tile) {
+    if constexpr (kAmxPath) {
+      static_assert(NR == 32, "amx_tile16 stores 16 x 32 tiles");
+      const int64_t D = P.d, ks = amx_ksteps(P), dp = ks * 32;
+      amx_pack_view(P, qv, w);
+      amx_begin(w);
+      const uint16_t* a = nullptr;
+      int64_t a_stride = 0;
+      if (D == dp && mr == 16) {
+        const int64_t step = src[1] - src[0];
+        bool uniform = step > 0;
+        for (int r = 2; r < 16 && uniform; ++r) uniform = src[r] - src[r - 1] == step;
+        if (uniform) {
+          a = reinterpret_cast<const uint16_t*>(src[0]);
+          a_stride = int64_t(sizeof(T)) * step;
+        }
+      }
+      if (!a) {
+        for (int r = 0; r < 16; ++r) {
+          uint16_t* dst = w.amx_rows + r * dp;
+          const int64_t n = r < mr ? D : 0;
+          if (n) std::memcpy(dst, src[r], sizeof(T) * n);
+          std::memset(dst + n, 0, sizeof(uint16_t) * (dp - n));
+        }
+        a = w.amx_rows;
+        a_stride = int64_t(sizeof(uint16_t)) * dp;
+      }
+      for (int64_t p = 0; p < qv.panels; ++p)
+        Policy::amx_tile16(a, a_stride, w.amx_b + p * amx_panel_blocks(P), ks, 2, tile + p * 16 * NR);
     }
   }
 

@@ -177,6 +177,7 @@ struct BlockFold {
   float* scores;          // [G][n]
   bool any_valid = false;
   int64_t kb = 0;
+  int panel_rows = MR;    // tile rows per panel (16: the AMX tiles of ExactScan::scan)
 
   // Fold straight into the only snapshot when there is one bound (no copy).
   float* run() const { return IP.p.groups.num_bounds == 1 ? bmax : runmax; }
@@ -198,7 +199,7 @@ struct BlockFold {
       if (valid >> r & 1u) {
         if (L == NR) {
           for (int64_t p = 0; p < panels; ++p) {
-            const float* row = tile + (p * MR + r0 + r) * NR;
+            const float* row = tile + (p * panel_rows + r0 + r) * NR;
             float* mp = m + p * NR;
             for (int l = 0; l < NR; ++l) mp[l] = row[l] > mp[l] ? row[l] : mp[l];
           }
@@ -921,6 +922,20 @@ struct ExactScan {
       } else if (kRegisterFold && nt == 0 && P.kc == P.d) {
         f.begin();
         for (int64_t j0 = 0; j0 < rc; j0 += MR) fold_tile_rows(IP, qv, w, f, cands[0], j0, int(min64(MR, rc - j0)));
+        f.finish();
+        emit(cands[0], x.scores);
+      } else if (E::kAmxPath && nt == 0) {  // 16-row AMX tiles: an 8-row one costs nearly as much
+        f.begin();
+        f.panel_rows = 16;
+        for (int64_t j0 = 0; j0 < rc; j0 += 16) {
+          const int mr = int(min64(16, rc - j0));
+          const Cand& c = cands[0];
+          const T* src[16];
+          for (int r = 0; r < mr; ++r) src[r] = token_row<T>(IP, *c.seg, c.b, j0 + r);
+          E::amx_tile16_rows(P, qv, src, mr, w, w.tile);
+          f.fold(c, w.tile, 0, mr, j0);
+        }
+        f.panel_rows = MR;
         f.finish();
         emit(cands[0], x.scores);
       } else {
