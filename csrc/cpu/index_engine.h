@@ -599,11 +599,15 @@ inline float few_dot(const T* row, const float* q, int64_t n) {
 // ExactScan's Ops for ISAs without their own few-token dots: the engine's, row by row.
 struct UseEngineDots {};
 
-// Whether Ops has bfloat16 few-token dots over query rows in pair order (Avx2Dots).
+// Whether Ops has bfloat16 few-token dots over query rows in pair order (Avx2Dots: its
+// kPairOrder). C++17 detection: test-compat builds with torch 2.11's -std=c++17.
+template <class Ops, class = void>
+struct PairOrderOf : std::false_type {};
+template <class Ops>
+struct PairOrderOf<Ops, std::void_t<decltype(Ops::kPairOrder)>> : std::bool_constant<Ops::kPairOrder> {};
 template <class Ops>
 constexpr bool ops_pair_order() {
-  if constexpr (requires { Ops::kPairOrder; }) return Ops::kPairOrder;
-  else return false;
+  return PairOrderOf<Ops>::value;
 }
 
 template <class Policy, class T, class Ops>

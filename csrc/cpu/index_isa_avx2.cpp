@@ -23,6 +23,8 @@ namespace metaembed {
 namespace cpu {
 
 #if METAEMBED_INDEX_AVX2
+static_assert(ops_pair_order<Avx2Dots>() && !ops_pair_order<UseEngineDots>(), "bfloat16 pair order on AVX2 only");
+
 const IndexIsaKernels* index_avx2_kernels() {
   static const IndexIsaKernels kernels = [] {
     IndexIsaKernels k{};
