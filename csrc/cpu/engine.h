@@ -725,25 +725,34 @@ struct Engine {
   // never read). Returns the row stride in bytes; the rows' pointer goes to *rows.
   static int64_t amx_load_rows(const Problem& P, const QView& qv, const T* const* src, int M, Work& w,
                                const uint16_t** rows) {
-    const int64_t D = P.d, dp = amx_ksteps(P) * 32;
     amx_pack_view(P, qv, w);
     amx_begin(w);
-    if (D == dp && M == MR) {
+    return amx_a_rows<MR>(P, src, M, w, rows);
+  }
+
+  // The A rows of an R-row AMX tile (R = MR or 16): rows src[0, m) (m <= R; D bf16 each) read
+  // in place when all R sit at one stride and D is a multiple of 32, else copied into
+  // w.amx_rows with zero dims up to the multiple and zero rows up to R (computed, never read).
+  // Returns the row stride in bytes; the rows' pointer goes to *a.
+  template <int R>
+  static int64_t amx_a_rows(const Problem& P, const T* const* src, int m, Work& w, const uint16_t** a) {
+    const int64_t D = P.d, dp = amx_ksteps(P) * 32;
+    if (D == dp && m == R) {
       const int64_t step = src[1] - src[0];
       bool uniform = step > 0;
-      for (int r = 2; r < MR && uniform; ++r) uniform = src[r] - src[r - 1] == step;
+      for (int r = 2; r < R && uniform; ++r) uniform = src[r] - src[r - 1] == step;
       if (uniform) {
-        *rows = reinterpret_cast<const uint16_t*>(src[0]);
+        *a = reinterpret_cast<const uint16_t*>(src[0]);
         return int64_t(sizeof(T)) * step;
       }
     }
-    for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < R; ++r) {
       uint16_t* dst = w.amx_rows + r * dp;
-      const int64_t n = r < M ? D : 0;
+      const int64_t n = r < m ? D : 0;
       if (n) std::memcpy(dst, src[r], sizeof(T) * n);
       std::memset(dst + n, 0, sizeof(uint16_t) * (dp - n));
     }
-    *rows = w.amx_rows;
+    *a = w.amx_rows;
     return int64_t(sizeof(uint16_t)) * dp;
   }
 
@@ -755,39 +764,18 @@ struct Engine {
     }
   }
 
-  // 16 x NR tiles of rows src[0, mr) (mr <= 16; D bf16 each) against every panel of view qv,
-  // into tile [panel][16][NR] (kAmxPath): read in place when the 16 rows sit at one stride and
-  // D is a multiple of 32, else copied into w.amx_rows with zero dims and zero rows (computed,
-  // never read). Each element is score_candidate_amx's value.
+  // 16 x NR tiles of rows src[0, mr) (mr <= 16; D bf16 each, amx_a_rows<16>) against every
+  // panel of view qv, into tile [panel][16][NR] (kAmxPath). Each element is
+  // score_candidate_amx's value.
   static void amx_tile16_rows(const Problem& P, const QView& qv, const T* const* src, int mr, Work& w, Acc* tile) {
     if constexpr (kAmxPath) {
       static_assert(NR == 32, "amx_tile16 stores 16 x 32 tiles");
-      const int64_t D = P.d, ks = amx_ksteps(P), dp = ks * 32;
       amx_pack_view(P, qv, w);
       amx_begin(w);
-      const uint16_t* a = nullptr;
-      int64_t a_stride = 0;
-      if (D == dp && mr == 16) {
-        const int64_t step = src[1] - src[0];
-        bool uniform = step > 0;
-        for (int r = 2; r < 16 && uniform; ++r) uniform = src[r] - src[r - 1] == step;
-        if (uniform) {
-          a = reinterpret_cast<const uint16_t*>(src[0]);
-          a_stride = int64_t(sizeof(T)) * step;
-        }
-      }
-      if (!a) {
-        for (int r = 0; r < 16; ++r) {
-          uint16_t* dst = w.amx_rows + r * dp;
-          const int64_t n = r < mr ? D : 0;
-          if (n) std::memcpy(dst, src[r], sizeof(T) * n);
-          std::memset(dst + n, 0, sizeof(uint16_t) * (dp - n));
-        }
-        a = w.amx_rows;
-        a_stride = int64_t(sizeof(uint16_t)) * dp;
-      }
+      const uint16_t* a;
+      const int64_t a_stride = amx_a_rows<16>(P, src, mr, w, &a);
       for (int64_t p = 0; p < qv.panels; ++p)
-        Policy::amx_tile16(a, a_stride, w.amx_b + p * amx_panel_blocks(P), ks, 2, tile + p * 16 * NR);
+        Policy::amx_tile16(a, a_stride, w.amx_b + p * amx_panel_blocks(P), amx_ksteps(P), 2, tile + p * 16 * NR);
     }
   }
 

@@ -1039,13 +1039,13 @@ struct ExactScan {
                                 TopK& top, int64_t r0, int64_t r1) {
     constexpr int V = NR / 16;  // vectors per tile row
     const Problem& P = IP.p;
-    const int64_t n = qv.n, D = P.d, pe = E::panel_elems(P);
-    const uint8_t* qvalid = block_qvalid(IP, qv.a0, n, x.qvalid);
-    const float* thr = top.thr + qv.a0;  // group 0
     if constexpr (E::kAmxPath) {
       search_fused_test_amx(IP, qv, w, x, top, r0, r1);
       return;
     }
+    const int64_t n = qv.n, D = P.d, pe = E::panel_elems(P);
+    const uint8_t* qvalid = block_qvalid(IP, qv.a0, n, x.qvalid);
+    const float* thr = top.thr + qv.a0;  // group 0
     const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
     for_candidate_groups(IP, r0, r1, MR, [&](const Cand* cands, int count) {
       const typename E::RowT* rows[MR];
@@ -1094,8 +1094,7 @@ struct ExactScan {
                                     Extra& x, TopK& top, int64_t r0, int64_t r1) {
     if constexpr (E::kAmxPath) {
       const Problem& P = IP.p;
-      const int64_t n = qv.n, D = P.d, ks = E::amx_ksteps(P), dp = ks * 32;
-      const int64_t halves = ceil_div(n, 16);
+      const int64_t n = qv.n, ks = E::amx_ksteps(P), halves = ceil_div(n, 16);
       const uint8_t* qvalid = block_qvalid(IP, qv.a0, n, x.qvalid);
       const float* thr = top.thr + qv.a0;  // group 0
       const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
@@ -1105,23 +1104,11 @@ struct ExactScan {
       // is two blocks further per step.
       constexpr int64_t kBlock = Policy::kAmxBlock;
       auto half_b = [&](int64_t h) { return w.amx_b + (h / 2) * E::amx_panel_blocks(P) + (h % 2) * kBlock; };
-      const int64_t rstride = IP.tok_width[0] * D;  // elements between consecutive rows' token 0
       for_row_groups(IP, r0, r1, 16, [&](const RowGroup& g) {
+        const T* src[16];
+        for (int r = 0; r < 16; ++r) src[r] = token_row<T>(IP, *g.seg, g.row(r), 0);
         const uint16_t* a;
-        int64_t a_stride;
-        if (g.consecutive16() && D == dp) {
-          a = reinterpret_cast<const uint16_t*>(token_row<T>(IP, *g.seg, g.b0, 0));
-          a_stride = int64_t(sizeof(T)) * rstride;
-        } else {
-          for (int r = 0; r < 16; ++r) {
-            uint16_t* dst = w.amx_rows + r * dp;
-            const int64_t len = r < g.count ? D : 0;
-            if (len) std::memcpy(dst, token_row<T>(IP, *g.seg, g.row(r), 0), sizeof(T) * len);
-            std::memset(dst + len, 0, sizeof(uint16_t) * (dp - len));
-          }
-          a = w.amx_rows;
-          a_stride = int64_t(sizeof(uint16_t)) * dp;
-        }
+        const int64_t a_stride = E::template amx_a_rows<16>(P, src, g.count, w, &a);
         const uint32_t real = (uint32_t(1) << g.count) - 1;  // tile rows that hold a candidate
         for (int64_t h0 = 0; h0 < halves; h0 += 4) {
           const int nh = int(min64(4, halves - h0));
